@@ -1,0 +1,1 @@
+//! Reusable actor-model supervision on actix. Filled in by its own issue.

@@ -1,0 +1,16 @@
+//! clawker: a control plane that supervises sandboxed AI coding agents.
+//!
+//! Map of the crate (see `ARCHITECTURE.md` for the actor tree and flows):
+//!
+//! - [`identity`]: agent names, canonical CNs, the container URI SAN,
+//!   certificate thumbprints, constant-time compares.
+//! - [`pki`]: the CA and every certificate it mints; `clawker ca init`.
+//! - [`registry`]: the durable identity registry (redb).
+//! - [`proto`]: generated gRPC code for the three wire packages.
+
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod proto;
+pub mod registry;
