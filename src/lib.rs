@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod docker;
 pub mod identity;
 pub mod pki;
 pub mod proto;
