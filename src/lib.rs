@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod config;
 pub mod docker;
+pub mod events;
 pub mod identity;
 pub mod pki;
 pub mod proto;

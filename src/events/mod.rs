@@ -1,0 +1,382 @@
+//! Domain events (reference `cp-session.md` §13) and the worldview they
+//! project into (§14, with our fixes; see [`worldview`]).
+//!
+//! Every event is its own type with the reference's name string, so
+//! subscribers register for exactly the events they care about. `at` is the
+//! time the event happened (RFC 3339 in JSON).
+
+pub mod worldview;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::docker::events::DockerEvent;
+use crate::identity::Thumbprint;
+
+pub use worldview::Worldview;
+
+/// Common surface of every domain event: its wire name, when it happened,
+/// the container it concerns (if any), and its fields as JSON.
+pub trait DomainEvent: Serialize + Clone + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn at(&self) -> OffsetDateTime;
+    fn container_id(&self) -> Option<&str>;
+    /// Folds the event into the worldview (no-op for pure notifications).
+    fn apply(&self, _view: &mut Worldview) {}
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+mod rfc3339 {
+    pub use time::serde::rfc3339::serialize;
+}
+
+mod hex32 {
+    use crate::identity::Thumbprint;
+    pub fn serialize<S: serde::Serializer>(t: &Thumbprint, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_hex())
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+}
+
+macro_rules! domain_event {
+    ($ty:ident, $name:literal, container) => {
+        impl DomainEvent for $ty {
+            const NAME: &'static str = $name;
+            fn at(&self) -> OffsetDateTime {
+                self.at
+            }
+            fn container_id(&self) -> Option<&str> {
+                Some(&self.container_id)
+            }
+            fn apply(&self, view: &mut Worldview) {
+                view.apply_event(self);
+            }
+        }
+    };
+    ($ty:ident, $name:literal, none) => {
+        impl DomainEvent for $ty {
+            const NAME: &'static str = $name;
+            fn at(&self) -> OffsetDateTime {
+                self.at
+            }
+            fn container_id(&self) -> Option<&str> {
+                None
+            }
+        }
+    };
+}
+
+/// Fields every agent-axis event carries. Agent and project come from the
+/// container's Docker labels (the registry row is the identity once it
+/// exists, but events describe what the container claims).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AgentRef {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+}
+
+// ---- session axis -------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionConnecting {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub address: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(SessionConnecting, "agent.session.connecting", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionConnected {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub address: String,
+    pub attempts: u32,
+    pub peer_cn: String,
+    #[serde(serialize_with = "hex32::serialize")]
+    pub peer_thumbprint: Thumbprint,
+    /// Whether the peer's leaf chained to our CA (recorded, never enforced:
+    /// the CP keeps the session either way).
+    pub chain_verified: bool,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(SessionConnected, "agent.session.connected", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionFailed {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub address: String,
+    pub reason: String,
+    pub attempts: u32,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(SessionFailed, "agent.session.failed", container);
+
+/// `SessionFailed.reason` vocabulary.
+pub mod failed_reason {
+    pub const CONTAINER_NOT_RUNNING: &str = "container_not_running";
+    pub const ENDPOINT_MISSING: &str = "clawker_net_endpoint_missing";
+    pub const CONNECT_TOTAL_TIMEOUT: &str = "connect_total_timeout";
+    pub const INTERNAL_UNKNOWN_OUTCOME: &str = "internal_unknown_outcome";
+    pub const PANIC_PREFIX: &str = "dial_goroutine_panic: ";
+    pub fn fd_leak(n: u32) -> String {
+        format!("fd-leak-ceiling: {n} consecutive close failures")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionBroken {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub address: String,
+    pub reason: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(SessionBroken, "agent.session.broken", container);
+
+// ---- identity axis ------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentRegistered {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub ok: bool,
+    pub reason: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(AgentRegistered, "agent.registered", container);
+
+/// Why an agent is not trusted (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UntrustedReason {
+    CertThumbprintMismatch,
+    CertInvalid,
+    CertCnMismatch,
+    RegisterFailed,
+}
+
+impl UntrustedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CertThumbprintMismatch => "cert_thumbprint_mismatch",
+            Self::CertInvalid => "cert_invalid",
+            Self::CertCnMismatch => "cert_cn_mismatch",
+            Self::RegisterFailed => "register_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::CertThumbprintMismatch,
+            Self::CertInvalid,
+            Self::CertCnMismatch,
+            Self::RegisterFailed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentUntrusted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub reason: UntrustedReason,
+    pub detail: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(AgentUntrusted, "agent.untrusted", container);
+
+/// Ours: the session's certificate matched the agent's registry row (a
+/// Match, or a successful Register). The reference publishes nothing on a
+/// Match, which left `registered` false after every CP restart and made an
+/// untrusted verdict sticky forever; this event fixes both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentTrusted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(AgentTrusted, "agent.trusted", container);
+
+// ---- init axis ----------------------------------------------------------
+
+/// Why an init step failed (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitFailureReason {
+    ExitCode,
+    Timeout,
+    SpawnFailed,
+    IoError,
+    TransportError,
+    ProtocolError,
+    Unknown,
+}
+
+impl InitFailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExitCode => "exit_code",
+            Self::Timeout => "timeout",
+            Self::SpawnFailed => "spawn_failed",
+            Self::IoError => "io_error",
+            Self::TransportError => "transport_error",
+            Self::ProtocolError => "protocol_error",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitStarted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub step_count: u32,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitStarted, "agent.init.started", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitStepStarted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub step: String,
+    pub step_index: u32,
+    pub step_count: u32,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitStepStarted, "agent.init.step.started", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitStepCompleted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub step: String,
+    pub step_index: u32,
+    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    pub duration: std::time::Duration,
+    pub exit_code: i32,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitStepCompleted, "agent.init.step.completed", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitStepFailed {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub step: String,
+    pub step_index: u32,
+    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    pub duration: std::time::Duration,
+    pub exit_code: i32,
+    pub reason: InitFailureReason,
+    pub detail: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitStepFailed, "agent.init.step.failed", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitCompleted {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    pub duration: std::time::Duration,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitCompleted, "agent.init.completed", container);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InitFailed {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub failed_step: String,
+    pub reason: InitFailureReason,
+    pub detail: String,
+    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    pub duration: std::time::Duration,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(InitFailed, "agent.init.failed", container);
+
+// ---- misc ---------------------------------------------------------------
+
+/// The startup orphan reap failed; a pure notification (no projection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReapDegraded {
+    pub reason: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ReapDegraded, "agent.reap.degraded", none);
+
+/// A Docker event, as the feeder publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DockerEventOccurred {
+    #[serde(flatten)]
+    pub event: DockerEvent,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+
+impl DockerEventOccurred {
+    pub fn new(event: DockerEvent) -> Self {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(event.time_nanos as i128)
+            .unwrap_or_else(|_| now());
+        Self { event, at }
+    }
+}
+
+impl DomainEvent for DockerEventOccurred {
+    const NAME: &'static str = "docker.event";
+    fn at(&self) -> OffsetDateTime {
+        self.at
+    }
+    fn container_id(&self) -> Option<&str> {
+        (self.event.typ == "container").then_some(self.event.actor_id.as_str())
+    }
+    fn apply(&self, view: &mut Worldview) {
+        view.apply_docker(self);
+    }
+}

@@ -1,0 +1,564 @@
+//! The worldview: the CP's live picture of containers and agents, built by
+//! folding events in publish order (reference `cp-session.md` §14). The bus
+//! owns the one instance; everyone else sees deep-copied snapshots.
+//!
+//! Our fixes to the reference projection:
+//! - `registered` becomes true on a Match (via [`AgentTrusted`]), not only
+//!   after a fresh Register, so it survives CP restarts;
+//! - trust is re-evaluated on every session: the latest verdict is current,
+//!   earlier ones stay in `trust_history`;
+//! - an agent leaves the worldview when its container is destroyed;
+//! - a failure event never blanks identity fields it does not know.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::*;
+
+/// How many past trust verdicts an agent keeps.
+pub const TRUST_HISTORY: usize = 8;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Worldview {
+    pub containers: BTreeMap<String, ContainerView>,
+    pub agents: BTreeMap<String, AgentView>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_updated_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerStatus {
+    #[default]
+    Unknown,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ContainerView {
+    pub id: String,
+    pub name: String,
+    pub status: ContainerStatus,
+    pub labels: BTreeMap<String, String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    #[default]
+    Unknown,
+    Connecting,
+    Connected,
+    Failed,
+    Broken,
+}
+
+/// One trust verdict. The zero value is "trusted" (nothing bad seen yet).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Trust {
+    pub trusted: bool,
+    pub reason: Option<UntrustedReason>,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitStatus {
+    #[default]
+    Unknown,
+    Running,
+    Completed,
+    Failed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InitView {
+    pub status: InitStatus,
+    pub step: String,
+    pub step_index: u32,
+    pub step_count: u32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub completed_at: Option<OffsetDateTime>,
+    pub last_error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentView {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    pub address: String,
+    pub session_status: SessionStatus,
+    pub registered: bool,
+    pub trust: Trust,
+    /// Earlier verdicts, oldest first (bounded by [`TRUST_HISTORY`]).
+    pub trust_history: Vec<Trust>,
+    pub thumbprint: String,
+    pub chain_verified: bool,
+    pub attempts: u32,
+    /// Session-axis error.
+    pub last_error: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+    pub init: InitView,
+}
+
+impl AgentView {
+    fn new(container_id: &str) -> Self {
+        Self {
+            container_id: container_id.to_owned(),
+            agent: String::new(),
+            project: String::new(),
+            address: String::new(),
+            session_status: SessionStatus::Unknown,
+            registered: false,
+            trust: Trust {
+                trusted: true,
+                ..Trust::default()
+            },
+            trust_history: Vec::new(),
+            thumbprint: String::new(),
+            chain_verified: false,
+            attempts: 0,
+            last_error: String::new(),
+            updated_at: None,
+            init: InitView::default(),
+        }
+    }
+
+    /// Overwrites identity fields only with known values: an event that
+    /// does not know the agent's name must not erase it.
+    fn set_identity(&mut self, agent: &str, project: &str, address: Option<&str>) {
+        if !agent.is_empty() {
+            self.agent = agent.to_owned();
+        }
+        if !project.is_empty() {
+            self.project = project.to_owned();
+        }
+        if let Some(a) = address.filter(|a| !a.is_empty()) {
+            self.address = a.to_owned();
+        }
+    }
+
+    fn set_trust(&mut self, new: Trust) {
+        let old = std::mem::replace(&mut self.trust, new);
+        if old.at.is_some() {
+            self.trust_history.push(old);
+            if self.trust_history.len() > TRUST_HISTORY {
+                self.trust_history.remove(0);
+            }
+        }
+    }
+}
+
+/// Folds one event type into the worldview.
+pub trait Project {
+    fn project(&self, view: &mut Worldview);
+}
+
+impl Worldview {
+    /// Applies a container-scoped domain event and stamps `last_updated_at`.
+    pub fn apply_event<E: DomainEvent + Project>(&mut self, e: &E) {
+        e.project(self);
+        self.last_updated_at = Some(e.at());
+    }
+
+    pub(super) fn apply_docker(&mut self, e: &DockerEventOccurred) {
+        e.project(self);
+        if e.event.typ == "container" {
+            self.last_updated_at = Some(e.at);
+        }
+    }
+
+    fn agent(&mut self, container_id: &str) -> &mut AgentView {
+        self.agents
+            .entry(container_id.to_owned())
+            .or_insert_with(|| AgentView::new(container_id))
+    }
+}
+
+impl Project for SessionConnecting {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        a.session_status = SessionStatus::Connecting;
+        a.last_error.clear();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for SessionConnected {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        a.session_status = SessionStatus::Connected;
+        a.attempts = self.attempts;
+        a.thumbprint = self.peer_thumbprint.to_hex();
+        a.chain_verified = self.chain_verified;
+        a.last_error.clear();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for SessionFailed {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        a.session_status = SessionStatus::Failed;
+        a.attempts = self.attempts;
+        a.last_error = self.reason.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for SessionBroken {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        a.session_status = SessionStatus::Broken;
+        a.last_error = self.reason.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for AgentRegistered {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        a.registered = self.ok;
+        if !self.ok {
+            a.last_error = self.reason.clone();
+        }
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for AgentUntrusted {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        a.set_trust(Trust {
+            trusted: false,
+            reason: Some(self.reason),
+            detail: self.detail.clone(),
+            at: Some(self.at),
+        });
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for AgentTrusted {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        a.registered = true;
+        a.set_trust(Trust {
+            trusted: true,
+            reason: None,
+            detail: String::new(),
+            at: Some(self.at),
+        });
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for InitStarted {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        a.init = InitView {
+            status: InitStatus::Running,
+            step_count: self.step_count,
+            started_at: Some(self.at),
+            ..InitView::default()
+        };
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for InitStepStarted {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        let max = a.init.step_count.saturating_sub(1);
+        a.init.step_index = if a.init.step_count > 0 {
+            self.step_index.min(max)
+        } else {
+            self.step_index
+        };
+        a.init.step = self.step.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for InitStepCompleted {
+    fn project(&self, v: &mut Worldview) {
+        v.agent(&self.container_id).updated_at = Some(self.at);
+    }
+}
+
+impl Project for InitStepFailed {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.init.last_error = self.detail.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+fn floor_at(init: &InitView, at: OffsetDateTime) -> OffsetDateTime {
+    match init.started_at {
+        Some(s) if s > at => s,
+        _ => at,
+    }
+}
+
+impl Project for InitCompleted {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        let at = floor_at(&a.init, self.at);
+        a.init.status = InitStatus::Completed;
+        a.init.completed_at = Some(at);
+        a.init.last_error.clear();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for InitFailed {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        let at = floor_at(&a.init, self.at);
+        a.init.status = InitStatus::Failed;
+        a.init.completed_at = Some(at);
+        a.init.last_error = self.detail.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+/// Engine attributes that are not labels.
+const ENGINE_ATTRS: [&str; 6] = ["image", "name", "exitCode", "signal", "oldName", "execDuration"];
+
+impl Project for DockerEventOccurred {
+    fn project(&self, v: &mut Worldview) {
+        let e = &self.event;
+        if e.typ != "container" {
+            return;
+        }
+        let id = e.actor_id.clone();
+        match e.action.as_str() {
+            "start" | "restart" | "unpause" => {
+                let c = v.containers.entry(id.clone()).or_default();
+                c.id = id;
+                if let Some(n) = e.attr("name").filter(|n| !n.is_empty()) {
+                    c.name = n.to_owned();
+                }
+                c.status = ContainerStatus::Running;
+                c.labels = e
+                    .attributes
+                    .iter()
+                    .filter(|(k, _)| !ENGINE_ATTRS.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                c.updated_at = Some(self.at);
+            }
+            "die" | "stop" | "kill" | "oom" => {
+                let c = v.containers.entry(id.clone()).or_default();
+                c.id = id;
+                c.status = ContainerStatus::Stopped;
+                c.updated_at = Some(self.at);
+            }
+            "destroy" => {
+                v.containers.remove(&id);
+                // Ours: a destroyed container's agent is gone for good.
+                v.agents.remove(&id);
+            }
+            "rename" => {
+                let c = v.containers.entry(id.clone()).or_default();
+                c.id = id;
+                c.name = e.attr("name").unwrap_or_default().to_owned();
+                c.updated_at = Some(self.at);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::events::DockerEvent;
+
+    fn t(s: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_700_000_000 + s).unwrap()
+    }
+
+    fn connected(id: &str, at: i64) -> SessionConnected {
+        SessionConnected {
+            container_id: id.into(),
+            agent: "dev".into(),
+            project: "web".into(),
+            address: "10.0.0.2:7700".into(),
+            attempts: 1,
+            peer_cn: "clawker.web.dev".into(),
+            peer_thumbprint: Thumbprint([7; 32]),
+            chain_verified: true,
+            at: t(at),
+        }
+    }
+
+    #[test]
+    fn failure_event_never_blanks_identity() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        v.apply_event(&SessionFailed {
+            container_id: "c1".into(),
+            agent: String::new(),
+            project: String::new(),
+            address: String::new(),
+            reason: failed_reason::CONTAINER_NOT_RUNNING.into(),
+            attempts: 3,
+            at: t(1),
+        });
+        let a = &v.agents["c1"];
+        assert_eq!((a.agent.as_str(), a.project.as_str()), ("dev", "web"));
+        assert_eq!(a.address, "10.0.0.2:7700");
+        assert_eq!(a.session_status, SessionStatus::Failed);
+        assert_eq!(a.last_error, "container_not_running");
+        assert_eq!(v.last_updated_at, Some(t(1)));
+    }
+
+    #[test]
+    fn match_sets_registered_and_trust_is_re_evaluated_per_session() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        v.apply_event(&AgentUntrusted {
+            container_id: "c1".into(),
+            agent: "dev".into(),
+            project: "web".into(),
+            reason: UntrustedReason::CertThumbprintMismatch,
+            detail: String::new(),
+            at: t(1),
+        });
+        assert!(!v.agents["c1"].trust.trusted);
+        assert!(!v.agents["c1"].registered);
+        // A later session matches.
+        v.apply_event(&AgentTrusted {
+            container_id: "c1".into(),
+            agent: "dev".into(),
+            project: "web".into(),
+            at: t(2),
+        });
+        let a = &v.agents["c1"];
+        assert!(a.registered);
+        assert!(a.trust.trusted);
+        assert_eq!(a.trust_history.len(), 1);
+        assert_eq!(
+            a.trust_history[0].reason,
+            Some(UntrustedReason::CertThumbprintMismatch)
+        );
+    }
+
+    #[test]
+    fn destroy_removes_container_and_agent() {
+        let mut v = Worldview::default();
+        let start = DockerEvent {
+            typ: "container".into(),
+            action: "start".into(),
+            actor_id: "c1".into(),
+            attributes: [("name", "alpha"), ("image", "img"), ("dev.clawker.agent", "dev")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            scope: "local".into(),
+            time_nanos: 1,
+            synthetic: false,
+        };
+        DockerEventOccurred::new(start.clone()).apply(&mut v);
+        assert_eq!(v.containers["c1"].name, "alpha");
+        assert_eq!(
+            v.containers["c1"].labels.keys().collect::<Vec<_>>(),
+            vec!["dev.clawker.agent"]
+        );
+        v.apply_event(&connected("c1", 0));
+        let mut stop = start.clone();
+        stop.action = "die".into();
+        DockerEventOccurred::new(stop).apply(&mut v);
+        assert_eq!(v.containers["c1"].status, ContainerStatus::Stopped);
+        assert!(v.agents.contains_key("c1"), "stop keeps the agent");
+        let mut destroy = start;
+        destroy.action = "destroy".into();
+        DockerEventOccurred::new(destroy).apply(&mut v);
+        assert!(v.containers.is_empty());
+        assert!(v.agents.is_empty());
+    }
+
+    #[test]
+    fn init_projection_tracks_steps_and_outcome() {
+        let mut v = Worldview::default();
+        let r = |s: &str| AgentRef {
+            container_id: s.into(),
+            ..AgentRef::default()
+        };
+        let id = r("c1").container_id;
+        v.apply_event(&InitStarted {
+            container_id: id.clone(),
+            agent: "dev".into(),
+            project: String::new(),
+            step_count: 7,
+            at: t(10),
+        });
+        v.apply_event(&InitStepStarted {
+            container_id: id.clone(),
+            agent: String::new(),
+            project: String::new(),
+            step: "ssh".into(),
+            step_index: 99,
+            step_count: 7,
+            at: t(11),
+        });
+        assert_eq!(v.agents["c1"].init.step_index, 6, "clamped to step_count-1");
+        v.apply_event(&InitFailed {
+            container_id: id.clone(),
+            agent: String::new(),
+            project: String::new(),
+            failed_step: "ssh".into(),
+            reason: InitFailureReason::Timeout,
+            detail: "ERROR_CODE_TIMEOUT: x".into(),
+            duration: std::time::Duration::from_secs(1),
+            at: t(5), // earlier than start: floored
+        });
+        let init = &v.agents["c1"].init;
+        assert_eq!(init.status, InitStatus::Failed);
+        assert_eq!(init.completed_at, Some(t(10)));
+        assert_eq!(init.step, "ssh");
+        assert_eq!(v.agents["c1"].agent, "dev");
+    }
+
+    #[test]
+    fn events_serialise_with_reference_names() {
+        let e = connected("c1", 0);
+        assert_eq!(SessionConnected::NAME, "agent.session.connected");
+        let j = e.to_json();
+        assert_eq!(j["peer_thumbprint"], Thumbprint([7; 32]).to_hex());
+        assert_eq!(j["chain_verified"], true);
+        assert_eq!(j["at"], "2023-11-14T22:13:20Z");
+        let u = AgentUntrusted {
+            container_id: "c".into(),
+            agent: String::new(),
+            project: String::new(),
+            reason: UntrustedReason::CertCnMismatch,
+            detail: String::new(),
+            at: t(0),
+        };
+        assert_eq!(u.to_json()["reason"], "cert_cn_mismatch");
+        assert_eq!(UntrustedReason::parse("register_failed"), Some(UntrustedReason::RegisterFailed));
+    }
+}
