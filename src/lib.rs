@@ -16,3 +16,4 @@ pub mod identity;
 pub mod pki;
 pub mod proto;
 pub mod registry;
+pub mod session;

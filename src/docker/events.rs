@@ -125,7 +125,10 @@ pub trait NetworkProbe {
 impl NetworkProbe for Docker {
     async fn is_managed(&self, network_id: &str) -> Result<bool, DockerError> {
         let net = self
-            .inspect_network(network_id, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .inspect_network(
+                network_id,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
             .await?;
         Ok(net
             .labels
@@ -165,8 +168,11 @@ impl FeederState {
                 "removing" => "destroy",
                 _ => continue, // created / restarting: nothing to say yet
             };
-            let mut attrs: BTreeMap<String, String> =
-                c.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut attrs: BTreeMap<String, String> = c
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             attrs.insert("name".into(), c.name.clone());
             attrs.insert("image".into(), c.image.clone());
             out.push(DockerEvent::synthetic("container", action, &c.id, attrs));
@@ -329,7 +335,10 @@ async fn list_for_reconcile(docker: &Docker) -> Result<(Vec<AgentContainer>, Vec
             if let Err(e) = n {
                 errs.push(e.to_string());
             }
-            Err(format!("dockerevents: list during reconcile: {}", errs.join("; ")))
+            Err(format!(
+                "dockerevents: list during reconcile: {}",
+                errs.join("; ")
+            ))
         }
     }
 }
@@ -380,7 +389,10 @@ pub async fn run(
                 let lived = started.elapsed();
                 match result {
                     Ok(()) => {
-                        tracing::info!(lived_ms = lived.as_millis() as u64, "dockerevents: stream ended; reconnecting");
+                        tracing::info!(
+                            lived_ms = lived.as_millis() as u64,
+                            "dockerevents: stream ended; reconnecting"
+                        );
                         Some(backoff.after_stream(lived, true))
                     }
                     Err(e) => {
@@ -455,7 +467,10 @@ mod tests {
             typ: typ.into(),
             action: action.into(),
             actor_id: id.into(),
-            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             scope: "local".into(),
             time_nanos: 1,
             synthetic: false,
@@ -469,7 +484,10 @@ mod tests {
             state: state.into(),
             image: "img".into(),
             labels: HashMap::from([(LABEL_MANAGED.to_owned(), MANAGED_VALUE.to_owned())]),
-            networks: nets.iter().map(|n| (n.to_string(), format!("name-{n}"))).collect(),
+            networks: nets
+                .iter()
+                .map(|n| (n.to_string(), format!("name-{n}")))
+                .collect(),
         }
     }
 
@@ -492,7 +510,8 @@ mod tests {
             ],
             &["n1".into()],
         );
-        let names: Vec<(String, String)> = evs.iter().map(|e| (e.name(), e.actor_id.clone())).collect();
+        let names: Vec<(String, String)> =
+            evs.iter().map(|e| (e.name(), e.actor_id.clone())).collect();
         assert_eq!(
             names,
             vec![
@@ -513,15 +532,48 @@ mod tests {
         let mut s = FeederState::default();
         let p = Probe(Ok(true));
         let managed = [(LABEL_MANAGED, MANAGED_VALUE)];
-        assert!(s.dispatch(ev("container", "exec_start: sh", "a", &managed), &p).await.is_none());
-        assert!(s.dispatch(ev("container", "attach", "a", &managed), &p).await.is_none());
-        assert!(s.dispatch(ev("container", "start", "", &managed), &p).await.is_none());
-        assert!(s.dispatch(ev("container", "start", "x", &[]), &p).await.is_none());
-        assert!(s.dispatch(ev("container", "start", "a", &managed), &p).await.is_some());
+        assert!(
+            s.dispatch(ev("container", "exec_start: sh", "a", &managed), &p)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("container", "attach", "a", &managed), &p)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("container", "start", "", &managed), &p)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("container", "start", "x", &[]), &p)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("container", "start", "a", &managed), &p)
+                .await
+                .is_some()
+        );
         // Known id without labels (e.g. destroy carries few attributes) passes.
-        assert!(s.dispatch(ev("container", "health_status: healthy", "a", &[]), &p).await.is_some());
-        assert!(s.dispatch(ev("container", "destroy", "a", &[]), &p).await.is_some());
-        assert!(s.dispatch(ev("container", "die", "a", &[]), &p).await.is_none(), "forgotten after destroy");
+        assert!(
+            s.dispatch(ev("container", "health_status: healthy", "a", &[]), &p)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("container", "destroy", "a", &[]), &p)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("container", "die", "a", &[]), &p)
+                .await
+                .is_none(),
+            "forgotten after destroy"
+        );
     }
 
     #[tokio::test]
@@ -531,15 +583,47 @@ mod tests {
         let yes = Probe(Ok(true));
         let no = Probe(Ok(false));
         let broken = Probe(Err(()));
-        assert!(s.dispatch(ev("network", "create", "n1", &[]), &no).await.is_none());
-        assert!(s.dispatch(ev("network", "create", "n2", &[]), &yes).await.is_some());
-        assert!(s.dispatch(ev("network", "connect", "n2", &[("container", "a")]), &no).await.is_some());
-        assert!(s.dispatch(ev("network", "connect", "n2", &[("container", "zz")]), &no).await.is_none());
+        assert!(
+            s.dispatch(ev("network", "create", "n1", &[]), &no)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("network", "create", "n2", &[]), &yes)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("network", "connect", "n2", &[("container", "a")]), &no)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("network", "connect", "n2", &[("container", "zz")]), &no)
+                .await
+                .is_none()
+        );
         // Inspect failure marks for recheck; the next connect re-inspects.
-        assert!(s.dispatch(ev("network", "create", "n3", &[]), &broken).await.is_none());
-        assert!(s.dispatch(ev("network", "connect", "n3", &[("container", "a")]), &yes).await.is_some());
-        assert!(s.dispatch(ev("network", "destroy", "n2", &[]), &no).await.is_some());
-        assert!(s.dispatch(ev("network", "connect", "n2", &[("container", "a")]), &no).await.is_none());
+        assert!(
+            s.dispatch(ev("network", "create", "n3", &[]), &broken)
+                .await
+                .is_none()
+        );
+        assert!(
+            s.dispatch(ev("network", "connect", "n3", &[("container", "a")]), &yes)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("network", "destroy", "n2", &[]), &no)
+                .await
+                .is_some()
+        );
+        assert!(
+            s.dispatch(ev("network", "connect", "n2", &[("container", "a")]), &no)
+                .await
+                .is_none()
+        );
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub async fn list_managed(
 }
 
 /// Agent containers only.
-pub async fn list_agents(docker: &Docker, scope: Scope) -> Result<Vec<AgentContainer>, DockerError> {
+pub async fn list_agents(
+    docker: &Docker,
+    scope: Scope,
+) -> Result<Vec<AgentContainer>, DockerError> {
     list_managed(docker, scope, Some(PURPOSE_AGENT)).await
 }

@@ -380,3 +380,45 @@ impl DomainEvent for DockerEventOccurred {
         view.apply_docker(self);
     }
 }
+
+/// Where domain events go: the bus in production, a recorder in tests.
+/// Publishing never blocks; `false` means the event was dropped.
+pub trait Publish: Clone + Send + Sync + 'static {
+    fn publish<E: DomainEvent>(&self, event: E) -> bool;
+}
+
+/// Records every published event as (name, JSON); for tests.
+#[derive(Clone, Default)]
+pub struct RecordingSink {
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, serde_json::Value)>>>,
+}
+
+impl RecordingSink {
+    pub fn names(&self) -> Vec<&'static str> {
+        self.events
+            .lock()
+            .map(|e| e.iter().map(|(n, _)| *n).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn of(&self, name: &str) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .map(|e| {
+                e.iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, j)| j.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Publish for RecordingSink {
+    fn publish<E: DomainEvent>(&self, event: E) -> bool {
+        if let Ok(mut e) = self.events.lock() {
+            e.push((E::NAME, event.to_json()));
+        }
+        true
+    }
+}

@@ -344,7 +344,14 @@ impl Project for InitFailed {
 }
 
 /// Engine attributes that are not labels.
-const ENGINE_ATTRS: [&str; 6] = ["image", "name", "exitCode", "signal", "oldName", "execDuration"];
+const ENGINE_ATTRS: [&str; 6] = [
+    "image",
+    "name",
+    "exitCode",
+    "signal",
+    "oldName",
+    "execDuration",
+];
 
 impl Project for DockerEventOccurred {
     fn project(&self, v: &mut Worldview) {
@@ -473,10 +480,14 @@ mod tests {
             typ: "container".into(),
             action: "start".into(),
             actor_id: "c1".into(),
-            attributes: [("name", "alpha"), ("image", "img"), ("dev.clawker.agent", "dev")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            attributes: [
+                ("name", "alpha"),
+                ("image", "img"),
+                ("dev.clawker.agent", "dev"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
             scope: "local".into(),
             time_nanos: 1,
             synthetic: false,
@@ -559,6 +570,9 @@ mod tests {
             at: t(0),
         };
         assert_eq!(u.to_json()["reason"], "cert_cn_mismatch");
-        assert_eq!(UntrustedReason::parse("register_failed"), Some(UntrustedReason::RegisterFailed));
+        assert_eq!(
+            UntrustedReason::parse("register_failed"),
+            Some(UntrustedReason::RegisterFailed)
+        );
     }
 }
