@@ -189,6 +189,16 @@ struct Session {
     commands: Commands,
 }
 
+impl Drop for Session {
+    /// Runs on normal teardown and while unwinding from a panic: dropping
+    /// every control cancels its command (workers keep their own handle on
+    /// the map, so it would not be dropped with the session otherwise).
+    fn drop(&mut self) {
+        let controls: Vec<Control> = lock(&self.commands).drain().map(|(_, c)| c).collect();
+        drop(controls);
+    }
+}
+
 impl Session {
     async fn run(self, mut inbound: Streaming<Command>) {
         loop {
