@@ -7,7 +7,11 @@
 //! - [`pki`]: the CA and every certificate it mints; `clawker ca init`.
 //! - [`registry`]: the durable identity registry (redb).
 //! - [`proto`]: generated gRPC code for the three wire packages.
+//! - [`tls`]: rustls helpers shared by the CP and clawkerd (provider, PEM
+//!   loading, the CP's record-but-never-reject server verifier).
+//! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
 
+pub mod clawkerd;
 pub mod cli;
 pub mod config;
 pub mod docker;
@@ -17,3 +21,4 @@ pub mod pki;
 pub mod proto;
 pub mod registry;
 pub mod session;
+pub mod tls;

@@ -1,10 +1,7 @@
-//! clawkerd: PID 1 of every agent container. Filled in by its own issue.
+//! clawkerd: PID 1 of every agent container. All logic lives in
+//! `clawker::clawkerd`; the container CMD arrives as our arguments
+//! (optionally after `--`).
 
 fn main() {
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("clawkerd: the agent daemon (PID 1 in agent containers)");
-        return;
-    }
-    eprintln!("clawkerd: not implemented yet");
-    std::process::exit(2);
+    std::process::exit(clawker::clawkerd::main());
 }

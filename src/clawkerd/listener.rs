@@ -1,0 +1,370 @@
+//! The :7700 listener: TLS 1.3 only, a client certificate is required, and
+//! only the CP's certificate gets through — all decided inside the TLS
+//! handshake, so a rejected peer never reaches a gRPC handler (reference
+//! §4).
+//!
+//! Architecture invariant: clawkerd never runs a command for a peer that is
+//! not the CP. The checks, in order, all in [`CpOnlyVerifier`]:
+//! 1. chain to the bootstrap CA, validity period, signature (rustls'
+//!    `WebPkiClientVerifier`, which also applies webpki's EKU rule);
+//! 2. leaf Subject CN equals `clawker-controlplane`, compared in constant
+//!    time (another agent's leaf is signed by the same CA!);
+//! 3. the leaf explicitly lists the ClientAuth EKU.
+//!
+//! We run our own accept loop (TCP accept → TLS handshake with a deadline
+//! → hand the stream to tonic) so handshakes run concurrently, failures are
+//! logged with the peer address, and slow or silent peers cannot hold the
+//! accept loop.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use super::config::Bootstrap;
+use super::session::ClawkerdSvc;
+use crate::identity::{CONTROL_PLANE_CN, Thumbprint, ct_str_eq};
+use crate::proto::clawkerd::v1::clawkerd_service_server::ClawkerdServiceServer;
+use crate::tls;
+
+/// A peer gets this long to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the listener refused a peer certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Rejected(&'static str);
+
+fn reject(why: &'static str) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected(why)))))
+}
+
+/// Checks 2 and 3 of the module doc on an already chain-verified leaf.
+pub fn check_cp_leaf(der: &[u8]) -> Result<(), &'static str> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| "clawkerd listener: no verified peer chain")?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or_default();
+    if !ct_str_eq(cn, CONTROL_PLANE_CN) {
+        return Err("clawkerd listener: peer CN not authorized");
+    }
+    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+    if !client_auth {
+        return Err("clawkerd listener: peer cert missing ClientAuth EKU");
+    }
+    Ok(())
+}
+
+/// WebPKI chain verification plus the CP pin (see module doc).
+#[derive(Debug)]
+pub struct CpOnlyVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for CpOnlyVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_cp_leaf(end_entity).map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Builds the listener's TLS config from the bootstrap bundle. Errors are
+/// configuration errors (exit 2); texts follow the reference.
+pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, String> {
+    let provider = tls::provider();
+    let roots = tls::root_store("ca.pem", &b.ca_pem)
+        .map_err(|_| "TLS config: CA PEM did not parse".to_owned())?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("TLS config: client verifier: {e}"))?;
+    let certs = tls::load_certs("cert.pem", &b.cert_pem)
+        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
+    let key = tls::load_key("key.pem", &b.key_pem)
+        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS config: {e}"))?
+        .with_client_cert_verifier(Arc::new(CpOnlyVerifier { inner }))
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Who is on the other end of an accepted connection, computed once per
+/// connection from the verified client certificate. tonic puts it in every
+/// request's extensions (via [`Connected`]).
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity {
+    pub cn: String,
+    /// Lowercase hex SHA-256 of the leaf DER.
+    pub thumbprint: String,
+    pub addr: Option<SocketAddr>,
+}
+
+/// An accepted, verified TLS connection.
+pub struct CpConn {
+    stream: TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl CpConn {
+    fn new(stream: TlsStream<TcpStream>, addr: SocketAddr) -> Self {
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec());
+        let peer = match leaf {
+            Some(der) => PeerIdentity {
+                cn: tls::cert_cn(&der),
+                thumbprint: Thumbprint::of_der(&der).to_hex(),
+                addr: Some(addr),
+            },
+            None => PeerIdentity {
+                addr: Some(addr),
+                ..Default::default()
+            },
+        };
+        Self { stream, peer }
+    }
+}
+
+impl Connected for CpConn {
+    type ConnectInfo = PeerIdentity;
+    fn connect_info(&self) -> PeerIdentity {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for CpConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CpConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A bound listener, not yet serving.
+pub struct Listener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl Listener {
+    /// Binds `addr`. A bind failure is transient (exit 1).
+    pub async fn bind(addr: SocketAddr, cfg: rustls::ServerConfig) -> std::io::Result<Self> {
+        let tcp = TcpListener::bind(addr).await?;
+        Ok(Self {
+            tcp,
+            acceptor: TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Serves sessions until `shutdown`. Returns only on a fatal server
+    /// error or shutdown.
+    pub async fn serve(
+        self,
+        svc: ClawkerdSvc,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        let (tx, rx) = mpsc::channel::<std::io::Result<CpConn>>(64);
+        let Listener { tcp, acceptor } = self;
+        let accept_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (sock, peer) = tokio::select! {
+                    r = tcp.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(event = "clawkerd_accept_failed", error = %e);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = accept_shutdown.cancelled() => return,
+                };
+                let _ = sock.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(CpConn::new(stream, peer))).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(
+                            event = "tls_handshake_rejected",
+                            peer = %peer,
+                            error = %e,
+                            "peer refused in the TLS handshake"
+                        ),
+                        Err(_) => tracing::warn!(
+                            event = "tls_handshake_rejected",
+                            peer = %peer,
+                            error = "handshake timeout"
+                        ),
+                    }
+                });
+            }
+        });
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Large windows: one command's stdout should not stall on
+            // HTTP/2 flow control (the 1 GB/s target).
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some(1 << 20))
+            .add_service(ClawkerdServiceServer::new(svc))
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, LeafSpec};
+    use rcgen::ExtendedKeyUsagePurpose as Eku;
+
+    fn leaf(ca: &Ca, cn: &str, ekus: Vec<Eku>) -> Vec<u8> {
+        let mut spec = LeafSpec::new(cn, time::Duration::hours(1));
+        spec.ekus = ekus;
+        ca.issue(&spec).unwrap().cert_der
+    }
+
+    #[test]
+    fn cn_pin_and_eku_checks() {
+        let ca = Ca::generate().unwrap();
+        assert!(check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ClientAuth])).is_ok());
+        assert_eq!(
+            check_cp_leaf(&leaf(&ca, "evil-cn", vec![Eku::ClientAuth])),
+            Err("clawkerd listener: peer CN not authorized")
+        );
+        let e = check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ServerAuth])).unwrap_err();
+        assert!(e.contains("missing ClientAuth EKU"));
+        let e = check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::Any])).unwrap_err();
+        assert!(e.contains("missing ClientAuth EKU"));
+    }
+
+    #[test]
+    fn config_errors_use_reference_texts() {
+        let ca = Ca::generate().unwrap();
+        let b = Bootstrap {
+            cert_pem: b"garbage".to_vec(),
+            key_pem: b"garbage".to_vec(),
+            ca_pem: ca.cert_pem().as_bytes().to_vec(),
+            assertion: String::new(),
+        };
+        assert!(
+            server_config(&b)
+                .unwrap_err()
+                .contains("agent leaf keypair")
+        );
+        let b = Bootstrap {
+            ca_pem: b"nope".to_vec(),
+            ..b
+        };
+        assert!(
+            server_config(&b)
+                .unwrap_err()
+                .contains("CA PEM did not parse")
+        );
+    }
+}

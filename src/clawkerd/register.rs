@@ -1,0 +1,438 @@
+//! The Register coordinator (reference §9): trade the bootstrap assertion
+//! for a bearer token at the CP's token endpoint, then call
+//! `AgentService.Register` over mTLS with the agent leaf.
+//!
+//! The assertion is single-use at the issuer, so the coordinator is
+//! single-use per process: once an attempt reached the token endpoint (got
+//! any HTTP response), the outcome is cached and every later
+//! `RegisterRequired` gets the same answer with no network I/O. Attempts
+//! that failed before consuming the assertion (missing env, TCP/TLS failure)
+//! are retryable. One mutex serialises attempts across all sessions.
+//!
+//! Addresses are `IP:port` (static binary, no NSS); the TLS server name is
+//! always `clawker-controlplane`, whatever the IP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::config::{Bootstrap, env};
+use crate::identity::CONTROL_PLANE_CN;
+use crate::proto::agent::v1::{RegisterRequest, agent_service_client::AgentServiceClient};
+use crate::tls;
+
+/// Token exchange deadline (connect + TLS + request + response).
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// AgentService.Register deadline.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Scope requested for the token.
+pub const SCOPE: &str = "agent:self:register";
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Inputs of a register attempt.
+#[derive(Debug, Clone)]
+pub struct RegisterConfig {
+    pub token_url: String,
+    pub agent_addr: String,
+    pub agent: String,
+    pub project: String,
+    pub bootstrap: Bootstrap,
+}
+
+/// Outcome of one attempt: `consumed` means the assertion is spent.
+struct Attempt {
+    ok: bool,
+    error: String,
+    consumed: bool,
+}
+
+impl Attempt {
+    fn fail(error: impl Into<String>, consumed: bool) -> Self {
+        Self {
+            ok: false,
+            error: error.into(),
+            consumed,
+        }
+    }
+}
+
+pub struct Coordinator {
+    cfg: RegisterConfig,
+    cached: Mutex<Option<(bool, String)>>,
+}
+
+impl Coordinator {
+    pub fn new(cfg: RegisterConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// Runs (or replays) the register attempt; returns `(ok, error)`.
+    pub async fn run(&self) -> (bool, String) {
+        let mut cached = self.cached.lock().await;
+        if let Some((ok, error)) = cached.as_ref() {
+            tracing::info!(event = "register_replay_short_circuit", ok);
+            return (*ok, error.clone());
+        }
+        let a = self.attempt().await;
+        if a.consumed {
+            *cached = Some((a.ok, a.error.clone()));
+        } else {
+            tracing::warn!(event = "register_assertion_unconsumed", error = %a.error);
+        }
+        (a.ok, a.error)
+    }
+
+    async fn attempt(&self) -> Attempt {
+        let c = &self.cfg;
+        if c.token_url.is_empty() {
+            tracing::error!(event = "register_env_missing", var = env::CP_TOKEN_URL);
+            return Attempt::fail(
+                format!("{} unset; cannot exchange assertion", env::CP_TOKEN_URL),
+                false,
+            );
+        }
+        if c.agent_addr.is_empty() {
+            tracing::error!(event = "register_env_missing", var = env::CP_AGENT_ADDR);
+            return Attempt::fail(
+                format!("{} unset; cannot dial AgentService", env::CP_AGENT_ADDR),
+                false,
+            );
+        }
+        let roots = match tls::root_store("ca.pem", &c.bootstrap.ca_pem) {
+            Ok(r) => Arc::new(r),
+            Err(_) => {
+                tracing::error!(event = "token_tls_config_failed");
+                return Attempt::fail("token TLS config: CA PEM did not parse", false);
+            }
+        };
+        tracing::info!(event = "token_exchange_attempt", url = %c.token_url);
+        let token = match exchange(&c.token_url, &c.bootstrap.assertion, roots.clone()).await {
+            Ok(t) => t,
+            Err((msg, consumed)) => {
+                let error = format!("hydra token exchange: {msg}");
+                tracing::error!(event = "token_exchange_failed", assertion_consumed = consumed, error = %error);
+                return Attempt::fail(error, consumed);
+            }
+        };
+        tracing::info!(event = "token_acquired");
+        match register(c, &token, roots).await {
+            Ok(()) => {
+                tracing::info!(event = "register_rpc_ok");
+                Attempt {
+                    ok: true,
+                    error: String::new(),
+                    consumed: true,
+                }
+            }
+            Err(e) => Attempt::fail(e, true),
+        }
+    }
+}
+
+/// A parsed `https://host:port/path` URL.
+struct TokenUrl {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<TokenUrl, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?}: only https:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse().map_err(|_| format!("{url:?}: bad port"))?)
+        }
+        _ => (authority, 443),
+    };
+    Ok(TokenUrl {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+        path: path.to_owned(),
+    })
+}
+
+async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    if let Ok(ip) = host.parse() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("no address for {host}")))
+}
+
+/// `application/x-www-form-urlencoded` value encoding.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+async fn tls_dial(
+    addr: SocketAddr,
+    cfg: rustls::ClientConfig,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let name = ServerName::try_from(CONTROL_PLANE_CN).map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
+}
+
+/// POSTs the client-credentials form. Errors carry whether the assertion
+/// was consumed (any HTTP response means it was).
+async fn exchange(
+    url: &str,
+    assertion: &str,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<String, (String, bool)> {
+    let not_consumed = |e: String| (format!("post to {url}: {e}"), false);
+    let u = parse_url(url).map_err(not_consumed)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| not_consumed(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut pairs = [
+        ("client_assertion", assertion),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("grant_type", "client_credentials"),
+        ("scope", SCOPE),
+    ];
+    pairs.sort();
+    let body: String = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", form_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+
+    let send = async {
+        let addr = resolve(&u.host, u.port).await.map_err(|e| e.to_string())?;
+        let stream = tls_dial(addr, cfg).await.map_err(|e| e.to_string())?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let authority = format!("{}:{}", u.host, u.port);
+        let builder = http::Request::post(if h2 {
+            format!("https://{authority}{}", u.path)
+        } else {
+            u.path.clone()
+        })
+        .header(http::header::HOST, &authority)
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        );
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let io = TokioIo::new(stream);
+        let resp = if h2 {
+            let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            tx.send_request(req).await.map_err(|e| e.to_string())?
+        } else {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            tx.send_request(req).await.map_err(|e| e.to_string())?
+        };
+        Ok::<_, String>(resp)
+    };
+    let resp = match tokio::time::timeout(TOKEN_TIMEOUT, send).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(not_consumed(e)),
+        Err(_) => return Err(not_consumed("timeout".into())),
+    };
+    // From here on the issuer has seen the assertion.
+    let status = resp.status();
+    let body = match tokio::time::timeout(
+        TOKEN_TIMEOUT,
+        Limited::new(resp.into_body(), 1 << 20).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return Err((format!("read response: {e}"), true)),
+        Err(_) => return Err(("read response: timeout".into(), true)),
+    };
+    if status != http::StatusCode::OK {
+        return Err((
+            format!(
+                "hydra returned {}: {}",
+                status,
+                String::from_utf8_lossy(&body)
+            ),
+            true,
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        #[serde(default)]
+        access_token: String,
+        #[serde(default)]
+        token_type: String,
+    }
+    let tr: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| (format!("decode response: {e}"), true))?;
+    if tr.access_token.is_empty() {
+        return Err(("hydra returned empty access_token".into(), true));
+    }
+    if !tr.token_type.is_empty() && !tr.token_type.eq_ignore_ascii_case("bearer") {
+        return Err((
+            format!(
+                "hydra returned unexpected token_type {:?} (expected Bearer)",
+                tr.token_type
+            ),
+            true,
+        ));
+    }
+    Ok(tr.access_token)
+}
+
+/// Dials AgentService with the agent leaf and calls Register.
+async fn register(
+    c: &RegisterConfig,
+    token: &str,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<(), String> {
+    let cfg = (|| {
+        let certs = tls::load_certs("cert.pem", &c.bootstrap.cert_pem)?;
+        let key = tls::load_key("key.pem", &c.bootstrap.key_pem)?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls::TlsError::Rustls {
+                what: "versions".into(),
+                detail: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| tls::TlsError::Rustls {
+                what: "agent leaf keypair".into(),
+                detail: e.to_string(),
+            })?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok::<_, tls::TlsError>(cfg)
+    })()
+    .map_err(|e| {
+        tracing::error!(event = "register_dial_tls_failed", error = %e);
+        format!("dial TLS config: {e}")
+    })?;
+    let addr: SocketAddr = match c.agent_addr.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            let (h, p) = c
+                .agent_addr
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| format!("dial CP agent listener: bad address {:?}", c.agent_addr))?;
+            resolve(&h, p)
+                .await
+                .map_err(|e| format!("dial CP agent listener: {e}"))?
+        }
+    };
+    tracing::info!(event = "register_dial", addr = %addr);
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let cfg = cfg.clone();
+        async move { tls_dial(addr, cfg).await.map(TokioIo::new) }
+    });
+    let channel = tokio::time::timeout(
+        REGISTER_TIMEOUT,
+        tonic::transport::Endpoint::from_static("http://clawker-controlplane")
+            .connect_with_connector(connector),
+    )
+    .await
+    .map_err(|_| "dial CP agent listener: timeout".to_owned())
+    .and_then(|r| r.map_err(|e| format!("dial CP agent listener: {}", error_chain(&e))))
+    .inspect_err(|e| tracing::error!(event = "register_dial_failed", error = %e))?;
+    let mut client = AgentServiceClient::new(channel);
+    let mut req = tonic::Request::new(RegisterRequest {
+        agent_name: c.agent.clone(),
+        project: c.project.clone(),
+    });
+    req.set_timeout(REGISTER_TIMEOUT);
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "AgentService.Register: token is not a valid header value".to_owned())?;
+    req.metadata_mut().insert("authorization", bearer);
+    match tokio::time::timeout(REGISTER_TIMEOUT, client.register(req)).await {
+        Ok(Ok(_welcome)) => Ok(()),
+        Ok(Err(s)) => {
+            let e = format!(
+                "AgentService.Register: rpc error: code = {:?} desc = {}",
+                s.code(),
+                s.message()
+            );
+            tracing::error!(event = "register_rpc_failed", error = %e);
+            Err(e)
+        }
+        Err(_) => {
+            let e = "AgentService.Register: rpc error: code = DeadlineExceeded desc = context deadline exceeded".to_owned();
+            tracing::error!(event = "register_rpc_failed", error = %e);
+            Err(e)
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parsing() {
+        let u = parse_url("https://10.0.0.1:7444/oauth2/token").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("10.0.0.1", 7444, "/oauth2/token")
+        );
+        let u = parse_url("https://cp/x").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("cp", 443));
+        assert!(parse_url("http://cp/x").is_err());
+    }
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b:c/d"), "a%20b%3Ac%2Fd");
+        assert_eq!(form_encode("eyJ.abc-_"), "eyJ.abc-_");
+    }
+}

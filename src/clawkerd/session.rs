@@ -1,0 +1,478 @@
+//! One `Session` stream: the receive loop, command dispatch, the response
+//! queue, teardown (reference §5).
+//!
+//! Shape: tonic calls [`ClawkerdSvc::session`], which spawns the receive
+//! loop as its own task and returns the receiving half of a bounded
+//! response queue as the response stream. Every producer (the loop, each
+//! command worker, the register task) holds a clone of the sending half; the
+//! bounded queue is the backpressure from a slow CP down to the children's
+//! pipes.
+//!
+//! Panic containment: the loop runs in its own tokio task, watched by a
+//! second task. A panic ends that task only (tokio catches it); the watcher
+//! logs it, tells the CP with a gRPC `INTERNAL` status, and the per-command
+//! controls dropped by the unwinding kill their process groups. PID 1 and
+//! other sessions carry on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status, Streaming};
+
+use super::listener::PeerIdentity;
+use super::pipeline::{self, Control, SpawnCtx, error_response};
+use super::reaper::Reaper;
+use super::register::Coordinator;
+use super::spawn::{ReadyOutcome, UserCommand};
+use crate::proto::clawkerd::v1::{
+    self as pb, Command, ErrorCode, Response, clawkerd_service_server::ClawkerdService,
+    command::Payload as Cmd, response::Payload as Resp,
+};
+
+/// The sending half of a session's response queue.
+pub type Outbound = mpsc::Sender<Result<Response, Status>>;
+
+/// Depth of the per-session response queue (reference: 64).
+pub const OUTBOUND_QUEUE: usize = 64;
+
+/// How long teardown waits for killed commands to be reaped and answer.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Test seams, read once at boot from the environment. They only ever
+/// cause a panic inside one session or one command worker — exactly what
+/// the containment tests need to prove harmless.
+#[derive(Debug, Default, Clone)]
+pub struct TestHooks {
+    /// `CLAWKERD_TEST_PANIC_SESSION_ON`: a `Hello` with this command id
+    /// panics the receive loop.
+    pub panic_session_on: Option<String>,
+    /// `CLAWKERD_TEST_PANIC_WORKER_ON`: a `ShellCommand` with this id panics
+    /// its worker right after `Started`.
+    pub panic_worker_on: Option<String>,
+}
+
+impl TestHooks {
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            panic_session_on: get("CLAWKERD_TEST_PANIC_SESSION_ON"),
+            panic_worker_on: get("CLAWKERD_TEST_PANIC_WORKER_ON"),
+        }
+    }
+}
+
+/// State shared by every session of the process.
+pub struct Shared {
+    pub reaper: Reaper,
+    /// clawkerd's PATH at boot; stage programs resolve through it.
+    pub path_var: String,
+    pub register: Arc<Coordinator>,
+    pub user_command: Arc<UserCommand>,
+    /// Cancelled when clawkerd shuts down: every session tears down.
+    pub shutdown: CancellationToken,
+    pub hooks: TestHooks,
+    generation: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        reaper: Reaper,
+        register: Arc<Coordinator>,
+        user_command: Arc<UserCommand>,
+        shutdown: CancellationToken,
+        hooks: TestHooks,
+    ) -> Self {
+        Self {
+            reaper,
+            path_var: std::env::var("PATH")
+                .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            register,
+            user_command,
+            shutdown,
+            hooks,
+            generation: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct ClawkerdSvc {
+    shared: Arc<Shared>,
+}
+
+impl ClawkerdSvc {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// Running commands of one session, by id. Shared with the workers so they
+/// can remove themselves right before their terminal response.
+type Commands = Arc<Mutex<HashMap<String, Control>>>;
+
+fn lock(c: &Commands) -> std::sync::MutexGuard<'_, HashMap<String, Control>> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn peer_identity<T>(req: &Request<T>) -> (String, String) {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .map(|p| (p.cn.clone(), p.thumbprint.clone()))
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl ClawkerdService for ClawkerdSvc {
+    type SessionStream = ReceiverStream<Result<Response, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<Command>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        let (peer_cn, peer_thumbprint) = peer_identity(&request);
+        tracing::info!(
+            event = "session_started",
+            peer_cn = %peer_cn,
+            peer_thumbprint = %peer_thumbprint,
+            "session started"
+        );
+        let started = Instant::now();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let session = Session {
+            shared: self.shared.clone(),
+            out: tx.clone(),
+            commands: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let inbound = request.into_inner();
+        let driver = tokio::spawn(session.run(inbound));
+        tokio::spawn(async move {
+            if let Err(e) = driver.await
+                && e.is_panic()
+            {
+                let panic = panic_text(e.into_panic());
+                tracing::error!(event = "task_panic", task = "session", panic = %panic);
+                eprintln!("clawkerd: task_panic task=session panic={panic}");
+                let _ = tx.try_send(Err(Status::internal("clawkerd: session panicked")));
+            }
+            tracing::info!(
+                event = "session_ended",
+                peer_cn = %peer_cn,
+                duration = started.elapsed().as_secs_f64() * 1000.0,
+                "session ended"
+            );
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Renders a panic payload.
+pub fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "<non-string panic>".into()
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    out: Outbound,
+    commands: Commands,
+}
+
+impl Drop for Session {
+    /// Runs on normal teardown and while unwinding from a panic: dropping
+    /// every control cancels its command (workers keep their own handle on
+    /// the map, so it would not be dropped with the session otherwise).
+    fn drop(&mut self) {
+        let controls: Vec<Control> = lock(&self.commands).drain().map(|(_, c)| c).collect();
+        drop(controls);
+    }
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<Command>) {
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = self.shared.shutdown.cancelled() => {
+                    tracing::info!(event = "session_recv_teardown", reason = "shutdown");
+                    break;
+                }
+            };
+            match msg {
+                Ok(Some(cmd)) => self.dispatch(cmd).await,
+                Ok(None) => {
+                    tracing::info!(event = "session_eof");
+                    break;
+                }
+                Err(status) => {
+                    tracing::info!(event = "session_recv_failed", error = %status);
+                    break;
+                }
+            }
+        }
+        self.teardown().await;
+    }
+
+    /// Cancels and waits for every running command: killed, reaped, and
+    /// its worker finished, so nothing outlives the session.
+    async fn teardown(&self) {
+        let controls: Vec<Control> = lock(&self.commands).drain().map(|(_, c)| c).collect();
+        if controls.is_empty() {
+            return;
+        }
+        // Dropping a control cancels its worker, which kills the groups.
+        drop(controls);
+        let deadline = Instant::now() + TEARDOWN_GRACE;
+        // Workers hold clones of `out`; when they are all done only ours
+        // (and the watcher's) remain.
+        while self.out.strong_count() > 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn send(&self, resp: Response) {
+        let _ = self.out.send(Ok(resp)).await;
+    }
+
+    async fn dispatch(&self, cmd: Command) {
+        let id = cmd.command_id;
+        let Some(payload) = cmd.payload else {
+            tracing::warn!(event = "session_unknown_payload", command_id = %id, payload_type = "unset");
+            self.send(error_response(
+                &id,
+                ErrorCode::InvalidRequest,
+                "unknown payload type <nil>",
+            ))
+            .await;
+            return;
+        };
+        if let Cmd::Hello(_) = payload {
+            if self.shared.hooks.panic_session_on.as_deref() == Some(id.as_str()) {
+                panic!("test-induced panic in session for {id}");
+            }
+            self.send(Response {
+                command_id: id,
+                payload: Some(Resp::HelloAck(pb::HelloAck {})),
+            })
+            .await;
+            return;
+        }
+        if id.is_empty() {
+            self.send(error_response(
+                &id,
+                ErrorCode::InvalidRequest,
+                "command_id required",
+            ))
+            .await;
+            return;
+        }
+        match payload {
+            Cmd::Hello(_) => {}
+            Cmd::Shell(shell) => self.shell(id, shell).await,
+            Cmd::Stdin(s) => {
+                let found = lock(&self.commands)
+                    .get_mut(&id)
+                    .map(|c| c.stdin(&id, s.data))
+                    .is_some();
+                if !found {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "stdin: no running command with that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::CloseStdin(_) => {
+                let found = lock(&self.commands)
+                    .get_mut(&id)
+                    .map(Control::close_stdin)
+                    .is_some();
+                if !found {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "close_stdin: no running command with that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::Signal(sig) => {
+                if sig.signo <= 0 {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::InvalidRequest,
+                        "signal: signo must be a positive integer",
+                    ))
+                    .await;
+                    return;
+                }
+                let found = lock(&self.commands)
+                    .get(&id)
+                    .map(|c| c.signal(&id, sig.signo))
+                    .is_some();
+                if !found {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "signal: no running command with that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::RegisterRequired(_) => {
+                let coordinator = self.shared.register.clone();
+                let out = self.out.clone();
+                // Own task: the receive loop stays responsive for the up to
+                // 25 s a register attempt may take; a panic inside still
+                // yields exactly one RegisterDone.
+                tokio::spawn(async move {
+                    let task = tokio::spawn(async move { coordinator.run().await });
+                    let (ok, error) = match task.await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let msg = if e.is_panic() {
+                                panic_text(e.into_panic())
+                            } else {
+                                "cancelled".into()
+                            };
+                            tracing::error!(event = "register_panic", command_id = %id, panic = %msg);
+                            (false, format!("register panic: {msg}"))
+                        }
+                    };
+                    let _ = out
+                        .send(Ok(Response {
+                            command_id: id,
+                            payload: Some(Resp::RegisterDone(pb::RegisterDone { ok, error })),
+                        }))
+                        .await;
+                });
+            }
+            Cmd::AgentReady(_) => {
+                let uc = self.shared.user_command.clone();
+                let resp = match tokio::spawn(async move { uc.run().await }).await {
+                    Ok(Ok(outcome)) => {
+                        let event = match outcome {
+                            ReadyOutcome::Spawned => "agent_ready_spawned",
+                            ReadyOutcome::AlreadySpawned => "agent_ready_already_spawned",
+                        };
+                        tracing::info!(event, command_id = %id);
+                        Response {
+                            command_id: id,
+                            payload: Some(Resp::Done(pb::Done { final_exit_code: 0 })),
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(event = "agent_ready_spawn_failed", command_id = %id, error = %e);
+                        error_response(&id, ErrorCode::IoError, format!("agent_ready: spawn: {e}"))
+                    }
+                    Err(e) => {
+                        let msg = if e.is_panic() {
+                            panic_text(e.into_panic())
+                        } else {
+                            "cancelled".into()
+                        };
+                        tracing::error!(event = "agent_ready_panic", command_id = %id, panic = %msg);
+                        error_response(
+                            &id,
+                            ErrorCode::IoError,
+                            format!("agent_ready: panic: {msg}"),
+                        )
+                    }
+                };
+                self.send(resp).await;
+            }
+        }
+    }
+
+    async fn shell(&self, id: String, shell: pb::ShellCommand) {
+        if let Err(r) = pipeline::validate(&shell) {
+            self.send(error_response(&id, r.code, r.message)).await;
+            return;
+        }
+        if lock(&self.commands).contains_key(&id) {
+            self.send(error_response(
+                &id,
+                ErrorCode::InvalidRequest,
+                "shell: command_id already in use",
+            ))
+            .await;
+            return;
+        }
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed);
+        let ctx = SpawnCtx {
+            reaper: &self.shared.reaper,
+            path_var: &self.shared.path_var,
+            generation,
+            panic_for_tests: self.shared.hooks.panic_worker_on.as_deref() == Some(id.as_str()),
+        };
+        let (control, running) = match pipeline::spawn(&id, shell, ctx) {
+            Ok(x) => x,
+            Err(r) => {
+                self.send(error_response(&id, r.code, r.message)).await;
+                return;
+            }
+        };
+        lock(&self.commands).insert(id.clone(), control);
+        // Enqueued here, before the worker exists, so `Started` precedes
+        // every other response for this id.
+        self.send(Response {
+            command_id: id.clone(),
+            payload: Some(Resp::Started(pb::Started {})),
+        })
+        .await;
+
+        let terminal_sent = Arc::new(AtomicBool::new(false));
+        let commands = self.commands.clone();
+        let remove = {
+            let (commands, id) = (commands.clone(), id.clone());
+            move || {
+                let mut cmds = lock(&commands);
+                if cmds.get(&id).is_some_and(|c| c.generation == generation) {
+                    cmds.remove(&id);
+                }
+            }
+        };
+        let worker = tokio::spawn(running.run(self.out.clone(), terminal_sent.clone(), remove));
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let Err(e) = worker.await else { return };
+            let panic = if e.is_panic() {
+                panic_text(e.into_panic())
+            } else {
+                "cancelled".into()
+            };
+            tracing::error!(event = "task_panic", task = "shell_command_worker", command_id = %id, panic = %panic);
+            eprintln!("clawkerd: task_panic task=shell_command_worker panic={panic}");
+            {
+                let mut cmds = lock(&commands);
+                if cmds.get(&id).is_some_and(|c| c.generation == generation) {
+                    // Dropping the control cancels; the worker's kill guard
+                    // already killed the groups while unwinding.
+                    cmds.remove(&id);
+                }
+            }
+            if !terminal_sent.load(Ordering::Acquire) {
+                let _ = out
+                    .send(Ok(error_response(
+                        &id,
+                        ErrorCode::IoError,
+                        format!("shell: worker panicked: {panic}"),
+                    )))
+                    .await;
+            }
+            pipeline::audit_done(&id, Instant::now(), -1, false, "incomplete");
+        });
+    }
+}

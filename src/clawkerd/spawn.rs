@@ -1,0 +1,248 @@
+//! The user command (the container's CMD): spawned once on `AgentReady`,
+//! with its own process group, the terminal's foreground when there is one,
+//! and a privilege drop to the resolved user (reference §7).
+//!
+//! Single shot: the first `run` spawns; every later or concurrent call
+//! waits for that attempt and reports "already spawned" (→ `Done{0}`), or
+//! the same error if the first attempt failed (never a false `Done{0}`).
+//! The main loop watches [`MainState`] to forward signals and to exit with
+//! the child's code.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, watch};
+
+use super::pipeline::resolve_program;
+use super::reaper::{ExitStatus, Reaper};
+use super::users::ResolvedUser;
+
+/// Lifecycle of the user command, as the main loop sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MainState {
+    NotSpawned,
+    Running { pid: i32 },
+    Exited { pid: i32, status: ExitStatus },
+    Failed(String),
+}
+
+/// What a successful `AgentReady` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyOutcome {
+    Spawned,
+    AlreadySpawned,
+}
+
+/// The user command and its single-shot spawn state.
+pub struct UserCommand {
+    argv: Vec<String>,
+    user: Option<ResolvedUser>,
+    ready_file: PathBuf,
+    reaper: Reaper,
+    path_var: String,
+    attempt: Mutex<Option<Result<(), String>>>,
+    state: watch::Sender<MainState>,
+}
+
+impl UserCommand {
+    pub fn new(
+        argv: Vec<String>,
+        user: Option<ResolvedUser>,
+        ready_file: PathBuf,
+        reaper: Reaper,
+    ) -> Arc<Self> {
+        let (state, _) = watch::channel(MainState::NotSpawned);
+        Arc::new(Self {
+            argv,
+            user,
+            ready_file,
+            reaper,
+            path_var: std::env::var("PATH").unwrap_or_default(),
+            attempt: Mutex::new(None),
+            state,
+        })
+    }
+
+    pub fn watch(&self) -> watch::Receiver<MainState> {
+        self.state.subscribe()
+    }
+
+    /// `AgentReady`: spawn once (see module doc).
+    pub async fn run(&self) -> Result<ReadyOutcome, String> {
+        let mut attempt = self.attempt.lock().await;
+        if let Some(prev) = attempt.as_ref() {
+            return prev.clone().map(|()| ReadyOutcome::AlreadySpawned);
+        }
+        let result = self.spawn_once();
+        *attempt = Some(result.clone());
+        if let Err(e) = &result {
+            self.state.send_replace(MainState::Failed(e.clone()));
+        }
+        result.map(|()| ReadyOutcome::Spawned)
+    }
+
+    fn spawn_once(&self) -> Result<(), String> {
+        if self.argv.is_empty() {
+            return Err("clawkerd: empty argv; container CMD is required".into());
+        }
+        let (argv, program) = route_argv(&self.argv, &self.path_var)?;
+        let interactive = stdin_is_tty();
+        let mut cmd = Command::new(&program);
+        cmd.arg0(&argv[0]).args(&argv[1..]).process_group(0);
+        if let Some(u) = &self.user {
+            for (k, v) in user_env(u) {
+                cmd.env(k, v);
+            }
+        }
+        let user = self.user.clone();
+        let groups: Vec<libc::gid_t> = user.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe libc calls on pre-built data.
+        unsafe {
+            cmd.pre_exec(move || {
+                if interactive {
+                    // Our group (already set by process_group) becomes the
+                    // terminal's foreground group. SIGTTOU is ignored by
+                    // clawkerd since boot, so this cannot stop us.
+                    libc::tcsetpgrp(0, libc::getpid());
+                }
+                if let Some(u) = &user
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(u.gid) != 0
+                        || libc::setuid(u.uid) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (pid, exit) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| format!("clawkerd: spawn {program:?}: {e}"))?;
+        tracing::info!(
+            event = "spawn_started",
+            pid,
+            pgid = pid,
+            argv = ?argv,
+            uid = self.user.as_ref().map(|u| u.uid),
+            gid = self.user.as_ref().map(|u| u.gid),
+            "user command started"
+        );
+        self.state.send_replace(MainState::Running { pid });
+        touch_ready(&self.ready_file);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // The sender lives in the reaper table until the child is
+            // reaped; a dropped sender would mean the table was torn down.
+            let status = exit.await.unwrap_or(ExitStatus(1 << 8));
+            tracing::info!(
+                event = "spawn_main_reaped",
+                pid,
+                signaled = status.signal().is_some(),
+                exit_status = status.shell_code()
+            );
+            state.send_replace(MainState::Exited { pid, status });
+        });
+        Ok(())
+    }
+}
+
+/// Reference §7.3 step 2–3: an argv that starts with `-` or names no
+/// executable is routed to `claude` (`docker run img --help` → `claude
+/// --help`).
+fn route_argv(argv: &[String], path_var: &str) -> Result<(Vec<String>, String), String> {
+    let first = &argv[0];
+    if !first.starts_with('-')
+        && let Ok(p) = resolve_program(first, path_var)
+        && (first.contains('/') || std::path::Path::new(&p).exists())
+    {
+        return Ok((argv.to_vec(), p));
+    }
+    let mut routed = vec!["claude".to_owned()];
+    routed.extend(argv.iter().cloned());
+    if !first.starts_with('-') {
+        tracing::warn!(event = "spawn_argv_routed_to_claude", orig_argv0 = %first, routed_argv = ?routed);
+    }
+    let p = resolve_program("claude", path_var)
+        .map_err(|e| format!("clawkerd: lookup \"claude\": {e}"))?;
+    Ok((routed, p))
+}
+
+/// HOME/USER/LOGNAME for the dropped-privilege child.
+fn user_env(u: &ResolvedUser) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if !u.home.is_empty() {
+        env.push(("HOME", u.home.clone()));
+    }
+    if !u.name.is_empty() {
+        env.push(("USER", u.name.clone()));
+        env.push(("LOGNAME", u.name.clone()));
+    }
+    env
+}
+
+fn stdin_is_tty() -> bool {
+    let mut pgrp: libc::pid_t = 0;
+    // SAFETY: TIOCGPGRP writes one pid_t into `pgrp`.
+    unsafe { libc::ioctl(0, libc::TIOCGPGRP, &mut pgrp) == 0 }
+}
+
+fn touch_ready(path: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let r = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path);
+    if let Err(e) = r {
+        tracing::error!(event = "spawn_ready_file_touch_failed", path = %path.display(), error = %e);
+    }
+}
+
+/// Sends `sig` to the user command's process group (signal forwarding).
+pub fn forward(reaper: &Reaper, pid: i32, sig: i32) {
+    match reaper.signal_group(pid, sig) {
+        super::reaper::Signalled::Failed(errno) => {
+            tracing::warn!(
+                event = "spawn_signal_forward_failed",
+                pgid = pid,
+                signo = sig,
+                errno
+            )
+        }
+        _ => tracing::debug!(event = "spawn_signal_forwarded", pgid = pid, signo = sig),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_routing() {
+        let path = "/usr/bin:/bin";
+        let (a, _) = route_argv(&["sh".into(), "-c".into()], path).unwrap();
+        assert_eq!(a, vec!["sh", "-c"]);
+        // No `claude` on this PATH: routing fails with the lookup error.
+        let e = route_argv(&["--help".into()], path).unwrap_err();
+        assert!(e.contains("lookup \"claude\""), "{e}");
+    }
+
+    #[test]
+    fn user_env_overrides() {
+        let u = ResolvedUser {
+            name: "claude".into(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+            home: "/home/claude".into(),
+        };
+        let env = user_env(&u);
+        assert!(env.contains(&("HOME", "/home/claude".into())));
+        assert!(env.contains(&("LOGNAME", "claude".into())));
+    }
+}

@@ -1,0 +1,296 @@
+//! Shared rustls helpers: the one crypto provider we use (ring), PEM loading
+//! with errors that name the file, and the CP's deliberately permissive
+//! verifier for dialing clawkerd.
+//!
+//! Why a permissive verifier exists at all: the trust model is asymmetric
+//! (DESIGN §1). clawkerd is strict — only the CP may open a session — but the
+//! CP must keep a channel even to an agent whose certificate it does not
+//! trust, because that channel is how it contains a bad agent (reference
+//! `cp-session.md` §6.3). So the CP's client verifier records what it saw
+//! (peer CN, SHA-256 thumbprint, whether the chain verified against our CA)
+//! and never fails the handshake; the identity decision is made afterwards,
+//! from the recorded [`PeerInfo`].
+
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::Thumbprint;
+
+/// Errors building TLS material. Each names what was being loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what}: no certificate in PEM")]
+    NoCert { what: String },
+    #[error("{what}: no private key in PEM")]
+    NoKey { what: String },
+    #[error("{what}: bad PEM: {detail}")]
+    BadPem { what: String, detail: String },
+    #[error("{what}: {detail}")]
+    Rustls { what: String, detail: String },
+}
+
+/// The process-wide crypto provider: ring, as everywhere in clawker.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every `CERTIFICATE` block in `pem`, in order. Other blocks are skipped;
+/// no certificate at all is an error.
+pub fn load_certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let blocks = pem::parse_many(pem).map_err(|e| TlsError::BadPem {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    let certs: Vec<_> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| CertificateDer::from(b.into_contents()))
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCert { what: what.into() });
+    }
+    Ok(certs)
+}
+
+/// The first private key block (PKCS#8, SEC1 or PKCS#1) in `pem`.
+pub fn load_key(what: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let blocks = pem::parse_many(pem).map_err(|e| TlsError::BadPem {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    for b in blocks {
+        let key = match b.tag() {
+            "PRIVATE KEY" => PrivateKeyDer::Pkcs8(b.into_contents().into()),
+            "EC PRIVATE KEY" => PrivateKeyDer::Sec1(b.into_contents().into()),
+            "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(b.into_contents().into()),
+            _ => continue,
+        };
+        return Ok(key);
+    }
+    Err(TlsError::NoKey { what: what.into() })
+}
+
+/// A root store holding every certificate of `ca_pem` that parses as a
+/// trust anchor; none → error.
+pub fn root_store(what: &str, ca_pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let certs = load_certs(what, ca_pem)?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsError::NoCert { what: what.into() });
+    }
+    Ok(roots)
+}
+
+/// The Subject CN of a DER certificate, or `""` when it has none or does not
+/// parse (callers compare it; an empty CN never matches anything).
+pub fn cert_cn(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, c)| {
+            c.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|a| a.as_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+/// What the CP learned about a clawkerd's server certificate during the
+/// handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Subject CN of the leaf (`""` if absent or unparseable).
+    pub cn: String,
+    /// SHA-256 of the leaf DER.
+    pub thumbprint: Thumbprint,
+    /// Whether the presented chain verified against the CA (signature,
+    /// validity period; the server name is *not* checked because agent
+    /// leaves carry only a URI SAN).
+    pub chain_verified: bool,
+    /// Why the chain did not verify, when it did not.
+    pub chain_error: Option<String>,
+    /// The leaf DER itself, for SAN extraction by the caller.
+    pub leaf_der: Vec<u8>,
+}
+
+/// A `ServerCertVerifier` that records and never rejects (see module doc).
+///
+/// Use one instance per dial: the recorded [`PeerInfo`] belongs to the last
+/// handshake that ran through this verifier. Handshake *signatures* are still
+/// checked properly (they prove the peer holds the key of the certificate it
+/// presented, which is what makes the recorded thumbprint meaningful).
+#[derive(Debug)]
+pub struct PermissiveServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    seen: Mutex<Option<PeerInfo>>,
+}
+
+impl PermissiveServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>) -> Arc<Self> {
+        Arc::new(Self {
+            roots,
+            provider: provider(),
+            seen: Mutex::new(None),
+        })
+    }
+
+    /// The peer of the last handshake, if one reached certificate checking.
+    pub fn peer(&self) -> Option<PeerInfo> {
+        self.seen.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn inspect(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> PeerInfo {
+        let chain = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &self.roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )
+        });
+        PeerInfo {
+            cn: cert_cn(end_entity),
+            thumbprint: Thumbprint::of_der(end_entity),
+            chain_verified: chain.is_ok(),
+            chain_error: chain.err().map(|e| e.to_string()),
+            leaf_der: end_entity.to_vec(),
+        }
+    }
+}
+
+impl ServerCertVerifier for PermissiveServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let info = self.inspect(end_entity, intermediates, now);
+        if let Ok(mut slot) = self.seen.lock() {
+            *slot = Some(info);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS 1.3 client config for dialing clawkerd as the CP: presents the CP
+/// client certificate, records the server's identity via `verifier`,
+/// negotiates ALPN `h2` (gRPC).
+pub fn cp_dial_config(
+    client_cert_pem: &[u8],
+    client_key_pem: &[u8],
+    verifier: Arc<PermissiveServerVerifier>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let certs = load_certs("CP client cert", client_cert_pem)?;
+    let key = load_key("CP client key", client_key_pem)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Rustls {
+            what: "CP dial config".into(),
+            detail: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| TlsError::Rustls {
+            what: "CP client keypair".into(),
+            detail: e.to_string(),
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{AgentName, ProjectSlug};
+    use crate::pki::Ca;
+
+    #[test]
+    fn permissive_verifier_records_but_never_rejects() {
+        let ca = Ca::generate().unwrap();
+        let other = Ca::generate().unwrap();
+        let roots = Arc::new(root_store("ca", ca.cert_pem().as_bytes()).unwrap());
+        let v = PermissiveServerVerifier::new(roots);
+        let name = ServerName::try_from("clawker-controlplane").unwrap();
+        let p = ProjectSlug::new("p").unwrap();
+        let a = AgentName::new("a").unwrap();
+        for (issuer, want_ok) in [(&ca, true), (&other, false)] {
+            let leaf = issuer.mint_agent(&p, &a, "abc").unwrap();
+            let der = CertificateDer::from(leaf.cert_der.clone());
+            assert!(
+                v.verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+                    .is_ok()
+            );
+            let info = v.peer().unwrap();
+            assert_eq!(info.cn, "clawker.p.a");
+            assert_eq!(info.thumbprint, leaf.thumbprint());
+            assert_eq!(info.chain_verified, want_ok, "{:?}", info.chain_error);
+        }
+        // Garbage bytes are recorded as unverified, not a panic.
+        let junk = CertificateDer::from(vec![1u8, 2, 3]);
+        assert!(
+            v.verify_server_cert(&junk, &[], &name, &[], UnixTime::now())
+                .is_ok()
+        );
+        assert!(!v.peer().unwrap().chain_verified);
+    }
+
+    #[test]
+    fn pem_loading_errors_name_the_file() {
+        let e = load_certs("ca.pem", b"garbage").unwrap_err();
+        assert!(e.to_string().starts_with("ca.pem"), "{e}");
+        let e = load_key("key.pem", b"").unwrap_err();
+        assert_eq!(e.to_string(), "key.pem: no private key in PEM");
+    }
+}
