@@ -31,9 +31,8 @@ pub const KNOWN_HOSTS: &str = include_str!("known_hosts.txt");
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepKind {
     Shell {
-        uid: u32,
-        gid: u32,
-        user_env: bool,
+        /// Runs as root; otherwise as the configured agent user.
+        root: bool,
         script: &'static str,
         timeout_seconds: u32,
         stdin: &'static str,
@@ -100,9 +99,7 @@ pub fn plan() -> Vec<Step> {
     let user = |name, script, timeout_seconds, stdin| Step {
         name,
         kind: StepKind::Shell {
-            uid: USER_UID,
-            gid: USER_GID,
-            user_env: true,
+            root: false,
             script,
             timeout_seconds,
             stdin,
@@ -112,9 +109,7 @@ pub fn plan() -> Vec<Step> {
         Step {
             name: "docker-socket",
             kind: StepKind::Shell {
-                uid: 0,
-                gid: 0,
-                user_env: false,
+                root: true,
                 script: DOCKER_SOCKET,
                 timeout_seconds: STEP_TIMEOUT_DEFAULT,
                 stdin: "",
@@ -146,9 +141,31 @@ pub struct InitTarget {
     pub project: String,
 }
 
-/// CP-side bounds.
-#[derive(Debug, Clone, Copy)]
+/// The unprivileged user the shell steps run as. HOME and USER are set
+/// explicitly because dropping privileges does not change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+    pub home: String,
+}
+
+impl Default for AgentUser {
+    fn default() -> Self {
+        Self {
+            uid: USER_UID,
+            gid: USER_GID,
+            name: USER_NAME.into(),
+            home: USER_HOME.into(),
+        }
+    }
+}
+
+/// CP-side bounds and the agent user.
+#[derive(Debug, Clone)]
 pub struct InitConfig {
+    pub user: AgentUser,
     /// Added to a shell step's own timeout before the CP gives up on it.
     pub step_grace: Duration,
     /// Bound on AgentReady (which has no clawkerd-side timeout).
@@ -158,6 +175,7 @@ pub struct InitConfig {
 impl Default for InitConfig {
     fn default() -> Self {
         Self {
+            user: AgentUser::default(),
             step_grace: Duration::from_secs(10),
             agent_ready_timeout: Duration::from_secs(30),
         }
@@ -193,32 +211,31 @@ pub fn reason_for(code: ErrorCode) -> InitFailureReason {
     }
 }
 
-fn step_command(id: &str, step: &Step) -> pb::Command {
+fn step_command(id: &str, step: &Step, user: &AgentUser) -> pb::Command {
     match &step.kind {
         StepKind::AgentReady => cmd(id, command::Payload::AgentReady(pb::AgentReady {})),
         StepKind::Shell {
-            uid,
-            gid,
-            user_env,
+            root,
             script,
             timeout_seconds,
             stdin,
         } => {
-            let env = if *user_env {
-                HashMap::from([
-                    ("HOME".to_owned(), USER_HOME.to_owned()),
-                    ("USER".to_owned(), USER_NAME.to_owned()),
-                ])
+            let (uid, gid, env) = if *root {
+                (0, 0, HashMap::new())
             } else {
-                HashMap::new()
+                let env = HashMap::from([
+                    ("HOME".to_owned(), user.home.clone()),
+                    ("USER".to_owned(), user.name.clone()),
+                ]);
+                (user.uid, user.gid, env)
             };
             cmd(
                 id,
                 command::Payload::Shell(pb::ShellCommand {
                     stages: vec![pb::PipeStage {
                         argv: vec!["sh".into(), "-c".into(), (*script).into()],
-                        uid: *uid,
-                        gid: *gid,
+                        uid,
+                        gid,
                         cwd: String::new(),
                         env,
                     }],
@@ -281,7 +298,7 @@ pub async fn run_step(
             exit_code: -1,
         },
     })?;
-    mux.send(step_command(id, step))
+    mux.send(step_command(id, step, &cfg.user))
         .await
         .map_err(|e| StepFailure::transport(format!("send {}: {e}", step.name)))?;
     if matches!(step.kind, StepKind::Shell { .. }) {
@@ -392,6 +409,7 @@ pub async fn run<P: Publish>(
         let result = {
             let mux = mux.clone();
             let step = step.clone();
+            let cfg = cfg.clone();
             tokio::spawn(async move { run_step(&mux, &id, &step, &cfg).await })
                 .await
                 .unwrap_or_else(|join| {
@@ -488,7 +506,7 @@ mod tests {
         );
         let roots: Vec<&str> = p
             .iter()
-            .filter(|s| matches!(s.kind, StepKind::Shell { uid: 0, .. }))
+            .filter(|s| matches!(s.kind, StepKind::Shell { root: true, .. }))
             .map(|s| s.name)
             .collect();
         assert_eq!(roots, ["docker-socket"]);
@@ -658,6 +676,7 @@ mod tests {
         let cfg = InitConfig {
             step_grace: Duration::from_millis(50),
             agent_ready_timeout: Duration::from_millis(50),
+            ..InitConfig::default()
         };
         let step = Step {
             name: "agent-ready",

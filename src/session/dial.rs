@@ -1,0 +1,166 @@
+//! One connection attempt to a clawkerd: TCP + mTLS (permissive: record the
+//! peer, never reject) + Session stream + Hello/HelloAck with a timeout.
+//!
+//! Why permissive: the CP must keep a channel even to an agent it does not
+//! trust, so containment commands can still reach it. Identity is decided
+//! afterwards from what the verifier recorded (classification).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tonic::transport::Endpoint;
+
+use crate::identity::CONTROL_PLANE_CN;
+use crate::proto::clawkerd::v1::{self as pb, clawkerd_service_client::ClawkerdServiceClient};
+use crate::proto::clawkerd::v1::{command, response};
+use crate::tls::{self, PeerInfo, PermissiveServerVerifier, TlsError};
+
+use super::mux::{SessionMux, command as cmd, payload_name};
+
+/// Everything needed to dial any clawkerd; built once, shared by sessions.
+#[derive(Clone)]
+pub struct DialConfig {
+    roots: Arc<RootCertStore>,
+    client_cert_pem: Arc<Vec<u8>>,
+    client_key_pem: Arc<Vec<u8>>,
+    /// TCP connect + TLS handshake bound.
+    pub connect_timeout: Duration,
+    /// Bound on Hello → HelloAck (the reference had none).
+    pub hello_timeout: Duration,
+}
+
+impl std::fmt::Debug for DialConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialConfig")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("hello_timeout", &self.hello_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DialConfig {
+    /// From the CA cert and the CP client cert/key (PEM). Load errors show
+    /// up here, at construction, never at the first dial.
+    pub fn new(
+        ca_pem: &[u8],
+        client_cert_pem: &[u8],
+        client_key_pem: &[u8],
+    ) -> Result<Self, TlsError> {
+        let roots = Arc::new(tls::root_store("CA cert", ca_pem)?);
+        // Validate the pair now by building a config once.
+        tls::cp_dial_config(
+            client_cert_pem,
+            client_key_pem,
+            PermissiveServerVerifier::new(roots.clone()),
+        )?;
+        Ok(Self {
+            roots,
+            client_cert_pem: Arc::new(client_cert_pem.to_vec()),
+            client_key_pem: Arc::new(client_key_pem.to_vec()),
+            connect_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+/// A live session: the mux plus what we learned about the peer. Dropping
+/// it closes the connection.
+pub struct Connection {
+    pub mux: SessionMux,
+    pub peer: PeerInfo,
+    // Keeps the HTTP/2 connection (and so the stream) alive.
+    _client: ClawkerdServiceClient<tonic::transport::Channel>,
+}
+
+/// One attempt. The error text is for logs only; session events carry
+/// fixed classifications.
+pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, String> {
+    let verifier = PermissiveServerVerifier::new(cfg.roots.clone());
+    let tls_cfg = Arc::new(
+        tls::cp_dial_config(&cfg.client_cert_pem, &cfg.client_key_pem, verifier.clone())
+            .map_err(|e| e.to_string())?,
+    );
+    let connect_timeout = cfg.connect_timeout;
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let tls_cfg = tls_cfg.clone();
+        async move {
+            let io = async {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from(CONTROL_PLANE_CN)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                TlsConnector::from(tls_cfg).connect(name, tcp).await
+            };
+            let tls = tokio::time::timeout(connect_timeout, io)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                })??;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    let channel = Endpoint::from_static("http://clawkerd")
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("connect {addr}: {}", error_chain(&e)))?;
+    let peer = verifier
+        .peer()
+        .ok_or_else(|| format!("connect {addr}: no certificate recorded"))?;
+    let mut client = ClawkerdServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<pb::Command>(256);
+    let hello = async {
+        let resp = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("open Session stream: {s}"))?;
+        let mux = SessionMux::start(tx, resp.into_inner());
+        let mut replies = mux
+            .call(cmd("hello", command::Payload::Hello(pb::Hello {})))
+            .await
+            .map_err(|e| format!("send Hello: {e}"))?;
+        match replies.next().await {
+            Some(r) if matches!(r.payload, Some(response::Payload::HelloAck(_))) => Ok(mux),
+            Some(r) => Err(format!("expected HelloAck, got {}", payload_name(&r))),
+            None => Err(format!("recv HelloAck: {}", mux.closed().await.reason())),
+        }
+    };
+    let mux = tokio::time::timeout(cfg.hello_timeout, hello)
+        .await
+        .map_err(|_| {
+            format!(
+                "Hello handshake: no HelloAck within {:?}",
+                cfg.hello_timeout
+            )
+        })??;
+    Ok(Connection {
+        mux,
+        peer,
+        _client: client,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
