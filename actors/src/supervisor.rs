@@ -764,9 +764,8 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Children may flood us with exit reports; never apply backpressure
-        // to a dying child's Drop.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // Exit reports use `do_send`, which ignores the mailbox capacity, so
+        // a dying child's Drop never waits on us.
         tracing::info!(target: TARGET, event = "supervisor_started", supervisor = %self.spec.name,
             strategy = %self.spec.strategy, children = self.children.len(), "supervisor_started");
         for idx in 0..self.children.len() {
