@@ -1,0 +1,390 @@
+//! The CP session lifecycle against real clawkerd processes on loopback:
+//! real mTLS, real Session streams, a real redb registry; only the Docker
+//! inspect is a test double (a static resolver).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clawker::events::RecordingSink;
+use clawker::registry::RegistryStore;
+use clawker::registry::store::NewEntry;
+use clawker::session::dial::DialConfig;
+use clawker::session::init::AgentUser;
+use clawker::session::lifecycle::{
+    self, ContainerResolver, LiveSession, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
+};
+use common::{AGENT, Clawkerd, PROJECT, TestPki};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// Maps container ids to targets; a test flips them to simulate Docker.
+#[derive(Clone, Default)]
+struct StaticResolver(Arc<Mutex<HashMap<String, Result<ResolvedTarget, ResolveError>>>>);
+
+impl StaticResolver {
+    fn set(&self, id: &str, t: Result<ResolvedTarget, ResolveError>) {
+        self.0.lock().unwrap().insert(id.to_owned(), t);
+    }
+}
+
+impl ContainerResolver for StaticResolver {
+    fn resolve(&self, id: &str) -> BoxFuture<'_, Result<ResolvedTarget, ResolveError>> {
+        let r = self
+            .0
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .unwrap_or(Err(ResolveError::NotFound));
+        Box::pin(async move { r })
+    }
+}
+
+fn running(addr: SocketAddr) -> Result<ResolvedTarget, ResolveError> {
+    Ok(ResolvedTarget {
+        agent: AGENT.into(),
+        project: PROJECT.into(),
+        running: true,
+        addr: Some(addr),
+    })
+}
+
+struct Harness {
+    pki: TestPki,
+    resolver: StaticResolver,
+    registry: RegistryStore,
+    sink: RecordingSink,
+    policy: SessionPolicy,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let pki = TestPki::new();
+        let registry = RegistryStore::open(&pki.dir.path().join("cp.redb")).unwrap();
+        // The agent user's home must exist and belong to it (the image has
+        // /home/claude; on the test host we use a tempdir).
+        let home = pki.dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&home, Some(1001), Some(1001)).unwrap();
+        let mut policy = SessionPolicy::default();
+        policy.init.user = AgentUser {
+            home: home.display().to_string(),
+            ..AgentUser::default()
+        };
+        policy.register_timeout = Duration::from_secs(3);
+        Self {
+            pki,
+            resolver: StaticResolver::default(),
+            registry,
+            sink: RecordingSink::default(),
+            policy,
+        }
+    }
+
+    fn deps(&self) -> SessionDeps<RecordingSink> {
+        SessionDeps {
+            resolver: Arc::new(self.resolver.clone()),
+            registry: Arc::new(self.registry.clone()),
+            dial: DialConfig::new(
+                self.pki.ca.cert_pem().as_bytes(),
+                self.pki.cp_client.cert_pem.as_bytes(),
+                self.pki.cp_client.key_pem.as_bytes(),
+            )
+            .unwrap(),
+            sink: self.sink.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
+    fn register_row(&self, thumbprint: clawker::identity::Thumbprint, project: &str) {
+        self.registry
+            .add(NewEntry {
+                agent_name: AGENT.into(),
+                project: project.into(),
+                container_id: self.pki.container_id.clone(),
+                thumbprint,
+                registered_at_unix: 1_700_000_000,
+                last_seen_unix: 0,
+            })
+            .unwrap();
+    }
+
+    fn start(
+        &self,
+    ) -> (
+        tokio::task::JoinHandle<String>,
+        watch::Receiver<Option<LiveSession>>,
+    ) {
+        let (tx, rx) = watch::channel(None);
+        let task = tokio::spawn(lifecycle::run(
+            self.pki.container_id.clone(),
+            self.deps(),
+            tx,
+        ));
+        (task, rx)
+    }
+
+    async fn wait_for(&self, name: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.sink.of(name).len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {name}; saw {:?}",
+                self.sink.names()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A clawkerd whose user command is a long sleep (AgentReady needs one).
+fn agent(pki: &TestPki, listen: Option<String>) -> Clawkerd {
+    let mut opts = common::Opts {
+        args: vec!["sleep".into(), "60".into()],
+        ..Default::default()
+    };
+    if let Some(l) = listen {
+        opts.env.push(("CLAWKER_LISTEN_ADDR".into(), l));
+    }
+    Clawkerd::spawn_with(pki, opts)
+}
+
+const INIT_OK: [&str; 16] = [
+    "agent.init.started",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.completed",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_agent_matches_runs_init_and_is_held() {
+    let h = Harness::new();
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, live) = h.start();
+    h.wait_for("agent.init.completed", 1).await;
+    let names = h.sink.names();
+    let mut want = vec![
+        "agent.session.connecting",
+        "agent.session.connected",
+        "agent.trusted",
+    ];
+    want.extend(INIT_OK);
+    assert_eq!(names, want, "no Register on a Match");
+    let connected = &h.sink.of("agent.session.connected")[0];
+    assert_eq!(connected["peer_cn"], "clawker.web.dev");
+    assert_eq!(
+        connected["peer_thumbprint"],
+        h.pki.agent.thumbprint().to_hex()
+    );
+    assert_eq!(connected["chain_verified"], true);
+    assert!(live.borrow().as_ref().is_some_and(|l| l.trusted));
+    // The ssh step really ran as uid 1001 in the agent's home.
+    let kh =
+        std::fs::read_to_string(format!("{}/.ssh/known_hosts", h.policy.init.user.home)).unwrap();
+    assert_eq!(kh.lines().count(), 9);
+    assert!(!task.is_finished(), "session is held open");
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbprint_mismatch_is_untrusted_keeps_the_session_and_withholds_init() {
+    let h = Harness::new();
+    h.register_row(clawker::identity::Thumbprint([9; 32]), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, live) = h.start();
+    h.wait_for("agent.untrusted", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.sink.names(),
+        vec![
+            "agent.session.connecting",
+            "agent.session.connected",
+            "agent.untrusted"
+        ]
+    );
+    assert_eq!(
+        h.sink.of("agent.untrusted")[0]["reason"],
+        "cert_thumbprint_mismatch"
+    );
+    let l = live.borrow().clone().expect("session still up");
+    assert!(!l.trusted);
+    assert!(!l.mux.is_closed());
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cn_mismatch_is_untrusted() {
+    let h = Harness::new();
+    // Same thumbprint, but the row says another project: CN differs.
+    h.register_row(h.pki.agent.thumbprint(), "other");
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    h.wait_for("agent.untrusted", 1).await;
+    assert_eq!(
+        h.sink.of("agent.untrusted")[0]["reason"],
+        "cert_cn_mismatch"
+    );
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miss_without_a_cp_register_endpoint_fails_register_boundedly() {
+    let mut h = Harness::new();
+    h.policy.max_register_attempts = 1;
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    h.wait_for("agent.untrusted", 1).await;
+    let reg = &h.sink.of("agent.registered")[0];
+    assert_eq!(reg["ok"], false);
+    assert!(!reg["reason"].as_str().unwrap().is_empty());
+    assert_eq!(h.sink.of("agent.untrusted")[0]["reason"], "register_failed");
+    assert!(h.sink.of("agent.init.started").is_empty(), "init withheld");
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_exit_breaks_then_container_gone_fails_the_session() {
+    let h = Harness::new();
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    h.wait_for("agent.init.completed", 1).await;
+    // "docker stop": the container is no longer running, clawkerd dies.
+    h.resolver.set(
+        &h.pki.container_id,
+        Ok(ResolvedTarget {
+            running: false,
+            ..ResolvedTarget::default()
+        }),
+    );
+    drop(clawkerd);
+    let reason = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reason, "container_not_running");
+    let names = h.sink.names();
+    let tail: Vec<&str> = names[names.len() - 2..].to_vec();
+    assert_eq!(tail, vec!["agent.session.broken", "agent.session.failed"]);
+    let failed = &h.sink.of("agent.session.failed")[0];
+    assert_eq!(failed["reason"], "container_not_running");
+    assert_eq!(
+        failed["agent"], "",
+        "the reference leaves identity empty here; the worldview keeps it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reconnects_with_match_and_no_second_register() {
+    let h = Harness::new();
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    h.wait_for("agent.init.completed", 1).await;
+    let port = clawkerd.addr.port();
+    drop(clawkerd);
+    // Same container comes back on the same address.
+    let again = agent(&h.pki, Some(format!("127.0.0.1:{port}")));
+    assert_eq!(again.addr.port(), port);
+    h.wait_for("agent.init.completed", 2).await;
+    assert_eq!(h.sink.of("agent.session.broken").len(), 1);
+    assert_eq!(h.sink.of("agent.trusted").len(), 2);
+    assert!(h.sink.of("agent.registered").is_empty());
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_listening_fails_with_connect_total_timeout() {
+    let mut h = Harness::new();
+    h.policy.establish.total = Duration::from_millis(600);
+    h.policy.establish.fast_window = Duration::from_millis(100);
+    h.policy.establish.initial_backoff = Duration::from_millis(50);
+    // A port nothing listens on.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    h.resolver.set(&h.pki.container_id, running(addr));
+    let (task, _live) = h.start();
+    let reason = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reason, "connect_total_timeout");
+    let failed = &h.sink.of("agent.session.failed")[0];
+    assert!(failed["attempts"].as_u64().unwrap() > 3);
+    assert_eq!(failed["address"], addr.to_string());
+    assert_eq!(
+        h.sink.names(),
+        vec!["agent.session.connecting", "agent.session.failed"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_clawker_net_endpoint_is_terminal() {
+    let h = Harness::new();
+    h.resolver.set(
+        &h.pki.container_id,
+        Ok(ResolvedTarget {
+            agent: AGENT.into(),
+            project: PROJECT.into(),
+            running: true,
+            addr: None,
+        }),
+    );
+    let (task, _live) = h.start();
+    let reason = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reason, "clawker_net_endpoint_missing");
+    assert_eq!(h.sink.of("agent.session.failed")[0]["agent"], AGENT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_connect_follows_clawkerd_within_milliseconds() {
+    let h = Harness::new();
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    // Reserve a port, start the session first, then clawkerd on that port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    h.resolver.set(&h.pki.container_id, running(addr));
+    let (task, _live) = h.start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clawkerd = agent(&h.pki, Some(addr.to_string()));
+    h.wait_for("agent.session.connected", 1).await;
+    let connected = &h.sink.of("agent.session.connected")[0];
+    // Many fast attempts, not the reference's handful of jittered ones.
+    assert!(connected["attempts"].as_u64().unwrap() > 10, "{connected}");
+    drop(clawkerd);
+    task.abort();
+}
