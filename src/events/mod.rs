@@ -17,15 +17,12 @@ pub use worldview::Worldview;
 
 /// Common surface of every domain event: its wire name, when it happened,
 /// the container it concerns (if any), and its fields as JSON.
-pub trait DomainEvent: Serialize + Clone + Send + Sync + 'static {
+pub trait DomainEvent: clawker_actors::Event + Serialize + Clone {
     const NAME: &'static str;
     fn at(&self) -> OffsetDateTime;
     fn container_id(&self) -> Option<&str>;
     /// Folds the event into the worldview (no-op for pure notifications).
     fn apply(&self, _view: &mut Worldview) {}
-    fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-    }
 }
 
 pub fn now() -> OffsetDateTime {
@@ -50,8 +47,28 @@ mod millis {
     }
 }
 
+/// Implements the bus's `Event` (name + JSON) for a domain event type.
+macro_rules! bus_event {
+    ($ty:ident, $name:literal) => {
+        impl clawker_actors::Event for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn to_json(&self) -> serde_json::Value {
+                serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+            }
+        }
+    };
+}
+
 macro_rules! domain_event {
     ($ty:ident, $name:literal, container) => {
+        bus_event!($ty, $name);
+        impl clawker_actors::Apply<Worldview> for $ty {
+            fn apply(&self, state: &mut Worldview) {
+                DomainEvent::apply(self, state)
+            }
+        }
         impl DomainEvent for $ty {
             const NAME: &'static str = $name;
             fn at(&self) -> OffsetDateTime {
@@ -66,6 +83,7 @@ macro_rules! domain_event {
         }
     };
     ($ty:ident, $name:literal, none) => {
+        bus_event!($ty, $name);
         impl DomainEvent for $ty {
             const NAME: &'static str = $name;
             fn at(&self) -> OffsetDateTime {
@@ -368,6 +386,14 @@ impl DockerEventOccurred {
     }
 }
 
+bus_event!(DockerEventOccurred, "docker.event");
+
+impl clawker_actors::Apply<Worldview> for DockerEventOccurred {
+    fn apply(&self, state: &mut Worldview) {
+        DomainEvent::apply(self, state)
+    }
+}
+
 impl DomainEvent for DockerEventOccurred {
     const NAME: &'static str = "docker.event";
     fn at(&self) -> OffsetDateTime {
@@ -417,8 +443,38 @@ impl RecordingSink {
 impl Publish for RecordingSink {
     fn publish<E: DomainEvent>(&self, event: E) -> bool {
         if let Ok(mut e) = self.events.lock() {
-            e.push((E::NAME, event.to_json()));
+            e.push((E::NAME, clawker_actors::Event::to_json(&event)));
         }
         true
     }
+}
+
+/// The CP's bus: typed events, the worldview as its projection.
+pub type Bus = clawker_actors::EventBus<Worldview>;
+
+impl Publish for Bus {
+    fn publish<E: DomainEvent>(&self, event: E) -> bool {
+        clawker_actors::EventBus::publish(self, event)
+    }
+}
+
+/// Starts the bus on the current actix arbiter with every projecting event
+/// type registered, in one place so none is forgotten.
+pub fn start_bus() -> Bus {
+    clawker_actors::EventBus::builder(Worldview::default())
+        .project::<SessionConnecting>()
+        .project::<SessionConnected>()
+        .project::<SessionFailed>()
+        .project::<SessionBroken>()
+        .project::<AgentRegistered>()
+        .project::<AgentUntrusted>()
+        .project::<AgentTrusted>()
+        .project::<InitStarted>()
+        .project::<InitStepStarted>()
+        .project::<InitStepCompleted>()
+        .project::<InitStepFailed>()
+        .project::<InitCompleted>()
+        .project::<InitFailed>()
+        .project::<DockerEventOccurred>()
+        .start()
 }

@@ -402,6 +402,7 @@ impl Project for DockerEventOccurred {
 mod tests {
     use super::*;
     use crate::docker::events::DockerEvent;
+    use clawker_actors::Event as _;
 
     fn t(s: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_700_000_000 + s).unwrap()
@@ -492,7 +493,7 @@ mod tests {
             time_nanos: 1,
             synthetic: false,
         };
-        DockerEventOccurred::new(start.clone()).apply(&mut v);
+        DomainEvent::apply(&DockerEventOccurred::new(start.clone()), &mut v);
         assert_eq!(v.containers["c1"].name, "alpha");
         assert_eq!(
             v.containers["c1"].labels.keys().collect::<Vec<_>>(),
@@ -501,12 +502,12 @@ mod tests {
         v.apply_event(&connected("c1", 0));
         let mut stop = start.clone();
         stop.action = "die".into();
-        DockerEventOccurred::new(stop).apply(&mut v);
+        DomainEvent::apply(&DockerEventOccurred::new(stop), &mut v);
         assert_eq!(v.containers["c1"].status, ContainerStatus::Stopped);
         assert!(v.agents.contains_key("c1"), "stop keeps the agent");
         let mut destroy = start;
         destroy.action = "destroy".into();
-        DockerEventOccurred::new(destroy).apply(&mut v);
+        DomainEvent::apply(&DockerEventOccurred::new(destroy), &mut v);
         assert!(v.containers.is_empty());
         assert!(v.agents.is_empty());
     }

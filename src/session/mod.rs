@@ -5,8 +5,10 @@
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
 //! - [`init`]: the 7-step init plan and its executor;
-//! - [`lifecycle`]: the whole life of one session, reconnects included.
+//! - [`lifecycle`]: the whole life of one session, reconnects included;
+//! - [`actor`]: `SessionActor` per container and the deduplicating `Dialer`.
 
+pub mod actor;
 pub mod classify;
 pub mod dial;
 pub mod init;
