@@ -56,3 +56,46 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<ContainerFacts, Docker
         running: resp.state.and_then(|s| s.running).unwrap_or(false),
     })
 }
+
+/// The session's view of a container, from Docker inspect: address =
+/// clawker-net IP : clawkerd port. Inspected afresh on every call (a
+/// stopped container can keep a stale IP, so `running` is checked first by
+/// the session).
+#[derive(Clone)]
+pub struct DockerResolver {
+    docker: Docker,
+    port: u16,
+}
+
+impl DockerResolver {
+    pub fn new(docker: Docker, port: u16) -> Self {
+        Self { docker, port }
+    }
+}
+
+impl crate::session::lifecycle::ContainerResolver for DockerResolver {
+    fn resolve(
+        &self,
+        container_id: &str,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<crate::session::lifecycle::ResolvedTarget, crate::session::lifecycle::ResolveError>,
+    > {
+        use crate::session::lifecycle::{ResolveError, ResolvedTarget};
+        let id = container_id.to_owned();
+        Box::pin(async move {
+            match inspect(&self.docker, &id).await {
+                Ok(f) => Ok(ResolvedTarget {
+                    agent: f.labels.get(super::LABEL_AGENT).cloned().unwrap_or_default(),
+                    project: f.labels.get(super::LABEL_PROJECT).cloned().unwrap_or_default(),
+                    running: f.running,
+                    addr: f
+                        .clawker_net_ip
+                        .map(|ip| std::net::SocketAddr::new(ip, self.port)),
+                }),
+                Err(DockerError::NotFound(_)) => Err(ResolveError::NotFound),
+                Err(e) => Err(ResolveError::Transient(e.to_string())),
+            }
+        })
+    }
+}

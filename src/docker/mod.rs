@@ -8,6 +8,7 @@
 pub mod events;
 pub mod inspect;
 pub mod lister;
+pub mod network;
 
 use bollard::Docker;
 

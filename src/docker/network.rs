@@ -1,0 +1,123 @@
+//! The `clawker-net` bridge shared by the CP and every agent.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use bollard::Docker;
+use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
+
+use super::{DockerError, LABEL_MANAGED, LABEL_PURPOSE, MANAGED_VALUE};
+
+/// The network as the CP needs it: its id and gateway (the host address
+/// containers reach the CP on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClawkerNet {
+    pub id: String,
+    pub name: String,
+    pub subnet: String,
+    pub gateway: IpAddr,
+}
+
+/// Looks the network up; `Ok(None)` when it does not exist.
+pub async fn find(docker: &Docker, name: &str) -> Result<Option<ClawkerNet>, DockerError> {
+    let net = match docker
+        .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+        .await
+    {
+        Ok(n) => n,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let cfg = net
+        .ipam
+        .and_then(|i| i.config)
+        .and_then(|c| c.into_iter().next())
+        .unwrap_or_default();
+    let gateway = cfg
+        .gateway
+        .as_deref()
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| {
+            DockerError::Api(bollard::errors::Error::IOError {
+                err: std::io::Error::other(format!("network {name} has no IPv4 gateway")),
+            })
+        })?;
+    Ok(Some(ClawkerNet {
+        id: net.id.unwrap_or_default(),
+        name: name.to_owned(),
+        subnet: cfg.subnet.unwrap_or_default(),
+        gateway,
+    }))
+}
+
+/// Creates the bridge with an explicit subnet (and gateway = first host)
+/// unless it exists; returns it either way.
+pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> Result<ClawkerNet, DockerError> {
+    if let Some(n) = find(docker, name).await? {
+        return Ok(n);
+    }
+    let gateway = first_host(subnet).ok_or_else(|| {
+        DockerError::Api(bollard::errors::Error::IOError {
+            err: std::io::Error::other(format!("invalid subnet {subnet:?} (want a.b.c.d/nn)")),
+        })
+    })?;
+    let req = NetworkCreateRequest {
+        name: name.to_owned(),
+        driver: Some("bridge".into()),
+        ipam: Some(Ipam {
+            config: Some(vec![IpamConfig {
+                subnet: Some(subnet.to_owned()),
+                gateway: Some(gateway.to_string()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        labels: Some(HashMap::from([
+            (LABEL_MANAGED.to_owned(), MANAGED_VALUE.to_owned()),
+            (LABEL_PURPOSE.to_owned(), "network".to_owned()),
+        ])),
+        ..Default::default()
+    };
+    match docker.create_network(req).await {
+        Ok(_) => {}
+        // Lost a creation race with another CP/CLI: fine, it exists now.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409, ..
+        }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    find(docker, name).await?.ok_or_else(|| {
+        DockerError::Api(bollard::errors::Error::IOError {
+            err: std::io::Error::other(format!("network {name} vanished after create")),
+        })
+    })
+}
+
+/// `10.77.0.0/24` → `10.77.0.1`.
+pub fn first_host(subnet: &str) -> Option<IpAddr> {
+    let (base, len) = subnet.split_once('/')?;
+    let len: u32 = len.parse().ok()?;
+    let base: std::net::Ipv4Addr = base.parse().ok()?;
+    if !(8..=30).contains(&len) {
+        return None;
+    }
+    let mask = u32::MAX << (32 - len);
+    let net = u32::from(base) & mask;
+    Some(IpAddr::V4((net + 1).into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_host_of_subnets() {
+        assert_eq!(first_host("10.77.0.0/24"), Some("10.77.0.1".parse().unwrap()));
+        assert_eq!(first_host("10.77.3.9/16"), Some("10.77.0.1".parse().unwrap()));
+        assert_eq!(first_host("nope"), None);
+        assert_eq!(first_host("10.0.0.0/33"), None);
+        assert_eq!(first_host("10.0.0.0/x"), None);
+    }
+}
