@@ -5,9 +5,13 @@
 //! - [`identity`]: agent names, canonical CNs, the container URI SAN,
 //!   certificate thumbprints, constant-time compares.
 //! - [`pki`]: the CA and every certificate it mints; `clawker ca init`.
-//! - [`registry`]: the durable identity registry (redb).
+//! - [`registry`]: the durable identity registry (redb) and the registry
+//!   actor that owns it (durable writes, lock-free read snapshots).
+//! - [`agent_api`]: the agent listener: AgentService (Register), its auth
+//!   and identity interceptors, and the embedded OAuth2 token endpoint.
 //! - [`proto`]: generated gRPC code for the three wire packages.
 
+pub mod agent_api;
 pub mod cli;
 pub mod config;
 pub mod identity;

@@ -88,5 +88,8 @@ fn sigkill_mid_add_loses_no_committed_row() {
                 .unwrap_or_else(|e| panic!("round {round}: committed row {id} lost: {e}"));
         }
     }
-    assert!(committed.len() >= 20, "every round commits at least one row");
+    assert!(
+        committed.len() >= 20,
+        "every round commits at least one row"
+    );
 }

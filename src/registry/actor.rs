@@ -98,11 +98,16 @@ impl RegistryReader {
         let index = self.index.load();
         let mut out: Vec<Entry> = index.by_container.values().map(|e| (**e).clone()).collect();
         out.sort_by(|a, b| {
-            (a.project.as_str(), a.agent_name.as_str(), a.container_id.as_str()).cmp(&(
-                b.project.as_str(),
-                b.agent_name.as_str(),
-                b.container_id.as_str(),
-            ))
+            (
+                a.project.as_str(),
+                a.agent_name.as_str(),
+                a.container_id.as_str(),
+            )
+                .cmp(&(
+                    b.project.as_str(),
+                    b.agent_name.as_str(),
+                    b.container_id.as_str(),
+                ))
         });
         out
     }
@@ -193,14 +198,12 @@ impl RegistryActor {
                 ))),
             }
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
-            move |res, act, _ctx| {
-                if let Ok(v) = &res {
-                    publish(act, v);
-                }
-                res
-            },
-        )))
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, _ctx| {
+            if let Ok(v) = &res {
+                publish(act, v);
+            }
+            res
+        })))
     }
 
     /// Single writer of the `ArcSwap`, so load-modify-store cannot lose an
@@ -293,7 +296,9 @@ impl Registry {
     ///
     /// Reads the whole file once, synchronously: call it at startup.
     pub fn start(store: RegistryStore) -> Result<Self, RegistryError> {
-        let index = Arc::new(ArcSwap::from_pointee(Index::from_entries(store.snapshot()?)));
+        let index = Arc::new(ArcSwap::from_pointee(Index::from_entries(
+            store.snapshot()?,
+        )));
         let reader = RegistryReader {
             index: index.clone(),
         };
@@ -431,7 +436,10 @@ mod tests {
         let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
         let e = reg.add(new_entry("dev", "c1", 1)).await.unwrap();
         // Visible the moment `add` returns.
-        assert_eq!(*reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").unwrap(), e);
+        assert_eq!(
+            *reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").unwrap(),
+            e
+        );
         assert!(matches!(
             reg.lookup(&Thumbprint([1; 32]), "clawker.p.other"),
             Err(RegistryError::UnknownAgent)
@@ -478,5 +486,17 @@ mod tests {
             assert!(!reg.spend_jti("j", 10, 1).await.unwrap());
             reg.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A reader over an empty index (no actor), for layer unit tests.
+    pub fn empty_reader() -> RegistryReader {
+        RegistryReader {
+            index: Arc::new(ArcSwap::from_pointee(Index::default())),
+        }
     }
 }
