@@ -33,7 +33,7 @@ pub const TOKEN_PATH: &str = "/oauth2/token";
 /// Largest request body read (form-encoded; a real one is ~600 bytes).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// RFC 7523 client assertion type.
-pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub use super::assertion::JWT_BEARER_TYPE as JWT_BEARER;
 /// Longest `jti` we store.
 pub const MAX_JTI_LEN: usize = 256;
 
