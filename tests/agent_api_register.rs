@@ -406,11 +406,16 @@ async fn client_certificate_from_a_foreign_ca_fails_the_handshake() {
     // TLS 1.3 client auth fails after the client's view of the handshake,
     // so the refusal surfaces on the first call as a transport error (the
     // server's alert), never as an RPC the handler saw.
+    // Depending on timing the client sees the alert or just the closed
+    // connection.
     assert!(
-        matches!(err.code(), Code::Unavailable | Code::Unknown),
+        matches!(
+            err.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
         "{err:?}"
     );
-    assert!(format!("{err:?}").contains("alert"), "{err:?}");
+    assert!(format!("{err:?}").contains("transport"), "{err:?}");
     assert!(h.inspector.calls().is_empty());
     assert!(h.registry.snapshot().is_empty());
 }
