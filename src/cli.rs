@@ -35,7 +35,8 @@ pub enum CaCommand {
     /// Create the CA, CP and CLI certificates and the CLI signing key.
     /// Idempotent: existing material is kept.
     Init,
-    /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem, ca.pem).
+    /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem,
+    /// ca.pem, and the single-use token-endpoint assertion assertion.jwt).
     MintAgent {
         #[arg(long, default_value = "")]
         project: String,
@@ -47,8 +48,15 @@ pub enum CaCommand {
         /// Output directory (created 0700).
         #[arg(long)]
         out: PathBuf,
+        /// `aud` of the agent assertion: the CP token endpoint URL as the CP
+        /// is configured to accept it.
+        #[arg(long, default_value = DEFAULT_ASSERTION_AUDIENCE)]
+        audience: String,
     },
 }
+
+/// The token endpoint as clawkerd reaches it on clawker-net.
+pub const DEFAULT_ASSERTION_AUDIENCE: &str = "https://clawker-controlplane:7444/oauth2/token";
 
 impl Cli {
     fn state_dir(&self) -> PathBuf {
@@ -82,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             agent,
             container_id,
             out,
+            audience,
         }) => {
             let project = ProjectSlug::new(&project)?;
             let agent = AgentName::new(&agent)?;
@@ -92,7 +101,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let leaf = material.ca.mint_agent(&project, &agent, &container_id)?;
+            let assertion =
+                crate::agent_api::assertion::mint_agent_assertion(&material.signing_key, &audience)
+                    .context("minting the agent assertion")?;
             pki::write_bootstrap(&out, &leaf, material.ca.cert_pem())?;
+            // A bearer credential until spent: private like the key.
+            pki::write_file(
+                &out.join(pki::bootstrap::ASSERTION),
+                assertion.as_bytes(),
+                0o600,
+            )?;
             println!(
                 "wrote bootstrap bundle for {} to {} (thumbprint {})",
                 crate::identity::canonical_cn(&project, &agent),

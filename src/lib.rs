@@ -5,12 +5,16 @@
 //! - [`identity`]: agent names, canonical CNs, the container URI SAN,
 //!   certificate thumbprints, constant-time compares.
 //! - [`pki`]: the CA and every certificate it mints; `clawker ca init`.
-//! - [`registry`]: the durable identity registry (redb).
+//! - [`registry`]: the durable identity registry (redb) and the registry
+//!   actor that owns it (durable writes, lock-free read snapshots).
+//! - [`agent_api`]: the agent listener: AgentService (Register), its auth
+//!   and identity interceptors, and the embedded OAuth2 token endpoint.
 //! - [`proto`]: generated gRPC code for the three wire packages.
 //! - [`tls`]: rustls helpers shared by the CP and clawkerd (provider, PEM
 //!   loading, the CP's record-but-never-reject server verifier).
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
 
+pub mod agent_api;
 pub mod clawkerd;
 pub mod cli;
 pub mod config;

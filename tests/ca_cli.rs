@@ -59,9 +59,25 @@ fn ca_init_twice_changes_nothing_and_mint_agent_chains_to_the_ca() {
         ],
     );
     assert!(mint.status.success(), "{mint:?}");
-    for f in ["cert.pem", "key.pem", "ca.pem"] {
+    for f in ["cert.pem", "key.pem", "ca.pem", "assertion.jwt"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    // The assertion verifies with the published CLI JWK and names the
+    // default audience.
+    let jwk: clawker::pki::Jwk = serde_json::from_str(
+        &std::fs::read_to_string(state.join("auth/cli/signing-jwk.json")).unwrap(),
+    )
+    .unwrap();
+    let jwt = std::fs::read_to_string(out.join("assertion.jwt")).unwrap();
+    let (_, claims) =
+        clawker::agent_api::assertion::verify_es256(&jwt, &jwk.public_point().unwrap()).unwrap();
+    assert_eq!(claims.iss.as_deref(), Some("clawker-agent"));
+    assert_eq!(
+        claims.aud,
+        Some(clawker::agent_api::assertion::Audience::One(
+            clawker::cli::DEFAULT_ASSERTION_AUDIENCE.into()
+        ))
+    );
 
     if !openssl_available() {
         eprintln!(

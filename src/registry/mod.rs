@@ -7,3 +7,8 @@
 pub mod store;
 
 pub use store::{Entry, RegistryError, RegistryStore, SCHEMA_VERSION};
+pub mod actor;
+pub mod jti;
+
+pub use actor::{Registry, RegistryReader};
+pub use store::NewEntry;

@@ -102,6 +102,9 @@ pub enum RegistryError {
     Corrupt { key: String, detail: String },
     #[error("agentregistry: storage: {0}")]
     Storage(#[from] redb::Error),
+    /// The registry actor is gone or shut down.
+    #[error("agentregistry: unavailable: {0}")]
+    Unavailable(String),
 }
 
 macro_rules! storage_from {

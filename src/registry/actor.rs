@@ -1,0 +1,502 @@
+//! The registry actor: sole owner (and sole writer) of the redb file.
+//!
+//! Writes arrive as messages and are serialized by the actor. Each write is
+//! committed durably on a blocking thread (redb fsyncs; that must never run
+//! on an actor or async worker thread) and only *after* the commit succeeds
+//! does the actor publish a new in-memory index. So a reader can never see a
+//! row that a crash could take back: durable before visible.
+//!
+//! Reads never touch the actor or a lock: the index is an immutable
+//! [`Index`] behind an [`ArcSwap`], replaced wholesale by the actor after
+//! each commit. The IdentityInterceptor calls [`RegistryReader::lookup`] on
+//! every per-agent RPC, so it must not queue behind a write's fsync.
+//!
+//! The same file holds the spent client-assertion JTIs ([`super::jti`]); the
+//! token endpoint spends them through this actor too, so there is exactly
+//! one writer of the file.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+
+use super::store::{Entry, NewEntry, RegistryError, RegistryStore};
+use crate::identity::{self, Thumbprint};
+
+/// Immutable read snapshot: both lookup keys point at the same entries.
+#[derive(Debug, Default, Clone)]
+pub struct Index {
+    by_thumbprint: HashMap<[u8; 32], Arc<Entry>>,
+    by_container: HashMap<String, Arc<Entry>>,
+}
+
+impl Index {
+    fn from_entries(entries: Vec<Entry>) -> Self {
+        let mut index = Self::default();
+        for e in entries {
+            index.insert(Arc::new(e));
+        }
+        index
+    }
+
+    fn insert(&mut self, e: Arc<Entry>) {
+        self.by_thumbprint.insert(e.thumbprint.0, e.clone());
+        self.by_container.insert(e.container_id.clone(), e);
+    }
+
+    fn remove_container(&mut self, container_id: &str) {
+        if let Some(e) = self.by_container.remove(container_id) {
+            self.by_thumbprint.remove(&e.thumbprint.0);
+        }
+    }
+}
+
+/// Lock-free reads of the latest committed registry state. Cheap to clone.
+#[derive(Clone)]
+pub struct RegistryReader {
+    index: Arc<ArcSwap<Index>>,
+}
+
+impl std::fmt::Debug for RegistryReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryReader")
+            .field("rows", &self.index.load().by_container.len())
+            .finish()
+    }
+}
+
+impl RegistryReader {
+    /// The row for a presented certificate: the thumbprint must be known and
+    /// `cn` must equal the stored canonical CN (constant-time compare). Every
+    /// miss — unknown thumbprint or CN mismatch — is the same
+    /// [`RegistryError::UnknownAgent`], so a caller cannot probe which half
+    /// was wrong.
+    pub fn lookup(&self, thumbprint: &Thumbprint, cn: &str) -> Result<Arc<Entry>, RegistryError> {
+        let index = self.index.load();
+        match index.by_thumbprint.get(&thumbprint.0) {
+            Some(e) if identity::ct_str_eq(cn, &e.canonical_cn) => Ok(e.clone()),
+            _ => Err(RegistryError::UnknownAgent),
+        }
+    }
+
+    /// The row for a container id (exact, case-sensitive), no CN check.
+    pub fn lookup_by_container_id(&self, container_id: &str) -> Result<Arc<Entry>, RegistryError> {
+        if container_id.is_empty() {
+            return Err(RegistryError::UnknownAgent);
+        }
+        self.index
+            .load()
+            .by_container
+            .get(container_id)
+            .cloned()
+            .ok_or(RegistryError::UnknownAgent)
+    }
+
+    /// Every row, sorted by (project, agent name).
+    pub fn snapshot(&self) -> Vec<Entry> {
+        let index = self.index.load();
+        let mut out: Vec<Entry> = index.by_container.values().map(|e| (**e).clone()).collect();
+        out.sort_by(|a, b| {
+            (
+                a.project.as_str(),
+                a.agent_name.as_str(),
+                a.container_id.as_str(),
+            )
+                .cmp(&(
+                    b.project.as_str(),
+                    b.agent_name.as_str(),
+                    b.container_id.as_str(),
+                ))
+        });
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.load().by_container.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Adds a row (durably, then visibly).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Entry, RegistryError>")]
+pub struct Add(pub NewEntry);
+
+/// Deletes a container's row; `Ok(false)` when there was none.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, RegistryError>")]
+pub struct Evict(pub String);
+
+/// Records a client-assertion JTI as spent; `Ok(false)` if it already was.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, RegistryError>")]
+pub struct SpendJti {
+    pub jti: String,
+    /// The assertion's `exp`: the row may be pruned after it.
+    pub exp: i64,
+    pub now: i64,
+}
+
+/// Number of recorded JTIs (diagnostics, tests).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<u64, RegistryError>")]
+pub struct CountSpentJtis;
+
+/// Releases the redb file and stops the actor. Answered after the file is
+/// closed, so the same path can be reopened (CP restart in one process).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// The actor. Start it with [`Registry::start`].
+pub struct RegistryActor {
+    store: Option<RegistryStore>,
+    index: Arc<ArcSwap<Index>>,
+    /// Set when [`Registry::start`] had to create an actix system on a
+    /// dedicated thread for us; that system is stopped with the actor.
+    owns_system: bool,
+}
+
+impl Actor for RegistryActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        tracing::info!("agentregistry: registry actor stopped");
+        if self.owns_system {
+            System::current().stop();
+        }
+    }
+}
+
+type Reply<T> = AtomicResponse<RegistryActor, Result<T, RegistryError>>;
+
+impl RegistryActor {
+    /// Runs `op` against the store on a blocking thread, then `publish` on
+    /// the actor with the result. `AtomicResponse` keeps the mailbox closed
+    /// until both are done: writes are serialized and the index is always
+    /// published in commit order.
+    fn write<T, Op, Pub>(&mut self, op: Op, publish: Pub) -> Reply<T>
+    where
+        T: Send + 'static,
+        Op: FnOnce(&RegistryStore) -> Result<T, RegistryError> + Send + 'static,
+        Pub: FnOnce(&mut RegistryActor, &T) + 'static,
+    {
+        let Some(store) = self.store.clone() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
+                RegistryError::Unavailable("registry is shut down".into()),
+            ))));
+        };
+        let fut = async move {
+            match tokio::task::spawn_blocking(move || op(&store)).await {
+                Ok(res) => res,
+                Err(e) => Err(RegistryError::Unavailable(format!(
+                    "registry write task failed: {e}"
+                ))),
+            }
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, _ctx| {
+            if let Ok(v) = &res {
+                publish(act, v);
+            }
+            res
+        })))
+    }
+
+    /// Single writer of the `ArcSwap`, so load-modify-store cannot lose an
+    /// update.
+    fn publish(&self, f: impl FnOnce(&mut Index)) {
+        let mut next = Index::clone(&self.index.load());
+        f(&mut next);
+        self.index.store(Arc::new(next));
+    }
+}
+
+impl Handler<Add> for RegistryActor {
+    type Result = Reply<Entry>;
+
+    fn handle(&mut self, msg: Add, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| s.add(msg.0),
+            |act, e| act.publish(|idx| idx.insert(Arc::new(e.clone()))),
+        )
+    }
+}
+
+impl Handler<Evict> for RegistryActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: Evict, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.0.clone();
+        self.write(
+            move |s| s.evict_by_container_id(&msg.0),
+            move |act, removed| {
+                if *removed {
+                    act.publish(|idx| idx.remove_container(&id));
+                }
+            },
+        )
+    }
+}
+
+impl Handler<SpendJti> for RegistryActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: SpendJti, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::jti::spend(s.database(), &msg.jti, msg.exp, msg.now),
+            |_, _| {},
+        )
+    }
+}
+
+impl Handler<CountSpentJtis> for RegistryActor {
+    type Result = Reply<u64>;
+
+    fn handle(&mut self, _msg: CountSpentJtis, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(|s| super::jti::count(s.database()), |_, _| {})
+    }
+}
+
+impl Handler<Shutdown> for RegistryActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) {
+        // No write is in flight (they are atomic), so this drops the last
+        // handle on the redb file.
+        self.store = None;
+        ctx.stop();
+    }
+}
+
+/// Handle to the registry: async writes through the actor, sync lock-free
+/// reads from the published index. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Registry {
+    addr: Addr<RegistryActor>,
+    reader: RegistryReader,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("reader", &self.reader)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Loads every row into the index and starts the actor. On an actix
+    /// arbiter thread the actor runs there (so a supervisor can own it);
+    /// anywhere else (a plain tokio runtime, tests) it gets its own actix
+    /// system on a dedicated thread.
+    ///
+    /// Reads the whole file once, synchronously: call it at startup.
+    pub fn start(store: RegistryStore) -> Result<Self, RegistryError> {
+        let index = Arc::new(ArcSwap::from_pointee(Index::from_entries(
+            store.snapshot()?,
+        )));
+        let reader = RegistryReader {
+            index: index.clone(),
+        };
+        let addr = if Arbiter::try_current().is_some() {
+            RegistryActor {
+                store: Some(store),
+                index,
+                owns_system: false,
+            }
+            .start()
+        } else {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("clawker-registry".into())
+                .spawn(move || {
+                    let sys = System::new();
+                    sys.block_on(async move {
+                        let addr = RegistryActor {
+                            store: Some(store),
+                            index,
+                            owns_system: true,
+                        }
+                        .start();
+                        let _ = tx.send(addr);
+                    });
+                    if let Err(e) = sys.run() {
+                        tracing::error!(error = %e, "agentregistry: registry system failed");
+                    }
+                })
+                .map_err(|e| RegistryError::Unavailable(format!("spawn registry thread: {e}")))?;
+            rx.recv().map_err(|_| {
+                RegistryError::Unavailable("registry thread exited during startup".into())
+            })?
+        };
+        Ok(Self { addr, reader })
+    }
+
+    pub fn reader(&self) -> &RegistryReader {
+        &self.reader
+    }
+
+    pub fn addr(&self) -> &Addr<RegistryActor> {
+        &self.addr
+    }
+
+    async fn ask<M>(&self, msg: M) -> Result<M::Result, RegistryError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        RegistryActor: Handler<M>,
+    {
+        self.addr
+            .send(msg)
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("registry actor: {e}")))
+    }
+
+    /// Adds a row; returns once it is durable *and* visible to readers.
+    /// Panics on the store's programmer-error invariants (zero thumbprint,
+    /// empty container id, zero registration time) in the caller, not the
+    /// actor.
+    pub async fn add(&self, new: NewEntry) -> Result<Entry, RegistryError> {
+        assert!(
+            !new.thumbprint.is_zero(),
+            "agentregistry: Add called with zero thumbprint"
+        );
+        assert!(
+            !new.container_id.is_empty(),
+            "agentregistry: Add called with empty ContainerID"
+        );
+        assert!(
+            new.registered_at_unix != 0,
+            "agentregistry: Add called with zero RegisteredAt"
+        );
+        self.ask(Add(new)).await?
+    }
+
+    /// Evicts a container's row; evicting an unknown id is `Ok(false)`.
+    pub async fn evict_by_container_id(&self, container_id: &str) -> Result<bool, RegistryError> {
+        self.ask(Evict(container_id.to_owned())).await?
+    }
+
+    /// Records a spent assertion JTI; `Ok(false)` if it was already spent.
+    pub async fn spend_jti(&self, jti: &str, exp: i64, now: i64) -> Result<bool, RegistryError> {
+        self.ask(SpendJti {
+            jti: jti.to_owned(),
+            exp,
+            now,
+        })
+        .await?
+    }
+
+    pub async fn spent_jti_count(&self) -> Result<u64, RegistryError> {
+        self.ask(CountSpentJtis).await?
+    }
+
+    /// Closes the redb file and stops the actor; reads keep answering from
+    /// the last published index.
+    pub async fn shutdown(&self) {
+        let _ = self.addr.send(Shutdown).await;
+    }
+
+    pub fn lookup(&self, thumbprint: &Thumbprint, cn: &str) -> Result<Arc<Entry>, RegistryError> {
+        self.reader.lookup(thumbprint, cn)
+    }
+
+    pub fn lookup_by_container_id(&self, container_id: &str) -> Result<Arc<Entry>, RegistryError> {
+        self.reader.lookup_by_container_id(container_id)
+    }
+
+    pub fn snapshot(&self) -> Vec<Entry> {
+        self.reader.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_entry(agent: &str, id: &str, seed: u8) -> NewEntry {
+        NewEntry {
+            agent_name: agent.into(),
+            project: "p".into(),
+            container_id: id.into(),
+            thumbprint: Thumbprint([seed; 32]),
+            registered_at_unix: 1_700_000_000,
+            last_seen_unix: 0,
+        }
+    }
+
+    #[actix::test]
+    async fn writes_are_visible_after_commit_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.redb");
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        let e = reg.add(new_entry("dev", "c1", 1)).await.unwrap();
+        // Visible the moment `add` returns.
+        assert_eq!(
+            *reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").unwrap(),
+            e
+        );
+        assert!(matches!(
+            reg.lookup(&Thumbprint([1; 32]), "clawker.p.other"),
+            Err(RegistryError::UnknownAgent)
+        ));
+        assert_eq!(reg.lookup_by_container_id("c1").unwrap().agent_name, "dev");
+        reg.add(new_entry("ops", "c2", 2)).await.unwrap();
+        assert!(matches!(
+            reg.add(new_entry("dup", "c1", 3)).await,
+            Err(RegistryError::DuplicateContainer(_))
+        ));
+        // A refused write publishes nothing.
+        assert!(reg.lookup_by_container_id("c1").unwrap().agent_name == "dev");
+        assert!(reg.evict_by_container_id("c2").await.unwrap());
+        assert!(!reg.evict_by_container_id("c2").await.unwrap());
+        assert!(reg.lookup(&Thumbprint([2; 32]), "clawker.p.ops").is_err());
+        reg.shutdown().await;
+        // Reads keep working from the last snapshot after shutdown; writes fail.
+        assert_eq!(reg.snapshot().len(), 1);
+        assert!(reg.add(new_entry("x", "c9", 9)).await.is_err());
+
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        assert_eq!(reg.snapshot(), vec![e]);
+    }
+
+    #[test]
+    fn works_outside_an_actix_system() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let reg =
+                Registry::start(RegistryStore::open(&dir.path().join("cp.redb")).unwrap()).unwrap();
+            let adds = (1..=16u8).map(|i| {
+                let reg = reg.clone();
+                tokio::spawn(async move { reg.add(new_entry(&format!("a{i}"), "same", i)).await })
+            });
+            let results = futures::future::join_all(adds).await;
+            let ok = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+            assert_eq!(ok, 1, "exactly one Add for one container id wins");
+            assert_eq!(reg.snapshot().len(), 1);
+            assert!(reg.spend_jti("j", 10, 1).await.unwrap());
+            assert!(!reg.spend_jti("j", 10, 1).await.unwrap());
+            reg.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A reader over an empty index (no actor), for layer unit tests.
+    pub fn empty_reader() -> RegistryReader {
+        RegistryReader {
+            index: Arc::new(ArcSwap::from_pointee(Index::default())),
+        }
+    }
+}
