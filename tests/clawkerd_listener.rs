@@ -23,7 +23,9 @@ async fn probe(
     let mut c = CpClient::connect_with(d.addr, cfg, verifier).await?;
     let mut s = c.open_session().await.map_err(|e| format!("{e:?}"))?;
     s.send(hello("probe")).await;
-    s.next_for("probe", Duration::from_secs(5)).await.map(|_| ())
+    s.next_for("probe", Duration::from_secs(5))
+        .await
+        .map(|_| ())
 }
 
 fn cp_spec() -> LeafSpec {
@@ -61,12 +63,27 @@ async fn only_the_cp_certificate_opens_a_session() {
     no_eku.ekus = vec![];
     let no_eku = pki.issue(&no_eku);
 
-    let cases: Vec<(&str, Option<&CertifiedKey>, &[&'static rustls::SupportedProtocolVersion], Option<&str>)> = vec![
+    let cases: Vec<(
+        &str,
+        Option<&CertifiedKey>,
+        &[&'static rustls::SupportedProtocolVersion],
+        Option<&str>,
+    )> = vec![
         ("no client cert", None, tls13, None),
         ("cert from another CA", Some(&foreign), tls13, None),
-        ("another agent's leaf (CN clawker.p.a)", Some(&other_agent), tls13, Some("peer CN not authorized")),
+        (
+            "another agent's leaf (CN clawker.p.a)",
+            Some(&other_agent),
+            tls13,
+            Some("peer CN not authorized"),
+        ),
         ("ServerAuth-only EKU", Some(&server_only), tls13, None),
-        ("no EKU extension", Some(&no_eku), tls13, Some("missing ClientAuth EKU")),
+        (
+            "no EKU extension",
+            Some(&no_eku),
+            tls13,
+            Some("missing ClientAuth EKU"),
+        ),
         ("expired cert", Some(&expired), tls13, None),
         ("TLS 1.2 only", Some(&pki.cp_client), tls12, None),
     ];
@@ -103,12 +120,18 @@ async fn only_the_cp_certificate_opens_a_session() {
     );
     assert!(
         d.logs
-            .wait_for_async("tls_handshake_rejected", rejected + 1, Duration::from_secs(5))
+            .wait_for_async(
+                "tls_handshake_rejected",
+                rejected + 1,
+                Duration::from_secs(5)
+            )
             .await
     );
 
     // After all that, the CP still gets in.
-    probe(&d, &ca, Some(&pki.cp_client), tls13).await.expect("CP accepted");
+    probe(&d, &ca, Some(&pki.cp_client), tls13)
+        .await
+        .expect("CP accepted");
     assert_eq!(d.logs.count("session_started"), 1);
 }
 
