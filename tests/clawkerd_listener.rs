@@ -29,6 +29,8 @@ async fn probe(
 }
 
 type Versions = &'static [&'static rustls::SupportedProtocolVersion];
+const TLS13: Versions = &[&rustls::version::TLS13];
+const TLS12: Versions = &[&rustls::version::TLS12];
 /// (name, client identity, TLS versions, expected rejection reason).
 type Case<'a> = (&'a str, Option<&'a CertifiedKey>, Versions, Option<&'a str>);
 
@@ -43,8 +45,7 @@ async fn only_the_cp_certificate_opens_a_session() {
     let pki = TestPki::new();
     let d = Clawkerd::spawn(&pki);
     let ca = pki.ca.cert_pem().to_owned();
-    let tls13: Versions = &[&rustls::version::TLS13];
-    let tls12: Versions = &[&rustls::version::TLS12];
+    let (tls13, tls12) = (TLS13, TLS12);
 
     let foreign_ca = Ca::generate().unwrap();
     let foreign = foreign_ca.issue(&cp_spec()).unwrap();
