@@ -28,6 +28,12 @@ async fn probe(
         .map(|_| ())
 }
 
+type Versions = &'static [&'static rustls::SupportedProtocolVersion];
+const TLS13: Versions = &[&rustls::version::TLS13];
+const TLS12: Versions = &[&rustls::version::TLS12];
+/// (name, client identity, TLS versions, expected rejection reason).
+type Case<'a> = (&'a str, Option<&'a CertifiedKey>, Versions, Option<&'a str>);
+
 fn cp_spec() -> LeafSpec {
     let mut spec = LeafSpec::new(CONTROL_PLANE_CN, time::Duration::hours(1));
     spec.ekus = vec![Eku::ClientAuth];
@@ -39,8 +45,7 @@ async fn only_the_cp_certificate_opens_a_session() {
     let pki = TestPki::new();
     let d = Clawkerd::spawn(&pki);
     let ca = pki.ca.cert_pem().to_owned();
-    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
-    let tls12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    let (tls13, tls12) = (TLS13, TLS12);
 
     let foreign_ca = Ca::generate().unwrap();
     let foreign = foreign_ca.issue(&cp_spec()).unwrap();
@@ -63,12 +68,7 @@ async fn only_the_cp_certificate_opens_a_session() {
     no_eku.ekus = vec![];
     let no_eku = pki.issue(&no_eku);
 
-    let cases: Vec<(
-        &str,
-        Option<&CertifiedKey>,
-        &[&'static rustls::SupportedProtocolVersion],
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("no client cert", None, tls13, None),
         ("cert from another CA", Some(&foreign), tls13, None),
         (

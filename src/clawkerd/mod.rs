@@ -68,6 +68,14 @@ pub fn main() -> i32 {
         libc::signal(libc::SIGTTIN, libc::SIG_IGN);
         libc::signal(libc::SIGTTOU, libc::SIG_IGN);
     }
+    // Output chunks are ~128 KiB; glibc would serve each from a fresh mmap
+    // (page faults + munmap per chunk). Keep them on the heap instead.
+    // SAFETY: mallopt only adjusts allocator tunables; no threads yet.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
     if let Err(e) = init_logging() {
         eprintln!("clawkerd: logger init failed: {e}");
         return 1;

@@ -361,6 +361,7 @@ impl Session {
             }
             Cmd::AgentReady(_) => {
                 let uc = self.shared.user_command.clone();
+                let mut failure = None;
                 let resp = match tokio::spawn(async move { uc.run().await }).await {
                     Ok(Ok(outcome)) => {
                         let event = match outcome {
@@ -375,7 +376,13 @@ impl Session {
                     }
                     Ok(Err(e)) => {
                         tracing::error!(event = "agent_ready_spawn_failed", command_id = %id, error = %e);
-                        error_response(&id, ErrorCode::IoError, format!("agent_ready: spawn: {e}"))
+                        let resp = error_response(
+                            &id,
+                            ErrorCode::IoError,
+                            format!("agent_ready: spawn: {e}"),
+                        );
+                        failure = Some(e);
+                        resp
                     }
                     Err(e) => {
                         let msg = if e.is_panic() {
@@ -392,6 +399,9 @@ impl Session {
                     }
                 };
                 self.send(resp).await;
+                if let Some(e) = failure {
+                    self.shared.user_command.publish_failure(e);
+                }
             }
         }
     }

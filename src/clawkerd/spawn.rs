@@ -77,10 +77,14 @@ impl UserCommand {
         }
         let result = self.spawn_once();
         *attempt = Some(result.clone());
-        if let Err(e) = &result {
-            self.state.send_replace(MainState::Failed(e.clone()));
-        }
         result.map(|()| ReadyOutcome::Spawned)
+    }
+
+    /// Tells the main loop the spawn failed, so clawkerd exits 1. Called by
+    /// the session *after* it enqueued the `Error{IO_ERROR}` answer, so the
+    /// answer is not lost in the teardown race the reference has.
+    pub fn publish_failure(&self, error: String) {
+        self.state.send_replace(MainState::Failed(error));
     }
 
     fn spawn_once(&self) -> Result<(), String> {
