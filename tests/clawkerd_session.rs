@@ -577,7 +577,10 @@ async fn a_panicking_session_does_not_take_down_clawkerd() {
     assert!(wait_pid_gone(pid.unwrap(), Duration::from_secs(5)).await);
     assert!(d.is_running());
     // The log line is written by clawkerd concurrently with the stream reset.
-    let logged = d.logs.wait_for("task_panic", Duration::from_secs(5)).expect("task_panic logged");
+    let logged = d
+        .logs
+        .wait_for("task_panic", Duration::from_secs(5))
+        .expect("task_panic logged");
     assert_eq!(logged["task"], "session");
 
     // The other session, and new ones, still work.

@@ -86,8 +86,16 @@ impl crate::session::lifecycle::ContainerResolver for DockerResolver {
         Box::pin(async move {
             match inspect(&self.docker, &id).await {
                 Ok(f) => Ok(ResolvedTarget {
-                    agent: f.labels.get(super::LABEL_AGENT).cloned().unwrap_or_default(),
-                    project: f.labels.get(super::LABEL_PROJECT).cloned().unwrap_or_default(),
+                    agent: f
+                        .labels
+                        .get(super::LABEL_AGENT)
+                        .cloned()
+                        .unwrap_or_default(),
+                    project: f
+                        .labels
+                        .get(super::LABEL_PROJECT)
+                        .cloned()
+                        .unwrap_or_default(),
                     running: f.running,
                     addr: f
                         .clawker_net_ip

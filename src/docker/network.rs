@@ -21,7 +21,10 @@ pub struct ClawkerNet {
 /// Looks the network up; `Ok(None)` when it does not exist.
 pub async fn find(docker: &Docker, name: &str) -> Result<Option<ClawkerNet>, DockerError> {
     let net = match docker
-        .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+        .inspect_network(
+            name,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
         .await
     {
         Ok(n) => n,
@@ -114,8 +117,14 @@ mod tests {
 
     #[test]
     fn first_host_of_subnets() {
-        assert_eq!(first_host("10.77.0.0/24"), Some("10.77.0.1".parse().unwrap()));
-        assert_eq!(first_host("10.77.3.9/16"), Some("10.77.0.1".parse().unwrap()));
+        assert_eq!(
+            first_host("10.77.0.0/24"),
+            Some("10.77.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            first_host("10.77.3.9/16"),
+            Some("10.77.0.1".parse().unwrap())
+        );
         assert_eq!(first_host("nope"), None);
         assert_eq!(first_host("10.0.0.0/33"), None);
         assert_eq!(first_host("10.0.0.0/x"), None);

@@ -28,6 +28,12 @@ impl RegistryLookup for crate::registry::RegistryStore {
     }
 }
 
+impl RegistryLookup for crate::registry::Registry {
+    fn lookup_by_container_id(&self, container_id: &str) -> Result<Entry, RegistryError> {
+        crate::registry::Registry::lookup_by_container_id(self, container_id).map(|e| (*e).clone())
+    }
+}
+
 /// Checks, in the reference order: lookup error, no row, thumbprint, CN.
 /// Compares are constant-time (the reference used a plain compare here).
 pub fn classify(
