@@ -354,16 +354,31 @@ impl<S: 'static> Message for Batch<S> {
 
 struct BatchStream<S> {
     rx: mpsc::Receiver<Cmd<S>>,
+    /// Set after handing out a batch: the next poll yields once. Why: actix
+    /// polls a stream in a loop, so without yielding the bus could push many
+    /// batches in one go and overflow the mailboxes of subscribers running
+    /// on the same arbiter before they get a chance to run. Yielding once
+    /// per batch (up to 1024 events) lets them drain in between, at the cost
+    /// of one extra task poll per batch.
+    yield_next: bool,
 }
 
 impl<S> futures_core::Stream for BatchStream<S> {
     type Item = Batch<S>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Batch<S>>> {
         let this = self.get_mut();
+        if this.yield_next {
+            this.yield_next = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let mut buf = Vec::new();
         match this.rx.poll_recv_many(cx, &mut buf, DRAIN_BATCH) {
             Poll::Ready(0) => Poll::Ready(None),
-            Poll::Ready(_) => Poll::Ready(Some(Batch(buf))),
+            Poll::Ready(_) => {
+                this.yield_next = true;
+                Poll::Ready(Some(Batch(buf)))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -383,7 +398,10 @@ impl<S: BusState> Actor for BusActor<S> {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(rx) = self.rx.take() {
-            ctx.add_stream(BatchStream { rx });
+            ctx.add_stream(BatchStream {
+                rx,
+                yield_next: false,
+            });
         }
         tracing::debug!(target: "clawker_actors::bus", event = "bus_started");
     }
