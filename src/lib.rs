@@ -18,6 +18,7 @@ pub mod agent_api;
 pub mod clawkerd;
 pub mod cli;
 pub mod config;
+pub mod cp;
 pub mod docker;
 pub mod events;
 pub mod identity;

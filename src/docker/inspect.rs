@@ -107,3 +107,38 @@ impl crate::session::lifecycle::ContainerResolver for DockerResolver {
         })
     }
 }
+
+/// The Register handler's view of Docker (the `ContainerInspector` seam of
+/// the agent API) over bollard.
+#[derive(Clone)]
+pub struct DockerInspector {
+    docker: Docker,
+}
+
+impl DockerInspector {
+    pub fn new(docker: Docker) -> Self {
+        Self { docker }
+    }
+}
+
+impl crate::agent_api::inspector::ContainerInspector for DockerInspector {
+    async fn inspect(
+        &self,
+        container_id: &str,
+    ) -> Result<
+        crate::agent_api::inspector::ContainerFacts,
+        crate::agent_api::inspector::InspectError,
+    > {
+        use crate::agent_api::inspector::{ContainerFacts as Facts, InspectError};
+        match inspect(&self.docker, container_id).await {
+            Ok(f) => Ok(Facts {
+                id: f.id,
+                labels: f.labels,
+                clawker_net_ip: f.clawker_net_ip,
+                running: f.running,
+            }),
+            Err(DockerError::NotFound(id)) => Err(InspectError::NotFound(id)),
+            Err(e) => Err(InspectError::Engine(e.to_string())),
+        }
+    }
+}

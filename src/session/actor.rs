@@ -25,6 +25,9 @@ use crate::events::{self, Bus, failed_reason};
 
 use super::lifecycle::{self, LiveSession, SessionDeps};
 
+/// Where the dialer currently lives; updated when it (re)starts.
+pub type DialerSlot = std::sync::Arc<arc_swap::ArcSwapOption<Addr<Dialer>>>;
+
 /// Name of the supervisor whose children are the session actors.
 pub const SESSIONS_SUPERVISOR: &str = "sessions";
 
@@ -122,9 +125,31 @@ impl Handler<Crash> for SessionActor {
     }
 }
 
+/// How the dialer reaches the `sessions` supervisor: directly, or by name
+/// through its parent (in the daemon the root starts both as siblings).
+#[derive(Clone)]
+pub enum SessionsRef {
+    Direct(SupervisorHandle),
+    ViaParent(std::sync::Arc<std::sync::OnceLock<SupervisorHandle>>),
+}
+
+impl SessionsRef {
+    async fn get(&self) -> Option<SupervisorHandle> {
+        match self {
+            SessionsRef::Direct(h) => Some(h.clone()),
+            SessionsRef::ViaParent(root) => {
+                let root = root.get()?.clone();
+                root.child::<Supervisor>(SESSIONS_SUPERVISOR)
+                    .await
+                    .map(SupervisorHandle::from_addr)
+            }
+        }
+    }
+}
+
 /// The dialer front: dedup set + the door to the `sessions` supervisor.
 pub struct Dialer {
-    sessions: SupervisorHandle,
+    sessions: SessionsRef,
     deps: SessionDeps<Bus>,
     bus: Bus,
     active: HashSet<String>,
@@ -133,7 +158,21 @@ pub struct Dialer {
 impl Dialer {
     pub fn new(sessions: SupervisorHandle, deps: SessionDeps<Bus>, bus: Bus) -> Self {
         Self {
-            sessions,
+            sessions: SessionsRef::Direct(sessions),
+            deps,
+            bus,
+            active: HashSet::new(),
+        }
+    }
+
+    /// A dialer that finds `sessions` as a sibling under `root`.
+    pub fn via_parent(
+        root: std::sync::Arc<std::sync::OnceLock<SupervisorHandle>>,
+        deps: SessionDeps<Bus>,
+        bus: Bus,
+    ) -> Self {
+        Self {
+            sessions: SessionsRef::ViaParent(root),
             deps,
             bus,
             active: HashSet::new(),
@@ -142,9 +181,7 @@ impl Dialer {
 
     /// The `sessions` supervisor spec, wired so every child exit reaches
     /// the dialer whose address `dialer` will hold.
-    pub fn sessions_spec(
-        dialer: std::sync::Arc<std::sync::OnceLock<Addr<Dialer>>>,
-    ) -> clawker_actors::SupervisorSpec {
+    pub fn sessions_spec(dialer: DialerSlot) -> clawker_actors::SupervisorSpec {
         clawker_actors::SupervisorSpec::new(SESSIONS_SUPERVISOR)
             .strategy(clawker_actors::Strategy::OneForOne)
             // Sessions fail independently; a burst of crashes across many
@@ -155,7 +192,7 @@ impl Dialer {
                 std::time::Duration::from_secs(10),
             )
             .on_exit(move |exit: &ChildExit| {
-                if let Some(d) = dialer.get() {
+                if let Some(d) = dialer.load_full() {
                     d.do_send(SessionExited(exit.clone()));
                 }
             })
@@ -179,7 +216,12 @@ impl Handler<Dial> for Dialer {
         }
         let sessions = self.sessions.clone();
         let spec = SessionActor::spec(&id, self.deps.clone());
-        ctx.spawn(wrap_future::<_, Self>(async move { sessions.add_child(spec).await }).map(
+        ctx.spawn(wrap_future::<_, Self>(async move {
+            match sessions.get().await {
+                Some(s) => s.add_child(spec).await.map_err(|e| e.to_string()),
+                None => Err("sessions supervisor not running".to_owned()),
+            }
+        }).map(
             move |res, act: &mut Dialer, _ctx| {
                 if let Err(e) = res {
                     tracing::error!(container_id = %id, error = %e, "dialer: could not start session");
@@ -204,7 +246,9 @@ impl Handler<StopSession> for Dialer {
         }
         let sessions = self.sessions.clone();
         ctx.spawn(wrap_future::<_, Self>(async move {
-            sessions.stop_child(&id).await;
+            if let Some(s) = sessions.get().await {
+                s.stop_child(&id).await;
+            }
         }));
     }
 }
@@ -266,7 +310,7 @@ impl Handler<LiveSessionOf> for Dialer {
     fn handle(&mut self, LiveSessionOf(id): LiveSessionOf, _: &mut Context<Self>) -> Self::Result {
         let sessions = self.sessions.clone();
         Box::pin(async move {
-            let addr = sessions.child::<SessionActor>(&id).await?;
+            let addr = sessions.get().await?.child::<SessionActor>(&id).await?;
             addr.send(GetLive).await.ok().flatten()
         })
     }
@@ -276,9 +320,9 @@ impl Handler<LiveSessionOf> for Dialer {
 /// arbiter, standalone (tests, tools). The daemon wires the same two into
 /// its root supervisor instead.
 pub fn start_standalone(deps: SessionDeps<Bus>, bus: Bus) -> (Addr<Dialer>, SupervisorHandle) {
-    let slot = std::sync::Arc::new(std::sync::OnceLock::new());
+    let slot: DialerSlot = Default::default();
     let sessions = Supervisor::start(Dialer::sessions_spec(slot.clone()));
     let dialer = Dialer::new(sessions.clone(), deps, bus).start();
-    let _ = slot.set(dialer.clone());
+    slot.store(Some(std::sync::Arc::new(dialer.clone())));
     (dialer, sessions)
 }

@@ -1,0 +1,147 @@
+//! `clawker cp serve` configuration: TOML file < `CLAWKER_*` env < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Defaults, in one place.
+pub mod defaults {
+    pub const NETWORK: &str = "clawker-net";
+    /// An explicit subnet (never let Docker pick one that may collide).
+    pub const SUBNET: &str = "10.213.0.0/24";
+    pub const AGENT_PORT: u16 = 7444;
+    pub const ADMIN_ADDR: &str = "127.0.0.1:7443";
+    pub const METRICS_ADDR: &str = "127.0.0.1:7080";
+    pub const IMAGE: &str = "clawker-agent:latest";
+}
+
+/// The TOML file (every key optional).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub network: Option<String>,
+    pub subnet: Option<String>,
+    pub agent_port: Option<u16>,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub clawkerd_port: Option<u16>,
+    /// Run the init plan (and so release the user command) for untrusted
+    /// agents too. Default false.
+    pub init_untrusted: Option<bool>,
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads the file; a missing file at the default location is fine, a
+    /// named file that is missing or malformed is an error.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                return Ok(Self::default());
+            }
+            Err(e) => return Err(format!("config {}: {e}", path.display())),
+        };
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+}
+
+/// Fully resolved daemon configuration.
+#[derive(Debug, Clone)]
+pub struct CpConfig {
+    pub state_dir: PathBuf,
+    pub network: String,
+    pub subnet: String,
+    pub agent_port: u16,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub clawkerd_port: u16,
+    pub init_untrusted: bool,
+}
+
+impl CpConfig {
+    pub fn registry_path(&self) -> PathBuf {
+        self.state_dir.join("cp.redb")
+    }
+}
+
+/// Flag/env layer (each `None` when neither flag nor env is set).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub network: Option<String>,
+    pub subnet: Option<String>,
+    pub agent_port: Option<u16>,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub clawkerd_port: Option<u16>,
+    pub init_untrusted: Option<bool>,
+}
+
+/// file < env/flags < nothing else; defaults fill the rest.
+pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpConfig, String> {
+    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{s}: {e}"));
+    Ok(CpConfig {
+        state_dir,
+        network: o
+            .network
+            .or(file.network)
+            .unwrap_or_else(|| defaults::NETWORK.into()),
+        subnet: o
+            .subnet
+            .or(file.subnet)
+            .unwrap_or_else(|| defaults::SUBNET.into()),
+        agent_port: o
+            .agent_port
+            .or(file.agent_port)
+            .unwrap_or(defaults::AGENT_PORT),
+        admin_addr: match o.admin_addr.or(file.admin_addr) {
+            Some(a) => a,
+            None => parse(defaults::ADMIN_ADDR)?,
+        },
+        metrics_addr: match o.metrics_addr.or(file.metrics_addr) {
+            Some(a) => a,
+            None => parse(defaults::METRICS_ADDR)?,
+        },
+        clawkerd_port: o
+            .clawkerd_port
+            .or(file.clawkerd_port)
+            .unwrap_or(crate::docker::CLAWKERD_PORT),
+        init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        let file: FileConfig =
+            toml::from_str("network = \"n-file\"\nagent_port = 9000\nsubnet = \"10.9.0.0/24\"")
+                .unwrap();
+        let o = Overrides {
+            agent_port: Some(9100),
+            ..Overrides::default()
+        };
+        let c = resolve("/s".into(), file, o).unwrap();
+        assert_eq!(c.network, "n-file");
+        assert_eq!(c.agent_port, 9100);
+        assert_eq!(c.subnet, "10.9.0.0/24");
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7443");
+        assert!(!c.init_untrusted);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "netwrok = \"x\"").unwrap();
+        let e = FileConfig::load(&p, true).unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+        std::fs::write(&p, "agent_port = \"many\"").unwrap();
+        assert!(FileConfig::load(&p, true).is_err());
+        assert!(FileConfig::load(&dir.path().join("none.toml"), false).is_ok());
+        assert!(FileConfig::load(&dir.path().join("none.toml"), true).is_err());
+    }
+}

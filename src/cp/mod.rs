@@ -1,0 +1,302 @@
+//! `clawker cp serve`: the whole control plane in one process.
+//!
+//! Wiring, in start order (this function is the one place where the parts
+//! meet; each part only knows its own narrow inputs):
+//!
+//! 1. auth material, Docker engine, `clawker-net` (created if missing);
+//! 2. infrastructure that every actor holds a handle to and that never
+//!    crashes on bad input (errors are values): the event bus and the
+//!    registry actor. They are started before the tree and live for the
+//!    process — restarting them would invalidate every handle;
+//! 3. the root supervisor `clawker-cp` (one_for_one) with `sessions`
+//!    (session actors, one per container), `dialer`, `docker-events` (the
+//!    feeder) and `docker-dispatch` (events → dial/stop/evict);
+//! 4. the agent API (AgentService + token endpoint on the clawker-net
+//!    gateway) and the admin API (loopback);
+//! 5. the startup orphan reap and the boot dial of running agents;
+//! 6. SIGTERM/SIGINT: stop the tree first (session tasks are aborted, so no
+//!    spurious SessionBroken), then the servers, the bus and the registry.
+
+pub mod agent;
+pub mod config;
+pub mod dispatch;
+pub mod feeder;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clawker_actors::{ChildSpec, Supervisor, SupervisorHandle, SupervisorSpec};
+use tokio_util::sync::CancellationToken;
+
+use crate::docker::{self, inspect::DockerInspector, inspect::DockerResolver, lister};
+use crate::events::{self, Bus};
+use crate::pki::AuthPaths;
+use crate::registry::{Registry, RegistryStore};
+use crate::session::actor::{Dial, Dialer};
+use crate::session::dial::DialConfig;
+use crate::session::lifecycle::{SessionDeps, SessionPolicy};
+
+pub use config::CpConfig;
+
+/// Handles to a running CP (for the serve loop and tests).
+pub struct RunningCp {
+    pub bus: Bus,
+    pub registry: Registry,
+    pub root: SupervisorHandle,
+    pub dialer: dispatch::DialerSlot,
+    pub agent_api_addr: SocketAddr,
+    pub gateway: std::net::IpAddr,
+    pub shutdown: CancellationToken,
+    pub docker: bollard::Docker,
+}
+
+/// Starts everything on the current actix system. Must run inside one.
+pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
+    let paths = AuthPaths::new(&cfg.state_dir);
+    let read = |p: std::path::PathBuf| {
+        std::fs::read(&p).with_context(|| {
+            format!(
+                "reading {} (run `clawker ca init --state-dir {}` first)",
+                p.display(),
+                cfg.state_dir.display()
+            )
+        })
+    };
+    let dial = DialConfig::new(
+        &read(paths.ca_cert())?,
+        &read(paths.cp_client_cert())?,
+        &read(paths.cp_client_key())?,
+    )
+    .context("CP client identity")?;
+
+    let docker = docker::connect().await?;
+    let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
+        .await
+        .with_context(|| format!("ensuring network {}", cfg.network))?;
+    tracing::info!(network = %net.name, subnet = %net.subnet, gateway = %net.gateway, "clawker-net ready");
+
+    let bus = events::start_bus();
+    let registry = Registry::start(
+        RegistryStore::open(&cfg.registry_path())
+            .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
+    )?;
+    let shutdown = CancellationToken::new();
+
+    // Agent API on the gateway: containers reach the CP there, and their
+    // source address is their clawker-net IP (Register's peer-IP check).
+    let agent_listen = SocketAddr::new(net.gateway, cfg.agent_port);
+    let api_cfg =
+        crate::agent_api::server::AgentApiConfig::from_state_dir(&cfg.state_dir, agent_listen)?;
+    let stop = shutdown.clone();
+    let api = crate::agent_api::server::serve_agent_api(
+        api_cfg,
+        registry.clone(),
+        Arc::new(DockerInspector::new(docker.clone())),
+        async move { stop.cancelled().await },
+    )
+    .await?;
+
+    let policy = SessionPolicy {
+        init_untrusted: cfg.init_untrusted,
+        ..SessionPolicy::default()
+    };
+    let deps = SessionDeps {
+        resolver: Arc::new(DockerResolver::new(docker.clone(), cfg.clawkerd_port)),
+        registry: Arc::new(registry.clone()),
+        dial,
+        sink: bus.clone(),
+        policy,
+    };
+
+    // The dialer needs the sessions supervisor, which the root starts: it
+    // finds it by name through the root handle (set right after start).
+    let dialer_slot: dispatch::DialerSlot = Arc::default();
+    let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
+    let spec = SupervisorSpec::new("clawker-cp")
+        .strategy(clawker_actors::Strategy::OneForOne)
+        .intensity(10, Duration::from_secs(60))
+        .child(ChildSpec::supervisor(Dialer::sessions_spec(dialer_slot.clone())))
+        .child(dialer_spec(root_slot.clone(), deps, bus.clone(), dialer_slot.clone()))
+        .child(feeder::FeederActor::spec(docker.clone(), bus.clone()))
+        .child(dispatch::DockerDispatch::spec(bus.clone(), dialer_slot.clone(), registry.clone()))
+        .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
+    let root = Supervisor::start(spec);
+    let _ = root_slot.set(root.clone());
+
+    Ok(RunningCp {
+        bus,
+        registry,
+        root,
+        dialer: dialer_slot,
+        agent_api_addr: api.local_addr,
+        gateway: net.gateway,
+        shutdown,
+        docker,
+    })
+}
+
+/// The dialer as a supervised worker: on (re)start it publishes its address
+/// where the dispatch actor and the sessions' exit hook find it.
+fn dialer_spec(
+    root: Arc<std::sync::OnceLock<SupervisorHandle>>,
+    deps: SessionDeps<Bus>,
+    bus: Bus,
+    slot: dispatch::DialerSlot,
+) -> ChildSpec {
+    use actix::Actor as _;
+    ChildSpec::worker("dialer", move |link| {
+        let root = root.clone();
+        let deps = deps.clone();
+        let bus = bus.clone();
+        let addr = Dialer::create(move |ctx| {
+            link.attach(ctx);
+            Dialer::via_parent(root, deps, bus)
+        });
+        slot.store(Some(Arc::new(addr.clone())));
+        Ok(addr)
+    })
+}
+
+/// Startup reap (reference §10.2): evict rows whose container no longer
+/// exists (stopped containers keep theirs). Soft-fails into ReapDegraded.
+pub async fn reap_orphans(docker: &bollard::Docker, registry: &Registry, bus: &Bus) {
+    let mut delay = Duration::from_millis(100);
+    let mut listed = None;
+    for attempt in 1..=3 {
+        match lister::list_agents(docker, lister::Scope::All).await {
+            Ok(l) => {
+                listed = Some(l);
+                break;
+            }
+            Err(e) if attempt < 3 => {
+                tracing::warn!(attempt, error = %e, "reap: listing containers failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                let reason = format!("listing containers: {e}");
+                tracing::warn!(%reason, "reap degraded");
+                bus.publish(events::ReapDegraded {
+                    reason,
+                    at: events::now(),
+                });
+                return;
+            }
+        }
+    }
+    let live: std::collections::HashSet<String> = listed
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let rows = registry.snapshot();
+    let before = rows.len();
+    let mut errors = Vec::new();
+    let mut evicted = 0;
+    for row in rows.into_iter().filter(|r| !live.contains(&r.container_id)) {
+        match registry.evict_by_container_id(&row.container_id).await {
+            Ok(_) => evicted += 1,
+            Err(e) => {
+                tracing::error!(container_id = %row.container_id, agent = %row.agent_name, error = %e, "reap: evict failed");
+                errors.push(format!("evict {}: {e}", row.container_id));
+            }
+        }
+    }
+    if evicted > 0 {
+        tracing::info!(
+            evicted,
+            registry_size_before = before,
+            live_containers = live.len(),
+            "reaped orphan rows"
+        );
+    }
+    if !errors.is_empty() {
+        bus.publish(events::ReapDegraded {
+            reason: errors.join("; "),
+            at: events::now(),
+        });
+    }
+}
+
+/// Boot dial (reference §1): the feeder's first reconcile may run before
+/// the dial subscriber exists, so dial every running agent explicitly.
+pub async fn boot_dial(docker: &bollard::Docker, dialer: &dispatch::DialerSlot) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=3 {
+        match lister::list_agents(docker, lister::Scope::Running).await {
+            Ok(list) => {
+                if let Some(d) = dialer.load_full() {
+                    for c in list {
+                        d.do_send(Dial(c.id));
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, event = "agentdial_initial_list_failed", "boot dial: listing failed");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
+/// Orderly stop: the tree first (so sessions publish nothing more), then
+/// the servers, the bus and the registry.
+pub async fn stop(cp: RunningCp) {
+    cp.root.shutdown();
+    for _ in 0..200 {
+        if !cp.root.is_alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cp.shutdown.cancel();
+    let _ = cp.bus.flush().await;
+    cp.bus.close();
+    cp.registry.shutdown().await;
+}
+
+/// `clawker cp serve`: builds the runtime, runs until SIGTERM/SIGINT.
+pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("clawker-cp")
+        .build()
+        .context("building the tokio runtime")?;
+    // Actors live on the system arbiter; I/O tasks (TLS sessions, servers,
+    // the feeder) spawned with tokio::spawn run on the worker pool.
+    let system = actix::System::with_tokio_rt(|| runtime);
+    system.block_on(async move {
+        clawker_actors::install_panic_hook();
+        let cp = start(&cfg).await?;
+        tracing::info!(
+            agent_api = %cp.agent_api_addr,
+            admin_api = %cfg.admin_addr,
+            "control plane up"
+        );
+        reap_orphans(&cp.docker, &cp.registry, &cp.bus).await;
+        boot_dial(&cp.docker, &cp.dialer).await;
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop(cp).await;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; running until killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
