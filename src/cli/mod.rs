@@ -1,0 +1,182 @@
+//! The `clawker` command line.
+//!
+//! - this file: the clap definitions and [`run`], which dispatches;
+//! - [`admin`]: the operator commands that talk to a running CP over the
+//!   admin API (`agents`, `events`, `worldview`, `tree`, `status`);
+//! - [`audit`]: reading the tail of the audit log for `events` without
+//!   `--follow` (the admin API keeps no history).
+
+mod admin;
+pub mod audit;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::identity::{AgentName, ProjectSlug};
+use crate::pki;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clawker",
+    version,
+    about = "Control plane for sandboxed AI coding agents"
+)]
+pub struct Cli {
+    /// State directory (auth material, registry). Default:
+    /// $CLAWKER_STATE_DIR, else $XDG_DATA_HOME/clawker, else ~/.local/share/clawker.
+    #[arg(long, global = true, env = "CLAWKER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address of the control plane's admin API (loopback). Parsed only by
+    /// the commands that use it, so a bad value never breaks `ca`.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWKER_ADMIN_ADDR",
+        default_value = crate::admin_api::DEFAULT_ADMIN_ADDR
+    )]
+    pub admin_addr: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificate authority and certificate minting.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// List registered agents (from the CP's identity registry).
+    Agents {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show events: the last ones from the audit log, or live with --follow.
+    Events {
+        /// Stream live events from the running CP until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line ({"name","at","event"}).
+        #[arg(long)]
+        json: bool,
+        /// Only events whose name starts with this (repeatable).
+        #[arg(long = "prefix", value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// How many recent events to print without --follow.
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+    },
+    /// The CP's live worldview (agents, sessions, trust, init).
+    Worldview {
+        /// The full worldview as pretty JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The CP's supervision tree.
+    Tree {
+        /// The tree as pretty JSON instead of the rendered text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Is the CP up and healthy; how many agents and sessions.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the CA, CP and CLI certificates and the CLI signing key.
+    /// Idempotent: existing material is kept.
+    Init,
+    /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem, ca.pem).
+    MintAgent {
+        #[arg(long, default_value = "")]
+        project: String,
+        #[arg(long)]
+        agent: String,
+        /// Lowercase hex Docker container id the leaf is bound to.
+        #[arg(long)]
+        container_id: String,
+        /// Output directory (created 0700).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl Cli {
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::config::default_state_dir)
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let state_dir = cli.state_dir();
+    let command = match cli.command {
+        Command::Ca(ca) => return run_ca(&state_dir, ca),
+        other => other,
+    };
+    // Only `events` without --follow works offline; everything else talks
+    // to the CP. A small current-thread runtime is all the CLI needs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let res = rt.block_on(admin::run(&state_dir, &cli.admin_addr, command));
+    match res {
+        // `clawker events -f | head`: a closed stdout is a normal end.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run_ca(state_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init => {
+            let (material, report) = pki::AuthMaterial::ensure(state_dir).with_context(|| {
+                format!("initialising auth material in {}", state_dir.display())
+            })?;
+            if report.created.is_empty() {
+                println!(
+                    "auth material already present in {}",
+                    material.paths.root.display()
+                );
+            } else {
+                for item in &report.created {
+                    println!("created {item}");
+                }
+                println!("auth material in {}", material.paths.root.display());
+            }
+        }
+        CaCommand::MintAgent {
+            project,
+            agent,
+            container_id,
+            out,
+        } => {
+            let project = ProjectSlug::new(&project)?;
+            let agent = AgentName::new(&agent)?;
+            let material = pki::AuthMaterial::load(state_dir).with_context(|| {
+                format!(
+                    "loading auth material from {} (run `clawker ca init` first)",
+                    state_dir.display()
+                )
+            })?;
+            let leaf = material.ca.mint_agent(&project, &agent, &container_id)?;
+            pki::write_bootstrap(&out, &leaf, material.ca.cert_pem())?;
+            println!(
+                "wrote bootstrap bundle for {} to {} (thumbprint {})",
+                crate::identity::canonical_cn(&project, &agent),
+                out.display(),
+                leaf.thumbprint()
+            );
+        }
+    }
+    Ok(())
+}
