@@ -681,3 +681,17 @@ fn cli_says_the_cp_is_not_running_when_nothing_listens() {
     let o = clawker(&state, "not-an-address", &["agents"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an IP:port"));
 }
+
+#[test]
+fn shutdown_ends_open_watch_streams_and_stops_the_server() {
+    run(|| async {
+        let cp = Cp::start().await;
+        let client = cp.client().await;
+        let mut stream = client.watch_events(vec![]).await.unwrap();
+        cp.shutdown.cancel();
+        // The stream ends (cleanly or with an error), it does not hang.
+        let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+        assert!(!matches!(end, Ok(Ok(Some(_)))), "{end:?}");
+        cp.stop().await;
+    });
+}

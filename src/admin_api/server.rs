@@ -222,7 +222,7 @@ pub async fn serve_admin_api(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(service.into_server())
+        .add_service(service.with_stream_shutdown(shutdown.clone()).into_server())
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use clawker_actors::{AuditSubscription, SupervisorHandle, TreeNode};
-use futures::Stream;
 use futures::future::BoxFuture;
+use futures::{Future, Stream};
 use time::OffsetDateTime;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
 use crate::events::Bus;
@@ -77,6 +78,10 @@ pub struct AdminApi {
     agents: Arc<dyn AgentDirectory>,
     bus: Bus,
     tree: Arc<dyn TreeSource>,
+    /// Ends every open `WatchEvents` stream when cancelled. tonic's
+    /// graceful shutdown waits for in-flight streams, and an event stream
+    /// never finishes on its own, so without this a shutdown would hang.
+    stop_streams: CancellationToken,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -87,7 +92,20 @@ impl std::fmt::Debug for AdminApi {
 
 impl AdminApi {
     pub fn new(agents: Arc<dyn AgentDirectory>, bus: Bus, tree: Arc<dyn TreeSource>) -> Self {
-        Self { agents, bus, tree }
+        Self {
+            agents,
+            bus,
+            tree,
+            stop_streams: CancellationToken::new(),
+        }
+    }
+
+    /// Open `WatchEvents` streams end when `token` is cancelled
+    /// ([`serve_admin_api`](super::serve_admin_api) passes its shutdown
+    /// token).
+    pub fn with_stream_shutdown(mut self, token: CancellationToken) -> Self {
+        self.stop_streams = token;
+        self
     }
 
     /// The tonic service wrapping this implementation.
@@ -162,6 +180,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(EventStream::new(
             sub,
             req.into_inner().name_prefixes,
+            self.stop_streams.clone(),
         )))
     }
 
@@ -191,15 +210,21 @@ impl AdminService for AdminApi {
 ///   The count is logged when the stream ends.
 /// - When the client goes away (cancel, disconnect), tonic drops this
 ///   stream, which drops the [`AuditSubscription`], which unsubscribes.
+/// - It ends when the bus closes or when the server shuts down.
 pub struct EventStream {
     sub: AuditSubscription,
     prefixes: Vec<String>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl EventStream {
-    pub fn new(sub: AuditSubscription, prefixes: Vec<String>) -> Self {
+    pub fn new(sub: AuditSubscription, prefixes: Vec<String>, stop: CancellationToken) -> Self {
         let prefixes = prefixes.into_iter().filter(|p| !p.is_empty()).collect();
-        Self { sub, prefixes }
+        Self {
+            sub,
+            prefixes,
+            stop: Box::pin(stop.cancelled_owned()),
+        }
     }
 
     fn wanted(&self, name: &str) -> bool {
@@ -223,6 +248,9 @@ impl Stream for EventStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         loop {
             match Pin::new(&mut this.sub).poll_next(cx) {
                 Poll::Ready(Some(ev)) => {
