@@ -12,8 +12,12 @@
 //! - [`proto`]: generated gRPC code for the three wire packages.
 //! - [`tls`]: rustls helpers shared by the CP and clawkerd (provider, PEM
 //!   loading, the CP's record-but-never-reject server verifier).
+//! - [`admin_api`]: AdminService (ListAgents, worldview, event stream,
+//!   supervision tree) on loopback for the CLI, with its client.
+//! - [`cli`]: the `clawker` command line.
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
 
+pub mod admin_api;
 pub mod agent_api;
 pub mod clawkerd;
 pub mod cli;

@@ -42,6 +42,7 @@ pub use config::CpConfig;
 
 /// Handles to a running CP (for the serve loop and tests).
 pub struct RunningCp {
+    pub admin_api_addr: SocketAddr,
     pub bus: Bus,
     pub registry: Registry,
     pub root: SupervisorHandle,
@@ -125,7 +126,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let root = Supervisor::start(spec);
     let _ = root_slot.set(root.clone());
 
+    let admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    let admin = crate::admin_api::service::AdminApi::new(
+        Arc::new(registry.reader().clone()),
+        bus.clone(),
+        Arc::new(root.clone()),
+    );
+    let (admin_api_addr, _admin_task) =
+        crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
+
     Ok(RunningCp {
+        admin_api_addr,
         bus,
         registry,
         root,

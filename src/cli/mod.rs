@@ -1,4 +1,14 @@
 //! The `clawker` command line.
+//!
+//! - this file: the clap definitions and [`run`], which dispatches;
+//! - [`admin`]: the operator commands that talk to a running CP over the
+//!   admin API (`agents`, `events`, `worldview`, `tree`, `status`);
+//! - [`audit`]: reading the tail of the audit log for `events` without
+//!   `--follow` (the admin API keeps no history).
+
+mod admin;
+pub mod audit;
+mod cp;
 
 use std::path::PathBuf;
 
@@ -19,6 +29,15 @@ pub struct Cli {
     /// $CLAWKER_STATE_DIR, else $XDG_DATA_HOME/clawker, else ~/.local/share/clawker.
     #[arg(long, global = true, env = "CLAWKER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Address of the control plane's admin API (loopback). Parsed only by
+    /// the commands that use it, so a bad value never breaks `ca`.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWKER_ADMIN_ADDR",
+        default_value = crate::admin_api::DEFAULT_ADMIN_ADDR
+    )]
+    pub admin_addr: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -28,6 +47,47 @@ pub enum Command {
     /// Certificate authority and certificate minting.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The control plane daemon.
+    #[command(subcommand)]
+    Cp(cp::CpCommand),
+    /// Agent containers: run, stop, rm.
+    #[command(subcommand)]
+    Agent(cp::AgentCommand),
+    /// List registered agents (from the CP's identity registry).
+    Agents {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show events: the last ones from the audit log, or live with --follow.
+    Events {
+        /// Stream live events from the running CP until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line ({"name","at","event"}).
+        #[arg(long)]
+        json: bool,
+        /// Only events whose name starts with this (repeatable).
+        #[arg(long = "prefix", value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// How many recent events to print without --follow.
+        #[arg(long, default_value_t = 50)]
+        last: usize,
+    },
+    /// The CP's live worldview (agents, sessions, trust, init).
+    Worldview {
+        /// The full worldview as pretty JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The CP's supervision tree.
+    Tree {
+        /// The tree as pretty JSON instead of the rendered text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Is the CP up and healthy; how many agents and sessions.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,9 +128,41 @@ impl Cli {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let state_dir = cli.state_dir();
-    match cli.command {
-        Command::Ca(CaCommand::Init) => {
-            let (material, report) = pki::AuthMaterial::ensure(&state_dir).with_context(|| {
+    let command = match cli.command {
+        Command::Ca(ca) => return run_ca(&state_dir, ca),
+        Command::Cp(cp::CpCommand::Serve(args)) => {
+            return cp::serve(&state_dir, &cli.admin_addr, args);
+        }
+        other => other,
+    };
+    // Only `events` without --follow works offline; everything else talks
+    // to the CP. A small current-thread runtime is all the CLI needs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let res = rt.block_on(async {
+        match command {
+            Command::Agent(a) => cp::agent(&state_dir, &cli.admin_addr, a).await,
+            other => admin::run(&state_dir, &cli.admin_addr, other).await,
+        }
+    });
+    match res {
+        // `clawker events -f | head`: a closed stdout is a normal end.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run_ca(state_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init => {
+            let (material, report) = pki::AuthMaterial::ensure(state_dir).with_context(|| {
                 format!("initialising auth material in {}", state_dir.display())
             })?;
             if report.created.is_empty() {
@@ -85,16 +177,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("auth material in {}", material.paths.root.display());
             }
         }
-        Command::Ca(CaCommand::MintAgent {
+        CaCommand::MintAgent {
             project,
             agent,
             container_id,
             out,
             audience,
-        }) => {
+        } => {
             let project = ProjectSlug::new(&project)?;
             let agent = AgentName::new(&agent)?;
-            let material = pki::AuthMaterial::load(&state_dir).with_context(|| {
+            let material = pki::AuthMaterial::load(state_dir).with_context(|| {
                 format!(
                     "loading auth material from {} (run `clawker ca init` first)",
                     state_dir.display()

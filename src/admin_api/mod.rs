@@ -1,0 +1,93 @@
+//! The admin API: `clawker.admin.v1.AdminService`, the operator's view of
+//! the control plane, served on loopback to the `clawker` CLI.
+//!
+//! Map:
+//! - [`service`]: the RPC handlers ([`AdminApi`]) over three narrow seams —
+//!   an [`AgentDirectory`] (registry rows, for `ListAgents`), the event
+//!   [`Bus`](crate::events::Bus) (worldview snapshot, live event stream)
+//!   and a [`TreeSource`] (the supervision tree).
+//! - [`server`]: the listener: our own TCP accept loop and TLS 1.3
+//!   handshake (client certificate required, only the CLI's identity
+//!   accepted) feeding tonic, plus `grpc.health.v1` and server reflection
+//!   so `grpcurl` works.
+//! - [`client`]: the CLI side: dial with the CLI client certificate,
+//!   verify the CP's server certificate against the CA.
+//!
+//! Who may call: only a peer presenting a certificate that chains to our CA,
+//! carries the ClientAuth EKU and has Subject CN `clawker-cli`. The check
+//! runs inside the TLS handshake ([`server::CliOnlyVerifier`]), so the CP's
+//! own client certificate (CN `clawker-controlplane`) and agent leaves
+//! (CN `clawker.<project>.<agent>`), though signed by the same CA, never
+//! reach a handler. The reference additionally requires an OAuth2 `admin`
+//! scope; on a loopback listener the CLI certificate is the credential.
+
+pub mod client;
+pub mod server;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub use client::{AdminClient, ClientError};
+pub use server::{AdminServerError, serve_admin_api};
+pub use service::{AdminApi, AgentDirectory, TreeSource};
+
+use crate::pki::{self, AuthPaths};
+
+/// Where the admin API listens unless configured otherwise.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7443";
+
+/// The default admin address as a socket address.
+pub fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
+/// The fully-qualified gRPC service name (health and reflection use it).
+pub const SERVICE_NAME: &str = "clawker.admin.v1.AdminService";
+
+/// Listener configuration: the address and the PEM material it serves with.
+/// Plain data, so tests can build one from freshly minted certificates.
+#[derive(Clone)]
+pub struct AdminConfig {
+    /// Must be a loopback address unless `allow_non_loopback` is set.
+    pub listen: SocketAddr,
+    /// The CP server certificate chain (`<state>/auth/tls/server.pem`).
+    pub server_cert_pem: Vec<u8>,
+    /// Its key (`<state>/auth/tls/server.key`).
+    pub server_key_pem: Vec<u8>,
+    /// The CA that client certificates must chain to (`<state>/auth/ca/ca.pem`).
+    pub ca_pem: Vec<u8>,
+    /// Escape hatch for a CP in a container whose loopback the host cannot
+    /// reach. Off by default: the admin API is an operator surface and
+    /// belongs on loopback (DESIGN §2).
+    pub allow_non_loopback: bool,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("allow_non_loopback", &self.allow_non_loopback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminConfig {
+    /// Reads the server certificate, its key and the CA from the state
+    /// directory's auth material (written by `clawker ca init`).
+    pub fn load(state_dir: &Path, listen: SocketAddr) -> Result<Self, AdminServerError> {
+        let paths = AuthPaths::new(state_dir);
+        let read = |p: std::path::PathBuf| {
+            pki::read_file(&p)
+                .map(String::into_bytes)
+                .map_err(|e| AdminServerError::Material(format!("{e} (run `clawker ca init`)")))
+        };
+        Ok(Self {
+            listen,
+            server_cert_pem: read(paths.server_cert())?,
+            server_key_pem: read(paths.server_key())?,
+            ca_pem: read(paths.ca_cert())?,
+            allow_non_loopback: false,
+        })
+    }
+}

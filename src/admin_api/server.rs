@@ -1,0 +1,344 @@
+//! The admin listener: TLS 1.3 only, client certificate required, and only
+//! the CLI's identity accepted — decided inside the TLS handshake by
+//! [`CliOnlyVerifier`], so a rejected peer never reaches a gRPC handler.
+//!
+//! The checks, in order:
+//! 1. the chain verifies to our CA, within its validity period (rustls'
+//!    `WebPkiClientVerifier`, which also applies webpki's EKU rule);
+//! 2. the leaf's Subject CN is `clawker-cli` (constant-time compare). This
+//!    is what shuts out the CP's own client certificate and every agent
+//!    leaf: they are signed by the same CA;
+//! 3. the leaf explicitly lists the ClientAuth EKU.
+//!
+//! Why our own accept loop (TCP accept → handshake with a deadline → tonic
+//! `serve_with_incoming`) instead of tonic's TLS: handshakes run
+//! concurrently, a silent peer cannot hold the accept loop, and every
+//! refused peer is logged with its address and the reason.
+//!
+//! Besides AdminService the listener serves `grpc.health.v1.Health`
+//! (`SERVING` for the whole server and for `clawker.admin.v1.AdminService`)
+//! and server reflection (v1 and v1alpha: older `grpcurl` builds only speak
+//! v1alpha), so `grpcurl` works with the CLI certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::service::AdminApi;
+use super::{AdminConfig, SERVICE_NAME};
+use crate::identity::ct_str_eq;
+use crate::pki::CLI_CN;
+use crate::tls;
+
+/// A peer gets this long to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the admin API could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminServerError {
+    #[error("admin API: loading TLS material: {0}")]
+    Material(String),
+    #[error("admin API: TLS config: {0}")]
+    Tls(String),
+    #[error(
+        "admin API: refusing to listen on non-loopback address {0} (the admin API is loopback-only)"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("admin API: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin API: reflection: {0}")]
+    Reflection(String),
+    #[error("admin API: server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Rejected(&'static str);
+
+fn reject(why: &'static str) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected(why)))))
+}
+
+/// Checks 2 and 3 of the module doc on an already chain-verified leaf.
+pub fn check_cli_leaf(der: &[u8]) -> Result<(), &'static str> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| "admin API: peer certificate does not parse")?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or_default();
+    if !ct_str_eq(cn, CLI_CN) {
+        return Err("admin API: peer CN not authorized (only the clawker CLI may call)");
+    }
+    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+    if !client_auth {
+        return Err("admin API: peer certificate missing ClientAuth EKU");
+    }
+    Ok(())
+}
+
+/// WebPKI chain verification plus the CLI pin (see module doc).
+#[derive(Debug)]
+pub struct CliOnlyVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for CliOnlyVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_cli_leaf(end_entity).map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The listener's rustls config: TLS 1.3, CP server certificate, ALPN h2,
+/// [`CliOnlyVerifier`] for clients.
+pub fn server_tls_config(cfg: &AdminConfig) -> Result<rustls::ServerConfig, AdminServerError> {
+    let provider = tls::provider();
+    let roots = tls::root_store("CA certificate", &cfg.ca_pem)
+        .map_err(|e| AdminServerError::Material(e.to_string()))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| AdminServerError::Tls(format!("client verifier: {e}")))?;
+    let certs = tls::load_certs("CP server certificate", &cfg.server_cert_pem)
+        .map_err(|e| AdminServerError::Material(e.to_string()))?;
+    let key = tls::load_key("CP server key", &cfg.server_key_pem)
+        .map_err(|e| AdminServerError::Material(e.to_string()))?;
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| AdminServerError::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(CliOnlyVerifier { inner }))
+        .with_single_cert(certs, key)
+        .map_err(|e| AdminServerError::Tls(format!("server keypair: {e}")))?;
+    sc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(sc)
+}
+
+/// Binds `config.listen` and serves the admin API (plus health and
+/// reflection) until `shutdown` is cancelled.
+///
+/// Returns the bound address (useful with port 0) and the server task; the
+/// task resolves once the server has stopped (after `shutdown`, in-flight
+/// unary calls finish; open `WatchEvents` streams are cut). Configuration
+/// and bind errors are returned here, before anything is spawned. Must be
+/// called within a tokio runtime (the actix System's is fine).
+pub async fn serve_admin_api(
+    config: AdminConfig,
+    service: AdminApi,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<Result<(), AdminServerError>>), AdminServerError> {
+    check_listen(&config)?;
+    let acceptor = TlsAcceptor::from(Arc::new(server_tls_config(&config)?));
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AdminServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = tcp.local_addr().map_err(|source| AdminServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AdminServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| AdminServerError::Reflection(e.to_string()))?;
+
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(tcp, acceptor, tx, shutdown.clone()));
+    tracing::info!(event = "admin_api_listening", addr = %local);
+
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(service.with_stream_shutdown(shutdown.clone()).into_server())
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned());
+    let task = tokio::spawn(async move {
+        let res = server.await.map_err(AdminServerError::from);
+        // Keep the reporter alive as long as the server: dropping it does
+        // not change statuses, but holding it documents the ownership.
+        drop(health);
+        tracing::info!(event = "admin_api_stopped", addr = %local);
+        res
+    });
+    Ok((local, task))
+}
+
+fn check_listen(cfg: &AdminConfig) -> Result<(), AdminServerError> {
+    if cfg.listen.ip().is_loopback() || cfg.allow_non_loopback {
+        Ok(())
+    } else {
+        Err(AdminServerError::NotLoopback(cfg.listen))
+    }
+}
+
+type Conn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+async fn accept_loop(
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<std::io::Result<Conn>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(event = "admin_accept_failed", error = %e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+            // tonic stopped consuming connections (server ended).
+            _ = tx.closed() => return,
+        };
+        let _ = sock.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(e)) => tracing::warn!(
+                    event = "admin_tls_rejected",
+                    peer = %peer,
+                    error = %e,
+                    "peer refused in the TLS handshake"
+                ),
+                Err(_) => tracing::warn!(
+                    event = "admin_tls_rejected",
+                    peer = %peer,
+                    error = "handshake timeout"
+                ),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::CONTROL_PLANE_CN;
+    use crate::pki::{Ca, LeafSpec};
+    use rcgen::ExtendedKeyUsagePurpose as Eku;
+
+    fn leaf(ca: &Ca, cn: &str, ekus: Vec<Eku>) -> Vec<u8> {
+        let mut spec = LeafSpec::new(cn, time::Duration::hours(1));
+        spec.ekus = ekus;
+        ca.issue(&spec).unwrap().cert_der
+    }
+
+    #[test]
+    fn only_the_cli_identity_with_client_auth_passes() {
+        let ca = Ca::generate().unwrap();
+        assert!(check_cli_leaf(&ca.mint_cli_client().unwrap().cert_der).is_ok());
+        let e = check_cli_leaf(&ca.mint_cp_client().unwrap().cert_der).unwrap_err();
+        assert!(e.contains("CN not authorized"), "{e}");
+        let e = check_cli_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ClientAuth])).unwrap_err();
+        assert!(e.contains("CN not authorized"), "{e}");
+        let e = check_cli_leaf(&leaf(&ca, CLI_CN, vec![Eku::ServerAuth])).unwrap_err();
+        assert!(e.contains("ClientAuth"), "{e}");
+        assert!(check_cli_leaf(b"junk").is_err());
+    }
+
+    #[test]
+    fn non_loopback_listen_address_is_refused() {
+        let ca = Ca::generate().unwrap();
+        let server = ca.mint_cp_server(&[]).unwrap();
+        let cfg = AdminConfig {
+            listen: "0.0.0.0:0".parse().unwrap(),
+            server_cert_pem: server.cert_pem.into_bytes(),
+            server_key_pem: server.key_pem.into_bytes(),
+            ca_pem: ca.cert_pem().as_bytes().to_vec(),
+            allow_non_loopback: false,
+        };
+        assert!(server_tls_config(&cfg).is_ok());
+        assert!(matches!(
+            check_listen(&cfg),
+            Err(AdminServerError::NotLoopback(_))
+        ));
+        let cfg = AdminConfig {
+            allow_non_loopback: true,
+            ..cfg
+        };
+        assert!(check_listen(&cfg).is_ok());
+    }
+}

@@ -1,0 +1,260 @@
+//! `clawker cp serve` and `clawker agent run|stop|rm`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+
+use crate::cp::{self, config};
+use crate::identity::{AgentName, ProjectSlug};
+
+#[derive(Debug, Subcommand)]
+pub enum CpCommand {
+    /// Run the control plane until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (default: <state>/cp.toml if present).
+    #[arg(long, env = "CLAWKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "CLAWKER_NETWORK")]
+    pub network: Option<String>,
+    /// Subnet used when the network has to be created.
+    #[arg(long, env = "CLAWKER_SUBNET")]
+    pub subnet: Option<String>,
+    /// AgentService + token endpoint port (on the network's gateway).
+    #[arg(long, env = "CLAWKER_AGENT_PORT")]
+    pub agent_port: Option<u16>,
+    #[arg(long, env = "CLAWKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    #[arg(long, env = "CLAWKER_CLAWKERD_PORT")]
+    pub clawkerd_port: Option<u16>,
+    /// Run init (and so release the user command) for untrusted agents too.
+    #[arg(long, env = "CLAWKER_INIT_UNTRUSTED")]
+    pub init_untrusted: Option<bool>,
+    /// `pretty` (default on a TTY) or `json`.
+    #[arg(long, env = "CLAWKER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Create and start an agent container; show its init progress.
+    Run(RunArgs),
+    /// Stop an agent container (its identity row is kept).
+    Stop(NameArgs),
+    /// Remove an agent container (its identity row is evicted by the CP).
+    Rm(NameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    pub name: String,
+    #[arg(long, default_value = "")]
+    pub project: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    pub name: String,
+    #[arg(long, default_value = "")]
+    pub project: String,
+    #[arg(long, default_value = config::defaults::IMAGE)]
+    pub image: String,
+    #[arg(long, default_value = config::defaults::NETWORK)]
+    pub network: String,
+    #[arg(long, default_value_t = config::defaults::AGENT_PORT)]
+    pub agent_port: u16,
+    /// Do not wait for init; return once the container started.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for init.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// The user command (after `--`); default: the image's CMD.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let (path, must_exist) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (state_dir.join("cp.toml"), false),
+    };
+    let file = config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)?;
+    init_logging(args.log_format.as_deref().or(file.log_format.as_deref()))?;
+    let admin_addr = admin_addr
+        .parse()
+        .with_context(|| format!("--admin-addr {admin_addr:?}"))?;
+    let overrides = config::Overrides {
+        network: args.network,
+        subnet: args.subnet,
+        agent_port: args.agent_port,
+        admin_addr: Some(admin_addr),
+        metrics_addr: args.metrics_addr,
+        clawkerd_port: args.clawkerd_port,
+        init_untrusted: args.init_untrusted,
+    };
+    let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
+    cp::serve(cfg)
+}
+
+fn init_logging(format: Option<&str>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some("json") => true,
+        Some("pretty") => false,
+        Some(other) => bail!("--log-format {other:?}: expected `pretty` or `json`"),
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let res = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    res.map_err(|e| anyhow::anyhow!("logger: {e}"))
+}
+
+fn names(name: &str, project: &str) -> anyhow::Result<(AgentName, ProjectSlug)> {
+    Ok((AgentName::new(name)?, ProjectSlug::new(project)?))
+}
+
+pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> anyhow::Result<()> {
+    let docker = crate::docker::connect().await?;
+    match cmd {
+        AgentCommand::Stop(n) => {
+            let (agent, project) = names(&n.name, &n.project)?;
+            let id = cp::agent::find(&docker, &project, &agent).await?;
+            cp::agent::stop(&docker, &id).await?;
+            println!("stopped {}", cp::agent::container_name(&project, &agent));
+        }
+        AgentCommand::Rm(n) => {
+            let (agent, project) = names(&n.name, &n.project)?;
+            let id = cp::agent::find(&docker, &project, &agent).await?;
+            cp::agent::remove(&docker, &id).await?;
+            println!("removed {}", cp::agent::container_name(&project, &agent));
+        }
+        AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, args).await?,
+    }
+    Ok(())
+}
+
+async fn run(
+    state_dir: &Path,
+    admin_addr: &str,
+    docker: &bollard::Docker,
+    args: RunArgs,
+) -> anyhow::Result<()> {
+    let (agent, project) = names(&args.name, &args.project)?;
+    let material = crate::pki::AuthMaterial::load(state_dir).with_context(|| {
+        format!(
+            "loading auth material from {} (run `clawker ca init` first)",
+            state_dir.display()
+        )
+    })?;
+    // Subscribe before the container exists so no event can be missed.
+    let mut events = if args.no_wait {
+        None
+    } else {
+        let addr = admin_addr
+            .parse()
+            .with_context(|| format!("--admin-addr {admin_addr:?}"))?;
+        match crate::admin_api::client::AdminClient::connect(state_dir, addr).await {
+            Ok(c) => Some((c.watch_events(vec!["agent.".into()]).await?, c)),
+            Err(e) => {
+                eprintln!("warning: {e}; not waiting for init");
+                None
+            }
+        }
+    };
+    let spec = cp::agent::RunSpec {
+        agent: agent.clone(),
+        project: project.clone(),
+        image: args.image,
+        network: args.network,
+        agent_port: args.agent_port,
+        command: args.command,
+        extra_labels: Default::default(),
+        mint_for_container: None,
+    };
+    let id = cp::agent::run(docker, &material, &spec).await?;
+    let name = cp::agent::container_name(&project, &agent);
+    println!("started {name} ({})", &id[..12.min(id.len())]);
+    let Some((stream, _client)) = events.as_mut() else {
+        return Ok(());
+    };
+    let bar = indicatif::ProgressBar::new(7);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} {msg}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(name.clone());
+    bar.set_message("connecting");
+    let outcome = tokio::time::timeout(Duration::from_secs(args.timeout_secs), async {
+        while let Some(ev) = stream.next().await {
+            let ev = ev.context("event stream")?;
+            let j: serde_json::Value = serde_json::from_str(&ev.json).unwrap_or_default();
+            if j["container_id"] != id.as_str() {
+                continue;
+            }
+            match ev.name.as_str() {
+                "agent.session.connected" => bar.set_message("session connected"),
+                "agent.registered" if j["ok"] == true => bar.set_message("registered"),
+                "agent.init.step.started" => {
+                    bar.set_position(j["step_index"].as_u64().unwrap_or(0));
+                    bar.set_message(format!(
+                        "step {}/7 {}",
+                        j["step_index"].as_u64().unwrap_or(0) + 1,
+                        j["step"].as_str().unwrap_or("")
+                    ));
+                }
+                "agent.init.completed" => {
+                    bar.set_position(7);
+                    bar.finish_with_message("ready");
+                    return Ok(());
+                }
+                "agent.init.failed" => {
+                    bar.abandon_with_message("init failed");
+                    bail!(
+                        "init failed at step {}: {} ({})",
+                        j["failed_step"],
+                        j["reason"],
+                        j["detail"]
+                    );
+                }
+                "agent.untrusted" => {
+                    bar.abandon_with_message("untrusted");
+                    bail!(
+                        "agent is untrusted: {} {} (session kept for containment; init withheld)",
+                        j["reason"],
+                        j["detail"]
+                    );
+                }
+                "agent.session.failed" => {
+                    bar.abandon_with_message("session failed");
+                    bail!("session failed: {}", j["reason"]);
+                }
+                _ => {}
+            }
+        }
+        bail!("event stream ended before init finished")
+    })
+    .await;
+    match outcome {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "init did not finish within {}s (see `clawker events`)",
+            args.timeout_secs
+        ),
+    }
+}
