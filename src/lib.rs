@@ -10,6 +10,8 @@
 //! - [`tls`]: rustls helpers shared by the CP and clawkerd (provider, PEM
 //!   loading, the CP's record-but-never-reject server verifier).
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
+//! - [`policy`]: subscriber actors that act on bus events: containment of
+//!   untrusted agents, the audit log, metrics and health endpoints.
 
 pub mod clawkerd;
 pub mod cli;
@@ -18,6 +20,7 @@ pub mod docker;
 pub mod events;
 pub mod identity;
 pub mod pki;
+pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod session;

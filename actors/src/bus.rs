@@ -302,7 +302,9 @@ impl<T: ?Sized + 'static> Drop for Subscription<T> {
 
 impl<T: ?Sized + 'static> std::fmt::Debug for Subscription<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("id", &self.id).finish()
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
     }
 }
 

@@ -10,8 +10,8 @@ mod tree;
 
 pub use bus::{
     AuditSubscription, BusActor, BusError, BusState, BusStats, DEFAULT_QUEUE_CAPACITY,
-    DEFAULT_SUBSCRIBER_CAPACITY, DRAIN_BATCH, EventBus, EventBusBuilder, Filter,
-    SubscriberStats, Subscription,
+    DEFAULT_SUBSCRIBER_CAPACITY, DRAIN_BATCH, EventBus, EventBusBuilder, Filter, SubscriberStats,
+    Subscription,
 };
 pub use event::{Apply, Event};
 pub use link::{ChildLink, ExitHandle, ExitReason};

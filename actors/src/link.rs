@@ -95,7 +95,11 @@ pub(crate) struct LinkShared {
 }
 
 impl LinkShared {
-    pub(crate) fn new(report_to: Recipient<ChildExited>, child_id: u64, generation: u64) -> Arc<Self> {
+    pub(crate) fn new(
+        report_to: Recipient<ChildExited>,
+        child_id: u64,
+        generation: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(LinkState::Unarmed),
             error: Mutex::new(None),
@@ -200,10 +204,12 @@ impl ChildLink {
             // Resolves on an explicit stop request *and* when the supervisor
             // goes away (sender dropped): children do not outlive their
             // supervisor.
-            ctx.spawn(wrap_future::<_, A>(async move {
-                let _ = rx.await;
-            })
-            .map(|(), _act, ctx: &mut Context<A>| ctx.stop()));
+            ctx.spawn(
+                wrap_future::<_, A>(async move {
+                    let _ = rx.await;
+                })
+                .map(|(), _act, ctx: &mut Context<A>| ctx.stop()),
+            );
         }
         // Keeper: owns the link until the context itself is dropped.
         ctx.spawn(wrap_future::<_, A>(async move {

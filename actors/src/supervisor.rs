@@ -90,7 +90,9 @@ pub struct Backoff {
 impl Backoff {
     /// Delay before restart number `attempt` (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 }
@@ -491,8 +493,10 @@ impl Supervisor {
         let sent = match c.stop_tx.take() {
             Some(tx) => {
                 let _ = tx.send(());
-                self.terminating
-                    .insert((c.id, c.generation), (c.spec.name.clone(), c.spec.key.clone()));
+                self.terminating.insert(
+                    (c.id, c.generation),
+                    (c.spec.name.clone(), c.spec.key.clone()),
+                );
                 tracing::info!(
                     target: TARGET,
                     event = "child_terminated",
@@ -633,7 +637,9 @@ impl Supervisor {
             match self.spec.strategy {
                 Strategy::OneForOne => vec![idx],
                 Strategy::OneForAll => statics.map(|(i, _)| i).collect(),
-                Strategy::RestForOne => statics.filter(|(i, _)| *i >= idx).map(|(i, _)| i).collect(),
+                Strategy::RestForOne => {
+                    statics.filter(|(i, _)| *i >= idx).map(|(i, _)| i).collect()
+                }
             }
         };
         // Stop the affected siblings in reverse start order.
@@ -840,7 +846,8 @@ impl Message for GetChild {
 impl Handler<GetChild> for Supervisor {
     type Result = Option<Handle>;
     fn handle(&mut self, GetChild(key): GetChild, _: &mut Context<Self>) -> Option<Handle> {
-        self.find(&key).and_then(|i| self.children[i].handle.clone())
+        self.find(&key)
+            .and_then(|i| self.children[i].handle.clone())
     }
 }
 

@@ -103,13 +103,17 @@ fn publish_on_a_full_queue_returns_false_and_counts_the_drop() {
         let mut sub = bus.subscribe::<ContainerStarted>().unwrap();
         // The bus actor shares this thread, so it cannot drain until we yield:
         // the 5th..10th publishes find the queue full and must not block.
-        let accepted = (0..10).filter(|&id| bus.publish(ContainerStarted { id })).count();
+        let accepted = (0..10)
+            .filter(|&id| bus.publish(ContainerStarted { id }))
+            .count();
         assert_eq!(accepted, 4);
         bus.flush().await.unwrap();
         let s = bus.stats();
         assert_eq!(s.published, 4);
         assert_eq!(s.dropped_queue, 6);
-        let ids: Vec<u32> = std::iter::from_fn(|| sub.try_recv()).map(|e| e.id).collect();
+        let ids: Vec<u32> = std::iter::from_fn(|| sub.try_recv())
+            .map(|e| e.id)
+            .collect();
         assert_eq!(ids, vec![0, 1, 2, 3]);
     });
 }
@@ -119,25 +123,35 @@ fn stalled_subscriber_drops_oldest_without_slowing_the_others() {
     run(async {
         let bus = EventBus::builder(()).subscriber_capacity(8).start();
         let stalled = bus.subscribe::<ContainerStarted>().unwrap();
-        let mut fast = bus
-            .subscribe_with::<ContainerStarted>(1024, None)
-            .unwrap();
+        let mut fast = bus.subscribe_with::<ContainerStarted>(1024, None).unwrap();
         for id in 0..100 {
             assert!(bus.publish(ContainerStarted { id }));
         }
         bus.flush().await.unwrap();
-        let got: Vec<u32> = std::iter::from_fn(|| fast.try_recv()).map(|e| e.id).collect();
-        assert_eq!(got, (0..100).collect::<Vec<_>>(), "fast subscriber got everything");
+        let got: Vec<u32> = std::iter::from_fn(|| fast.try_recv())
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            got,
+            (0..100).collect::<Vec<_>>(),
+            "fast subscriber got everything"
+        );
         assert_eq!(stalled.dropped(), 92);
         assert_eq!(fast.dropped(), 0);
         let s = bus.stats();
         assert_eq!(s.dropped_subscribers, 92);
-        let detail = s.subscribers_detail.iter().find(|d| d.id == stalled.id()).unwrap();
+        let detail = s
+            .subscribers_detail
+            .iter()
+            .find(|d| d.id == stalled.id())
+            .unwrap();
         assert_eq!(detail.dropped, 92);
         assert_eq!(detail.pending, 8);
         // The stalled subscriber keeps the newest 8.
         let mut stalled = stalled;
-        let kept: Vec<u32> = std::iter::from_fn(|| stalled.try_recv()).map(|e| e.id).collect();
+        let kept: Vec<u32> = std::iter::from_fn(|| stalled.try_recv())
+            .map(|e| e.id)
+            .collect();
         assert_eq!(kept, (92..100).collect::<Vec<_>>());
     });
 }
@@ -180,9 +194,17 @@ fn panics_in_filters_and_projections_are_contained_and_counted() {
             bus.publish(ContainerStarted { id });
         }
         bus.flush().await.unwrap();
-        let picky_ids: Vec<u32> = std::iter::from_fn(|| picky.try_recv()).map(|e| e.id).collect();
-        assert_eq!(picky_ids, vec![1, 666, 2], "only the panicking event is lost");
-        let plain_ids: Vec<u32> = std::iter::from_fn(|| plain.try_recv()).map(|e| e.id).collect();
+        let picky_ids: Vec<u32> = std::iter::from_fn(|| picky.try_recv())
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            picky_ids,
+            vec![1, 666, 2],
+            "only the panicking event is lost"
+        );
+        let plain_ids: Vec<u32> = std::iter::from_fn(|| plain.try_recv())
+            .map(|e| e.id)
+            .collect();
         assert_eq!(plain_ids, vec![1, 13, 666, 2]);
         assert_eq!(bus.stats().panics, 2);
         assert_eq!(bus.snapshot().await.unwrap().running, vec![1, 13, 2]);
@@ -231,7 +253,10 @@ fn closing_the_bus_ends_every_stream_and_rejects_new_work() {
         assert!(waiter.await.unwrap(), "pending recv ends");
         assert!(b.recv().await.is_none());
         assert!(!bus.publish(ContainerStarted { id: 1 }));
-        assert_eq!(bus.subscribe::<ContainerStarted>().unwrap_err(), BusError::Closed);
+        assert_eq!(
+            bus.subscribe::<ContainerStarted>().unwrap_err(),
+            BusError::Closed
+        );
         assert!(bus.subscribe_all().is_err());
         assert_eq!(bus.snapshot().await.unwrap_err(), BusError::Closed);
         let addr = bus.actor().unwrap();
@@ -264,7 +289,10 @@ fn subscribe_all_sees_every_event_type_erased_with_name_and_json() {
         let first = audit.recv().await.unwrap();
         assert_eq!(first.name(), "container_started");
         assert_eq!(first.to_json(), serde_json::json!({"id": 7}));
-        assert_eq!(first.downcast_ref::<ContainerStarted>(), Some(&ContainerStarted { id: 7 }));
+        assert_eq!(
+            first.downcast_ref::<ContainerStarted>(),
+            Some(&ContainerStarted { id: 7 })
+        );
         let second = audit.recv().await.unwrap();
         assert_eq!(second.name(), "container_stopped");
         assert!(second.is::<ContainerStopped>());

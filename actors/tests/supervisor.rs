@@ -37,7 +37,11 @@ fn panicking_handler_is_restarted_under_permanent() {
         let p = Probe::default();
         let exits = Exits::default();
         let e = exits.clone();
-        let sup = Supervisor::start(fast("root").child(worker("w", &p)).on_exit(move |x| e.push(x)));
+        let sup = Supervisor::start(
+            fast("root")
+                .child(worker("w", &p))
+                .on_exit(move |x| e.push(x)),
+        );
         let a = addr_of(&sup, "w").await;
         assert_eq!(p.starts(), 1);
         let _ = a.send(Crash).await;
@@ -77,7 +81,10 @@ fn panic_in_started_is_detected_and_restarted() {
         assert_eq!(a.send(Ping).await.ok(), Some(3));
         let ex = exits.all();
         assert_eq!(ex.len(), 2);
-        assert!(ex.iter().all(|x| matches!(&x.reason, ExitReason::Panic(m) if m.contains("started()"))));
+        assert!(
+            ex.iter()
+                .all(|x| matches!(&x.reason, ExitReason::Panic(m) if m.contains("started()")))
+        );
     });
 }
 
@@ -215,7 +222,9 @@ fn exceeding_restart_intensity_escalates_the_root_and_stops_children() {
         let escalations = Arc::new(Mutex::new(Vec::new()));
         let esc = escalations.clone();
         let pp = p.clone();
-        let always_panics = ChildSpec::worker("crashy", move |link| Ok(start_worker(link, pp.clone(), true)));
+        let always_panics = ChildSpec::worker("crashy", move |link| {
+            Ok(start_worker(link, pp.clone(), true))
+        });
         let sup = Supervisor::start(
             SupervisorSpec::new("root")
                 .backoff(Duration::from_millis(1), Duration::from_millis(4))
@@ -230,8 +239,15 @@ fn exceeding_restart_intensity_escalates_the_root_and_stops_children() {
         eventually("children stopped", || steady.stops() == 1).await;
         let e = escalations.lock().unwrap()[0].clone();
         assert_eq!(e.supervisor, "root");
-        assert!(e.reason.contains("restart intensity exceeded"), "{}", e.reason);
-        assert_eq!(sup.add_child(worker("late", &Probe::default())).await, Err(SupervisorError::NotRunning));
+        assert!(
+            e.reason.contains("restart intensity exceeded"),
+            "{}",
+            e.reason
+        );
+        assert_eq!(
+            sup.add_child(worker("late", &Probe::default())).await,
+            Err(SupervisorError::NotRunning)
+        );
     });
 }
 
@@ -288,12 +304,18 @@ fn dynamic_children_are_keyed_looked_up_stopped_and_reported() {
         let probes: Vec<Probe> = (0..3).map(|_| Probe::default()).collect();
         for (i, p) in probes.iter().enumerate() {
             dialer
-                .add_child(worker("session", p).key(format!("c{i}")).restart(Restart::Transient))
+                .add_child(
+                    worker("session", p)
+                        .key(format!("c{i}"))
+                        .restart(Restart::Transient),
+                )
                 .await
                 .unwrap();
         }
         assert_eq!(
-            dialer.add_child(worker("session", &Probe::default()).key("c1")).await,
+            dialer
+                .add_child(worker("session", &Probe::default()).key("c1"))
+                .await,
             Err(SupervisorError::DuplicateKey("c1".into()))
         );
         assert!(dialer.child::<Worker>("c2").await.is_some());
@@ -348,7 +370,9 @@ fn start_function_error_counts_as_a_failure() {
         let e = exits.clone();
         let _sup = Supervisor::start(fast("root").child(spec).on_exit(move |x| e.push(x)));
         eventually("started on retry", || p.starts() == 1).await;
-        assert!(matches!(&exits.all()[0].reason, ExitReason::Error(m) if m.contains("docker unavailable")));
+        assert!(
+            matches!(&exits.all()[0].reason, ExitReason::Error(m) if m.contains("docker unavailable"))
+        );
     });
 }
 
@@ -388,15 +412,31 @@ fn tree_snapshot_serialises_and_renders_indented() {
         };
         let dialer = SupervisorHandle::from_addr(dialer);
         dialer
-            .add_child(worker("session", &Probe::default()).key("abc123").restart(Restart::Transient))
+            .add_child(
+                worker("session", &Probe::default())
+                    .key("abc123")
+                    .restart(Restart::Transient),
+            )
             .await
             .unwrap();
         let tree = root.tree().await.unwrap();
         let text = tree.render();
-        assert!(text.starts_with("root (supervisor one_for_one) running"), "{text}");
-        assert!(text.contains("├── bus (worker, permanent) running restarts=0"), "{text}");
-        assert!(text.contains("└── dialer (supervisor one_for_one, permanent) running"), "{text}");
-        assert!(text.contains("    └── session[abc123] (worker, transient) running"), "{text}");
+        assert!(
+            text.starts_with("root (supervisor one_for_one) running"),
+            "{text}"
+        );
+        assert!(
+            text.contains("├── bus (worker, permanent) running restarts=0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("└── dialer (supervisor one_for_one, permanent) running"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    └── session[abc123] (worker, transient) running"),
+            "{text}"
+        );
         let json = serde_json::to_value(&tree).unwrap();
         assert_eq!(json["children"][1]["children"][0]["key"], "abc123");
         assert_eq!(json["children"][0]["state"], "running");

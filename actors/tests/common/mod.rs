@@ -118,7 +118,9 @@ pub fn start_worker(link: ChildLink, probe: Probe, panic_in_started: bool) -> Ad
 
 pub fn worker(name: &str, probe: &Probe) -> ChildSpec {
     let probe = probe.clone();
-    ChildSpec::worker(name, move |link| Ok(start_worker(link, probe.clone(), false)))
+    ChildSpec::worker(name, move |link| {
+        Ok(start_worker(link, probe.clone(), false))
+    })
 }
 
 /// Collects `ChildExit` notifications.
