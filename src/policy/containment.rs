@@ -957,3 +957,282 @@ impl StreamHandler<Arc<SessionFailed>> for ContainmentActor {
         self.failures.retain(|_, q| !q.is_empty());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::RecordingSink;
+    use ContainmentAction as A;
+    use ContainmentOutcome as O;
+
+    /// Scripted session: answers every command with the next result.
+    #[derive(Clone, Default)]
+    struct ScriptedSessions {
+        answers: Arc<Mutex<VecDeque<Result<CommandOutput, SessionCommandError>>>>,
+        seen: Arc<Mutex<Vec<(String, HashMap<String, String>)>>>,
+    }
+
+    impl ScriptedSessions {
+        fn answer(&self, r: Result<CommandOutput, SessionCommandError>) {
+            self.answers.lock().unwrap().push_back(r);
+        }
+    }
+
+    impl SessionCommands for ScriptedSessions {
+        fn run_root<'a>(
+            &'a self,
+            id: &'a str,
+            _: &'a str,
+            env: HashMap<String, String>,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<CommandOutput, SessionCommandError>> {
+            self.seen.lock().unwrap().push((id.to_owned(), env));
+            let r = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Err(SessionCommandError::NoSession));
+            Box::pin(async move { r })
+        }
+    }
+
+    fn target(id: &str) -> Target {
+        Target {
+            container_id: id.into(),
+            agent: "dev".into(),
+            project: "web".into(),
+        }
+    }
+
+    fn setup(
+        actions: Vec<ContainmentAction>,
+        dry_run: bool,
+    ) -> (Containment, MemoryOps, ScriptedSessions) {
+        let ops = MemoryOps::default();
+        ops.add("c1", &["clawker-net", "bridge", "corp-lan"]);
+        let sessions = ScriptedSessions::default();
+        let config = ContainmentConfig {
+            dry_run,
+            lock_allow: Some("10.9.0.1".into()),
+            rules: vec![Rule {
+                on: TriggerKind::Untrusted,
+                reasons: vec![],
+                count: 1,
+                window_secs: 1,
+                actions,
+            }],
+            ..ContainmentConfig::default()
+        };
+        let c = Containment {
+            config,
+            ops: Arc::new(ops.clone()),
+            sessions: Arc::new(sessions.clone()),
+        };
+        (c, ops, sessions)
+    }
+
+    const MISMATCH: Trigger = Trigger::Untrusted(UntrustedReason::CertThumbprintMismatch);
+
+    fn outcomes(evs: &[ContainmentApplied]) -> Vec<(A, O)> {
+        evs.iter().map(|e| (e.action, e.outcome)).collect()
+    }
+
+    #[test]
+    fn default_policy_alerts_and_isolates_every_untrusted_reason_and_nothing_else() {
+        let c = ContainmentConfig::default();
+        for r in [
+            UntrustedReason::CertThumbprintMismatch,
+            UntrustedReason::CertInvalid,
+            UntrustedReason::CertCnMismatch,
+            UntrustedReason::RegisterFailed,
+        ] {
+            assert_eq!(c.ladder(Trigger::Untrusted(r)), vec![A::Alert, A::Isolate]);
+        }
+        assert!(c.ladder(Trigger::InitFailed).is_empty());
+        assert!(
+            c.ladder(Trigger::SessionFailedRepeated { count: 100 })
+                .is_empty()
+        );
+        assert!(!c.dry_run);
+        assert_eq!(c.keep_network, "clawker-net");
+    }
+
+    #[test]
+    fn trigger_mapping_from_toml_by_reason_and_threshold() {
+        let c: ContainmentConfig = toml::from_str(
+            r#"
+            keep_network = "cp-net"
+            [[rules]]
+            on = "untrusted"
+            reasons = ["cert_invalid", "register_failed"]
+            actions = ["alert", "isolate", "lock"]
+            [[rules]]
+            on = "untrusted"
+            actions = ["alert"]
+            [[rules]]
+            on = "init_failed"
+            actions = ["stop"]
+            [[rules]]
+            on = "session_failed"
+            count = 3
+            window_secs = 30
+            actions = ["kill"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.keep_network, "cp-net");
+        assert!(c.enabled, "defaults fill the rest");
+        assert_eq!(
+            c.ladder(Trigger::Untrusted(UntrustedReason::CertInvalid)),
+            vec![A::Alert, A::Isolate, A::Lock],
+            "matching rules merge in order, without repeats"
+        );
+        assert_eq!(
+            c.ladder(Trigger::Untrusted(UntrustedReason::CertCnMismatch)),
+            vec![A::Alert]
+        );
+        assert_eq!(c.ladder(Trigger::InitFailed), vec![A::Stop]);
+        assert_eq!(
+            c.ladder(Trigger::SessionFailedRepeated { count: 3 }),
+            vec![A::Kill]
+        );
+        assert!(
+            c.ladder(Trigger::SessionFailedRepeated { count: 2 })
+                .is_empty()
+        );
+        assert_eq!(
+            c.session_failed_threshold(),
+            Some((3, Duration::from_secs(30)))
+        );
+        assert!(toml::from_str::<ContainmentConfig>("bogus = 1").is_err());
+    }
+
+    #[tokio::test]
+    async fn isolate_keeps_only_the_kept_network_and_is_idempotent() {
+        let (c, ops, _) = setup(vec![A::Alert, A::Isolate], false);
+        let sink = RecordingSink::default();
+        let first = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(
+            outcomes(&first),
+            vec![(A::Alert, O::Applied), (A::Isolate, O::Applied)]
+        );
+        assert_eq!(ops.networks("c1").unwrap(), vec!["clawker-net"]);
+        assert_eq!(first[1].trigger, "untrusted:cert_thumbprint_mismatch");
+        assert!(
+            first[1].detail.contains("bridge, corp-lan"),
+            "{}",
+            first[1].detail
+        );
+        // A CP restart re-publishes AgentUntrusted: the ladder runs again
+        // and isolate is a no-op success, with no further Docker calls.
+        let calls = ops.calls().len();
+        let again = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(
+            outcomes(&again),
+            vec![(A::Alert, O::Applied), (A::Isolate, O::AlreadyApplied)]
+        );
+        assert_eq!(ops.calls().len(), calls);
+        let published = sink.of("policy.containment.applied");
+        assert_eq!(published.len(), 4);
+        assert_eq!(published[3]["outcome"], "already_applied");
+        assert_eq!(published[3]["agent"], "dev");
+    }
+
+    #[tokio::test]
+    async fn dry_run_changes_nothing_but_reports_every_step() {
+        let (c, ops, sessions) = setup(vec![A::Alert, A::Isolate, A::Lock, A::Stop, A::Kill], true);
+        let sink = RecordingSink::default();
+        let evs = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert!(evs.iter().all(|e| e.outcome == O::DryRun), "{evs:?}");
+        assert_eq!(evs.len(), 5);
+        assert!(
+            evs[1].detail.contains("would disconnect"),
+            "{}",
+            evs[1].detail
+        );
+        assert!(ops.calls().is_empty());
+        assert_eq!(ops.networks("c1").unwrap().len(), 3);
+        assert_eq!(ops.running("c1"), Some(true));
+        assert!(sessions.seen.lock().unwrap().is_empty(), "no command ran");
+        assert_eq!(sink.of("policy.containment.applied").len(), 5);
+    }
+
+    #[tokio::test]
+    async fn stop_and_kill_are_idempotent_and_a_missing_container_is_not_found() {
+        let (c, ops, _) = setup(vec![A::Kill, A::Stop], false);
+        let sink = RecordingSink::default();
+        let evs = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(
+            outcomes(&evs),
+            vec![(A::Kill, O::Applied), (A::Stop, O::AlreadyStopped)]
+        );
+        let again = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(
+            outcomes(&again),
+            vec![(A::Kill, O::AlreadyStopped), (A::Stop, O::AlreadyStopped)]
+        );
+        assert_eq!(ops.calls(), vec!["kill c1"]);
+        let gone = c.run(&target("nope"), MISMATCH, &sink).await;
+        assert!(gone.iter().all(|e| e.outcome == O::NotFound), "{gone:?}");
+    }
+
+    #[tokio::test]
+    async fn lock_reports_applied_already_and_unsupported_with_exit_code_and_stderr() {
+        let (c, _, sessions) = setup(vec![A::Lock], false);
+        let sink = RecordingSink::default();
+        sessions.answer(Ok(CommandOutput {
+            exit_code: 0,
+            stderr: String::new(),
+        }));
+        sessions.answer(Ok(CommandOutput {
+            exit_code: LOCK_ALREADY,
+            stderr: String::new(),
+        }));
+        sessions.answer(Ok(CommandOutput {
+            exit_code: 127,
+            stderr: "neither iptables nor nft is installed in the container".into(),
+        }));
+        sessions.answer(Err(SessionCommandError::Timeout(Duration::from_secs(1))));
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.extend(c.run(&target("c1"), MISMATCH, &sink).await);
+        }
+        assert_eq!(
+            got.iter().map(|e| e.outcome).collect::<Vec<_>>(),
+            vec![
+                O::Applied,
+                O::AlreadyApplied,
+                O::Unsupported,
+                O::Failed,
+                O::Unsupported
+            ]
+        );
+        assert!(got[2].detail.contains("exit_code=127"), "{}", got[2].detail);
+        assert!(
+            got[2].detail.contains("iptables nor nft"),
+            "{}",
+            got[2].detail
+        );
+        assert!(
+            got[4].detail.contains("no open session"),
+            "{}",
+            got[4].detail
+        );
+        let seen = sessions.seen.lock().unwrap();
+        assert_eq!(
+            seen[0].1.get("CLAWKER_LOCK_ALLOW").map(String::as_str),
+            Some("10.9.0.1")
+        );
+    }
+
+    #[tokio::test]
+    async fn disabled_policy_does_nothing() {
+        let (mut c, ops, _) = setup(vec![A::Kill], false);
+        c.config.enabled = false;
+        let sink = RecordingSink::default();
+        assert!(c.run(&target("c1"), MISMATCH, &sink).await.is_empty());
+        assert!(ops.calls().is_empty());
+        assert!(sink.names().is_empty());
+    }
+}
