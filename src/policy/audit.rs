@@ -383,3 +383,77 @@ pub fn read_last(path: &Path, n: usize) -> io::Result<Vec<AuditRecord>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(i: usize) -> String {
+        serde_json::to_string(&AuditRecord {
+            name: "test.event".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+            event: serde_json::json!({ "i": i }),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn rotation_keeps_n_files_and_read_last_spans_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit").join("events.jsonl");
+        let one = line(10).len() as u64 + 1;
+        // Three lines per file, two rotated files kept.
+        let mut w = AuditWriter::open(&path, one * 3, 2).unwrap();
+        for i in 0..20 {
+            w.write_line(&line(i)).unwrap();
+        }
+        w.sync().unwrap();
+        assert!(rotated(&path, 1).exists());
+        assert!(rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "only `keep` rotated files");
+        for p in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
+            assert!(fs::metadata(&p).unwrap().len() <= one * 3);
+        }
+        let idx = |recs: &[AuditRecord]| -> Vec<u64> {
+            recs.iter()
+                .map(|r| r.event["i"].as_u64().unwrap())
+                .collect()
+        };
+        // 20 lines: live has 18,19; .1 has 15..17; .2 has 12..14.
+        assert_eq!(idx(&read_last(&path, 4).unwrap()), vec![16, 17, 18, 19]);
+        assert_eq!(
+            idx(&read_last(&path, 100).unwrap()),
+            (12..20).collect::<Vec<_>>()
+        );
+        assert!(read_last(&path, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_last_skips_a_torn_line_and_a_missing_log_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        assert!(read_last(&path, 5).unwrap().is_empty());
+        let mut w = AuditWriter::open(&path, 1 << 20, 3).unwrap();
+        w.write_line(&line(1)).unwrap();
+        w.write_line(&line(2)).unwrap();
+        w.sync().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"name\":\"torn").unwrap();
+        let recs = read_last(&path, 5).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[1].event["i"], 2);
+    }
+
+    #[test]
+    fn reopening_appends_instead_of_truncating() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut w = AuditWriter::open(&path, 1 << 20, 3).unwrap();
+        w.write_line(&line(1)).unwrap();
+        drop(w);
+        let mut w = AuditWriter::open(&path, 1 << 20, 3).unwrap();
+        w.write_line(&line(2)).unwrap();
+        drop(w);
+        assert_eq!(read_last(&path, 10).unwrap().len(), 2);
+    }
+}
