@@ -965,11 +965,14 @@ mod tests {
     use ContainmentAction as A;
     use ContainmentOutcome as O;
 
+    /// (container id, env) of every command run.
+    type Seen = (String, HashMap<String, String>);
+
     /// Scripted session: answers every command with the next result.
     #[derive(Clone, Default)]
     struct ScriptedSessions {
         answers: Arc<Mutex<VecDeque<Result<CommandOutput, SessionCommandError>>>>,
-        seen: Arc<Mutex<Vec<(String, HashMap<String, String>)>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
     }
 
     impl ScriptedSessions {
