@@ -16,6 +16,8 @@
 //!   supervision tree) on loopback for the CLI, with its client.
 //! - [`cli`]: the `clawker` command line.
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
+//! - [`policy`]: subscriber actors that act on bus events: containment of
+//!   untrusted agents, the audit log, metrics and health endpoints.
 
 pub mod admin_api;
 pub mod agent_api;
@@ -27,6 +29,7 @@ pub mod docker;
 pub mod events;
 pub mod identity;
 pub mod pki;
+pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod session;

@@ -358,6 +358,89 @@ pub struct InitFailed {
 }
 domain_event!(InitFailed, "agent.init.failed", container);
 
+// ---- policy axis --------------------------------------------------------
+
+/// What a containment step did (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainmentAction {
+    /// Structured log line + this event; changes nothing.
+    Alert,
+    /// Disconnect from every Docker network except the kept one.
+    Isolate,
+    /// Drop-all-egress firewall inside the container, over the session.
+    Lock,
+    /// `docker stop`.
+    Stop,
+    /// `docker kill`.
+    Kill,
+}
+
+impl ContainmentAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alert => "alert",
+            Self::Isolate => "isolate",
+            Self::Lock => "lock",
+            Self::Stop => "stop",
+            Self::Kill => "kill",
+        }
+    }
+}
+
+/// How a containment step ended (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainmentOutcome {
+    /// The step changed something.
+    Applied,
+    /// Nothing to do: the container was already in the target state
+    /// (e.g. isolate on an isolated container, lock on a locked one).
+    AlreadyApplied,
+    /// stop/kill on a container that is not running.
+    AlreadyStopped,
+    /// The step cannot work on this container (e.g. no iptables/nft, no
+    /// NET_ADMIN, no open session); `detail` says why.
+    Unsupported,
+    /// The container no longer exists.
+    NotFound,
+    /// The step was attempted and failed; `detail` says why.
+    Failed,
+    /// Dry-run mode: logged and published, nothing changed.
+    DryRun,
+}
+
+impl ContainmentOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::AlreadyApplied => "already_applied",
+            Self::AlreadyStopped => "already_stopped",
+            Self::Unsupported => "unsupported",
+            Self::NotFound => "not_found",
+            Self::Failed => "failed",
+            Self::DryRun => "dry_run",
+        }
+    }
+}
+
+/// Ours: one step of a containment ladder ran (see `policy::containment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainmentApplied {
+    pub container_id: String,
+    pub agent: String,
+    pub project: String,
+    /// What fired the ladder, e.g. `untrusted:cert_invalid`, `init_failed`,
+    /// `session_failed_repeated`.
+    pub trigger: String,
+    pub action: ContainmentAction,
+    pub outcome: ContainmentOutcome,
+    pub detail: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ContainmentApplied, "policy.containment.applied", container);
+
 // ---- misc ---------------------------------------------------------------
 
 /// The startup orphan reap failed; a pure notification (no projection).
@@ -475,6 +558,7 @@ pub fn start_bus() -> Bus {
         .project::<InitStepFailed>()
         .project::<InitCompleted>()
         .project::<InitFailed>()
+        .project::<ContainmentApplied>()
         .project::<DockerEventOccurred>()
         .start()
 }

@@ -19,6 +19,8 @@ use super::*;
 
 /// How many past trust verdicts an agent keeps.
 pub const TRUST_HISTORY: usize = 8;
+/// How many containment steps an agent keeps (newest last).
+pub const CONTAINMENT_HISTORY: usize = 16;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Worldview {
@@ -110,6 +112,20 @@ pub struct AgentView {
     #[serde(with = "time::serde::rfc3339::option")]
     pub updated_at: Option<OffsetDateTime>,
     pub init: InitView,
+    /// Containment steps applied to this agent, oldest first (bounded by
+    /// [`CONTAINMENT_HISTORY`]).
+    pub containment: Vec<ContainmentRecord>,
+}
+
+/// One containment step, as the worldview keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContainmentRecord {
+    pub trigger: String,
+    pub action: ContainmentAction,
+    pub outcome: ContainmentOutcome,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 impl AgentView {
@@ -132,6 +148,7 @@ impl AgentView {
             last_error: String::new(),
             updated_at: None,
             init: InitView::default(),
+            containment: Vec::new(),
         }
     }
 
@@ -339,6 +356,25 @@ impl Project for InitFailed {
         a.init.status = InitStatus::Failed;
         a.init.completed_at = Some(at);
         a.init.last_error = self.detail.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for ContainmentApplied {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.container_id);
+        a.set_identity(&self.agent, &self.project, None);
+        a.containment.push(ContainmentRecord {
+            trigger: self.trigger.clone(),
+            action: self.action,
+            outcome: self.outcome,
+            detail: self.detail.clone(),
+            at: self.at,
+        });
+        if a.containment.len() > CONTAINMENT_HISTORY {
+            let excess = a.containment.len() - CONTAINMENT_HISTORY;
+            a.containment.drain(..excess);
+        }
         a.updated_at = Some(self.at);
     }
 }
@@ -552,6 +588,37 @@ mod tests {
         assert_eq!(init.completed_at, Some(t(10)));
         assert_eq!(init.step, "ssh");
         assert_eq!(v.agents["c1"].agent, "dev");
+    }
+
+    #[test]
+    fn containment_is_projected_bounded_and_visible_in_json() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        for i in 0..(CONTAINMENT_HISTORY as i64 + 4) {
+            v.apply_event(&ContainmentApplied {
+                container_id: "c1".into(),
+                agent: String::new(),
+                project: String::new(),
+                trigger: "untrusted:cert_invalid".into(),
+                action: ContainmentAction::Isolate,
+                outcome: if i == 0 {
+                    ContainmentOutcome::Applied
+                } else {
+                    ContainmentOutcome::AlreadyApplied
+                },
+                detail: format!("#{i}"),
+                at: t(i + 1),
+            });
+        }
+        let a = &v.agents["c1"];
+        assert_eq!(a.containment.len(), CONTAINMENT_HISTORY);
+        assert_eq!(a.containment[0].detail, "#4", "oldest dropped first");
+        assert_eq!(a.agent, "dev", "identity kept");
+        let j = serde_json::to_value(&v).unwrap();
+        let rec = &j["agents"]["c1"]["containment"][0];
+        assert_eq!(rec["action"], "isolate");
+        assert_eq!(rec["outcome"], "already_applied");
+        assert_eq!(ContainmentApplied::NAME, "policy.containment.applied");
     }
 
     #[test]

@@ -1,0 +1,129 @@
+//! The CP's loopback HTTP endpoint: `/metrics` (Prometheus text, rendered
+//! from the recorder's handle), `/healthz` (the process answers) and
+//! `/readyz` (registry, bus and Docker feed are up, per [`Readiness`]).
+//!
+//! Why our own small axum server and not the exporter's listener: one
+//! listener for metrics *and* health, graceful shutdown tied to the CP's
+//! cancellation token, and no extra HTTP stack (axum already comes with
+//! tonic).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Flags the daemon sets as its parts come up (and clears if they go
+/// down). Ready = all set.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    registry: AtomicBool,
+    bus: AtomicBool,
+    docker: AtomicBool,
+}
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    pub fn set_registry(&self, up: bool) {
+        self.registry.store(up, Ordering::Release);
+    }
+    pub fn set_bus(&self, up: bool) {
+        self.bus.store(up, Ordering::Release);
+    }
+    /// The Docker events feed is streaming.
+    pub fn set_docker(&self, up: bool) {
+        self.docker.store(up, Ordering::Release);
+    }
+    /// Parts not up yet (empty = ready).
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            ("registry", &self.registry),
+            ("bus", &self.bus),
+            ("docker", &self.docker),
+        ]
+        .into_iter()
+        .filter(|(_, f)| !f.load(Ordering::Acquire))
+        .map(|(n, _)| n)
+        .collect()
+    }
+    pub fn is_ready(&self) -> bool {
+        self.missing().is_empty()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.handle.render(),
+    )
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let missing = s.readiness.missing();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join(", ")),
+        )
+    }
+}
+
+/// The router, for embedding elsewhere.
+pub fn router(handle: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { handle, readiness })
+}
+
+/// Binds `addr` (use loopback; port 0 picks one) and serves until
+/// `shutdown` is cancelled. Returns the bound address and the server task
+/// (it ends after a graceful shutdown).
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(event = "metrics_not_loopback", %addr, "metrics endpoint bound to a non-loopback address");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(handle, readiness);
+    let task = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(event = "metrics_server_failed", error = %e);
+        }
+    });
+    tracing::info!(event = "metrics_listening", addr = %bound);
+    Ok((bound, task))
+}
