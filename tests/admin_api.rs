@@ -438,7 +438,8 @@ fn only_the_cli_certificate_gets_through() {
             )
             .unwrap();
         let other_ca_cli = Ca::generate().unwrap().mint_cli_client().unwrap();
-        let cases: Vec<(&str, Option<(Vec<u8>, Vec<u8>)>)> = vec![
+        type Identity = Option<(Vec<u8>, Vec<u8>)>;
+        let cases: Vec<(&str, Identity)> = vec![
             ("no client certificate", None),
             (
                 "the CP's own client certificate",

@@ -96,9 +96,11 @@ fn setup(bus: &Bus, register: bool) -> Setup {
             .unwrap();
     }
     let resolver = StaticResolver::default();
-    let mut policy = SessionPolicy::default();
-    // Init is not under test here; keep it from running (and needing a home).
-    policy.init_untrusted = false;
+    // Init is not under test here; untrusted agents keep it from running.
+    let policy = SessionPolicy {
+        init_untrusted: false,
+        ..SessionPolicy::default()
+    };
     let deps = SessionDeps {
         resolver: Arc::new(resolver.clone()),
         registry: Arc::new(registry),

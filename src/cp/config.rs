@@ -30,6 +30,10 @@ pub struct FileConfig {
     /// agents too. Default false.
     pub init_untrusted: Option<bool>,
     pub log_format: Option<String>,
+    /// `[containment]`: the containment policy (default: isolate untrusted).
+    pub containment: Option<crate::policy::containment::ContainmentConfig>,
+    /// `[audit]`: the audit log.
+    pub audit: Option<crate::policy::audit::AuditConfig>,
 }
 
 impl FileConfig {
@@ -58,6 +62,8 @@ pub struct CpConfig {
     pub metrics_addr: SocketAddr,
     pub clawkerd_port: u16,
     pub init_untrusted: bool,
+    pub containment: crate::policy::containment::ContainmentConfig,
+    pub audit: crate::policy::audit::AuditConfig,
 }
 
 impl CpConfig {
@@ -108,6 +114,8 @@ pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpC
             .or(file.clawkerd_port)
             .unwrap_or(crate::docker::CLAWKERD_PORT),
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
+        containment: file.containment.unwrap_or_default(),
+        audit: file.audit.unwrap_or_default(),
     })
 }
 
@@ -130,6 +138,17 @@ mod tests {
         assert_eq!(c.subnet, "10.9.0.0/24");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7443");
         assert!(!c.init_untrusted);
+    }
+
+    #[test]
+    fn policy_sections_parse_and_default_safely() {
+        let file: FileConfig =
+            toml::from_str("[containment]\ndry_run = true\n[audit]\nkeep = 2").unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert!(c.containment.dry_run);
+        assert_eq!(c.audit.keep, 2);
+        let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert!(!d.containment.dry_run && d.containment.enabled);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub use config::CpConfig;
 /// Handles to a running CP (for the serve loop and tests).
 pub struct RunningCp {
     pub admin_api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness: Arc<crate::policy::health::Readiness>,
     pub bus: Bus,
     pub registry: Registry,
     pub root: SupervisorHandle,
@@ -84,6 +86,14 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
             .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
     )?;
     let shutdown = CancellationToken::new();
+    let readiness = crate::policy::health::Readiness::new();
+    readiness.set_bus(true);
+    readiness.set_registry(true);
+    let metrics = crate::policy::metrics::Metrics::new();
+    if let Err(e) = metrics.install_global() {
+        // A second CP in one process (tests): keep the first recorder.
+        tracing::debug!(error = %e, "metrics recorder already installed");
+    }
 
     // Agent API on the gateway: containers reach the CP there, and their
     // source address is their clawker-net IP (Register's peer-IP check).
@@ -115,13 +125,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     // finds it by name through the root handle (set right after start).
     let dialer_slot: dispatch::DialerSlot = Arc::default();
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
+    let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let policy = policy_spec(cfg, &bus, &docker, &dialer_slot, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
         .child(ChildSpec::supervisor(Dialer::sessions_spec(dialer_slot.clone())))
         .child(dialer_spec(root_slot.clone(), deps, bus.clone(), dialer_slot.clone()))
-        .child(feeder::FeederActor::spec(docker.clone(), bus.clone()))
+        .child(feeder::FeederActor::spec_with(docker.clone(), bus.clone(), feeder_up.clone()))
         .child(dispatch::DockerDispatch::spec(bus.clone(), dialer_slot.clone(), registry.clone()))
+        .child(ChildSpec::supervisor(policy))
+        .on_exit(crate::policy::metrics::record_child_exit)
         .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
     let root = Supervisor::start(spec);
     let _ = root_slot.set(root.clone());
@@ -134,9 +148,29 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     );
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
+        cfg.metrics_addr,
+        metrics.handle(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+    // Readiness follows the Docker events stream.
+    {
+        let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                ready.set_docker(up.load(std::sync::atomic::Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
 
     Ok(RunningCp {
         admin_api_addr,
+        metrics_addr,
+        readiness,
         bus,
         registry,
         root,
@@ -146,6 +180,42 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         shutdown,
         docker,
     })
+}
+
+/// The `policy` supervisor: containment, audit, metrics subscribers.
+fn policy_spec(
+    cfg: &CpConfig,
+    bus: &Bus,
+    docker: &bollard::Docker,
+    dialer: &dispatch::DialerSlot,
+    metrics: &crate::policy::metrics::Metrics,
+) -> SupervisorSpec {
+    use crate::policy::{audit, containment, metrics as m};
+    let mut keep = cfg.containment.clone();
+    keep.keep_network = cfg.network.clone();
+    let mut spec = SupervisorSpec::new("policy")
+        .strategy(clawker_actors::Strategy::OneForOne)
+        .intensity(20, Duration::from_secs(60))
+        .on_exit(m::record_child_exit)
+        .child(containment::ContainmentActor::spec(
+            bus.clone(),
+            keep,
+            Arc::new(containment::BollardOps::new(docker.clone())),
+            Arc::new(containment::DialerSessions::new(dialer.clone())),
+        ))
+        .child(m::MetricsActor::spec(
+            bus.clone(),
+            metrics.clone(),
+            &m::MetricsConfig::default(),
+        ));
+    if cfg.audit.enabled {
+        spec = spec.child(audit::AuditActor::spec(
+            bus.clone(),
+            cfg.audit.resolve_path(&cfg.state_dir),
+            cfg.audit.clone(),
+        ));
+    }
+    spec
 }
 
 /// The dialer as a supervised worker: on (re)start it publishes its address
@@ -257,6 +327,8 @@ pub async fn boot_dial(docker: &bollard::Docker, dialer: &dispatch::DialerSlot) 
 /// Orderly stop: the tree first (so sessions publish nothing more), then
 /// the servers, the bus and the registry.
 pub async fn stop(cp: RunningCp) {
+    // Let subscribers (the audit log) see every event published so far.
+    let _ = cp.bus.flush().await;
     cp.root.shutdown();
     for _ in 0..200 {
         if !cp.root.is_alive() {

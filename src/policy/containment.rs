@@ -491,12 +491,13 @@ impl SessionCommands for NoSessions {
 /// session's mux, and the command runs like an init step.
 #[derive(Clone)]
 pub struct DialerSessions {
-    dialer: Addr<crate::session::actor::Dialer>,
+    dialer: crate::session::actor::DialerSlot,
     seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DialerSessions {
-    pub fn new(dialer: Addr<crate::session::actor::Dialer>) -> Self {
+    /// Over wherever the dialer currently lives (it may be restarted).
+    pub fn new(dialer: crate::session::actor::DialerSlot) -> Self {
         Self {
             dialer,
             seq: Arc::default(),
@@ -518,8 +519,11 @@ impl SessionCommands for DialerSessions {
         use crate::proto::clawkerd::v1::{self as pb, command, response};
         use crate::session::mux::command as cmd;
         Box::pin(async move {
-            let live = self
+            let dialer = self
                 .dialer
+                .load_full()
+                .ok_or_else(|| SessionCommandError::Transport("dialer not running".into()))?;
+            let live = dialer
                 .send(crate::session::actor::LiveSessionOf(
                     container_id.to_owned(),
                 ))

@@ -164,7 +164,7 @@ pub struct LiveSession {
 
 enum Established {
     Ok {
-        conn: dial::Connection,
+        conn: Box<dial::Connection>,
         target: ResolvedTarget,
         addr: SocketAddr,
         attempts: u32,
@@ -246,7 +246,7 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
         match dial::connect(addr, &deps.dial).await {
             Ok(conn) => {
                 return Established::Ok {
-                    conn,
+                    conn: Box::new(conn),
                     target,
                     addr,
                     attempts,

@@ -137,7 +137,8 @@ mod tests {
 
     #[tokio::test]
     async fn failure_texts_match_the_reference() {
-        let cases: Vec<(Vec<Result<pb::Response, tonic::Status>>, Rows, &str)> = vec![
+        type Frames = Vec<Result<pb::Response, tonic::Status>>;
+        let cases: Vec<(Frames, Rows, &str)> = vec![
             (
                 vec![resp(
                     "register-abc",
