@@ -1,20 +1,59 @@
 #!/usr/bin/env bash
-# The main job. Today: build, create the auth material, mint an agent
-# bootstrap bundle and show what was produced. (Grows into: start the CP and
-# three demo agents on a local Docker engine.)
+# The main job: on a fresh Debian machine (root), bring up Docker, build,
+# create the CA, start the control plane, run three demo agents with live
+# init progress, then show the registry, recent events and the supervision
+# tree. The CP keeps running afterwards; `scripts/demo.sh stop` ends it and
+# removes the demo agents.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
-echo "==> building"
-cargo build --release --bin clawker --bin clawkerd
 state=${CLAWKER_STATE_DIR:-$PWD/target/demo-state}
-bin=target/release/clawker
-echo "==> clawker ca init (state dir $state)"
-$bin --state-dir "$state" ca init
-$bin --state-dir "$state" ca init
-echo "==> minting a bootstrap bundle for clawker.demo.alpha"
-$bin --state-dir "$state" ca mint-agent --project demo --agent alpha \
-  --container-id "$(head -c 32 /dev/urandom | sha256sum | cut -c1-64)" \
-  --out "$state/bundles/alpha"
-openssl x509 -in "$state/bundles/alpha/cert.pem" -noout -subject -ext subjectAltName,extendedKeyUsage
-openssl verify -CAfile "$state/auth/ca/ca.pem" "$state/bundles/alpha/cert.pem"
+export CLAWKER_STATE_DIR=$state
+bin=target/x86_64-unknown-linux-gnu/release/clawker
+pidfile=$state/cp.pid
+
+stop_demo() {
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    kill -TERM "$(cat "$pidfile")"
+    for _ in $(seq 1 50); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$pidfile"
+  for a in alpha beta gamma; do "$bin" agent rm "$a" --project demo >/dev/null 2>&1 || true; done
+}
+
+if [ "${1:-}" = stop ]; then
+  stop_demo
+  echo "demo stopped"
+  exit 0
+fi
+
+scripts/ensure-deps.sh
+echo "==> building clawker + clawkerd (static) and the agent image"
+scripts/build-agent-image.sh clawker-agent:latest
+# The same static build gives us the CLI.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+  --target x86_64-unknown-linux-gnu --bin clawker
+mkdir -p "$state"
+echo "==> clawker ca init ($state)"
+"$bin" ca init
+stop_demo
+echo "==> starting the control plane (log: $state/cp.log)"
+nohup "$bin" cp serve --log-format json >"$state/cp.log" 2>&1 &
+echo $! >"$pidfile"
+for _ in $(seq 1 100); do
+  "$bin" status >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$bin" status
+for a in alpha beta gamma; do
+  echo "==> clawker agent run $a --project demo"
+  "$bin" agent run "$a" --project demo
+done
+echo "==> clawker agents"
+"$bin" agents
+echo "==> recent events"
+"$bin" events --last 25
+echo "==> supervision tree"
+"$bin" tree
+echo
+echo "The control plane is still running (pid $(cat "$pidfile")). Try: $bin worldview | $bin events -f"
+echo "Stop it and remove the demo agents with: scripts/demo.sh stop"

@@ -184,6 +184,7 @@ async fn run(
         agent_port: args.agent_port,
         command: args.command,
         extra_labels: Default::default(),
+        extra_networks: Vec::new(),
         mint_for_container: None,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;

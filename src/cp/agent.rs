@@ -29,6 +29,8 @@ pub struct RunSpec {
     pub command: Vec<String>,
     /// Extra labels (tests mark their containers).
     pub extra_labels: HashMap<String, String>,
+    /// Further networks to attach before start (besides clawker-net).
+    pub extra_networks: Vec<String>,
     /// Mint the leaf for this container id instead of the real one (a test
     /// of the untrusted path: the cert then names another container).
     pub mint_for_container: Option<String>,
@@ -180,6 +182,18 @@ pub async fn run(
                 bollard::body_full(tar.into()),
             )
             .await?;
+        for net in &spec.extra_networks {
+            docker
+                .connect_network(
+                    net,
+                    bollard::models::NetworkConnectRequest {
+                        container: id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .with_context(|| format!("connecting to network {net}"))?;
+        }
         docker.start_container(&id, None).await?;
         anyhow::Ok(())
     };

@@ -104,7 +104,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let api = crate::agent_api::server::serve_agent_api(
         api_cfg,
         registry.clone(),
-        Arc::new(DockerInspector::new(docker.clone())),
+        Arc::new(DockerInspector::new(docker.clone(), &cfg.network)),
         async move { stop.cancelled().await },
     )
     .await?;
@@ -114,7 +114,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         ..SessionPolicy::default()
     };
     let deps = SessionDeps {
-        resolver: Arc::new(DockerResolver::new(docker.clone(), cfg.clawkerd_port)),
+        resolver: Arc::new(DockerResolver::new(docker.clone(), &cfg.network, cfg.clawkerd_port)),
         registry: Arc::new(registry.clone()),
         dial,
         sink: bus.clone(),

@@ -14,7 +14,8 @@ pub struct ContainerFacts {
     pub id: String,
     pub name: String,
     pub labels: HashMap<String, String>,
-    /// The container's address on `clawker-net`, if attached and running.
+    /// The container's address on `clawker-net` (or the network named in
+    /// [`inspect_on`]), if attached.
     pub clawker_net_ip: Option<IpAddr>,
     /// Every attached network's name.
     pub networks: Vec<String>,
@@ -24,6 +25,15 @@ pub struct ContainerFacts {
 /// Inspects `id`. A missing container is `DockerError::NotFound`; an
 /// unparsable or empty IP reads as "no address".
 pub async fn inspect(docker: &Docker, id: &str) -> Result<ContainerFacts, DockerError> {
+    inspect_on(docker, id, NETWORK).await
+}
+
+/// [`inspect`], reading the address on network `network`.
+pub async fn inspect_on(
+    docker: &Docker,
+    id: &str,
+    network: &str,
+) -> Result<ContainerFacts, DockerError> {
     let resp = docker
         .inspect_container(id, None)
         .await
@@ -39,7 +49,7 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<ContainerFacts, Docker
         .and_then(|ns| ns.networks.clone())
         .unwrap_or_default();
     let clawker_net_ip = nets
-        .get(NETWORK)
+        .get(network)
         .and_then(|ep| ep.ip_address.as_deref())
         .and_then(|ip| ip.parse().ok());
     let mut networks: Vec<String> = nets.into_keys().collect();
@@ -64,12 +74,17 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<ContainerFacts, Docker
 #[derive(Clone)]
 pub struct DockerResolver {
     docker: Docker,
+    network: String,
     port: u16,
 }
 
 impl DockerResolver {
-    pub fn new(docker: Docker, port: u16) -> Self {
-        Self { docker, port }
+    pub fn new(docker: Docker, network: &str, port: u16) -> Self {
+        Self {
+            docker,
+            network: network.to_owned(),
+            port,
+        }
     }
 }
 
@@ -84,7 +99,7 @@ impl crate::session::lifecycle::ContainerResolver for DockerResolver {
         use crate::session::lifecycle::{ResolveError, ResolvedTarget};
         let id = container_id.to_owned();
         Box::pin(async move {
-            match inspect(&self.docker, &id).await {
+            match inspect_on(&self.docker, &id, &self.network).await {
                 Ok(f) => Ok(ResolvedTarget {
                     agent: f
                         .labels
@@ -113,11 +128,15 @@ impl crate::session::lifecycle::ContainerResolver for DockerResolver {
 #[derive(Clone)]
 pub struct DockerInspector {
     docker: Docker,
+    network: String,
 }
 
 impl DockerInspector {
-    pub fn new(docker: Docker) -> Self {
-        Self { docker }
+    pub fn new(docker: Docker, network: &str) -> Self {
+        Self {
+            docker,
+            network: network.to_owned(),
+        }
     }
 }
 
@@ -130,7 +149,7 @@ impl crate::agent_api::inspector::ContainerInspector for DockerInspector {
         crate::agent_api::inspector::InspectError,
     > {
         use crate::agent_api::inspector::{ContainerFacts as Facts, InspectError};
-        match inspect(&self.docker, container_id).await {
+        match inspect_on(&self.docker, container_id, &self.network).await {
             Ok(f) => Ok(Facts {
                 id: f.id,
                 labels: f.labels,
