@@ -28,7 +28,7 @@ clawkerd="target/$target/$outdir/clawkerd"
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
-mkdir -p "$root"/{bin,etc,tmp,run,home/claude,usr/local/bin,root}
+mkdir -p "$root"/{bin,etc,tmp,run,home,usr/local/bin,root} "$ctx/home/claude"
 chmod 1777 "$root/tmp"
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list); do
@@ -48,12 +48,13 @@ GROUP
 cat > "$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
+# COPY makes everything root-owned; the agent user's home must be its own
+# (copying the parent makes `claude` itself an entry that --chown applies to).
+COPY --chown=1001:1001 home/ /home/
 ENV PATH=/usr/local/bin:/bin HOME=/root
 ENTRYPOINT ["/usr/local/bin/clawkerd"]
 CMD ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 DOCKERFILE
-# Ownership of the home dir is fixed at build time (COPY keeps uids).
-chown -R 1001:1001 "$root/home/claude"
 echo "==> docker build -t $tag" >&2
 DOCKER_BUILDKIT=0 docker build --quiet -t "$tag" "$ctx" >/dev/null
 echo "$tag"

@@ -58,16 +58,30 @@ impl Env {
 
     fn cleanup(&self) {
         let ids = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=dev.clawker.test={}", self.label)])
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=dev.clawker.test={}", self.label),
+            ])
             .output();
         if let Ok(out) = ids {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
             if !ids.is_empty() {
-                let _ = std::process::Command::new("docker").arg("rm").arg("-f").args(&ids).output();
+                let _ = std::process::Command::new("docker")
+                    .arg("rm")
+                    .arg("-f")
+                    .args(&ids)
+                    .output();
             }
         }
         for n in &self.networks {
-            let _ = std::process::Command::new("docker").args(["network", "rm", n]).output();
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", n])
+                .output();
         }
     }
 
@@ -128,7 +142,10 @@ async fn wait_for(seen: &Seen, id: &str, name: &str, n: usize, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while count_for(seen, id, name) < n {
         if Instant::now() > deadline {
-            panic!("timed out waiting for {n}× {name} on {id}; saw {:?}", names_for(seen, id));
+            panic!(
+                "timed out waiting for {n}× {name} on {id}; saw {:?}",
+                names_for(seen, id)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -154,24 +171,44 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
     let _g = serial();
     let env = Env::new(1);
     actix::System::new().block_on(async {
-        let Some(docker) = docker_or_fail().await else { return };
+        let Some(docker) = docker_or_fail().await else {
+            return;
+        };
         let cp1 = cp::start(&env.cfg).await.unwrap();
         let seen = record(&cp1.bus);
-        let id = cp::agent::run(&docker, &env.material(), &env.spec("alpha")).await.unwrap();
+        let id = cp::agent::run(&docker, &env.material(), &env.spec("alpha"))
+            .await
+            .unwrap();
 
         // start → Connected → AgentRegistered{ok} → InitCompleted.
         wait_for(&seen, &id, "agent.init.completed", 1, 60).await;
         let names = names_for(&seen, &id);
         let pos = |n: &str| names.iter().position(|x| x == n).unwrap_or(usize::MAX);
-        assert!(pos("agent.session.connected") < pos("agent.registered"), "{names:?}");
+        assert!(
+            pos("agent.session.connected") < pos("agent.registered"),
+            "{names:?}"
+        );
         assert!(pos("agent.registered") < pos("agent.init.completed"));
-        let reg = seen.lock().unwrap().iter().find(|(n, j)| n == "agent.registered" && j["container_id"] == id).unwrap().1.clone();
+        let reg = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| n == "agent.registered" && j["container_id"] == id)
+            .unwrap()
+            .1
+            .clone();
         assert_eq!(reg["ok"], true);
         let row = cp1.registry.lookup_by_container_id(&id).unwrap();
         assert_eq!(row.canonical_cn, "clawker.e2e.alpha");
 
         // docker restart: re-dial, Match, no second Register.
-        docker.restart_container(&id, None::<bollard::query_parameters::RestartContainerOptions>).await.unwrap();
+        docker
+            .restart_container(
+                &id,
+                None::<bollard::query_parameters::RestartContainerOptions>,
+            )
+            .await
+            .unwrap();
         wait_for(&seen, &id, "agent.init.completed", 2, 60).await;
         assert_eq!(count_for(&seen, &id, "agent.registered"), 1);
         assert!(count_for(&seen, &id, "agent.trusted") >= 2);
@@ -184,7 +221,10 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
         wait_for(&seen2, &id, "agent.init.completed", 1, 60).await;
         assert_eq!(count_for(&seen2, &id, "agent.registered"), 0);
         let view = cp2.bus.snapshot().await.unwrap();
-        assert!(view.agents[&id].registered, "registered after a Match (worldview fix)");
+        assert!(
+            view.agents[&id].registered,
+            "registered after a Match (worldview fix)"
+        );
 
         // docker rm -f: the row is evicted, the agent leaves the worldview.
         cp::agent::remove(&docker, &id).await.unwrap();
@@ -202,7 +242,11 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
             assert!(Instant::now() < deadline, "agent still in worldview");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(count_for(&seen2, &id, "agent.session.broken"), 0, "stopped at once, no reconnect churn");
+        assert_eq!(
+            count_for(&seen2, &id, "agent.session.broken"),
+            0,
+            "stopped at once, no reconnect churn"
+        );
         cp::stop(cp2).await;
     });
 }
@@ -214,31 +258,54 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
     let other_net = "clawker-e2e-2-other".to_owned();
     env.networks.push(other_net.clone());
     actix::System::new().block_on(async {
-        let Some(docker) = docker_or_fail().await else { return };
+        let Some(docker) = docker_or_fail().await else {
+            return;
+        };
         let cp1 = cp::start(&env.cfg).await.unwrap();
-        clawker::docker::network::ensure(&docker, &other_net, "10.214.102.0/24").await.unwrap();
+        clawker::docker::network::ensure(&docker, &other_net, "10.214.102.0/24")
+            .await
+            .unwrap();
         let seen = record(&cp1.bus);
         let mut spec = env.spec("mallory");
         spec.mint_for_container = Some("deadbeef".into());
         spec.extra_networks = vec![other_net.clone()];
         let started = Instant::now();
-        let id = cp::agent::run(&docker, &env.material(), &spec).await.unwrap();
+        let id = cp::agent::run(&docker, &env.material(), &spec)
+            .await
+            .unwrap();
 
         wait_for(&seen, &id, "agent.untrusted", 1, 60).await;
         let untrusted_at = started.elapsed();
         wait_for(&seen, &id, "policy.containment.applied", 2, 30).await; // alert, isolate
         let applied_at = started.elapsed();
-        let reasons: Vec<serde_json::Value> = seen.lock().unwrap().iter()
+        let reasons: Vec<serde_json::Value> = seen
+            .lock()
+            .unwrap()
+            .iter()
             .filter(|(n, j)| n == "agent.untrusted" && j["container_id"] == id)
-            .map(|(_, j)| j["reason"].clone()).collect();
+            .map(|(_, j)| j["reason"].clone())
+            .collect();
         assert_eq!(reasons[0], "register_failed");
-        assert_eq!(count_for(&seen, &id, "agent.init.started"), 0, "init withheld from untrusted");
-        let facts = clawker::docker::inspect::inspect_on(&docker, &id, &env.cfg.network).await.unwrap();
-        assert_eq!(facts.networks, vec![env.cfg.network.clone()], "isolated to clawker-net only");
+        assert_eq!(
+            count_for(&seen, &id, "agent.init.started"),
+            0,
+            "init withheld from untrusted"
+        );
+        let facts = clawker::docker::inspect::inspect_on(&docker, &id, &env.cfg.network)
+            .await
+            .unwrap();
+        assert_eq!(
+            facts.networks,
+            vec![env.cfg.network.clone()],
+            "isolated to clawker-net only"
+        );
         assert!(facts.running);
         // The CP keeps its session to contain the agent.
         let dialer = cp1.dialer.load_full().unwrap();
-        let live = dialer.send(clawker::session::actor::LiveSessionOf(id.clone())).await.unwrap();
+        let live = dialer
+            .send(clawker::session::actor::LiveSessionOf(id.clone()))
+            .await
+            .unwrap();
         assert!(live.is_some_and(|l| !l.trusted && !l.mux.is_closed()));
         eprintln!("untrusted after {untrusted_at:?}, containment applied after {applied_at:?}");
 
@@ -248,11 +315,23 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
         let seen2 = record(&cp2.bus);
         cp::boot_dial(&docker, &cp2.dialer).await;
         wait_for(&seen2, &id, "policy.containment.applied", 2, 60).await;
-        let outcomes: Vec<String> = seen2.lock().unwrap().iter()
+        let outcomes: Vec<String> = seen2
+            .lock()
+            .unwrap()
+            .iter()
             .filter(|(n, j)| n == "policy.containment.applied" && j["container_id"] == id)
-            .map(|(_, j)| format!("{}:{}", j["action"].as_str().unwrap_or(""), j["outcome"].as_str().unwrap_or("")))
+            .map(|(_, j)| {
+                format!(
+                    "{}:{}",
+                    j["action"].as_str().unwrap_or(""),
+                    j["outcome"].as_str().unwrap_or("")
+                )
+            })
             .collect();
-        assert!(outcomes.iter().any(|o| o.starts_with("isolate:")), "{outcomes:?}");
+        assert!(
+            outcomes.iter().any(|o| o.starts_with("isolate:")),
+            "{outcomes:?}"
+        );
         cp::stop(cp2).await;
     });
 }
@@ -262,14 +341,19 @@ fn twenty_agents_started_at_once_all_complete_init() {
     let _g = serial();
     let env = Env::new(3);
     actix::System::new().block_on(async {
-        let Some(docker) = docker_or_fail().await else { return };
+        let Some(docker) = docker_or_fail().await else {
+            return;
+        };
         let cp1 = cp::start(&env.cfg).await.unwrap();
         let seen = record(&cp1.bus);
         let material = Arc::new(env.material());
         let mut tasks = Vec::new();
         for i in 0..20 {
-            let (docker, material, spec) = (docker.clone(), material.clone(), env.spec(&format!("a{i}")));
-            tasks.push(tokio::spawn(async move { cp::agent::run(&docker, &material, &spec).await }));
+            let (docker, material, spec) =
+                (docker.clone(), material.clone(), env.spec(&format!("a{i}")));
+            tasks.push(tokio::spawn(async move {
+                cp::agent::run(&docker, &material, &spec).await
+            }));
         }
         let mut ids = Vec::new();
         for t in tasks {

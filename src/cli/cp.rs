@@ -193,7 +193,19 @@ async fn run(
     let Some((stream, _client)) = events.as_mut() else {
         return Ok(());
     };
-    let bar = indicatif::ProgressBar::new(7);
+    // A live bar on a terminal; plain lines otherwise (logs, CI, pipes).
+    use std::io::IsTerminal;
+    let plain = !std::io::stderr().is_terminal();
+    let bar = if plain {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(7)
+    };
+    let say = |msg: String| {
+        if plain {
+            eprintln!("{msg}");
+        }
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} {msg}")
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -209,19 +221,26 @@ async fn run(
                 continue;
             }
             match ev.name.as_str() {
-                "agent.session.connected" => bar.set_message("session connected"),
-                "agent.registered" if j["ok"] == true => bar.set_message("registered"),
+                "agent.session.connected" => {
+                    bar.set_message("session connected");
+                    say(format!("{name}: session connected"));
+                }
+                "agent.registered" if j["ok"] == true => {
+                    bar.set_message("registered");
+                    say(format!("{name}: registered"));
+                }
                 "agent.init.step.started" => {
-                    bar.set_position(j["step_index"].as_u64().unwrap_or(0));
-                    bar.set_message(format!(
-                        "step {}/7 {}",
-                        j["step_index"].as_u64().unwrap_or(0) + 1,
-                        j["step"].as_str().unwrap_or("")
-                    ));
+                    let k = j["step_index"].as_u64().unwrap_or(0);
+                    let msg = format!("step {}/7 {}", k + 1, j["step"].as_str().unwrap_or(""));
+                    bar.set_position(k);
+                    bar.set_message(msg.clone());
+                    say(format!("{name}: {msg}"));
                 }
                 "agent.init.completed" => {
                     bar.set_position(7);
                     bar.finish_with_message("ready");
+                    let ms = j["duration_ms"].as_f64().unwrap_or(0.0).round();
+                    say(format!("{name}: ready (init {ms} ms)"));
                     return Ok(());
                 }
                 "agent.init.failed" => {

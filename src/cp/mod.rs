@@ -114,7 +114,11 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         ..SessionPolicy::default()
     };
     let deps = SessionDeps {
-        resolver: Arc::new(DockerResolver::new(docker.clone(), &cfg.network, cfg.clawkerd_port)),
+        resolver: Arc::new(DockerResolver::new(
+            docker.clone(),
+            &cfg.network,
+            cfg.clawkerd_port,
+        )),
         registry: Arc::new(registry.clone()),
         dial,
         sink: bus.clone(),

@@ -117,6 +117,9 @@ pub struct SessionPolicy {
     /// Run init for agents that are not trusted (default off: the
     /// reference ran it for everyone, releasing an untrusted user command).
     pub init_untrusted: bool,
+    /// After a stream ends, how long to let Docker catch up before asking
+    /// whether the container is still running.
+    pub break_grace: Duration,
 }
 
 impl Default for SessionPolicy {
@@ -127,6 +130,7 @@ impl Default for SessionPolicy {
             register_timeout: register::REGISTER_REQUIRED_TIMEOUT,
             max_register_attempts: 3,
             init_untrusted: false,
+            break_grace: Duration::from_millis(150),
         }
     }
 }
@@ -354,6 +358,31 @@ pub async fn run<P: Publish>(
         let end = conn.mux.closed().await;
         let _ = live.send(None);
         drop(conn);
+        // A stream usually ends because the container stopped. Give Docker
+        // a moment to say so, and end quietly rather than publishing
+        // SessionBroken and churning through reconnects for a container
+        // that is gone (later clawker releases do the same).
+        tokio::time::sleep(deps.policy.break_grace).await;
+        let gone = match deps.resolver.resolve(&container_id).await {
+            Ok(t) => !t.running,
+            Err(ResolveError::NotFound) => true,
+            Err(ResolveError::Transient(_)) => false,
+        };
+        {
+            if gone {
+                deps.sink.publish(events::SessionFailed {
+                    container_id: container_id.clone(),
+                    agent: target.agent.clone(),
+                    project: target.project.clone(),
+                    address,
+                    reason: failed_reason::CONTAINER_NOT_RUNNING.to_owned(),
+                    attempts: 0,
+                    at: events::now(),
+                });
+                tracing::info!(event = "agentdial_session_container_gone", container_id = %container_id, "stream ended with its container");
+                return failed_reason::CONTAINER_NOT_RUNNING.to_owned();
+            }
+        }
         deps.sink.publish(events::SessionBroken {
             container_id: container_id.clone(),
             agent: target.agent.clone(),
