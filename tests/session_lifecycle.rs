@@ -387,3 +387,40 @@ async fn first_connect_follows_clawkerd_within_milliseconds() {
     drop(clawkerd);
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_from_another_ca_is_cert_invalid_and_the_session_is_kept() {
+    let h = Harness::new();
+    // clawkerd serves a leaf signed by a foreign CA (it still trusts ours
+    // for the CP's client certificate).
+    let foreign = clawker::pki::Ca::generate().unwrap();
+    let leaf = foreign
+        .mint_agent(
+            &clawker::identity::ProjectSlug::new(PROJECT).unwrap(),
+            &clawker::identity::AgentName::new(AGENT).unwrap(),
+            &h.pki.container_id,
+        )
+        .unwrap();
+    std::fs::write(h.pki.bootstrap_dir.join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(h.pki.bootstrap_dir.join("key.pem"), &leaf.key_pem).unwrap();
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, live) = h.start();
+    h.wait_for("agent.untrusted", 1).await;
+    assert_eq!(
+        h.sink.of("agent.session.connected")[0]["chain_verified"],
+        false
+    );
+    let u = &h.sink.of("agent.untrusted")[0];
+    assert_eq!(u["reason"], "cert_invalid");
+    assert!(
+        u["detail"].as_str().unwrap().starts_with("chain verify:"),
+        "{u}"
+    );
+    assert!(h.sink.of("agent.init.started").is_empty());
+    assert!(
+        live.borrow().as_ref().is_some_and(|l| !l.mux.is_closed()),
+        "session kept"
+    );
+    task.abort();
+}

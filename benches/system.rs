@@ -1,0 +1,482 @@
+//! Whole-system benchmark harness (run with `cargo bench --bench system`).
+//!
+//! Sections (select with an argument, default all):
+//! - `docker`: on a real engine, one agent container under an in-process CP:
+//!   ShellCommand `true` round trip over the open session vs `docker exec`
+//!   of `true` in the same container through the Engine API (bollard
+//!   create/start/inspect) and through the `docker` CLI; stdout throughput of
+//!   500 MB the same three ways; Docker `start` event → SessionConnected and
+//!   → InitCompleted over 50 container starts.
+//! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
+//!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//!
+//! Under `cargo test --all-targets` this binary is only built and exits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Command as Process, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clawker::cp::{self, agent::RunSpec};
+use clawker::identity::{AgentName, ProjectSlug};
+use clawker::proto::clawkerd::v1::{self as pb, command, response};
+use clawker::session::mux::{SessionMux, command as cmd};
+use futures::StreamExt;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("system harness: run with `cargo bench --bench system [-- docker|sessions]`");
+        return;
+    }
+    let only: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let want = |s: &str| only.is_empty() || only.contains(&s);
+    println!("machine: {} cores, {}", num_cpus(), mem_total());
+    if want("docker") {
+        actix::System::new().block_on(docker_section());
+    }
+    if want("sessions") {
+        for n in [100usize, 1000] {
+            actix::System::new().block_on(sessions_section(n));
+        }
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+        })
+        .map(|kb| format!("{} GiB RAM", kb.parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .unwrap_or_default()
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(name: &str, v: &mut Vec<Duration>) {
+    let (p50, p99) = (pct(v, 0.50), pct(v, 0.99));
+    println!(
+        "{name:<48} n={:<4} p50={:>9.3} ms  p99={:>9.3} ms",
+        v.len(),
+        ms(p50),
+        ms(p99)
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs one ShellCommand over the session; returns stdout bytes seen.
+async fn shell(mux: &SessionMux, id: &str, argv: &[&str]) -> usize {
+    let mut replies = mux.route(id).expect("route");
+    let stage = pb::PipeStage {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    mux.send(cmd(
+        id,
+        command::Payload::Shell(pb::ShellCommand {
+            stages: vec![stage],
+            timeout_seconds: 120,
+            initial_stdin: vec![],
+        }),
+    ))
+    .await
+    .expect("send");
+    mux.send(cmd(id, command::Payload::CloseStdin(pb::CloseStdin {})))
+        .await
+        .expect("close");
+    let mut bytes = 0;
+    while let Some(r) = replies.next().await {
+        match r.payload {
+            Some(response::Payload::Stdout(c)) => bytes += c.data.len(),
+            Some(response::Payload::Done(d)) => {
+                assert_eq!(d.final_exit_code, 0);
+                return bytes;
+            }
+            Some(response::Payload::Error(e)) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    panic!("session ended");
+}
+
+async fn api_exec(docker: &bollard::Docker, id: &str, argv: &[&str]) -> usize {
+    use bollard::exec::{StartExecOptions, StartExecResults};
+    let exec = docker
+        .create_exec(
+            id,
+            bollard::models::ExecConfig {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(argv.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create_exec");
+    let mut bytes = 0;
+    if let StartExecResults::Attached { mut output, .. } = docker
+        .start_exec(&exec.id, None::<StartExecOptions>)
+        .await
+        .expect("start_exec")
+    {
+        while let Some(chunk) = output.next().await {
+            if let Ok(bollard::container::LogOutput::StdOut { message }) = chunk {
+                bytes += message.len();
+            }
+        }
+    }
+    let inspect = docker.inspect_exec(&exec.id).await.expect("inspect_exec");
+    assert_eq!(inspect.exit_code, Some(0));
+    bytes
+}
+
+fn cli_exec(id: &str, argv: &[&str]) -> usize {
+    use std::io::Read;
+    let mut child = Process::new("docker")
+        .arg("exec")
+        .arg(id)
+        .args(argv)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("docker exec");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0;
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes += n,
+        }
+    }
+    assert!(child.wait().expect("wait").success());
+    bytes
+}
+
+async fn docker_section() {
+    let docker = clawker::docker::connect().await.expect("docker engine");
+    let state = tempfile::tempdir().expect("tempdir");
+    clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+    let overrides = cp::config::Overrides {
+        network: Some("clawker-bench".into()),
+        subnet: Some("10.215.0.0/24".into()),
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let cfg = cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+    let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+    let running = cp::start(&cfg).await.expect("cp");
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    {
+        let mut sub = running.bus.subscribe_all().unwrap();
+        let s = seen.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                s.lock().unwrap().push((e.name().to_owned(), e.to_json()));
+            }
+        });
+    }
+    let spec = |name: &str| RunSpec {
+        agent: AgentName::new(name).unwrap(),
+        project: ProjectSlug::new("bench").unwrap(),
+        image: "clawker-agent:latest".into(),
+        network: cfg.network.clone(),
+        agent_port: cfg.agent_port,
+        command: vec![],
+        extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
+        extra_networks: vec![],
+        mint_for_container: None,
+    };
+    let at_of = |name: &str, id: &str| -> Option<i128> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| n == name && j["container_id"] == id)
+            .and_then(|(_, j)| {
+                let s = j["at"].as_str()?;
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(|t| t.unix_timestamp_nanos())
+            })
+    };
+    let start_event_at = |id: &str| -> Option<i128> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| {
+                n == "docker.event"
+                    && j["actor_id"] == id
+                    && j["action"] == "start"
+                    && j["synthetic"] == false
+            })
+            .and_then(|(_, j)| j["time_nanos"].as_i64().map(i128::from))
+    };
+    async fn wait<F: Fn() -> bool>(f: F) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // One container for the round trip and throughput comparisons.
+    let id = cp::agent::run(&docker, &material, &spec("rt"))
+        .await
+        .expect("run");
+    wait(|| at_of("agent.init.completed", &id).is_some()).await;
+    let dialer = running.dialer.load_full().unwrap();
+    let live = dialer
+        .send(clawker::session::actor::LiveSessionOf(id.clone()))
+        .await
+        .unwrap()
+        .expect("live session");
+    let mux = live.mux;
+    println!("\n== ShellCommand `true` round trip vs docker exec (same container) ==");
+    let mut v = Vec::new();
+    for i in 0..1000 {
+        let t = Instant::now();
+        shell(&mux, &format!("rt-{i}"), &["true"]).await;
+        v.push(t.elapsed());
+    }
+    report("session ShellCommand `true`", &mut v);
+    let mut v = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        api_exec(&docker, &id, &["true"]).await;
+        v.push(t.elapsed());
+    }
+    report("docker exec via Engine API (bollard)", &mut v);
+    let mut v = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        cli_exec(&id, &["true"]);
+        v.push(t.elapsed());
+    }
+    report("docker exec via CLI", &mut v);
+
+    println!("\n== stdout throughput, 500 MB (same container) ==");
+    let argv = ["head", "-c", "524288000", "/dev/zero"];
+    for (name, run) in [
+        ("session ShellCommand", 0),
+        ("docker exec via Engine API", 1),
+        ("docker exec via CLI", 2),
+    ] {
+        let mut best = 0.0f64;
+        for i in 0..3 {
+            let t = Instant::now();
+            let bytes = match run {
+                0 => shell(&mux, &format!("tp-{i}"), &argv).await,
+                1 => api_exec(&docker, &id, &argv).await,
+                _ => cli_exec(&id, &argv),
+            };
+            assert_eq!(bytes, 524_288_000);
+            best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e6);
+        }
+        println!("{name:<48} best of 3: {best:>8.0} MB/s");
+    }
+
+    println!("\n== Docker start event → SessionConnected / InitCompleted (50 starts) ==");
+    let (mut connected, mut completed) = (Vec::new(), Vec::new());
+    for i in 0..50 {
+        let id = cp::agent::run(&docker, &material, &spec(&format!("s{i}")))
+            .await
+            .expect("run");
+        wait(|| at_of("agent.init.completed", &id).is_some() && start_event_at(&id).is_some())
+            .await;
+        let start = start_event_at(&id).unwrap();
+        let c = at_of("agent.session.connected", &id).unwrap();
+        let d = at_of("agent.init.completed", &id).unwrap();
+        connected.push(Duration::from_nanos((c - start).max(0) as u64));
+        completed.push(Duration::from_nanos((d - start).max(0) as u64));
+        cp::agent::remove(&docker, &id).await.expect("rm");
+    }
+    report("start event → SessionConnected", &mut connected);
+    report("start event → InitCompleted (7 steps)", &mut completed);
+
+    cp::agent::remove(&docker, &id).await.ok();
+    cp::stop(running).await;
+    let _ = Process::new("docker")
+        .args(["network", "rm", "clawker-bench"])
+        .output();
+}
+
+async fn sessions_section(n: usize) {
+    use clawker::session::lifecycle::{
+        ContainerResolver, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
+    };
+    struct Table(HashMap<String, SocketAddr>);
+    impl ContainerResolver for Table {
+        fn resolve(
+            &self,
+            id: &str,
+        ) -> futures::future::BoxFuture<'_, Result<ResolvedTarget, ResolveError>> {
+            let r = self.0.get(id).map(|a| ResolvedTarget {
+                agent: "a".into(),
+                project: "p".into(),
+                running: true,
+                addr: Some(*a),
+            });
+            Box::pin(async move { r.ok_or(ResolveError::NotFound) })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = clawker::pki::Ca::generate().unwrap();
+    let cp_client = ca.mint_cp_client().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(
+        &passwd,
+        "root:x:0:0::/root:/bin/sh\nclaude:x:1001:1001::/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    let group = dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\nclaude:x:1001:\n").unwrap();
+    let mut children = Vec::new();
+    let mut table = HashMap::new();
+    for i in 0..n {
+        let id = format!("{i:08x}");
+        let leaf = ca
+            .mint_agent(
+                &ProjectSlug::new("p").unwrap(),
+                &AgentName::new("a").unwrap(),
+                &id,
+            )
+            .unwrap();
+        let boot = dir.path().join(&id);
+        clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+        std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+        // A distinct loopback address per agent, like distinct container IPs.
+        let addr: SocketAddr = format!("127.77.{}.{}:7700", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap();
+        let child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+            .args(["sleep", "600"])
+            .env("CLAWKER_AGENT", "a")
+            .env("CLAWKER_PROJECT", "p")
+            .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+            .env("CLAWKER_LISTEN_ADDR", addr.to_string())
+            .env("CLAWKER_PASSWD_FILE", &passwd)
+            .env("CLAWKER_GROUP_FILE", &group)
+            .env("CLAWKER_READY_FILE", boot.join("ready"))
+            .env("CLAWKER_LOG_FILE", boot.join("log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn clawkerd");
+        children.push(child);
+        table.insert(id, addr);
+    }
+    // Let every listener come up, so we measure dial latency, not spawn time.
+    for addr in table.values() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "clawkerd {addr} not listening");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let rss_before = rss_mb();
+    let bus = clawker::events::start_bus();
+    let registry = clawker::registry::RegistryStore::open(&dir.path().join("r.redb")).unwrap();
+    let policy = SessionPolicy {
+        max_register_attempts: 0,
+        ..SessionPolicy::default()
+    };
+    let deps = SessionDeps {
+        resolver: Arc::new(Table(table.clone())),
+        registry: Arc::new(registry),
+        dial: clawker::session::dial::DialConfig::new(
+            ca.cert_pem().as_bytes(),
+            cp_client.cert_pem.as_bytes(),
+            cp_client.key_pem.as_bytes(),
+        )
+        .unwrap(),
+        sink: bus.clone(),
+        policy,
+    };
+    let connected_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    {
+        let mut sub = bus
+            .subscribe::<clawker::events::SessionConnected>()
+            .unwrap();
+        let c = connected_at.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                c.lock()
+                    .unwrap()
+                    .insert(e.container_id.clone(), Instant::now());
+            }
+        });
+    }
+    let (dialer, _sessions) = clawker::session::actor::start_standalone(deps, bus.clone());
+    let t0 = Instant::now();
+    for id in table.keys() {
+        dialer.do_send(clawker::session::actor::Dial(id.clone()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while connected_at.lock().unwrap().len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} connected",
+            connected_at.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all = t0.elapsed();
+    let mut lat: Vec<Duration> = connected_at
+        .lock()
+        .unwrap()
+        .values()
+        .map(|t| t.duration_since(t0))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await; // settle: sessions idle
+    println!("\n== {n} idle sessions to real clawkerd processes (loopback) ==");
+    report(
+        &format!("Dial → SessionConnected, {n} dialed at once"),
+        &mut lat,
+    );
+    println!("{:<48} {:.2} s", "all connected after", all.as_secs_f64());
+    println!(
+        "{:<48} {:.1} MB (before dialing: {:.1} MB; {:.1} KB/session)",
+        "CP process RSS",
+        rss_mb(),
+        rss_before,
+        (rss_mb() - rss_before) * 1024.0 / n as f64
+    );
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
