@@ -83,7 +83,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn report(name: &str, v: &mut Vec<Duration>) {
+fn report(name: &str, v: &mut [Duration]) {
     let (p50, p99) = (pct(v, 0.50), pct(v, 0.99));
     println!(
         "{name:<48} n={:<4} p50={:>9.3} ms  p99={:>9.3} ms",

@@ -294,3 +294,117 @@ mod tests {
         assert_eq!(e.to_string(), "key.pem: no private key in PEM");
     }
 }
+
+/// Why a [`PinnedClientVerifier`] refused a leaf.
+#[derive(Debug, thiserror::Error)]
+#[error("{label}: {why}")]
+struct PinRejected {
+    label: &'static str,
+    why: &'static str,
+}
+
+/// The pin on an already chain-verified client leaf: its Subject CN equals
+/// `expected_cn` (constant time: every agent leaf is signed by the same CA,
+/// so the chain alone proves nothing about *who*), and it explicitly lists
+/// the ClientAuth EKU.
+pub fn check_pinned_leaf(der: &[u8], expected_cn: &str) -> Result<(), &'static str> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| "peer certificate does not parse")?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or_default();
+    if !crate::identity::ct_str_eq(cn, expected_cn) {
+        return Err("peer CN not authorized");
+    }
+    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+    if !client_auth {
+        return Err("peer cert missing ClientAuth EKU");
+    }
+    Ok(())
+}
+
+/// A client-certificate verifier for listeners that admit exactly one
+/// identity (clawkerd admits only the CP, the admin API only the CLI):
+/// rustls' WebPKI chain check (CA, validity, signature, webpki's EKU rule),
+/// then [`check_pinned_leaf`] — all inside the handshake, so a refused peer
+/// never reaches a handler.
+#[derive(Debug)]
+pub struct PinnedClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cn: &'static str,
+    /// Prefix of rejection messages (which listener refused).
+    label: &'static str,
+}
+
+impl PinnedClientVerifier {
+    pub fn new(
+        roots: RootCertStore,
+        cn: &'static str,
+        label: &'static str,
+    ) -> Result<Arc<Self>, rustls::server::VerifierBuilderError> {
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()?;
+        Ok(Arc::new(Self { inner, cn, label }))
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_pinned_leaf(end_entity, self.cn).map_err(|why| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(PinRejected {
+                    label: self.label,
+                    why,
+                }),
+            )))
+        })?;
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

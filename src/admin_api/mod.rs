@@ -15,7 +15,7 @@
 //!
 //! Who may call: only a peer presenting a certificate that chains to our CA,
 //! carries the ClientAuth EKU and has Subject CN `clawker-cli`. The check
-//! runs inside the TLS handshake ([`server::CliOnlyVerifier`]), so the CP's
+//! runs inside the TLS handshake ([`crate::tls::PinnedClientVerifier`]), so the CP's
 //! own client certificate (CN `clawker-controlplane`) and agent leaves
 //! (CN `clawker.<project>.<agent>`), though signed by the same CA, never
 //! reach a handler. The reference additionally requires an OAuth2 `admin`

@@ -1,6 +1,6 @@
 //! The admin listener: TLS 1.3 only, client certificate required, and only
 //! the CLI's identity accepted — decided inside the TLS handshake by
-//! [`CliOnlyVerifier`], so a rejected peer never reaches a gRPC handler.
+//! [`tls::PinnedClientVerifier`] pinned to `clawker-cli`, so a rejected peer never reaches a gRPC handler.
 //!
 //! The checks, in order:
 //! 1. the chain verifies to our CA, within its validity period (rustls'
@@ -24,13 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -40,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::service::AdminApi;
 use super::{AdminConfig, SERVICE_NAME};
-use crate::identity::ct_str_eq;
 use crate::pki::CLI_CN;
 use crate::tls;
 
@@ -69,96 +61,13 @@ pub enum AdminServerError {
     Serve(#[from] tonic::transport::Error),
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Rejected(&'static str);
-
-fn reject(why: &'static str) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected(why)))))
-}
-
-/// Checks 2 and 3 of the module doc on an already chain-verified leaf.
-pub fn check_cli_leaf(der: &[u8]) -> Result<(), &'static str> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|_| "admin API: peer certificate does not parse")?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .unwrap_or_default();
-    if !ct_str_eq(cn, CLI_CN) {
-        return Err("admin API: peer CN not authorized (only the clawker CLI may call)");
-    }
-    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
-    if !client_auth {
-        return Err("admin API: peer certificate missing ClientAuth EKU");
-    }
-    Ok(())
-}
-
-/// WebPKI chain verification plus the CLI pin (see module doc).
-#[derive(Debug)]
-pub struct CliOnlyVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for CliOnlyVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        check_cli_leaf(end_entity).map_err(reject)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// The listener's rustls config: TLS 1.3, CP server certificate, ALPN h2,
-/// [`CliOnlyVerifier`] for clients.
+/// [`tls::PinnedClientVerifier`] pinned to `clawker-cli` for clients.
 pub fn server_tls_config(cfg: &AdminConfig) -> Result<rustls::ServerConfig, AdminServerError> {
     let provider = tls::provider();
     let roots = tls::root_store("CA certificate", &cfg.ca_pem)
         .map_err(|e| AdminServerError::Material(e.to_string()))?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
+    let verifier = tls::PinnedClientVerifier::new(roots, CLI_CN, "admin API")
         .map_err(|e| AdminServerError::Tls(format!("client verifier: {e}")))?;
     let certs = tls::load_certs("CP server certificate", &cfg.server_cert_pem)
         .map_err(|e| AdminServerError::Material(e.to_string()))?;
@@ -167,7 +76,7 @@ pub fn server_tls_config(cfg: &AdminConfig) -> Result<rustls::ServerConfig, Admi
     let mut sc = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| AdminServerError::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(CliOnlyVerifier { inner }))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| AdminServerError::Tls(format!("server keypair: {e}")))?;
     sc.alpn_protocols = vec![b"h2".to_vec()];
@@ -309,6 +218,7 @@ mod tests {
     #[test]
     fn only_the_cli_identity_with_client_auth_passes() {
         let ca = Ca::generate().unwrap();
+        let check_cli_leaf = |der: &[u8]| tls::check_pinned_leaf(der, CLI_CN);
         assert!(check_cli_leaf(&ca.mint_cli_client().unwrap().cert_der).is_ok());
         let e = check_cli_leaf(&ca.mint_cp_client().unwrap().cert_der).unwrap_err();
         assert!(e.contains("CN not authorized"), "{e}");

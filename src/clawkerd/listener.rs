@@ -4,7 +4,7 @@
 //! §4).
 //!
 //! Architecture invariant: clawkerd never runs a command for a peer that is
-//! not the CP. The checks, in order, all in [`CpOnlyVerifier`]:
+//! not the CP. The checks, in order, all in [`tls::PinnedClientVerifier`]:
 //! 1. chain to the bootstrap CA, validity period, signature (rustls'
 //!    `WebPkiClientVerifier`, which also applies webpki's EKU rule);
 //! 2. leaf Subject CN equals `clawker-controlplane`, compared in constant
@@ -22,13 +22,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -40,95 +33,12 @@ use tonic::transport::server::Connected;
 
 use super::config::Bootstrap;
 use super::session::ClawkerdSvc;
-use crate::identity::{CONTROL_PLANE_CN, Thumbprint, ct_str_eq};
+use crate::identity::{CONTROL_PLANE_CN, Thumbprint};
 use crate::proto::clawkerd::v1::clawkerd_service_server::ClawkerdServiceServer;
 use crate::tls;
 
 /// A peer gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why the listener refused a peer certificate.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Rejected(&'static str);
-
-fn reject(why: &'static str) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected(why)))))
-}
-
-/// Checks 2 and 3 of the module doc on an already chain-verified leaf.
-pub fn check_cp_leaf(der: &[u8]) -> Result<(), &'static str> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|_| "clawkerd listener: no verified peer chain")?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .unwrap_or_default();
-    if !ct_str_eq(cn, CONTROL_PLANE_CN) {
-        return Err("clawkerd listener: peer CN not authorized");
-    }
-    let client_auth = matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
-    if !client_auth {
-        return Err("clawkerd listener: peer cert missing ClientAuth EKU");
-    }
-    Ok(())
-}
-
-/// WebPKI chain verification plus the CP pin (see module doc).
-#[derive(Debug)]
-pub struct CpOnlyVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for CpOnlyVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        check_cp_leaf(end_entity).map_err(reject)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
 
 /// Builds the listener's TLS config from the bootstrap bundle. Errors are
 /// configuration errors (exit 2); texts follow the reference.
@@ -136,8 +46,7 @@ pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, String> {
     let provider = tls::provider();
     let roots = tls::root_store("ca.pem", &b.ca_pem)
         .map_err(|_| "TLS config: CA PEM did not parse".to_owned())?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
+    let verifier = tls::PinnedClientVerifier::new(roots, CONTROL_PLANE_CN, "clawkerd listener")
         .map_err(|e| format!("TLS config: client verifier: {e}"))?;
     let certs = tls::load_certs("cert.pem", &b.cert_pem)
         .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
@@ -146,7 +55,7 @@ pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, String> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS config: {e}"))?
-        .with_client_cert_verifier(Arc::new(CpOnlyVerifier { inner }))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -332,14 +241,15 @@ mod tests {
     #[test]
     fn cn_pin_and_eku_checks() {
         let ca = Ca::generate().unwrap();
-        assert!(check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ClientAuth])).is_ok());
+        let check = |der: &[u8]| tls::check_pinned_leaf(der, CONTROL_PLANE_CN);
+        assert!(check(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ClientAuth])).is_ok());
         assert_eq!(
-            check_cp_leaf(&leaf(&ca, "evil-cn", vec![Eku::ClientAuth])),
-            Err("clawkerd listener: peer CN not authorized")
+            check(&leaf(&ca, "evil-cn", vec![Eku::ClientAuth])),
+            Err("peer CN not authorized")
         );
-        let e = check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ServerAuth])).unwrap_err();
+        let e = check(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::ServerAuth])).unwrap_err();
         assert!(e.contains("missing ClientAuth EKU"));
-        let e = check_cp_leaf(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::Any])).unwrap_err();
+        let e = check(&leaf(&ca, CONTROL_PLANE_CN, vec![Eku::Any])).unwrap_err();
         assert!(e.contains("missing ClientAuth EKU"));
     }
 
