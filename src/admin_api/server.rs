@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -124,8 +124,13 @@ pub async fn serve_admin_api(
         .build_v1alpha()
         .map_err(|e| AdminServerError::Reflection(e.to_string()))?;
 
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(tcp, acceptor, tx, shutdown.clone()));
+    let rx = tls::accept_loop(
+        tcp,
+        acceptor,
+        HANDSHAKE_TIMEOUT,
+        "admin_tls_rejected",
+        shutdown.clone(),
+    );
     tracing::info!(event = "admin_api_listening", addr = %local);
 
     let server = tonic::transport::Server::builder()
@@ -135,7 +140,10 @@ pub async fn serve_admin_api(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned());
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(rx).map(|(conn, _peer)| Ok::<_, std::io::Error>(conn)),
+            shutdown.cancelled_owned(),
+        );
     let task = tokio::spawn(async move {
         let res = server.await.map_err(AdminServerError::from);
         // Keep the reporter alive as long as the server: dropping it does
@@ -152,53 +160,6 @@ fn check_listen(cfg: &AdminConfig) -> Result<(), AdminServerError> {
         Ok(())
     } else {
         Err(AdminServerError::NotLoopback(cfg.listen))
-    }
-}
-
-type Conn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-async fn accept_loop(
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<std::io::Result<Conn>>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (sock, peer) = tokio::select! {
-            r = tcp.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(event = "admin_accept_failed", error = %e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-            // tonic stopped consuming connections (server ended).
-            _ = tx.closed() => return,
-        };
-        let _ = sock.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                Ok(Ok(stream)) => {
-                    let _ = tx.send(Ok(stream)).await;
-                }
-                Ok(Err(e)) => tracing::warn!(
-                    event = "admin_tls_rejected",
-                    peer = %peer,
-                    error = %e,
-                    "peer refused in the TLS handshake"
-                ),
-                Err(_) => tracing::warn!(
-                    event = "admin_tls_rejected",
-                    peer = %peer,
-                    error = "handshake timeout"
-                ),
-            }
-        });
     }
 }
 

@@ -23,11 +23,9 @@ use std::time::Duration;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_stream::StreamExt;
 use tonic::service::Routes;
 use tower_layer::Layer;
 
@@ -249,7 +247,18 @@ where
             addr: config.listen,
             source,
         })?;
-    let incoming = tls_incoming(listener, TlsAcceptor::from(tls), config.handshake_timeout);
+    // Stopped with the server: the loop ends when tonic drops the receiver.
+    let rx = crate::tls::accept_loop(
+        listener,
+        TlsAcceptor::from(tls),
+        config.handshake_timeout,
+        "agent_api_tls_rejected",
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        |(conn, _peer)| Ok::<_, std::io::Error>(conn),
+    );
     tracing::info!(addr = %local_addr, "agent API listening (AgentService + /oauth2/token)");
 
     let server = tonic::transport::Server::builder()
@@ -266,47 +275,4 @@ where
         task,
         issuer,
     })
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently (a
-/// slow handshake never blocks the accept loop), yielding finished streams.
-/// Ends when the server drops the stream.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-) -> impl tokio_stream::Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<TlsStream<TcpStream>>(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = tx.closed() => break,
-                r = listener.accept() => r,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "agent API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(tls).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "agent API: TLS handshake failed");
-                    }
-                    Err(_) => tracing::debug!(%peer, "agent API: TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
@@ -172,46 +172,16 @@ impl Listener {
         svc: ClawkerdSvc,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let (tx, rx) = mpsc::channel::<std::io::Result<CpConn>>(64);
         let Listener { tcp, acceptor } = self;
-        let accept_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let (sock, peer) = tokio::select! {
-                    r = tcp.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!(event = "clawkerd_accept_failed", error = %e);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = accept_shutdown.cancelled() => return,
-                };
-                let _ = sock.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(CpConn::new(stream, peer))).await;
-                        }
-                        Ok(Err(e)) => tracing::warn!(
-                            event = "tls_handshake_rejected",
-                            peer = %peer,
-                            error = %e,
-                            "peer refused in the TLS handshake"
-                        ),
-                        Err(_) => tracing::warn!(
-                            event = "tls_handshake_rejected",
-                            peer = %peer,
-                            error = "handshake timeout"
-                        ),
-                    }
-                });
-            }
-        });
+        let rx = tls::accept_loop(
+            tcp,
+            acceptor,
+            HANDSHAKE_TIMEOUT,
+            "tls_handshake_rejected",
+            shutdown.clone(),
+        );
+        let incoming = ReceiverStream::new(rx)
+            .map(|(stream, peer)| Ok::<_, std::io::Error>(CpConn::new(stream, peer)));
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -221,7 +191,7 @@ impl Listener {
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some(1 << 20))
             .add_service(ClawkerdServiceServer::new(svc))
-            .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
     }
 }
