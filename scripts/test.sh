@@ -7,4 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 # The e2e suite runs the image built from this tree's clawkerd.
 scripts/build-agent-image.sh clawker-agent:latest >/dev/null
-cargo test --workspace --all-targets "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
