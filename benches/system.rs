@@ -37,6 +37,7 @@ fn main() {
         .map(String::as_str)
         .collect();
     let want = |s: &str| only.is_empty() || only.contains(&s);
+    raise_fd_limit();
     println!("machine: {} cores, {}", num_cpus(), mem_total());
     if want("docker") {
         actix::System::new().block_on(docker_section());
@@ -44,6 +45,18 @@ fn main() {
     if want("sessions") {
         for n in [100usize, 1000] {
             actix::System::new().block_on(sessions_section(n));
+        }
+    }
+}
+
+/// 1,000 sessions need more than the default 1,024 descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
