@@ -506,3 +506,26 @@ async fn stale_policy_keys_fail_startup() {
             .unwrap_err();
     assert!(err.to_string().contains("stale key"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_clients_are_refused() {
+    use rustls_pki_types::pem::PemObject;
+    let h = Harness::start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(h.ca.cert_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("clawker-controlplane").unwrap();
+    let res = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await;
+    assert!(res.is_err(), "TLS 1.2 handshake must fail");
+}
