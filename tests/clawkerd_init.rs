@@ -129,6 +129,10 @@ fn sigterm_before_agent_ready_exits_1() {
     let mut d = Clawkerd::spawn_with(&pki, opts(&["sleep", "30"]));
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(1));
+    assert!(
+        d.logs
+            .wait_count("shutdown_before_spawn", 1, Duration::from_secs(5))
+    );
     assert_eq!(d.logs.count("shutdown_before_spawn"), 1);
     // Other signals before spawn are ignored, not fatal.
     let mut d = Clawkerd::spawn_with(&pki, opts(&["sleep", "30"]));
@@ -159,7 +163,17 @@ exit 7"#
     // Replays: Done{0}, no second spawn.
     agent_ready_ok(&d, &pki, "ar2").await;
     agent_ready_ok(&d, &pki, "ar3").await;
+    assert!(
+        d.logs
+            .wait_for_async("spawn_started", 1, Duration::from_secs(5))
+            .await
+    );
     assert_eq!(d.logs.count("spawn_started"), 1);
+    assert!(
+        d.logs
+            .wait_for_async("agent_ready_already_spawned", 2, Duration::from_secs(5))
+            .await
+    );
     assert_eq!(d.logs.count("agent_ready_already_spawned"), 2);
 
     let deadline = Instant::now() + Duration::from_secs(5);

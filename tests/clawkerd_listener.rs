@@ -141,6 +141,11 @@ async fn only_the_cp_certificate_opens_a_session() {
     probe(&d, &ca, Some(&pki.cp_client), tls13)
         .await
         .expect("CP accepted");
+    assert!(
+        d.logs
+            .wait_for_async("session_started", 1, Duration::from_secs(5))
+            .await
+    );
     assert_eq!(d.logs.count("session_started"), 1);
 }
 

@@ -261,6 +261,11 @@ async fn register_succeeds_once_and_replays_without_network() {
              client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&\
              grant_type=client_credentials&scope=agent%3Aself%3Aregister"
         );
+        assert!(
+            d.logs
+                .wait_for_async("register_replay_short_circuit", 1, Duration::from_secs(5))
+                .await
+        );
         assert_eq!(d.logs.count("register_replay_short_circuit"), 1);
         // The assertion never appears in the log.
         assert!(!format!("{:?}", d.logs.all()).contains("test-assertion-jwt"));
@@ -358,6 +363,11 @@ async fn unconsumed_failures_are_retried() {
         "{err}"
     );
     let _ = register_once(&mut s, "r2").await;
+    assert!(
+        d.logs
+            .wait_for_async("token_exchange_attempt", 2, Duration::from_secs(5))
+            .await
+    );
     assert_eq!(d.logs.count("token_exchange_attempt"), 2, "retried");
     assert_eq!(d.logs.count("register_replay_short_circuit"), 0);
 }

@@ -147,6 +147,19 @@ impl Logs {
     }
 
     /// Async variant of [`Logs::wait_for`] for tokio tests.
+    /// Blocking: waits until at least `count` lines named `name` arrived
+    /// (clawkerd's log lines reach us asynchronously, via a reader thread).
+    pub fn wait_count(&self, name: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.count(name) < count {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     pub async fn wait_for_async(&self, name: &str, count: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
