@@ -470,3 +470,42 @@ pub fn accept_loop(
     });
     rx
 }
+
+/// A tonic connector that dials `addr` over TCP and runs a TLS handshake
+/// with `cfg` under the name every client uses (`clawker-controlplane`;
+/// the server name is not checked against agent leaves, which carry only a
+/// URI SAN), bounded by `timeout`. Shared by the CP's session dialer and the
+/// CLI's admin client.
+pub fn connector(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    timeout: std::time::Duration,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Future<
+        Output = std::io::Result<
+            hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        >,
+    > + Send,
+> + Clone {
+    tower::service_fn(move |_uri: http::Uri| {
+        let cfg = cfg.clone();
+        async move {
+            let io = async {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from(crate::identity::CONTROL_PLANE_CN)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+            };
+            let tls = tokio::time::timeout(timeout, io).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+            })??;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        }
+    })
+}

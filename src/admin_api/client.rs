@@ -12,16 +12,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-use crate::identity::CONTROL_PLANE_CN;
 use crate::pki::{self, AuthPaths};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::admin_service_client::AdminServiceClient;
@@ -86,24 +81,7 @@ impl AdminClient {
         key_pem: &[u8],
     ) -> Result<Self, ClientError> {
         let cfg = Arc::new(client_tls_config(ca_pem, cert_pem, key_pem)?);
-        let connector = tower::service_fn(move |_uri: http::Uri| {
-            let cfg = cfg.clone();
-            async move {
-                let io = async {
-                    let tcp = TcpStream::connect(addr).await?;
-                    tcp.set_nodelay(true)?;
-                    let name = ServerName::try_from(CONTROL_PLANE_CN)
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                    TlsConnector::from(cfg).connect(name, tcp).await
-                };
-                let tls = tokio::time::timeout(CONNECT_TIMEOUT, io)
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                    })??;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        });
+        let connector = tls::connector(addr, cfg, CONNECT_TIMEOUT);
         let channel = Endpoint::from_static("http://clawker-controlplane")
             .connect_timeout(CONNECT_TIMEOUT)
             .connect_with_connector(connector)

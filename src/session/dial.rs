@@ -9,15 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 use tonic::transport::Endpoint;
 
-use crate::identity::CONTROL_PLANE_CN;
 use crate::proto::clawkerd::v1::{self as pb, clawkerd_service_client::ClawkerdServiceClient};
 use crate::proto::clawkerd::v1::{command, response};
 use crate::tls::{self, PeerInfo, PermissiveServerVerifier, TlsError};
@@ -87,25 +82,7 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, S
         tls::cp_dial_config(&cfg.client_cert_pem, &cfg.client_key_pem, verifier.clone())
             .map_err(|e| e.to_string())?,
     );
-    let connect_timeout = cfg.connect_timeout;
-    let connector = tower::service_fn(move |_uri: http::Uri| {
-        let tls_cfg = tls_cfg.clone();
-        async move {
-            let io = async {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from(CONTROL_PLANE_CN)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                TlsConnector::from(tls_cfg).connect(name, tcp).await
-            };
-            let tls = tokio::time::timeout(connect_timeout, io)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                })??;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    });
+    let connector = tls::connector(addr, tls_cfg, cfg.connect_timeout);
     let channel = Endpoint::from_static("http://clawkerd")
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
