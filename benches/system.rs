@@ -126,6 +126,7 @@ async fn shell(mux: &SessionMux, id: &str, argv: &[&str]) -> usize {
             stages: vec![stage],
             timeout_seconds: 120,
             initial_stdin: vec![],
+            ..Default::default()
         }),
     ))
     .await

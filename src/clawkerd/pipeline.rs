@@ -656,6 +656,7 @@ impl Running {
                 Payload::Error(pb::Error {
                     code: ErrorCode::Timeout as i32,
                     message: format!("pipeline killed after {timeout}s timeout"),
+                    os_errno: 0,
                 }),
                 -1,
                 "timeout",
@@ -665,6 +666,7 @@ impl Running {
                 Payload::Error(pb::Error {
                     code: ErrorCode::IoError as i32,
                     message: msg,
+                    os_errno: 0,
                 }),
                 -1,
                 "io_error",
@@ -716,6 +718,7 @@ pub fn error_response(id: &str, code: ErrorCode, message: impl Into<String>) -> 
         payload: Some(Payload::Error(pb::Error {
             code: code as i32,
             message: message.into(),
+            os_errno: 0,
         })),
     }
 }

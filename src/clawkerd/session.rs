@@ -263,7 +263,7 @@ impl Session {
             }
             self.send(Response {
                 command_id: id,
-                payload: Some(Resp::HelloAck(pb::HelloAck {})),
+                payload: Some(Resp::HelloAck(pb::HelloAck::default())),
             })
             .await;
             return;
@@ -402,6 +402,21 @@ impl Session {
                 if let Some(e) = failure {
                     self.shared.user_command.publish_failure(e);
                 }
+            }
+            Cmd::AgentInitialized(_)
+            | Cmd::RenewCert(_)
+            | Cmd::CertIssued(_)
+            | Cmd::Pty(_)
+            | Cmd::Resize(_)
+            | Cmd::Logs(_)
+            | Cmd::CopyFrom(_)
+            | Cmd::CopyTo(_) => {
+                self.send(error_response(
+                    &id,
+                    ErrorCode::InvalidRequest,
+                    "unsupported command",
+                ))
+                .await;
             }
         }
     }

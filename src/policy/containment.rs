@@ -547,6 +547,8 @@ impl SessionCommands for DialerSessions {
                 }],
                 timeout_seconds: u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX),
                 initial_stdin: Vec::new(),
+                print_output: false,
+                exit_on_non_zero: false,
             };
             let send = |p| {
                 let c = cmd(&id, p);

@@ -241,6 +241,8 @@ fn step_command(id: &str, step: &Step, user: &AgentUser) -> pb::Command {
                     }],
                     timeout_seconds: *timeout_seconds,
                     initial_stdin: stdin.as_bytes().to_vec(),
+                    print_output: false,
+                    exit_on_non_zero: false,
                 }),
             )
         }
@@ -655,6 +657,7 @@ mod tests {
         let err = response::Payload::Error(pb::Error {
             code: ErrorCode::Timeout as i32,
             message: "killed".into(),
+            os_errno: 0,
         });
         tokio::spawn(scripted_peer(peer, Some((0, err))));
         let sink = RecordingSink::default();

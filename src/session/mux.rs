@@ -197,6 +197,7 @@ pub fn payload_name(r: &Response) -> &'static str {
         Some(response::Payload::Done(_)) => "done",
         Some(response::Payload::Error(_)) => "error",
         Some(response::Payload::RegisterDone(_)) => "register_done",
+        Some(response::Payload::Csr(_)) => "csr",
     }
 }
 
@@ -262,7 +263,10 @@ mod tests {
             .send(resp("b", response::Payload::Started(pb::Started {})))
             .unwrap();
         peer.responses
-            .send(resp("a", response::Payload::HelloAck(pb::HelloAck {})))
+            .send(resp(
+                "a",
+                response::Payload::HelloAck(pb::HelloAck::default()),
+            ))
             .unwrap();
         assert_eq!(payload_name(&a.next().await.unwrap()), "hello_ack");
         assert_eq!(payload_name(&b.next().await.unwrap()), "started");

@@ -167,6 +167,7 @@ mod tests {
                     response::Payload::Error(pb::Error {
                         code: ErrorCode::InvalidRequest as i32,
                         message: "missing client_assertion".into(),
+                        os_errno: 0,
                     }),
                 )],
                 row(),
