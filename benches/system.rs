@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use clawker::cp::{self, agent::RunSpec};
 use clawker::identity::{AgentName, ProjectSlug};
-use clawker::proto::clawkerd::v1::{self as pb, command, response};
-use clawker::session::mux::{SessionMux, command as cmd};
+use clawker::proto::clawkerd::v1 as pb;
+use clawker::session::command::run_to_completion;
+use clawker::session::mux::SessionMux;
 use futures::StreamExt;
 
 fn main() {
@@ -115,38 +116,19 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs one ShellCommand over the session; returns stdout bytes seen.
 async fn shell(mux: &SessionMux, id: &str, argv: &[&str]) -> usize {
-    let mut replies = mux.route(id).expect("route");
-    let stage = pb::PipeStage {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
+    let shell = pb::ShellCommand {
+        stages: vec![pb::PipeStage {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }],
+        timeout_seconds: 120,
         ..Default::default()
     };
-    mux.send(cmd(
-        id,
-        command::Payload::Shell(pb::ShellCommand {
-            stages: vec![stage],
-            timeout_seconds: 120,
-            initial_stdin: vec![],
-            ..Default::default()
-        }),
-    ))
-    .await
-    .expect("send");
-    mux.send(cmd(id, command::Payload::CloseStdin(pb::CloseStdin {})))
+    let done = run_to_completion(mux, id, shell, Duration::from_secs(130), 0)
         .await
-        .expect("close");
-    let mut bytes = 0;
-    while let Some(r) = replies.next().await {
-        match r.payload {
-            Some(response::Payload::Stdout(c)) => bytes += c.data.len(),
-            Some(response::Payload::Done(d)) => {
-                assert_eq!(d.final_exit_code, 0);
-                return bytes;
-            }
-            Some(response::Payload::Error(e)) => panic!("{e:?}"),
-            _ => {}
-        }
-    }
-    panic!("session ended");
+        .expect("command");
+    assert_eq!(done.exit_code, 0);
+    done.stdout.total as usize
 }
 
 async fn api_exec(docker: &bollard::Docker, id: &str, argv: &[&str]) -> usize {
@@ -274,12 +256,7 @@ async fn docker_section() {
         .await
         .expect("run");
     wait(|| at_of("agent.init.completed", &id).is_some()).await;
-    let dialer = running.dialer.load_full().unwrap();
-    let live = dialer
-        .send(clawker::session::actor::LiveSessionOf(id.clone()))
-        .await
-        .unwrap()
-        .expect("live session");
+    let live = running.sessions.live(&id).await.expect("live session");
     let mux = live.mux;
     println!("\n== ShellCommand `true` round trip vs docker exec (same container) ==");
     let mut v = Vec::new();
@@ -453,14 +430,14 @@ async fn sessions_section(n: usize) {
             while let Some(e) = sub.recv().await {
                 c.lock()
                     .unwrap()
-                    .insert(e.container_id.clone(), Instant::now());
+                    .insert(e.agent.container_id.clone(), Instant::now());
             }
         });
     }
-    let (dialer, _sessions) = clawker::session::actor::start_standalone(deps, bus.clone());
+    let (sessions, _sup) = clawker::session::actor::start_standalone(deps, bus.clone());
     let t0 = Instant::now();
     for id in table.keys() {
-        dialer.do_send(clawker::session::actor::Dial(id.clone()));
+        sessions.dial(id).await;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     while connected_at.lock().unwrap().len() < n {

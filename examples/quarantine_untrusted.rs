@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use clawker::events::{self, AgentUntrusted, Bus, UntrustedReason};
+use clawker::events::{self, AgentRef, AgentUntrusted, Bus, UntrustedReason};
 use clawker_actors::{ChildLink, ChildSpec, Supervisor, SupervisorSpec};
 
 /// Pauses every container reported untrusted.
@@ -55,7 +55,7 @@ impl StreamHandler<Arc<AgentUntrusted>> for Quarantine {
         let done = self.done.clone();
         // Docker calls are async: run them off the handler, never block it.
         ctx.spawn(actix::fut::wrap_future(async move {
-            let id = &e.container_id;
+            let id = &e.agent.container_id;
             let outcome = match docker {
                 None => "docker unreachable: nothing paused".to_owned(),
                 Some(d) => match d.pause_container(id).await {
@@ -65,8 +65,8 @@ impl StreamHandler<Arc<AgentUntrusted>> for Quarantine {
             };
             let _ = done.send(format!(
                 "agent {}/{} in {id} untrusted ({}): {outcome}",
-                e.project,
-                e.agent,
+                e.agent.project,
+                e.agent.name,
                 e.reason.as_str()
             ));
         }));
@@ -97,9 +97,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         bus.publish(AgentUntrusted {
-            container_id: target,
-            agent: "dev".into(),
-            project: "example".into(),
+            agent: AgentRef::new(target, "dev", "example"),
             reason: UntrustedReason::CertThumbprintMismatch,
             detail: "synthetic event from the example".into(),
             at: events::now(),

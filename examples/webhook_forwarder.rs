@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use clawker::events::{self, AgentTrusted, AgentUntrusted, UntrustedReason};
+use clawker::events::{self, AgentRef, AgentTrusted, AgentUntrusted, UntrustedReason};
 use clawker::policy::webhook::{WebhookConfig, WebhookForwarder};
 use clawker_actors::{Supervisor, SupervisorSpec};
 
@@ -82,15 +82,11 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         bus.publish(AgentTrusted {
-            container_id: "c-trusted".into(),
-            agent: "dev".into(),
-            project: "example".into(),
+            agent: AgentRef::new("c-trusted", "dev", "example"),
             at: events::now(),
         }); // not selected: not forwarded
         bus.publish(AgentUntrusted {
-            container_id: "c-bad".into(),
-            agent: "dev".into(),
-            project: "example".into(),
+            agent: AgentRef::new("c-bad", "dev", "example"),
             reason: UntrustedReason::CertInvalid,
             detail: "synthetic event from the example".into(),
             at: events::now(),

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use clawker::admin_api::{
     self, AdminApi, AdminClient, AdminConfig, ClientError, SERVICE_NAME, serve_admin_api,
 };
-use clawker::events::{self, Bus};
+use clawker::events::{self, AgentRef, Bus};
 use clawker::identity::{AgentName, ProjectSlug, Thumbprint};
 use clawker::pki::{AuthMaterial, AuthPaths, Ca, CertifiedKey};
 use clawker::registry::RegistryStore;
@@ -169,9 +169,7 @@ fn list_agents_maps_registry_rows_sorted_by_project_then_agent() {
 
 fn connecting(cid: &str) -> events::SessionConnecting {
     events::SessionConnecting {
-        container_id: cid.into(),
-        agent: "dev".into(),
-        project: "web".into(),
+        agent: AgentRef::new(cid, "dev", "web"),
         address: "10.0.0.2:7700".into(),
         at: events::now(),
     }
@@ -179,9 +177,7 @@ fn connecting(cid: &str) -> events::SessionConnecting {
 
 fn trusted(cid: &str) -> events::AgentTrusted {
     events::AgentTrusted {
-        container_id: cid.into(),
-        agent: "dev".into(),
-        project: "web".into(),
+        agent: AgentRef::new(cid, "dev", "web"),
         at: events::now(),
     }
 }

@@ -7,11 +7,11 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use clawker::agent_api::inspector::ContainerFacts;
 use clawker::agent_api::scopes::{IdentityDecision, REGISTER_METHOD};
 use clawker::identity::Thumbprint;
 use clawker::pki::LeafSpec;
 use clawker::registry::NewEntry;
+use clawker::runtime::ContainerFacts;
 use rcgen::ExtendedKeyUsagePurpose;
 use support::{Harness, LOOPBACK};
 use tonic::Code;
@@ -181,7 +181,7 @@ async fn register_rejects_peer_ip_mismatch() {
     );
     // Not on clawker-net at all.
     let mut facts = ContainerFacts::agent("abc1", "web", "dev", LOOPBACK);
-    facts.clawker_net_ip = None;
+    facts.ip = None;
     h.inspector.insert("abc1", facts);
     assert_status(
         h.register(Some(&leaf), Some(&token), "web", "dev").await,
@@ -485,7 +485,7 @@ async fn stale_policy_keys_fail_startup() {
         "/clawker.agent.v1.AgentService/Connect".into(),
         IdentityDecision::OptedOut,
     );
-    let inspector = std::sync::Arc::new(clawker::agent_api::StaticInspector::new());
+    let inspector = std::sync::Arc::new(clawker::runtime::memory::StaticInspector::new());
     let err = clawker::agent_api::serve_agent_api(
         config.clone(),
         registry.clone(),

@@ -75,7 +75,7 @@ fn ca_init_twice_changes_nothing_and_mint_agent_chains_to_the_ca() {
     assert_eq!(
         claims.aud,
         Some(clawker::agent_api::assertion::Audience::One(
-            clawker::cli::DEFAULT_ASSERTION_AUDIENCE.into()
+            clawker::defaults::token_audience(clawker::defaults::AGENT_PORT)
         ))
     );
 

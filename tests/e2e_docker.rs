@@ -217,7 +217,7 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
-        cp::boot_dial(&docker, &cp2.dialer).await;
+        cp::boot_dial(&docker, &cp2.sessions).await;
         wait_for(&seen2, &id, "agent.init.completed", 1, 60).await;
         assert_eq!(count_for(&seen2, &id, "agent.registered"), 0);
         let view = cp2.bus.snapshot().await.unwrap();
@@ -291,7 +291,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             0,
             "init withheld from untrusted"
         );
-        let facts = clawker::docker::inspect::inspect_on(&docker, &id, &env.cfg.network)
+        let facts = clawker::docker::engine::inspect_on(&docker, &id, &env.cfg.network)
             .await
             .unwrap();
         assert_eq!(
@@ -301,11 +301,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
         );
         assert!(facts.running);
         // The CP keeps its session to contain the agent.
-        let dialer = cp1.dialer.load_full().unwrap();
-        let live = dialer
-            .send(clawker::session::actor::LiveSessionOf(id.clone()))
-            .await
-            .unwrap();
+        let live = cp1.sessions.live(&id).await;
         assert!(live.is_some_and(|l| !l.trusted && !l.mux.is_closed()));
         eprintln!("untrusted after {untrusted_at:?}, containment applied after {applied_at:?}");
 
@@ -313,7 +309,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
-        cp::boot_dial(&docker, &cp2.dialer).await;
+        cp::boot_dial(&docker, &cp2.sessions).await;
         wait_for(&seen2, &id, "policy.containment.applied", 2, 60).await;
         let outcomes: Vec<String> = seen2
             .lock()

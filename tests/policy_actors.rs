@@ -8,25 +8,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clawker::events::{
-    self, AgentRegistered, AgentTrusted, AgentUntrusted, ContainmentAction, ContainmentApplied,
-    ContainmentOutcome, InitStepCompleted, SessionConnected, SessionFailed, UntrustedReason,
+    self, AgentRef, AgentRegistered, AgentTrusted, AgentUntrusted, ContainmentAction,
+    ContainmentApplied, ContainmentOutcome, InitStepCompleted, SessionConnected, SessionFailed,
+    UntrustedReason,
 };
 use clawker::identity::Thumbprint;
 use clawker::policy::audit::{AuditActor, AuditConfig, read_last};
-use clawker::policy::containment::{
-    ContainmentActor, ContainmentConfig, MemoryOps, NoSessions, Rule, TriggerKind,
-};
+use clawker::policy::containment::{ContainmentActor, ContainmentConfig, Rule, TriggerKind};
 use clawker::policy::health::{Readiness, serve_metrics};
 use clawker::policy::metrics::{self as m, Metrics, MetricsActor, RefreshMetrics};
 use clawker::policy::webhook::{WebhookConfig, WebhookForwarder};
+use clawker::runtime::memory::MemoryOps;
+use clawker::session::commands::NoSessions;
 use clawker_actors::{ChildExit, ExitReason, Supervisor, SupervisorSpec};
 use tokio_util::sync::CancellationToken;
 
 fn untrusted(id: &str, reason: UntrustedReason) -> AgentUntrusted {
     AgentUntrusted {
-        container_id: id.into(),
-        agent: "dev".into(),
-        project: "web".into(),
+        agent: AgentRef::new(id, "dev", "web"),
         reason,
         detail: "test".into(),
         at: events::now(),
@@ -35,9 +34,7 @@ fn untrusted(id: &str, reason: UntrustedReason) -> AgentUntrusted {
 
 fn trusted(i: usize) -> AgentTrusted {
     AgentTrusted {
-        container_id: format!("c{i}"),
-        agent: "dev".into(),
-        project: "web".into(),
+        agent: AgentRef::new(format!("c{i}"), "dev", "web"),
         at: events::now(),
     }
 }
@@ -173,9 +170,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         .unwrap();
 
         let reg = |id: &str, ok| AgentRegistered {
-            container_id: id.into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new(id, "dev", "web"),
             ok,
             reason: String::new(),
             at: events::now(),
@@ -188,9 +183,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         bus.publish(untrusted("c5", UntrustedReason::CertInvalid));
         for (id, attempts) in [("c1", 1), ("c2", 2)] {
             bus.publish(SessionConnected {
-                container_id: id.into(),
-                agent: "dev".into(),
-                project: "web".into(),
+                agent: AgentRef::new(id, "dev", "web"),
                 address: "10.0.0.2:7700".into(),
                 attempts,
                 peer_cn: "clawker.web.dev".into(),
@@ -200,9 +193,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
             });
         }
         bus.publish(SessionFailed {
-            container_id: "c3".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("c3", "dev", "web"),
             address: String::new(),
             reason: "connect_total_timeout".into(),
             attempts: 9,
@@ -210,9 +201,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         });
         for ms in [3u64, 40, 700] {
             bus.publish(InitStepCompleted {
-                container_id: "c1".into(),
-                agent: "dev".into(),
-                project: "web".into(),
+                agent: AgentRef::new("c1", "dev", "web"),
                 step: "git".into(),
                 step_index: 2,
                 duration: Duration::from_millis(ms),
@@ -221,9 +210,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
             });
         }
         bus.publish(ContainmentApplied {
-            container_id: "c4".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("c4", "dev", "web"),
             trigger: "untrusted:cert_invalid".into(),
             action: ContainmentAction::Isolate,
             outcome: ContainmentOutcome::Applied,
@@ -384,9 +371,7 @@ fn webhook_forwards_selected_events_and_retries_failures() {
         bus.publish(trusted(1)); // not selected
         bus.publish(untrusted("c9", UntrustedReason::CertCnMismatch));
         bus.publish(ContainmentApplied {
-            container_id: "c9".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("c9", "dev", "web"),
             trigger: "untrusted:cert_cn_mismatch".into(),
             action: ContainmentAction::Alert,
             outcome: ContainmentOutcome::Applied,
@@ -459,9 +444,7 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
         assert_eq!(ops.networks("bad").unwrap(), vec!["clawker-net"]);
 
         let failed = || SessionFailed {
-            container_id: "flaky".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("flaky", "dev", "web"),
             address: String::new(),
             reason: "connect_total_timeout".into(),
             attempts: 1,
@@ -481,7 +464,7 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(e.container_id, "flaky");
+        assert_eq!(e.agent.container_id, "flaky");
         assert_eq!(e.trigger, "session_failed_repeated:3");
         assert_eq!(
             (e.action, e.outcome),

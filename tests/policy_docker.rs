@@ -11,13 +11,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clawker::docker::Engine;
 use clawker::events::{
-    self, AgentUntrusted, ContainmentAction as A, ContainmentApplied, ContainmentOutcome as O,
-    UntrustedReason,
+    self, AgentRef, AgentUntrusted, ContainmentAction as A, ContainmentApplied,
+    ContainmentOutcome as O, UntrustedReason,
 };
-use clawker::policy::containment::{
-    BollardOps, ContainmentActor, ContainmentConfig, ContainmentOps, NoSessions, Rule, TriggerKind,
-};
+use clawker::policy::containment::{ContainmentActor, ContainmentConfig, Rule, TriggerKind};
+use clawker::runtime::ContainmentOps;
+use clawker::session::commands::NoSessions;
 use clawker_actors::{Supervisor, SupervisorSpec};
 
 const IMAGE: &str = "clawker-agent:latest";
@@ -89,9 +90,7 @@ fn setup(tag: &str, octet: u8) -> Option<(Cleanup, String, String)> {
 
 fn untrusted(id: &str) -> AgentUntrusted {
     AgentUntrusted {
-        container_id: id.into(),
-        agent: "dev".into(),
-        project: "web".into(),
+        agent: AgentRef::new(id, "dev", "web"),
         reason: UntrustedReason::CertThumbprintMismatch,
         detail: "test".into(),
         at: events::now(),
@@ -180,7 +179,10 @@ fn real_engine_dry_run_isolate_and_kill() {
     assert_eq!(networks(&name).len(), 2);
     actix::System::new().block_on(async {
         let ops: Arc<dyn ContainmentOps> =
-            Arc::new(BollardOps::new(clawker::docker::connect().await.unwrap()));
+            Arc::new(Engine::new(
+                clawker::docker::connect().await.unwrap(),
+                clawker::defaults::NETWORK,
+            ));
 
         // Dry run: every step reported, nothing changes.
         let dry = contain(
@@ -239,8 +241,10 @@ fn real_engine_stop_stops_a_running_container() {
         return;
     };
     actix::System::new().block_on(async {
-        let ops: Arc<dyn ContainmentOps> =
-            Arc::new(BollardOps::new(clawker::docker::connect().await.unwrap()));
+        let ops: Arc<dyn ContainmentOps> = Arc::new(Engine::new(
+            clawker::docker::connect().await.unwrap(),
+            clawker::defaults::NETWORK,
+        ));
         let mut cfg = config(&keep, false, vec![A::Stop]);
         cfg.stop_timeout_secs = 1; // sh ignores SIGTERM as PID 1
         let r = contain(cfg, ops, &name, 1, 1).await;

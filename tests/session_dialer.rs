@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clawker::events::{self, Bus, worldview::SessionStatus};
 use clawker::registry::RegistryStore;
 use clawker::registry::store::NewEntry;
-use clawker::session::actor::{self, ActiveSessions, Crash, Dial, SessionActor, StopSession};
+use clawker::session::actor::{self, Crash, SessionActor};
 use clawker::session::dial::DialConfig;
 use clawker::session::lifecycle::{
     ContainerResolver, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
@@ -134,10 +134,8 @@ fn concurrent_dials_for_one_container_start_one_session() {
                 ..Default::default()
             }),
         );
-        let (dialer, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
-        for _ in 0..10 {
-            dialer.do_send(Dial(s.pki.container_id.clone()));
-        }
+        let (front, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
+        futures::future::join_all((0..10).map(|_| front.dial(&s.pki.container_id))).await;
         wait_until("first SessionFailed", || {
             count(&seen, "agent.session.failed") == 1
         })
@@ -147,14 +145,14 @@ fn concurrent_dials_for_one_container_start_one_session() {
         // The entry is cleared when the child ends: a new Dial dials afresh.
         let mut cleared = false;
         for _ in 0..100 {
-            if dialer.send(ActiveSessions).await.unwrap().is_empty() {
+            if front.active().await.is_empty() {
                 cleared = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(cleared);
-        dialer.do_send(Dial(s.pki.container_id.clone()));
+        front.dial(&s.pki.container_id).await;
         wait_until("second SessionFailed", || {
             count(&seen, "agent.session.failed") == 2
         })
@@ -162,15 +160,15 @@ fn concurrent_dials_for_one_container_start_one_session() {
         // Empty ids are ignored (the reference dialed them).
         let mut empty = false;
         for _ in 0..100 {
-            if dialer.send(ActiveSessions).await.unwrap().is_empty() {
+            if front.active().await.is_empty() {
                 empty = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(empty);
-        dialer.do_send(Dial(String::new()));
-        assert!(dialer.send(ActiveSessions).await.unwrap().is_empty());
+        front.dial("").await;
+        assert!(front.active().await.is_empty());
     });
 }
 
@@ -192,8 +190,8 @@ fn a_panicking_session_is_contained_published_and_restarted() {
             .lock()
             .unwrap()
             .insert(s.pki.container_id.clone(), running(clawkerd.addr));
-        let (dialer, sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
-        dialer.do_send(Dial(s.pki.container_id.clone()));
+        let (front, sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
+        front.dial(&s.pki.container_id).await;
         wait_until("connected", || count(&seen, "agent.session.connected") == 1).await;
         let child = sessions
             .child::<SessionActor>(&s.pki.container_id)
@@ -215,10 +213,7 @@ fn a_panicking_session_is_contained_published_and_restarted() {
             count(&seen, "agent.session.connected") == 2
         })
         .await;
-        assert_eq!(
-            dialer.send(ActiveSessions).await.unwrap(),
-            vec![s.pki.container_id.clone()]
-        );
+        assert_eq!(front.active().await, vec![s.pki.container_id.clone()]);
         let tree = sessions.tree().await.unwrap();
         let rendered = tree.render();
         assert!(rendered.contains("session"), "{rendered}");
@@ -244,8 +239,8 @@ fn stopping_a_session_publishes_no_broken_event_and_worldview_follows() {
             .lock()
             .unwrap()
             .insert(s.pki.container_id.clone(), running(clawkerd.addr));
-        let (dialer, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
-        dialer.do_send(Dial(s.pki.container_id.clone()));
+        let (front, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
+        front.dial(&s.pki.container_id).await;
         wait_until("trusted", || count(&seen, "agent.trusted") == 1).await;
         let view = bus.snapshot().await.unwrap();
         let a = &view.agents[&s.pki.container_id];
@@ -254,10 +249,10 @@ fn stopping_a_session_publishes_no_broken_event_and_worldview_follows() {
         assert!(a.trust.trusted);
         assert_eq!(a.agent, AGENT);
 
-        dialer.do_send(StopSession(s.pki.container_id.clone()));
+        front.stop(&s.pki.container_id).await;
         let mut gone = false;
         for _ in 0..200 {
-            if dialer.send(ActiveSessions).await.unwrap().is_empty() {
+            if front.active().await.is_empty() {
                 gone = true;
                 break;
             }

@@ -13,11 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clawker::agent_api::inspector::{ContainerFacts, StaticInspector};
 use clawker::agent_api::server::{AgentApiConfig, serve_agent_api};
 use clawker::events::RecordingSink;
 use clawker::pki::SigningKey;
 use clawker::registry::{Registry, RegistryStore};
+use clawker::runtime::ContainerFacts;
+use clawker::runtime::memory::StaticInspector;
 use clawker::session::dial::DialConfig;
 use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{

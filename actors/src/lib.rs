@@ -129,6 +129,7 @@
 //!
 //! [actix]: https://docs.rs/actix
 
+mod backoff;
 mod bus;
 mod event;
 mod link;
@@ -137,6 +138,7 @@ mod panic;
 mod supervisor;
 mod tree;
 
+pub use backoff::{Backoff, Retry};
 pub use bus::{
     AuditSubscription, BusActor, BusError, BusState, BusStats, DEFAULT_QUEUE_CAPACITY,
     DEFAULT_SUBSCRIBER_CAPACITY, DRAIN_BATCH, EventBus, EventBusBuilder, Filter, SubscriberStats,
@@ -146,7 +148,7 @@ pub use event::{Apply, Event};
 pub use link::{ChildLink, ExitHandle, ExitReason};
 pub use panic::install_panic_hook;
 pub use supervisor::{
-    Backoff, ChildExit, ChildSpec, Escalation, Intensity, Restart, Strategy, Supervisor,
-    SupervisorError, SupervisorHandle, SupervisorSpec,
+    ChildExit, ChildSpec, Escalation, Intensity, Restart, Strategy, Supervisor, SupervisorError,
+    SupervisorHandle, SupervisorSpec,
 };
 pub use tree::{ChildState, NodeKind, TreeNode};

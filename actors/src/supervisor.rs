@@ -29,6 +29,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::backoff::Backoff;
 use crate::link::{ChildExited, ChildLink, ExitHandle, ExitReason, LinkShared};
 use crate::tree::{ChildState, NodeKind, TreeNode};
 
@@ -75,34 +76,6 @@ impl std::fmt::Display for Strategy {
             Strategy::OneForAll => "one_for_all",
             Strategy::RestForOne => "rest_for_one",
         })
-    }
-}
-
-/// Exponential backoff: `initial * 2^(attempt-1)`, capped at `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Delay before the first restart.
-    pub initial: Duration,
-    /// Upper bound.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// Delay before restart number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(10),
-            max: Duration::from_secs(5),
-        }
     }
 }
 
@@ -281,7 +254,7 @@ impl SupervisorSpec {
 
     /// Backoff between restarts.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Backoff { initial, max };
+        self.backoff = Backoff::new(initial, max);
         self
     }
 

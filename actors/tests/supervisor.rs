@@ -446,10 +446,7 @@ fn tree_snapshot_serialises_and_renders_indented() {
 
 #[test]
 fn backoff_doubles_per_attempt_up_to_the_cap() {
-    let b = clawker_actors::Backoff {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(50),
-    };
+    let b = clawker_actors::Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
     assert_eq!(b.delay(1), Duration::from_millis(10));
     assert_eq!(b.delay(2), Duration::from_millis(20));
     assert_eq!(b.delay(3), Duration::from_millis(40));

@@ -11,18 +11,15 @@
 //! - [`scopes`]: the per-method policy maps, checked against the proto
 //!   descriptor.
 //! - [`register`]: the Register handler and its 11 checks.
-//! - [`inspector`]: the Docker seam Register uses ([`ContainerInspector`]).
 //! - [`peer`]: reading the verified client leaf and address off a request.
 
 pub mod assertion;
 pub mod auth;
 pub mod identity_interceptor;
-pub mod inspector;
 pub mod peer;
 pub mod register;
 pub mod scopes;
 pub mod server;
 pub mod token;
 
-pub use inspector::{ContainerFacts, ContainerInspector, InspectError, StaticInspector};
 pub use server::{AgentApi, AgentApiConfig, AgentApiError, serve_agent_api};

@@ -13,14 +13,12 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::inspector::{
-    ContainerFacts, ContainerInspector, InspectError, LABEL_AGENT, LABEL_PROJECT,
-};
 use super::peer::{self, PeerLeaf};
 use crate::identity::{self, AgentName, ProjectSlug, Thumbprint};
 use crate::proto::agent::v1::agent_service_server::AgentService;
 use crate::proto::agent::v1::{RegisterRequest, Welcome};
 use crate::registry::{Entry, NewEntry, Registry, RegistryError};
+use crate::runtime::{ContainerFacts, Inspect, RuntimeError};
 
 /// How long Register waits for the Docker inspect.
 pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,14 +30,14 @@ fn denied() -> Status {
 }
 
 /// The Register handler (the only AgentService method at v0.8.0).
-pub struct RegisterService<I> {
+pub struct RegisterService {
     registry: Registry,
-    inspector: Arc<I>,
+    inspector: Arc<dyn Inspect>,
     inspect_timeout: Duration,
 }
 
-impl<I: ContainerInspector> RegisterService<I> {
-    pub fn new(registry: Registry, inspector: Arc<I>) -> Self {
+impl RegisterService {
+    pub fn new(registry: Registry, inspector: Arc<dyn Inspect>) -> Self {
         Self {
             registry,
             inspector,
@@ -55,19 +53,22 @@ impl<I: ContainerInspector> RegisterService<I> {
     /// Inspects on a detached task: the caller hanging up (or its deadline)
     /// must not turn into a false "container not found"; our own timeout
     /// bounds the wait instead.
-    async fn inspect(&self, container_id: &str) -> Result<ContainerFacts, InspectError> {
+    async fn inspect(&self, container_id: &str) -> Result<ContainerFacts, RuntimeError> {
         let inspector = self.inspector.clone();
         let id = container_id.to_owned();
         let timeout = self.inspect_timeout;
         let task = tokio::spawn(async move {
             match tokio::time::timeout(timeout, inspector.inspect(&id)).await {
                 Ok(res) => res,
-                Err(_) => Err(InspectError::Timeout(timeout)),
+                Err(_) => Err(RuntimeError::Timeout {
+                    what: "container inspect",
+                    after: timeout,
+                }),
             }
         });
         match task.await {
             Ok(res) => res,
-            Err(e) => Err(InspectError::Engine(format!("inspect task failed: {e}"))),
+            Err(e) => Err(RuntimeError::Api(format!("inspect task failed: {e}"))),
         }
     }
 
@@ -158,9 +159,7 @@ impl<I: ContainerInspector> RegisterService<I> {
 
         // 7: Docker's labels must name the same identity (exact equality;
         // an absent label reads as "").
-        if facts.label(LABEL_AGENT) != agent.as_str()
-            || facts.label(LABEL_PROJECT) != project.as_str()
-        {
+        if facts.agent_label() != agent.as_str() || facts.project_label() != project.as_str() {
             tracing::warn!(
                 event = "agent_register_label_mismatch",
                 container_id = %container_id,
@@ -172,7 +171,7 @@ impl<I: ContainerInspector> RegisterService<I> {
         // 8: the call must come from the container's clawker-net address
         // (IPv4-in-IPv6 unmapped on both sides).
         let ip_ok = facts
-            .clawker_net_ip
+            .ip
             .is_some_and(|ip| ip.to_canonical() == peer_ip.to_canonical());
         if !ip_ok {
             tracing::warn!(
@@ -254,7 +253,7 @@ impl<I: ContainerInspector> RegisterService<I> {
 }
 
 #[tonic::async_trait]
-impl<I: ContainerInspector> AgentService for RegisterService<I> {
+impl AgentService for RegisterService {
     async fn register(
         &self,
         request: Request<RegisterRequest>,

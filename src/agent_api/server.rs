@@ -31,16 +31,13 @@ use tower_layer::Layer;
 
 use super::auth::{AuthLayer, TokenIntrospector};
 use super::identity_interceptor::IdentityLayer;
-use super::inspector::ContainerInspector;
 use super::register::{INSPECT_TIMEOUT, RegisterService};
 use super::scopes::{self, CLIENT_ID_AGENT, IdentityDecision, PolicyError};
 use super::token::{self, TokenConfig, TokenIssuer, TokenSetupError};
 use crate::pki::{self, AuthPaths, Jwk, PkiError};
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::registry::Registry;
-
-/// Default agent listener port.
-pub const DEFAULT_AGENT_PORT: u16 = 7444;
+use crate::runtime::Inspect;
 
 /// Everything the agent listener needs. Build it with
 /// [`AgentApiConfig::from_state_dir`] and adjust fields as needed.
@@ -94,7 +91,7 @@ impl AgentApiConfig {
     ) -> Self {
         Self {
             token: TokenConfig::for_port(if listen.port() == 0 {
-                DEFAULT_AGENT_PORT
+                crate::defaults::AGENT_PORT
             } else {
                 listen.port()
             }),
@@ -198,14 +195,13 @@ pub struct AgentApi {
 /// Binds and serves AgentService + `/oauth2/token` until `shutdown`.
 /// Configuration errors (bad key material, stale policy keys, bind failure)
 /// are returned before anything is served.
-pub async fn serve_agent_api<I, F>(
+pub async fn serve_agent_api<F>(
     config: AgentApiConfig,
     registry: Registry,
-    inspector: Arc<I>,
+    inspector: Arc<dyn Inspect>,
     shutdown: F,
 ) -> Result<AgentApi, AgentApiError>
 where
-    I: ContainerInspector,
     F: Future<Output = ()> + Send + 'static,
 {
     let tls = Arc::new(server_tls_config(&config)?);

@@ -41,7 +41,7 @@ pub const MAX_JTI_LEN: usize = 256;
 /// the loopback form the reference pins assertions to.
 pub fn default_audiences(port: u16) -> Vec<String> {
     vec![
-        format!("https://clawker-controlplane:{port}{TOKEN_PATH}"),
+        format!("https://{}:{port}{TOKEN_PATH}", crate::defaults::CP_NAME),
         format!("https://127.0.0.1:{port}{TOKEN_PATH}"),
     ]
 }

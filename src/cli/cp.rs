@@ -63,11 +63,11 @@ pub struct RunArgs {
     pub name: String,
     #[arg(long, default_value = "")]
     pub project: String,
-    #[arg(long, default_value = config::defaults::IMAGE)]
+    #[arg(long, default_value = crate::defaults::AGENT_IMAGE)]
     pub image: String,
-    #[arg(long, default_value = config::defaults::NETWORK)]
+    #[arg(long, default_value = crate::defaults::NETWORK)]
     pub network: String,
-    #[arg(long, default_value_t = config::defaults::AGENT_PORT)]
+    #[arg(long, default_value_t = crate::defaults::AGENT_PORT)]
     pub agent_port: u16,
     /// Do not wait for init; return once the container started.
     #[arg(long)]
@@ -151,7 +151,7 @@ pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> any
 async fn run(
     state_dir: &Path,
     admin_addr: &str,
-    docker: &bollard::Docker,
+    docker: &crate::docker::Docker,
     args: RunArgs,
 ) -> anyhow::Result<()> {
     let (agent, project) = names(&args.name, &args.project)?;
@@ -199,7 +199,7 @@ async fn run(
     let bar = if plain {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(7)
+        indicatif::ProgressBar::new(0)
     };
     let say = |msg: String| {
         if plain {
@@ -214,55 +214,58 @@ async fn run(
     bar.set_prefix(name.clone());
     bar.set_message("connecting");
     let outcome = tokio::time::timeout(Duration::from_secs(args.timeout_secs), async {
+        use crate::events::Decoded;
         while let Some(ev) = stream.next().await {
             let ev = ev.context("event stream")?;
-            let j: serde_json::Value = serde_json::from_str(&ev.json).unwrap_or_default();
-            if j["container_id"] != id.as_str() {
+            let decoded = crate::events::decode(&ev.name, &ev.json)
+                .with_context(|| format!("malformed {} event from the CP", ev.name))?;
+            if decoded.container_id() != Some(id.as_str()) {
                 continue;
             }
-            match ev.name.as_str() {
-                "agent.session.connected" => {
+            match decoded {
+                Decoded::SessionConnected(_) => {
                     bar.set_message("session connected");
                     say(format!("{name}: session connected"));
                 }
-                "agent.registered" if j["ok"] == true => {
+                Decoded::AgentRegistered(e) if e.ok => {
                     bar.set_message("registered");
                     say(format!("{name}: registered"));
                 }
-                "agent.init.step.started" => {
-                    let k = j["step_index"].as_u64().unwrap_or(0);
-                    let msg = format!("step {}/7 {}", k + 1, j["step"].as_str().unwrap_or(""));
-                    bar.set_position(k);
+                Decoded::InitStarted(e) => bar.set_length(u64::from(e.step_count)),
+                Decoded::InitStepStarted(e) => {
+                    let msg = format!("step {}/{} {}", e.step_index + 1, e.step_count, e.step);
+                    bar.set_length(u64::from(e.step_count));
+                    bar.set_position(u64::from(e.step_index));
                     bar.set_message(msg.clone());
                     say(format!("{name}: {msg}"));
                 }
-                "agent.init.completed" => {
-                    bar.set_position(7);
+                Decoded::InitCompleted(e) => {
+                    bar.set_position(bar.length().unwrap_or(0));
                     bar.finish_with_message("ready");
-                    let ms = j["duration_ms"].as_f64().unwrap_or(0.0).round();
+                    let ms = (e.duration.as_secs_f64() * 1000.0).round();
                     say(format!("{name}: ready (init {ms} ms)"));
                     return Ok(());
                 }
-                "agent.init.failed" => {
+                Decoded::InitFailed(e) => {
                     bar.abandon_with_message("init failed");
                     bail!(
-                        "init failed at step {}: {} ({})",
-                        j["failed_step"],
-                        j["reason"],
-                        j["detail"]
+                        "init failed at step {:?}: {:?} ({:?})",
+                        e.failed_step,
+                        e.reason.as_str(),
+                        e.detail
                     );
                 }
-                "agent.untrusted" => {
+                Decoded::AgentUntrusted(e) => {
                     bar.abandon_with_message("untrusted");
                     bail!(
-                        "agent is untrusted: {} {} (session kept for containment; init withheld)",
-                        j["reason"],
-                        j["detail"]
+                        "agent is untrusted: {:?} {:?} (session kept for containment; init withheld)",
+                        e.reason.as_str(),
+                        e.detail
                     );
                 }
-                "agent.session.failed" => {
+                Decoded::SessionFailed(e) => {
                     bar.abandon_with_message("session failed");
-                    bail!("session failed: {}", j["reason"]);
+                    bail!("session failed: {:?}", e.reason);
                 }
                 _ => {}
             }

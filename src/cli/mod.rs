@@ -35,7 +35,7 @@ pub struct Cli {
         long,
         global = true,
         env = "CLAWKER_ADMIN_ADDR",
-        default_value = crate::admin_api::DEFAULT_ADMIN_ADDR
+        default_value_t = crate::defaults::ADMIN_ADDR.to_string()
     )]
     pub admin_addr: String,
     #[command(subcommand)]
@@ -110,13 +110,10 @@ pub enum CaCommand {
         out: PathBuf,
         /// `aud` of the agent assertion: the CP token endpoint URL as the CP
         /// is configured to accept it.
-        #[arg(long, default_value = DEFAULT_ASSERTION_AUDIENCE)]
+        #[arg(long, default_value_t = crate::defaults::token_audience(crate::defaults::AGENT_PORT))]
         audience: String,
     },
 }
-
-/// The token endpoint as clawkerd reaches it on clawker-net.
-pub const DEFAULT_ASSERTION_AUDIENCE: &str = "https://clawker-controlplane:7444/oauth2/token";
 
 impl Cli {
     fn state_dir(&self) -> PathBuf {

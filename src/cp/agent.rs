@@ -4,16 +4,8 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context as _, bail};
-use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
-use bollard::query_parameters::{
-    CreateContainerOptions, RemoveContainerOptions, StopContainerOptions, UploadToContainerOptions,
-};
-
-use crate::docker::{
-    self, LABEL_AGENT, LABEL_MANAGED, LABEL_PROJECT, LABEL_PURPOSE, MANAGED_VALUE, PURPOSE_AGENT,
-};
+use crate::docker::Docker;
+use crate::docker::provision::{self, AgentContainerSpec, ProvisionError};
 use crate::identity::{self, AgentName, ProjectSlug};
 use crate::pki::{self, AuthMaterial, CertifiedKey};
 
@@ -39,12 +31,6 @@ pub struct RunSpec {
 /// The container name: the canonical CN (unique per project/agent).
 pub fn container_name(project: &ProjectSlug, agent: &AgentName) -> String {
     identity::canonical_cn(project, agent)
-}
-
-/// Audience of the agent's assertion: the CP token endpoint under the TLS
-/// name every client uses.
-pub fn token_audience(agent_port: u16) -> String {
-    format!("https://clawker-controlplane:{agent_port}/oauth2/token")
 }
 
 /// A tar with `run/clawker/bootstrap/` (0700) and its files (0400), owned
@@ -90,127 +76,55 @@ pub async fn run(
     docker: &Docker,
     material: &AuthMaterial,
     spec: &RunSpec,
-) -> anyhow::Result<String> {
-    let net = docker::network::find(docker, &spec.network)
-        .await?
-        .with_context(|| {
-            format!(
-                "network {} is missing: start the control plane first (`clawker cp serve` creates it)",
-                spec.network
-            )
-        })?;
-    let name = container_name(&spec.project, &spec.agent);
-    match docker.inspect_container(&name, None).await {
-        Ok(_) => bail!(
-            "name taken: a container named {name} already exists (remove it with `clawker agent rm {}{}`)",
-            spec.agent,
-            if spec.project.is_empty() {
-                String::new()
-            } else {
-                format!(" --project {}", spec.project)
-            }
-        ),
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let cp_addr = format!("{}:{}", net.gateway, spec.agent_port);
-    let env = vec![
-        format!("CLAWKER_AGENT={}", spec.agent),
-        format!("CLAWKER_PROJECT={}", spec.project),
-        format!("CLAWKER_CP_AGENT_ADDR={cp_addr}"),
-        format!("CLAWKER_CP_TOKEN_URL=https://{cp_addr}/oauth2/token"),
-    ];
-    let mut labels = HashMap::from([
-        (LABEL_MANAGED.to_owned(), MANAGED_VALUE.to_owned()),
-        (LABEL_AGENT.to_owned(), spec.agent.to_string()),
-        (LABEL_PURPOSE.to_owned(), PURPOSE_AGENT.to_owned()),
-    ]);
-    if !spec.project.is_empty() {
-        labels.insert(LABEL_PROJECT.to_owned(), spec.project.to_string());
-    }
-    labels.extend(spec.extra_labels.clone());
-    let body = ContainerCreateBody {
-        image: Some(spec.image.clone()),
-        cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
-        env: Some(env),
-        labels: Some(labels),
-        host_config: Some(HostConfig {
-            network_mode: Some(spec.network.clone()),
-            ..Default::default()
-        }),
-        ..Default::default()
+) -> Result<String, ProvisionError> {
+    let gateway = provision::gateway(docker, &spec.network).await?;
+    let cp_addr = format!("{gateway}:{}", spec.agent_port);
+    let container = AgentContainerSpec {
+        name: container_name(&spec.project, &spec.agent),
+        agent: spec.agent.to_string(),
+        project: spec.project.to_string(),
+        image: spec.image.clone(),
+        network: spec.network.clone(),
+        command: spec.command.clone(),
+        env: vec![
+            format!("CLAWKER_AGENT={}", spec.agent),
+            format!("CLAWKER_PROJECT={}", spec.project),
+            format!("CLAWKER_CP_AGENT_ADDR={cp_addr}"),
+            format!("CLAWKER_CP_TOKEN_URL=https://{cp_addr}/oauth2/token"),
+        ],
+        extra_labels: spec.extra_labels.clone(),
+        extra_networks: spec.extra_networks.clone(),
     };
-    let created = docker
-        .create_container(
-            Some(CreateContainerOptions {
-                name: Some(name.clone()),
-                ..Default::default()
-            }),
-            body,
-        )
-        .await
-        .map_err(|e| match e {
-            bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
-                message,
-            } => {
-                anyhow::anyhow!(
-                    "image {} not found ({message}): build it with `scripts/build-agent-image.sh`",
-                    spec.image
-                )
-            }
-            other => other.into(),
-        })?;
-    let id = created.id;
-    let provision = async {
-        let bound = spec.mint_for_container.as_deref().unwrap_or(&id);
-        let leaf = material.ca.mint_agent(&spec.project, &spec.agent, bound)?;
+    let bundle = |id: &str| -> Result<Vec<u8>, String> {
+        let bound = spec.mint_for_container.as_deref().unwrap_or(id);
+        let leaf = material
+            .ca
+            .mint_agent(&spec.project, &spec.agent, bound)
+            .map_err(|e| e.to_string())?;
         let assertion = crate::agent_api::assertion::mint_agent_assertion(
             &material.signing_key,
-            &token_audience(spec.agent_port),
-        )?;
-        let tar = bootstrap_tar(&leaf, material.ca.cert_pem(), &assertion)?;
-        docker
-            .upload_to_container(
-                &id,
-                Some(UploadToContainerOptions {
-                    path: "/".into(),
-                    ..Default::default()
-                }),
-                bollard::body_full(tar.into()),
-            )
-            .await?;
-        for net in &spec.extra_networks {
-            docker
-                .connect_network(
-                    net,
-                    bollard::models::NetworkConnectRequest {
-                        container: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .with_context(|| format!("connecting to network {net}"))?;
-        }
-        docker.start_container(&id, None).await?;
-        anyhow::Ok(())
+            &crate::defaults::token_audience(spec.agent_port),
+        )
+        .map_err(|e| e.to_string())?;
+        bootstrap_tar(&leaf, material.ca.cert_pem(), &assertion).map_err(|e| e.to_string())
     };
-    if let Err(e) = provision.await {
-        // Never leave a half-provisioned container behind.
-        let _ = docker
-            .remove_container(
-                &id,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        return Err(e.context(format!("provisioning {name}")));
-    }
-    Ok(id)
+    provision::run(docker, &container, bundle)
+        .await
+        .map_err(|e| match e {
+            ProvisionError::NameTaken { name, .. } => ProvisionError::NameTaken {
+                name,
+                hint: format!(
+                    " (remove it with `clawker agent rm {}{}`)",
+                    spec.agent,
+                    if spec.project.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" --project {}", spec.project)
+                    }
+                ),
+            },
+            other => other,
+        })
 }
 
 /// Resolves NAME (+project) to the container id.
@@ -218,44 +132,11 @@ pub async fn find(
     docker: &Docker,
     project: &ProjectSlug,
     agent: &AgentName,
-) -> anyhow::Result<String> {
-    let name = container_name(project, agent);
-    match docker.inspect_container(&name, None).await {
-        Ok(c) => Ok(c.id.unwrap_or(name)),
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {
-            bail!("no agent container named {name}")
-        }
-        Err(e) => Err(e.into()),
-    }
+) -> Result<String, ProvisionError> {
+    provision::find(docker, &container_name(project, agent)).await
 }
 
-pub async fn stop(docker: &Docker, id: &str) -> anyhow::Result<()> {
-    docker
-        .stop_container(
-            id,
-            Some(StopContainerOptions {
-                t: Some(10),
-                ..Default::default()
-            }),
-        )
-        .await?;
-    Ok(())
-}
-
-pub async fn remove(docker: &Docker, id: &str) -> anyhow::Result<()> {
-    docker
-        .remove_container(
-            id,
-            Some(RemoveContainerOptions {
-                force: true,
-                ..Default::default()
-            }),
-        )
-        .await?;
-    Ok(())
-}
+pub use provision::{remove, stop};
 
 #[cfg(test)]
 mod tests {

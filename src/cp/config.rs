@@ -5,16 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Defaults, in one place.
-pub mod defaults {
-    pub const NETWORK: &str = "clawker-net";
-    /// An explicit subnet (never let Docker pick one that may collide).
-    pub const SUBNET: &str = "10.213.0.0/24";
-    pub const AGENT_PORT: u16 = 7444;
-    pub const ADMIN_ADDR: &str = "127.0.0.1:7443";
-    pub const METRICS_ADDR: &str = "127.0.0.1:7080";
-    pub const IMAGE: &str = "clawker-agent:latest";
-}
+use crate::defaults;
 
 /// The TOML file (every key optional).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -86,7 +77,6 @@ pub struct Overrides {
 
 /// file < env/flags < nothing else; defaults fill the rest.
 pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpConfig, String> {
-    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{s}: {e}"));
     Ok(CpConfig {
         state_dir,
         network: o
@@ -101,18 +91,18 @@ pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpC
             .agent_port
             .or(file.agent_port)
             .unwrap_or(defaults::AGENT_PORT),
-        admin_addr: match o.admin_addr.or(file.admin_addr) {
-            Some(a) => a,
-            None => parse(defaults::ADMIN_ADDR)?,
-        },
-        metrics_addr: match o.metrics_addr.or(file.metrics_addr) {
-            Some(a) => a,
-            None => parse(defaults::METRICS_ADDR)?,
-        },
+        admin_addr: o
+            .admin_addr
+            .or(file.admin_addr)
+            .unwrap_or(defaults::ADMIN_ADDR),
+        metrics_addr: o
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or(defaults::METRICS_ADDR),
         clawkerd_port: o
             .clawkerd_port
             .or(file.clawkerd_port)
-            .unwrap_or(crate::docker::CLAWKERD_PORT),
+            .unwrap_or(defaults::CLAWKERD_PORT),
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
         containment: file.containment.unwrap_or_default(),
         audit: file.audit.unwrap_or_default(),

@@ -11,31 +11,29 @@ use std::sync::Arc;
 use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec};
 
-use crate::docker::{LABEL_PURPOSE, PURPOSE_AGENT};
-use crate::events::{Bus, DockerEventOccurred};
+use crate::defaults::labels;
+use crate::events::{Bus, DockerAction, DockerEvent, DockerEventOccurred};
 use crate::registry::Registry;
-use crate::session::actor::{Dial, StopSession};
-
-pub use crate::session::actor::DialerSlot;
+use crate::session::Sessions;
 
 pub struct DockerDispatch {
-    dialer: DialerSlot,
+    sessions: Sessions,
     registry: Registry,
 }
 
 impl DockerDispatch {
-    pub fn spec(bus: Bus, dialer: DialerSlot, registry: Registry) -> ChildSpec {
+    pub fn spec(bus: Bus, sessions: Sessions, registry: Registry) -> ChildSpec {
         ChildSpec::worker("docker-dispatch", move |link: ChildLink| {
             let sub = bus
                 .subscribe::<DockerEventOccurred>()
                 .map_err(|e| format!("subscribe docker events: {e}"))?;
-            let (dialer, registry) = (dialer.clone(), registry.clone());
+            let (sessions, registry) = (sessions.clone(), registry.clone());
             Ok(DockerDispatch::create(move |ctx| {
                 link.attach(ctx);
                 ctx.add_stream(futures::stream::unfold(sub, |mut s| async move {
                     s.recv().await.map(|e| (e, s))
                 }));
-                DockerDispatch { dialer, registry }
+                DockerDispatch { sessions, registry }
             }))
         })
     }
@@ -55,50 +53,41 @@ pub enum Action {
 }
 
 /// Pure decision, unit-tested.
-pub fn decide(ev: &crate::docker::events::DockerEvent) -> Action {
-    if ev.typ != "container" || ev.actor_id.is_empty() {
+pub fn decide(ev: &DockerEvent) -> Action {
+    let Some(id) = ev.container_id().filter(|id| !id.is_empty()) else {
         return Action::Nothing;
-    }
-    let id = ev.actor_id.clone();
-    match ev.action.as_str() {
-        "start" | "restart" | "unpause" if ev.attr(LABEL_PURPOSE) == Some(PURPOSE_AGENT) => {
+    };
+    let id = id.to_owned();
+    match &ev.action {
+        a if a.brings_container_up() && ev.attr(labels::PURPOSE) == Some(labels::PURPOSE_AGENT) => {
             Action::Dial(id)
         }
-        "die" | "stop" | "kill" | "oom" => Action::Stop(id),
-        "destroy" => Action::StopAndEvict(id),
+        a if a.takes_container_down() => Action::Stop(id),
+        DockerAction::Destroy => Action::StopAndEvict(id),
         _ => Action::Nothing,
     }
 }
 
 impl StreamHandler<Arc<DockerEventOccurred>> for DockerDispatch {
-    fn handle(&mut self, ev: Arc<DockerEventOccurred>, _ctx: &mut Context<Self>) {
-        let action = decide(&ev.event);
-        let dialer = self.dialer.load_full();
-        match action {
-            Action::Nothing => {}
-            Action::Dial(id) => match dialer {
-                Some(d) => d.do_send(Dial(id)),
-                None => {
-                    tracing::warn!(container_id = %id, "dispatch: dialer not running; dial dropped")
-                }
-            },
-            Action::Stop(id) => {
-                if let Some(d) = dialer {
-                    d.do_send(StopSession(id));
-                }
-            }
-            Action::StopAndEvict(id) => {
-                if let Some(d) = dialer {
-                    d.do_send(StopSession(id.clone()));
-                }
-                let registry = self.registry.clone();
-                actix::spawn(async move {
+    fn handle(&mut self, ev: Arc<DockerEventOccurred>, ctx: &mut Context<Self>) {
+        let sessions = self.sessions.clone();
+        let registry = self.registry.clone();
+        // `wait`: one event at a time, so a start and the die right after
+        // it reach the sessions supervisor in that order.
+        let work = async move {
+            match decide(&ev.event) {
+                Action::Nothing => {}
+                Action::Dial(id) => sessions.dial(&id).await,
+                Action::Stop(id) => sessions.stop(&id).await,
+                Action::StopAndEvict(id) => {
+                    sessions.stop(&id).await;
                     if let Err(e) = registry.evict_by_container_id(&id).await {
                         tracing::warn!(container_id = %id, error = %e, "dispatch: evict failed");
                     }
-                });
+                }
             }
-        }
+        };
+        ctx.wait(work.into_actor(self));
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
@@ -110,24 +99,19 @@ impl StreamHandler<Arc<DockerEventOccurred>> for DockerDispatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::events::DockerEvent;
 
     fn ev(action: &str, purpose: Option<&str>) -> DockerEvent {
-        DockerEvent {
-            typ: "container".into(),
-            action: action.into(),
-            actor_id: "c1".into(),
-            attributes: purpose
+        DockerEvent::container(
+            DockerAction::parse(action),
+            "c1",
+            purpose
                 .map(|p| {
-                    [(LABEL_PURPOSE.to_owned(), p.to_owned())]
+                    [(labels::PURPOSE.to_owned(), p.to_owned())]
                         .into_iter()
                         .collect()
                 })
                 .unwrap_or_default(),
-            scope: "local".into(),
-            time_nanos: 0,
-            synthetic: false,
-        }
+        )
     }
 
     #[test]

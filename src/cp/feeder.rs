@@ -10,7 +10,7 @@ use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec, ExitHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::events::{self, FeederConfig};
+use crate::docker::watch::{self, FeederConfig};
 use crate::events::{Bus, DockerEventOccurred};
 
 pub struct FeederActor {
@@ -20,18 +20,22 @@ pub struct FeederActor {
 }
 
 impl FeederActor {
-    pub fn spec(docker: bollard::Docker, bus: Bus) -> ChildSpec {
+    pub fn spec(docker: crate::docker::Docker, bus: Bus) -> ChildSpec {
         Self::spec_with(docker, bus, Arc::default())
     }
 
-    pub fn spec_with(docker: bollard::Docker, bus: Bus, connected: Arc<AtomicBool>) -> ChildSpec {
+    pub fn spec_with(
+        docker: crate::docker::Docker,
+        bus: Bus,
+        connected: Arc<AtomicBool>,
+    ) -> ChildSpec {
         ChildSpec::worker("docker-events", move |link: ChildLink| {
             let (docker, bus, connected) = (docker.clone(), bus.clone(), connected.clone());
             Ok(FeederActor::create(move |ctx| {
                 let exit: ExitHandle = link.attach(ctx);
                 let stop = CancellationToken::new();
                 let flag = connected.clone();
-                let task = tokio::spawn(events::run(
+                let task = tokio::spawn(watch::run(
                     docker,
                     FeederConfig::default(),
                     move |ev| bus.publish(DockerEventOccurred::new(ev)),

@@ -30,13 +30,17 @@ use anyhow::Context as _;
 use clawker_actors::{ChildSpec, Supervisor, SupervisorHandle, SupervisorSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::{self, inspect::DockerInspector, inspect::DockerResolver, lister};
+use clawker_actors::Backoff;
+
+use crate::docker::{self, Docker, Engine, lister};
 use crate::events::{self, Bus};
 use crate::pki::AuthPaths;
 use crate::registry::{Registry, RegistryStore};
-use crate::session::actor::{Dial, Dialer};
+use crate::session::Sessions;
+use crate::session::actor::sessions_spec;
+use crate::session::commands::LiveCommands;
 use crate::session::dial::DialConfig;
-use crate::session::lifecycle::{SessionDeps, SessionPolicy};
+use crate::session::lifecycle::{RuntimeResolver, SessionDeps, SessionPolicy};
 
 pub use config::CpConfig;
 
@@ -48,11 +52,11 @@ pub struct RunningCp {
     pub bus: Bus,
     pub registry: Registry,
     pub root: SupervisorHandle,
-    pub dialer: dispatch::DialerSlot,
+    pub sessions: Sessions,
     pub agent_api_addr: SocketAddr,
     pub gateway: std::net::IpAddr,
     pub shutdown: CancellationToken,
-    pub docker: bollard::Docker,
+    pub docker: Docker,
 }
 
 /// Starts everything on the current actix system. Must run inside one.
@@ -79,6 +83,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         .await
         .with_context(|| format!("ensuring network {}", cfg.network))?;
     tracing::info!(network = %net.name, subnet = %net.subnet, gateway = %net.gateway, "clawker-net ready");
+    let engine = Arc::new(Engine::new(docker.clone(), &cfg.network));
 
     let bus = events::start_bus();
     let registry = Registry::start(
@@ -104,7 +109,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let api = crate::agent_api::server::serve_agent_api(
         api_cfg,
         registry.clone(),
-        Arc::new(DockerInspector::new(docker.clone(), &cfg.network)),
+        engine.clone(),
         async move { stop.cancelled().await },
     )
     .await?;
@@ -114,30 +119,29 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         ..SessionPolicy::default()
     };
     let deps = SessionDeps {
-        resolver: Arc::new(DockerResolver::new(
-            docker.clone(),
-            &cfg.network,
-            cfg.clawkerd_port,
-        )),
+        resolver: Arc::new(RuntimeResolver {
+            containers: engine.clone(),
+            clawkerd_port: cfg.clawkerd_port,
+        }),
         registry: Arc::new(registry.clone()),
         dial,
         sink: bus.clone(),
         policy,
     };
 
-    // The dialer needs the sessions supervisor, which the root starts: it
-    // finds it by name through the root handle (set right after start).
-    let dialer_slot: dispatch::DialerSlot = Arc::default();
+    // `sessions` is a child of the root, which may restart it: the
+    // front door finds it by name through the root handle (set right after
+    // the root starts).
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
+    let sessions = Sessions::via_root(root_slot.clone(), deps.clone());
     let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let policy = policy_spec(cfg, &bus, &docker, &dialer_slot, &metrics);
+    let policy = policy_spec(cfg, &bus, &engine, &sessions, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
-        .child(ChildSpec::supervisor(Dialer::sessions_spec(dialer_slot.clone())))
-        .child(dialer_spec(root_slot.clone(), deps, bus.clone(), dialer_slot.clone()))
+        .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
         .child(feeder::FeederActor::spec_with(docker.clone(), bus.clone(), feeder_up.clone()))
-        .child(dispatch::DockerDispatch::spec(bus.clone(), dialer_slot.clone(), registry.clone()))
+        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone()))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
         .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
@@ -178,7 +182,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         bus,
         registry,
         root,
-        dialer: dialer_slot,
+        sessions,
         agent_api_addr: api.local_addr,
         gateway: net.gateway,
         shutdown,
@@ -190,8 +194,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
 fn policy_spec(
     cfg: &CpConfig,
     bus: &Bus,
-    docker: &bollard::Docker,
-    dialer: &dispatch::DialerSlot,
+    engine: &Arc<Engine>,
+    sessions: &Sessions,
     metrics: &crate::policy::metrics::Metrics,
 ) -> SupervisorSpec {
     use crate::policy::{audit, containment, metrics as m};
@@ -204,8 +208,8 @@ fn policy_spec(
         .child(containment::ContainmentActor::spec(
             bus.clone(),
             keep,
-            Arc::new(containment::BollardOps::new(docker.clone())),
-            Arc::new(containment::DialerSessions::new(dialer.clone())),
+            engine.clone(),
+            Arc::new(LiveCommands::new(sessions.clone())),
         ))
         .child(m::MetricsActor::spec(
             bus.clone(),
@@ -222,32 +226,10 @@ fn policy_spec(
     spec
 }
 
-/// The dialer as a supervised worker: on (re)start it publishes its address
-/// where the dispatch actor and the sessions' exit hook find it.
-fn dialer_spec(
-    root: Arc<std::sync::OnceLock<SupervisorHandle>>,
-    deps: SessionDeps<Bus>,
-    bus: Bus,
-    slot: dispatch::DialerSlot,
-) -> ChildSpec {
-    use actix::Actor as _;
-    ChildSpec::worker("dialer", move |link| {
-        let root = root.clone();
-        let deps = deps.clone();
-        let bus = bus.clone();
-        let addr = Dialer::create(move |ctx| {
-            link.attach(ctx);
-            Dialer::via_parent(root, deps, bus)
-        });
-        slot.store(Some(Arc::new(addr.clone())));
-        Ok(addr)
-    })
-}
-
 /// Startup reap (reference §10.2): evict rows whose container no longer
 /// exists (stopped containers keep theirs). Soft-fails into ReapDegraded.
-pub async fn reap_orphans(docker: &bollard::Docker, registry: &Registry, bus: &Bus) {
-    let mut delay = Duration::from_millis(100);
+pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
+    let mut backoff = STARTUP_RETRY.retry();
     let mut listed = None;
     for attempt in 1..=3 {
         match lister::list_agents(docker, lister::Scope::All).await {
@@ -257,8 +239,7 @@ pub async fn reap_orphans(docker: &bollard::Docker, registry: &Registry, bus: &B
             }
             Err(e) if attempt < 3 => {
                 tracing::warn!(attempt, error = %e, "reap: listing containers failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(e) => {
                 let reason = format!("listing containers: {e}");
@@ -307,26 +288,26 @@ pub async fn reap_orphans(docker: &bollard::Docker, registry: &Registry, bus: &B
 
 /// Boot dial (reference §1): the feeder's first reconcile may run before
 /// the dial subscriber exists, so dial every running agent explicitly.
-pub async fn boot_dial(docker: &bollard::Docker, dialer: &dispatch::DialerSlot) {
-    let mut delay = Duration::from_millis(100);
+pub async fn boot_dial(docker: &Docker, sessions: &Sessions) {
+    let mut backoff = STARTUP_RETRY.retry();
     for attempt in 1..=3 {
         match lister::list_agents(docker, lister::Scope::Running).await {
             Ok(list) => {
-                if let Some(d) = dialer.load_full() {
-                    for c in list {
-                        d.do_send(Dial(c.id));
-                    }
+                for c in list {
+                    sessions.dial(&c.id).await;
                 }
                 return;
             }
             Err(e) => {
                 tracing::warn!(attempt, error = %e, event = "agentdial_initial_list_failed", "boot dial: listing failed");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
 }
+
+/// Retries of the startup listings (reap, boot dial): 100 ms, 200 ms, …
+const STARTUP_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Orderly stop: the tree first (so sessions publish nothing more), then
 /// the servers, the bus and the registry.
@@ -365,7 +346,7 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
             "control plane up"
         );
         reap_orphans(&cp.docker, &cp.registry, &cp.bus).await;
-        boot_dial(&cp.docker, &cp.dialer).await;
+        boot_dial(&cp.docker, &cp.sessions).await;
         wait_for_signal().await;
         tracing::info!("shutting down");
         stop(cp).await;

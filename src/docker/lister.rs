@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use bollard::Docker;
 use bollard::query_parameters::ListContainersOptions;
 
-use super::{DockerError, LABEL_MANAGED, LABEL_PURPOSE, MANAGED_VALUE, PURPOSE_AGENT};
+use super::DockerError;
+use crate::defaults::labels;
 
 /// What the CP needs to know about a listed agent container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +39,9 @@ pub async fn list_managed(
     scope: Scope,
     purpose: Option<&str>,
 ) -> Result<Vec<AgentContainer>, DockerError> {
-    let mut label_filters = vec![format!("{LABEL_MANAGED}={MANAGED_VALUE}")];
+    let mut label_filters = vec![format!("{}={}", labels::MANAGED, labels::MANAGED_VALUE)];
     if let Some(p) = purpose {
-        label_filters.push(format!("{LABEL_PURPOSE}={p}"));
+        label_filters.push(format!("{}={p}", labels::PURPOSE));
     }
     let filters = HashMap::from([("label".to_owned(), label_filters)]);
     let opts = ListContainersOptions {
@@ -85,5 +86,5 @@ pub async fn list_agents(
     docker: &Docker,
     scope: Scope,
 ) -> Result<Vec<AgentContainer>, DockerError> {
-    list_managed(docker, scope, Some(PURPOSE_AGENT)).await
+    list_managed(docker, scope, Some(labels::PURPOSE_AGENT)).await
 }

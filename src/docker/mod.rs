@@ -1,28 +1,26 @@
-//! Docker adapters on bollard: connecting with actionable errors, listing
-//! and inspecting agent containers, and the events feeder.
+//! The Docker edge: every Engine API call the CP makes, on bollard. This is
+//! the only module that imports bollard.
 //!
-//! Everything here talks to the Engine API; the rest of the CP sees only the
-//! narrow types defined here (`AgentContainer`, `ContainerFacts`,
-//! `DockerEvent`), so tests can feed them without an engine.
+//! - [`engine`]: [`Engine`], the runtime seam (`crate::runtime`) on one
+//!   Docker engine: inspect, and the containment operations;
+//! - [`lister`]: listing managed containers;
+//! - [`network`]: `clawker-net` with an explicit subnet;
+//! - [`watch`]: the events feeder (reconcile, filters, reconnect);
+//! - [`provision`]: creating, provisioning, starting, stopping and
+//!   removing agent containers (`clawker agent run|stop|rm`).
 
-pub mod events;
-pub mod inspect;
+pub mod engine;
 pub mod lister;
 pub mod network;
+pub mod provision;
+pub mod watch;
 
-use bollard::Docker;
+/// The engine handle the rest of the CP passes around (opaque above this
+/// module).
+pub use bollard::Docker;
+pub use engine::Engine;
 
-/// Label marking every container and network clawker manages.
-pub const LABEL_MANAGED: &str = "dev.clawker.managed";
-pub const MANAGED_VALUE: &str = "true";
-pub const LABEL_PROJECT: &str = "dev.clawker.project";
-pub const LABEL_AGENT: &str = "dev.clawker.agent";
-pub const LABEL_PURPOSE: &str = "dev.clawker.purpose";
-pub const PURPOSE_AGENT: &str = "agent";
-/// The bridge network CP and agents share.
-pub const NETWORK: &str = "clawker-net";
-/// The port clawkerd listens on inside every agent container.
-pub const CLAWKERD_PORT: u16 = 7700;
+use crate::runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -38,19 +36,37 @@ pub enum DockerError {
     NotFound(String),
     #[error("docker: {0}")]
     Api(#[from] bollard::errors::Error),
+    #[error("docker: {0}")]
+    Invalid(String),
 }
 
 impl DockerError {
     /// Maps a bollard error on a per-container call, so a vanished container
     /// is a distinct, expected outcome rather than an API failure.
     pub fn for_container(id: &str, e: bollard::errors::Error) -> Self {
-        match e {
-            bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            } => DockerError::NotFound(id.to_owned()),
-            other => DockerError::Api(other),
+        if is_status(&e, 404) {
+            DockerError::NotFound(id.to_owned())
+        } else {
+            DockerError::Api(e)
         }
     }
+}
+
+impl From<DockerError> for RuntimeError {
+    fn from(e: DockerError) -> Self {
+        match e {
+            DockerError::NotFound(id) => RuntimeError::NotFound(id),
+            other => RuntimeError::Api(other.to_string()),
+        }
+    }
+}
+
+/// Whether the engine answered with this HTTP status.
+pub(crate) fn is_status(e: &bollard::errors::Error, status: u16) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == status
+    )
 }
 
 fn endpoint_description() -> String {

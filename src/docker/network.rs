@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use bollard::Docker;
 use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 
-use super::{DockerError, LABEL_MANAGED, LABEL_PURPOSE, MANAGED_VALUE};
+use super::{DockerError, is_status};
+use crate::defaults::labels;
 
 /// The network as the CP needs it: its id and gateway (the host address
 /// containers reach the CP on).
@@ -28,9 +29,7 @@ pub async fn find(docker: &Docker, name: &str) -> Result<Option<ClawkerNet>, Doc
         .await
     {
         Ok(n) => n,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => return Ok(None),
+        Err(e) if is_status(&e, 404) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let cfg = net
@@ -42,11 +41,7 @@ pub async fn find(docker: &Docker, name: &str) -> Result<Option<ClawkerNet>, Doc
         .gateway
         .as_deref()
         .and_then(|g| g.parse().ok())
-        .ok_or_else(|| {
-            DockerError::Api(bollard::errors::Error::IOError {
-                err: std::io::Error::other(format!("network {name} has no IPv4 gateway")),
-            })
-        })?;
+        .ok_or_else(|| DockerError::Invalid(format!("network {name} has no IPv4 gateway")))?;
     Ok(Some(ClawkerNet {
         id: net.id.unwrap_or_default(),
         name: name.to_owned(),
@@ -62,9 +57,7 @@ pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> Result<Clawker
         return Ok(n);
     }
     let gateway = first_host(subnet).ok_or_else(|| {
-        DockerError::Api(bollard::errors::Error::IOError {
-            err: std::io::Error::other(format!("invalid subnet {subnet:?} (want a.b.c.d/nn)")),
-        })
+        DockerError::Invalid(format!("invalid subnet {subnet:?} (want a.b.c.d/nn)"))
     })?;
     let req = NetworkCreateRequest {
         name: name.to_owned(),
@@ -78,24 +71,23 @@ pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> Result<Clawker
             ..Default::default()
         }),
         labels: Some(HashMap::from([
-            (LABEL_MANAGED.to_owned(), MANAGED_VALUE.to_owned()),
-            (LABEL_PURPOSE.to_owned(), "network".to_owned()),
+            (labels::MANAGED.to_owned(), labels::MANAGED_VALUE.to_owned()),
+            (
+                labels::PURPOSE.to_owned(),
+                labels::PURPOSE_NETWORK.to_owned(),
+            ),
         ])),
         ..Default::default()
     };
     match docker.create_network(req).await {
         Ok(_) => {}
         // Lost a creation race with another CP/CLI: fine, it exists now.
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 409, ..
-        }) => {}
+        Err(e) if is_status(&e, 409) => {}
         Err(e) => return Err(e.into()),
     }
-    find(docker, name).await?.ok_or_else(|| {
-        DockerError::Api(bollard::errors::Error::IOError {
-            err: std::io::Error::other(format!("network {name} vanished after create")),
-        })
-    })
+    find(docker, name)
+        .await?
+        .ok_or_else(|| DockerError::Invalid(format!("network {name} vanished after create")))
 }
 
 /// `10.77.0.0/24` → `10.77.0.1`.

@@ -5,14 +5,15 @@
 //! subscribers register for exactly the events they care about. `at` is the
 //! time the event happened (RFC 3339 in JSON).
 
+pub mod docker;
 pub mod worldview;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::docker::events::DockerEvent;
 use crate::identity::Thumbprint;
 
+pub use docker::{DockerAction, DockerEvent, DockerObject};
 pub use worldview::Worldview;
 
 /// Common surface of every domain event: its wire name, when it happened,
@@ -29,21 +30,36 @@ pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
-mod rfc3339 {
-    pub use time::serde::rfc3339::serialize;
-}
-
+/// A thumbprint as 64 lowercase hex characters.
 mod hex32 {
+    use serde::Deserialize;
+
     use crate::identity::Thumbprint;
+
     pub fn serialize<S: serde::Serializer>(t: &Thumbprint, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&t.to_hex())
     }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Thumbprint, D::Error> {
+        let s = String::deserialize(d)?;
+        Thumbprint::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("thumbprint: want 64 hex characters"))
+    }
 }
 
+/// A duration as (fractional) milliseconds.
 mod millis {
     use std::time::Duration;
+
+    use serde::Deserialize;
+
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
     }
 }
 
@@ -75,7 +91,7 @@ macro_rules! domain_event {
                 self.at
             }
             fn container_id(&self) -> Option<&str> {
-                Some(&self.container_id)
+                Some(&self.agent.container_id)
             }
             fn apply(&self, view: &mut Worldview) {
                 view.apply_event(self);
@@ -96,56 +112,73 @@ macro_rules! domain_event {
     };
 }
 
-/// Fields every agent-axis event carries. Agent and project come from the
-/// container's Docker labels (the registry row is the identity once it
-/// exists, but events describe what the container claims).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Fields every agent-axis event carries (flattened into its JSON). Agent
+/// and project come from the container's labels (the registry row is the
+/// identity once it exists, but events describe what the container claims).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRef {
     pub container_id: String,
-    pub agent: String,
+    #[serde(rename = "agent")]
+    pub name: String,
     pub project: String,
+}
+
+impl AgentRef {
+    pub fn new(
+        container_id: impl Into<String>,
+        name: impl Into<String>,
+        project: impl Into<String>,
+    ) -> Self {
+        Self {
+            container_id: container_id.into(),
+            name: name.into(),
+            project: project.into(),
+        }
+    }
+
+    /// Only the container is known (e.g. before its labels were read).
+    pub fn container(container_id: impl Into<String>) -> Self {
+        Self::new(container_id, "", "")
+    }
 }
 
 // ---- session axis -------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionConnecting {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub address: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(SessionConnecting, "agent.session.connecting", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionConnected {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub address: String,
     pub attempts: u32,
     pub peer_cn: String,
-    #[serde(serialize_with = "hex32::serialize")]
+    #[serde(with = "hex32")]
     pub peer_thumbprint: Thumbprint,
     /// Whether the peer's leaf chained to our CA (recorded, never enforced:
     /// the CP keeps the session either way).
     pub chain_verified: bool,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(SessionConnected, "agent.session.connected", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionFailed {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub address: String,
     pub reason: String,
     pub attempts: u32,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(SessionFailed, "agent.session.failed", container);
@@ -157,33 +190,28 @@ pub mod failed_reason {
     pub const CONNECT_TOTAL_TIMEOUT: &str = "connect_total_timeout";
     pub const INTERNAL_UNKNOWN_OUTCOME: &str = "internal_unknown_outcome";
     pub const PANIC_PREFIX: &str = "dial_goroutine_panic: ";
-    pub fn fd_leak(n: u32) -> String {
-        format!("fd-leak-ceiling: {n} consecutive close failures")
-    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionBroken {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub address: String,
     pub reason: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(SessionBroken, "agent.session.broken", container);
 
 // ---- identity axis ------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRegistered {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub ok: bool,
     pub reason: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentRegistered, "agent.registered", container);
@@ -220,14 +248,13 @@ impl UntrustedReason {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentUntrusted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub reason: UntrustedReason,
     pub detail: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentUntrusted, "agent.untrusted", container);
@@ -236,12 +263,11 @@ domain_event!(AgentUntrusted, "agent.untrusted", container);
 /// Match, or a successful Register). The reference publishes nothing on a
 /// Match, which left `registered` false after every CP restart and made an
 /// untrusted verdict sticky forever; this event fixes both.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentTrusted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentTrusted, "agent.trusted", container);
@@ -249,7 +275,7 @@ domain_event!(AgentTrusted, "agent.trusted", container);
 // ---- init axis ----------------------------------------------------------
 
 /// Why an init step failed (exact wire strings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitFailureReason {
     ExitCode,
@@ -275,85 +301,79 @@ impl InitFailureReason {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStarted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub step_count: u32,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitStarted, "agent.init.started", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStepStarted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub step: String,
     pub step_index: u32,
     pub step_count: u32,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitStepStarted, "agent.init.step.started", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStepCompleted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub step: String,
     pub step_index: u32,
-    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     pub exit_code: i32,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitStepCompleted, "agent.init.step.completed", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStepFailed {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub step: String,
     pub step_index: u32,
-    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     pub exit_code: i32,
     pub reason: InitFailureReason,
     pub detail: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitStepFailed, "agent.init.step.failed", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitCompleted {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
-    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitCompleted, "agent.init.completed", container);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitFailed {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     pub failed_step: String,
     pub reason: InitFailureReason,
     pub detail: String,
-    #[serde(rename = "duration_ms", serialize_with = "millis::serialize")]
+    #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitFailed, "agent.init.failed", container);
@@ -425,18 +445,17 @@ impl ContainmentOutcome {
 }
 
 /// Ours: one step of a containment ladder ran (see `policy::containment`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainmentApplied {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
+    #[serde(flatten)]
+    pub agent: AgentRef,
     /// What fired the ladder, e.g. `untrusted:cert_invalid`, `init_failed`,
     /// `session_failed_repeated`.
     pub trigger: String,
     pub action: ContainmentAction,
     pub outcome: ContainmentOutcome,
     pub detail: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(ContainmentApplied, "policy.containment.applied", container);
@@ -444,20 +463,20 @@ domain_event!(ContainmentApplied, "policy.containment.applied", container);
 // ---- misc ---------------------------------------------------------------
 
 /// The startup orphan reap failed; a pure notification (no projection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReapDegraded {
     pub reason: String,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(ReapDegraded, "agent.reap.degraded", none);
 
 /// A Docker event, as the feeder publishes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerEventOccurred {
     #[serde(flatten)]
     pub event: DockerEvent,
-    #[serde(serialize_with = "rfc3339::serialize")]
+    #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 
@@ -483,12 +502,64 @@ impl DomainEvent for DockerEventOccurred {
         self.at
     }
     fn container_id(&self) -> Option<&str> {
-        (self.event.typ == "container").then_some(self.event.actor_id.as_str())
+        self.event.container_id()
     }
     fn apply(&self, view: &mut Worldview) {
         view.apply_docker(self);
     }
 }
+
+/// Declares [`Decoded`]: every domain event type, read back from its wire
+/// form (name + JSON) by consumers outside the process (the CLI reading
+/// `WatchEvents` or the audit log) as the same typed structs.
+macro_rules! decoded {
+    ($($variant:ident),* $(,)?) => {
+        /// A domain event decoded from its name and JSON.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Decoded {
+            $($variant($variant),)*
+            /// A name this build does not know (a newer CP).
+            Unknown(String),
+        }
+
+        impl Decoded {
+            pub fn container_id(&self) -> Option<&str> {
+                match self {
+                    $(Decoded::$variant(e) => DomainEvent::container_id(e),)*
+                    Decoded::Unknown(_) => None,
+                }
+            }
+        }
+
+        /// Decodes one event; an unknown name is `Ok(Decoded::Unknown)`, a
+        /// known name with malformed JSON is an error.
+        pub fn decode(name: &str, json: &str) -> Result<Decoded, serde_json::Error> {
+            $(if name == <$variant as DomainEvent>::NAME {
+                return serde_json::from_str(json).map(Decoded::$variant);
+            })*
+            Ok(Decoded::Unknown(name.to_owned()))
+        }
+    };
+}
+
+decoded!(
+    SessionConnecting,
+    SessionConnected,
+    SessionFailed,
+    SessionBroken,
+    AgentRegistered,
+    AgentUntrusted,
+    AgentTrusted,
+    InitStarted,
+    InitStepStarted,
+    InitStepCompleted,
+    InitStepFailed,
+    InitCompleted,
+    InitFailed,
+    ContainmentApplied,
+    ReapDegraded,
+    DockerEventOccurred,
+);
 
 /// Where domain events go: the bus in production, a recorder in tests.
 /// Publishing never blocks; `false` means the event was dropped.

@@ -154,12 +154,12 @@ impl AgentView {
 
     /// Overwrites identity fields only with known values: an event that
     /// does not know the agent's name must not erase it.
-    fn set_identity(&mut self, agent: &str, project: &str, address: Option<&str>) {
-        if !agent.is_empty() {
-            self.agent = agent.to_owned();
+    fn set_identity(&mut self, who: &AgentRef, address: Option<&str>) {
+        if !who.name.is_empty() {
+            self.agent = who.name.clone();
         }
-        if !project.is_empty() {
-            self.project = project.to_owned();
+        if !who.project.is_empty() {
+            self.project = who.project.clone();
         }
         if let Some(a) = address.filter(|a| !a.is_empty()) {
             self.address = a.to_owned();
@@ -191,7 +191,7 @@ impl Worldview {
 
     pub(super) fn apply_docker(&mut self, e: &DockerEventOccurred) {
         e.project(self);
-        if e.event.typ == "container" {
+        if e.event.typ == DockerObject::Container {
             self.last_updated_at = Some(e.at);
         }
     }
@@ -205,8 +205,8 @@ impl Worldview {
 
 impl Project for SessionConnecting {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, Some(&self.address));
         a.session_status = SessionStatus::Connecting;
         a.last_error.clear();
         a.updated_at = Some(self.at);
@@ -215,8 +215,8 @@ impl Project for SessionConnecting {
 
 impl Project for SessionConnected {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, Some(&self.address));
         a.session_status = SessionStatus::Connected;
         a.attempts = self.attempts;
         a.thumbprint = self.peer_thumbprint.to_hex();
@@ -228,8 +228,8 @@ impl Project for SessionConnected {
 
 impl Project for SessionFailed {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, Some(&self.address));
         a.session_status = SessionStatus::Failed;
         a.attempts = self.attempts;
         a.last_error = self.reason.clone();
@@ -239,8 +239,8 @@ impl Project for SessionFailed {
 
 impl Project for SessionBroken {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, Some(&self.address));
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, Some(&self.address));
         a.session_status = SessionStatus::Broken;
         a.last_error = self.reason.clone();
         a.updated_at = Some(self.at);
@@ -249,8 +249,8 @@ impl Project for SessionBroken {
 
 impl Project for AgentRegistered {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         a.registered = self.ok;
         if !self.ok {
             a.last_error = self.reason.clone();
@@ -261,8 +261,8 @@ impl Project for AgentRegistered {
 
 impl Project for AgentUntrusted {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         a.set_trust(Trust {
             trusted: false,
             reason: Some(self.reason),
@@ -275,8 +275,8 @@ impl Project for AgentUntrusted {
 
 impl Project for AgentTrusted {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         a.registered = true;
         a.set_trust(Trust {
             trusted: true,
@@ -290,8 +290,8 @@ impl Project for AgentTrusted {
 
 impl Project for InitStarted {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         a.init = InitView {
             status: InitStatus::Running,
             step_count: self.step_count,
@@ -304,8 +304,8 @@ impl Project for InitStarted {
 
 impl Project for InitStepStarted {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         let max = a.init.step_count.saturating_sub(1);
         a.init.step_index = if a.init.step_count > 0 {
             self.step_index.min(max)
@@ -319,13 +319,13 @@ impl Project for InitStepStarted {
 
 impl Project for InitStepCompleted {
     fn project(&self, v: &mut Worldview) {
-        v.agent(&self.container_id).updated_at = Some(self.at);
+        v.agent(&self.agent.container_id).updated_at = Some(self.at);
     }
 }
 
 impl Project for InitStepFailed {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
+        let a = v.agent(&self.agent.container_id);
         a.init.last_error = self.detail.clone();
         a.updated_at = Some(self.at);
     }
@@ -340,7 +340,7 @@ fn floor_at(init: &InitView, at: OffsetDateTime) -> OffsetDateTime {
 
 impl Project for InitCompleted {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
+        let a = v.agent(&self.agent.container_id);
         let at = floor_at(&a.init, self.at);
         a.init.status = InitStatus::Completed;
         a.init.completed_at = Some(at);
@@ -351,7 +351,7 @@ impl Project for InitCompleted {
 
 impl Project for InitFailed {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
+        let a = v.agent(&self.agent.container_id);
         let at = floor_at(&a.init, self.at);
         a.init.status = InitStatus::Failed;
         a.init.completed_at = Some(at);
@@ -362,8 +362,8 @@ impl Project for InitFailed {
 
 impl Project for ContainmentApplied {
     fn project(&self, v: &mut Worldview) {
-        let a = v.agent(&self.container_id);
-        a.set_identity(&self.agent, &self.project, None);
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
         a.containment.push(ContainmentRecord {
             trigger: self.trigger.clone(),
             action: self.action,
@@ -392,12 +392,11 @@ const ENGINE_ATTRS: [&str; 6] = [
 impl Project for DockerEventOccurred {
     fn project(&self, v: &mut Worldview) {
         let e = &self.event;
-        if e.typ != "container" {
+        let Some(id) = e.container_id().map(str::to_owned) else {
             return;
-        }
-        let id = e.actor_id.clone();
-        match e.action.as_str() {
-            "start" | "restart" | "unpause" => {
+        };
+        match &e.action {
+            a if a.brings_container_up() => {
                 let c = v.containers.entry(id.clone()).or_default();
                 c.id = id;
                 if let Some(n) = e.attr("name").filter(|n| !n.is_empty()) {
@@ -412,18 +411,18 @@ impl Project for DockerEventOccurred {
                     .collect();
                 c.updated_at = Some(self.at);
             }
-            "die" | "stop" | "kill" | "oom" => {
+            a if a.takes_container_down() => {
                 let c = v.containers.entry(id.clone()).or_default();
                 c.id = id;
                 c.status = ContainerStatus::Stopped;
                 c.updated_at = Some(self.at);
             }
-            "destroy" => {
+            DockerAction::Destroy => {
                 v.containers.remove(&id);
                 // Ours: a destroyed container's agent is gone for good.
                 v.agents.remove(&id);
             }
-            "rename" => {
+            DockerAction::Rename => {
                 let c = v.containers.entry(id.clone()).or_default();
                 c.id = id;
                 c.name = e.attr("name").unwrap_or_default().to_owned();
@@ -437,7 +436,6 @@ impl Project for DockerEventOccurred {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::events::DockerEvent;
     use clawker_actors::Event as _;
 
     fn t(s: i64) -> OffsetDateTime {
@@ -446,9 +444,7 @@ mod tests {
 
     fn connected(id: &str, at: i64) -> SessionConnected {
         SessionConnected {
-            container_id: id.into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new(id, "dev", "web"),
             address: "10.0.0.2:7700".into(),
             attempts: 1,
             peer_cn: "clawker.web.dev".into(),
@@ -463,9 +459,7 @@ mod tests {
         let mut v = Worldview::default();
         v.apply_event(&connected("c1", 0));
         v.apply_event(&SessionFailed {
-            container_id: "c1".into(),
-            agent: String::new(),
-            project: String::new(),
+            agent: AgentRef::new("c1", String::new(), String::new()),
             address: String::new(),
             reason: failed_reason::CONTAINER_NOT_RUNNING.into(),
             attempts: 3,
@@ -484,9 +478,7 @@ mod tests {
         let mut v = Worldview::default();
         v.apply_event(&connected("c1", 0));
         v.apply_event(&AgentUntrusted {
-            container_id: "c1".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("c1", "dev", "web"),
             reason: UntrustedReason::CertThumbprintMismatch,
             detail: String::new(),
             at: t(1),
@@ -495,9 +487,7 @@ mod tests {
         assert!(!v.agents["c1"].registered);
         // A later session matches.
         v.apply_event(&AgentTrusted {
-            container_id: "c1".into(),
-            agent: "dev".into(),
-            project: "web".into(),
+            agent: AgentRef::new("c1", "dev", "web"),
             at: t(2),
         });
         let a = &v.agents["c1"];
@@ -513,11 +503,10 @@ mod tests {
     #[test]
     fn destroy_removes_container_and_agent() {
         let mut v = Worldview::default();
-        let start = DockerEvent {
-            typ: "container".into(),
-            action: "start".into(),
-            actor_id: "c1".into(),
-            attributes: [
+        let start = DockerEvent::container(
+            DockerAction::Start,
+            "c1",
+            [
                 ("name", "alpha"),
                 ("image", "img"),
                 ("dev.clawker.agent", "dev"),
@@ -525,10 +514,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-            scope: "local".into(),
-            time_nanos: 1,
-            synthetic: false,
-        };
+        );
         DomainEvent::apply(&DockerEventOccurred::new(start.clone()), &mut v);
         assert_eq!(v.containers["c1"].name, "alpha");
         assert_eq!(
@@ -537,12 +523,12 @@ mod tests {
         );
         v.apply_event(&connected("c1", 0));
         let mut stop = start.clone();
-        stop.action = "die".into();
+        stop.action = DockerAction::Die;
         DomainEvent::apply(&DockerEventOccurred::new(stop), &mut v);
         assert_eq!(v.containers["c1"].status, ContainerStatus::Stopped);
         assert!(v.agents.contains_key("c1"), "stop keeps the agent");
         let mut destroy = start;
-        destroy.action = "destroy".into();
+        destroy.action = DockerAction::Destroy;
         DomainEvent::apply(&DockerEventOccurred::new(destroy), &mut v);
         assert!(v.containers.is_empty());
         assert!(v.agents.is_empty());
@@ -557,16 +543,12 @@ mod tests {
         };
         let id = r("c1").container_id;
         v.apply_event(&InitStarted {
-            container_id: id.clone(),
-            agent: "dev".into(),
-            project: String::new(),
+            agent: AgentRef::new(id.clone(), "dev", String::new()),
             step_count: 7,
             at: t(10),
         });
         v.apply_event(&InitStepStarted {
-            container_id: id.clone(),
-            agent: String::new(),
-            project: String::new(),
+            agent: AgentRef::new(id.clone(), String::new(), String::new()),
             step: "ssh".into(),
             step_index: 99,
             step_count: 7,
@@ -574,9 +556,7 @@ mod tests {
         });
         assert_eq!(v.agents["c1"].init.step_index, 6, "clamped to step_count-1");
         v.apply_event(&InitFailed {
-            container_id: id.clone(),
-            agent: String::new(),
-            project: String::new(),
+            agent: AgentRef::new(id.clone(), String::new(), String::new()),
             failed_step: "ssh".into(),
             reason: InitFailureReason::Timeout,
             detail: "ERROR_CODE_TIMEOUT: x".into(),
@@ -596,9 +576,7 @@ mod tests {
         v.apply_event(&connected("c1", 0));
         for i in 0..(CONTAINMENT_HISTORY as i64 + 4) {
             v.apply_event(&ContainmentApplied {
-                container_id: "c1".into(),
-                agent: String::new(),
-                project: String::new(),
+                agent: AgentRef::new("c1", String::new(), String::new()),
                 trigger: "untrusted:cert_invalid".into(),
                 action: ContainmentAction::Isolate,
                 outcome: if i == 0 {
@@ -630,9 +608,7 @@ mod tests {
         assert_eq!(j["chain_verified"], true);
         assert_eq!(j["at"], "2023-11-14T22:13:20Z");
         let u = AgentUntrusted {
-            container_id: "c".into(),
-            agent: String::new(),
-            project: String::new(),
+            agent: AgentRef::new("c", String::new(), String::new()),
             reason: UntrustedReason::CertCnMismatch,
             detail: String::new(),
             at: t(0),

@@ -1,14 +1,15 @@
 //! Policy: the subscriber actors that act on what the bus reports.
 //!
-//! The dialer holds no policy (asymmetric trust: it never drops a session
-//! for identity reasons); everything that *reacts* lives here, each piece a
+//! The session machinery holds no policy (asymmetric trust: it never drops
+//! a session for identity reasons); everything that *reacts* lives here, each piece a
 //! supervised child of the `policy` supervisor that talks to the rest of
 //! the CP only through the bus and narrow seams:
 //!
 //! - [`containment`]: trigger → action ladder (alert, isolate, lock, stop,
-//!   kill) for untrusted or failing agents; Docker behind
-//!   [`containment::ContainmentOps`], in-container commands behind
-//!   [`containment::SessionCommands`]. Publishes `ContainmentApplied`.
+//!   kill) for untrusted or failing agents; the runtime behind
+//!   [`crate::runtime::ContainmentOps`], in-container commands behind
+//!   [`crate::session::commands::SessionCommands`]. Publishes
+//!   `ContainmentApplied`.
 //! - [`audit`]: every event as one JSON line in an append-only, rotated
 //!   log written on a dedicated thread; [`audit::read_last`] reads it back.
 //! - [`metrics`]: Prometheus recorder fed by a metrics actor (events, bus

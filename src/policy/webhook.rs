@@ -142,7 +142,7 @@ pub async fn forward(mut sub: AuditSubscription, cfg: WebhookConfig) -> u64 {
             Ok(b) => b,
             Err(_) => continue,
         };
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = RETRY.retry();
         for attempt in 1..=cfg.max_attempts.max(1) {
             match post_json(&cfg.url, &body, timeout).await {
                 Ok(()) => {
@@ -151,8 +151,7 @@ pub async fn forward(mut sub: AuditSubscription, cfg: WebhookConfig) -> u64 {
                 }
                 Err(err) if attempt < cfg.max_attempts.max(1) => {
                     tracing::debug!(event = "webhook_retry", name = e.name(), attempt, error = %err);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(err) => {
                     tracing::warn!(event = "webhook_dropped", name = e.name(), attempts = attempt, error = %err, "event not delivered to webhook");
@@ -162,6 +161,10 @@ pub async fn forward(mut sub: AuditSubscription, cfg: WebhookConfig) -> u64 {
     }
     delivered
 }
+
+/// Delays between delivery attempts of one event.
+const RETRY: clawker_actors::Backoff =
+    clawker_actors::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// The forwarder as a supervised actor: subscribes on start, forwards
 /// until the bus closes (then stops normally).

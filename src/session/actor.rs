@@ -6,27 +6,25 @@
 //!   the actor and the task is aborted (so a stopped session publishes
 //!   nothing more); a panic in the task is re-raised in the actor, which the
 //!   supervisor sees as a panic exit and restarts.
-//! - [`Dialer`]: the front door. `Dial(id)` is fire-and-forget and
-//!   deduplicated by container id for the whole life of that container's
-//!   session actor (restarts included); the entry is cleared when the child
-//!   ends for good. A panic exit is published as
-//!   `SessionFailed{dial_goroutine_panic: …}`.
+//! - [`sessions_spec`]: the `sessions` supervisor whose keyed children are
+//!   the session actors (and so the dedup set of dials);
+//! - [`Sessions`]: the front door — dial, stop, borrow a live session.
 
-use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use clawker_actors::{
-    ChildExit, ChildLink, ChildSpec, ExitReason, Restart, Supervisor, SupervisorHandle,
+    ChildExit, ChildLink, ChildSpec, ExitReason, Restart, Strategy, Supervisor, SupervisorError,
+    SupervisorHandle, SupervisorSpec,
 };
 use tokio::sync::watch;
 
-use crate::events::{self, Bus, failed_reason};
+use crate::events::{self, AgentRef, Bus, failed_reason};
 
+use super::classify::RegistryLookup;
 use super::lifecycle::{self, LiveSession, SessionDeps};
-
-/// Where the dialer currently lives; updated when it (re)starts.
-pub type DialerSlot = std::sync::Arc<arc_swap::ArcSwapOption<Addr<Dialer>>>;
 
 /// Name of the supervisor whose children are the session actors.
 pub const SESSIONS_SUPERVISOR: &str = "sessions";
@@ -125,19 +123,76 @@ impl Handler<Crash> for SessionActor {
     }
 }
 
-/// How the dialer reaches the `sessions` supervisor: directly, or by name
-/// through its parent (in the daemon the root starts both as siblings).
-#[derive(Clone)]
-pub enum SessionsRef {
-    Direct(SupervisorHandle),
-    ViaParent(std::sync::Arc<std::sync::OnceLock<SupervisorHandle>>),
+/// The `sessions` supervisor: one transient [`SessionActor`] per container,
+/// keyed by container id. Its keys are the dedup set: a second `dial` of a
+/// container whose session actor exists (running or restarting) is refused
+/// as a duplicate key, and the key goes when the child ends for good. A
+/// panic exit is published as `SessionFailed{dial_goroutine_panic: …}`.
+pub fn sessions_spec(bus: Bus, registry: Arc<dyn RegistryLookup>) -> SupervisorSpec {
+    SupervisorSpec::new(SESSIONS_SUPERVISOR)
+        .strategy(Strategy::OneForOne)
+        // Sessions fail independently; a burst of crashes across many
+        // containers must not take the whole tree down.
+        .intensity(1000, Duration::from_secs(10))
+        .backoff(Duration::from_millis(100), Duration::from_secs(10))
+        .on_exit(move |exit: &ChildExit| {
+            let (Some(id), ExitReason::Panic(msg)) = (&exit.key, &exit.reason) else {
+                return;
+            };
+            let who = registry
+                .lookup_by_container_id(id)
+                .map(|e| AgentRef::new(id.as_str(), e.agent_name, e.project))
+                .unwrap_or_else(|_| AgentRef::container(id.as_str()));
+            tracing::error!(event = "agentdial_panic", container_id = %id, agent = %who.name, project = %who.project, panic = %msg, "session panicked");
+            bus.publish(events::SessionFailed {
+                agent: who,
+                address: String::new(),
+                reason: format!("{}{msg}", failed_reason::PANIC_PREFIX),
+                attempts: 0,
+                at: events::now(),
+            });
+        })
 }
 
-impl SessionsRef {
-    async fn get(&self) -> Option<SupervisorHandle> {
-        match self {
-            SessionsRef::Direct(h) => Some(h.clone()),
-            SessionsRef::ViaParent(root) => {
+/// How [`Sessions`] reaches the `sessions` supervisor: directly, or by name
+/// through the root (in the daemon the root may restart it, so its address
+/// is looked up on each call).
+#[derive(Clone)]
+enum SupervisorRef {
+    Direct(SupervisorHandle),
+    ViaRoot(Arc<OnceLock<SupervisorHandle>>),
+}
+
+/// The front door of the session machinery: dial a container, stop its
+/// session, borrow its live session. Cheap to clone; holds no state of its
+/// own (the supervisor's children are the state).
+#[derive(Clone)]
+pub struct Sessions {
+    supervisor: SupervisorRef,
+    deps: SessionDeps<Bus>,
+}
+
+impl Sessions {
+    /// Over a `sessions` supervisor started by the caller.
+    pub fn new(supervisor: SupervisorHandle, deps: SessionDeps<Bus>) -> Self {
+        Self {
+            supervisor: SupervisorRef::Direct(supervisor),
+            deps,
+        }
+    }
+
+    /// Over the `sessions` child of `root` (set once the root is started).
+    pub fn via_root(root: Arc<OnceLock<SupervisorHandle>>, deps: SessionDeps<Bus>) -> Self {
+        Self {
+            supervisor: SupervisorRef::ViaRoot(root),
+            deps,
+        }
+    }
+
+    async fn supervisor(&self) -> Option<SupervisorHandle> {
+        match &self.supervisor {
+            SupervisorRef::Direct(h) => Some(h.clone()),
+            SupervisorRef::ViaRoot(root) => {
                 let root = root.get()?.clone();
                 root.child::<Supervisor>(SESSIONS_SUPERVISOR)
                     .await
@@ -145,184 +200,67 @@ impl SessionsRef {
             }
         }
     }
-}
 
-/// The dialer front: dedup set + the door to the `sessions` supervisor.
-pub struct Dialer {
-    sessions: SessionsRef,
-    deps: SessionDeps<Bus>,
-    bus: Bus,
-    active: HashSet<String>,
-}
-
-impl Dialer {
-    pub fn new(sessions: SupervisorHandle, deps: SessionDeps<Bus>, bus: Bus) -> Self {
-        Self {
-            sessions: SessionsRef::Direct(sessions),
-            deps,
-            bus,
-            active: HashSet::new(),
-        }
-    }
-
-    /// A dialer that finds `sessions` as a sibling under `root`.
-    pub fn via_parent(
-        root: std::sync::Arc<std::sync::OnceLock<SupervisorHandle>>,
-        deps: SessionDeps<Bus>,
-        bus: Bus,
-    ) -> Self {
-        Self {
-            sessions: SessionsRef::ViaParent(root),
-            deps,
-            bus,
-            active: HashSet::new(),
-        }
-    }
-
-    /// The `sessions` supervisor spec, wired so every child exit reaches
-    /// the dialer whose address `dialer` will hold.
-    pub fn sessions_spec(dialer: DialerSlot) -> clawker_actors::SupervisorSpec {
-        clawker_actors::SupervisorSpec::new(SESSIONS_SUPERVISOR)
-            .strategy(clawker_actors::Strategy::OneForOne)
-            // Sessions fail independently; a burst of crashes across many
-            // containers must not take the whole dialer down.
-            .intensity(1000, std::time::Duration::from_secs(10))
-            .backoff(
-                std::time::Duration::from_millis(100),
-                std::time::Duration::from_secs(10),
-            )
-            .on_exit(move |exit: &ChildExit| {
-                if let Some(d) = dialer.load_full() {
-                    d.do_send(SessionExited(exit.clone()));
-                }
-            })
-    }
-}
-
-impl Actor for Dialer {
-    type Context = Context<Self>;
-}
-
-/// Start (once) the session of a container. Fire-and-forget.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Dial(pub String);
-
-impl Handler<Dial> for Dialer {
-    type Result = ();
-    fn handle(&mut self, Dial(id): Dial, ctx: &mut Context<Self>) {
-        if id.is_empty() || !self.active.insert(id.clone()) {
-            return; // empty id, or a session already owns this container
-        }
-        let sessions = self.sessions.clone();
-        let spec = SessionActor::spec(&id, self.deps.clone());
-        ctx.spawn(wrap_future::<_, Self>(async move {
-            match sessions.get().await {
-                Some(s) => s.add_child(spec).await.map_err(|e| e.to_string()),
-                None => Err("sessions supervisor not running".to_owned()),
-            }
-        }).map(
-            move |res, act: &mut Dialer, _ctx| {
-                if let Err(e) = res {
-                    tracing::error!(container_id = %id, error = %e, "dialer: could not start session");
-                    act.active.remove(&id);
-                }
-            },
-        ));
-    }
-}
-
-/// Stop a container's session at once (container died or was removed):
-/// no SessionBroken, no reconnect churn.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StopSession(pub String);
-
-impl Handler<StopSession> for Dialer {
-    type Result = ();
-    fn handle(&mut self, StopSession(id): StopSession, ctx: &mut Context<Self>) {
-        if !self.active.contains(&id) {
+    /// Starts the session of a container unless one exists. Empty ids are
+    /// ignored.
+    pub async fn dial(&self, container_id: &str) {
+        if container_id.is_empty() {
             return;
         }
-        let sessions = self.sessions.clone();
-        ctx.spawn(wrap_future::<_, Self>(async move {
-            if let Some(s) = sessions.get().await {
-                s.stop_child(&id).await;
+        let Some(sup) = self.supervisor().await else {
+            tracing::error!(
+                container_id,
+                "sessions supervisor not running; dial dropped"
+            );
+            return;
+        };
+        match sup
+            .add_child(SessionActor::spec(container_id, self.deps.clone()))
+            .await
+        {
+            Ok(()) | Err(SupervisorError::DuplicateKey(_)) => {}
+            Err(e) => {
+                tracing::error!(container_id, error = %e, "could not start session")
             }
-        }));
-    }
-}
-
-/// A session child ended (from the supervisor's exit hook).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct SessionExited(ChildExit);
-
-impl Handler<SessionExited> for Dialer {
-    type Result = ();
-    fn handle(&mut self, SessionExited(exit): SessionExited, _: &mut Context<Self>) {
-        let Some(id) = exit.key.clone() else { return };
-        if let ExitReason::Panic(msg) = &exit.reason {
-            let (agent, project) = self
-                .deps
-                .registry
-                .lookup_by_container_id(&id)
-                .map(|e| (e.agent_name, e.project))
-                .unwrap_or_default();
-            tracing::error!(event = "agentdial_panic", container_id = %id, %agent, %project, panic = %msg, "session panicked");
-            self.bus.publish(events::SessionFailed {
-                container_id: id.clone(),
-                agent,
-                project,
-                address: String::new(),
-                reason: format!("{}{msg}", failed_reason::PANIC_PREFIX),
-                attempts: 0,
-                at: events::now(),
-            });
-        }
-        if !exit.restarting {
-            self.active.remove(&id);
         }
     }
-}
 
-/// Container ids with a live session actor.
-#[derive(Message)]
-#[rtype(result = "Vec<String>")]
-pub struct ActiveSessions;
+    /// Stops a container's session at once (container died or was removed):
+    /// no SessionBroken, no reconnect churn.
+    pub async fn stop(&self, container_id: &str) {
+        if let Some(sup) = self.supervisor().await {
+            sup.stop_child(container_id).await;
+        }
+    }
 
-impl Handler<ActiveSessions> for Dialer {
-    type Result = MessageResult<ActiveSessions>;
-    fn handle(&mut self, _: ActiveSessions, _: &mut Context<Self>) -> Self::Result {
-        let mut v: Vec<String> = self.active.iter().cloned().collect();
-        v.sort();
-        MessageResult(v)
+    /// The open session of a container, if connected.
+    pub async fn live(&self, container_id: &str) -> Option<LiveSession> {
+        let addr = self
+            .supervisor()
+            .await?
+            .child::<SessionActor>(container_id)
+            .await?;
+        addr.send(GetLive).await.ok().flatten()
+    }
+
+    /// Container ids with a session actor (running or restarting), sorted.
+    pub async fn active(&self) -> Vec<String> {
+        let Some(sup) = self.supervisor().await else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = sup
+            .tree()
+            .await
+            .map(|t| t.children.into_iter().filter_map(|c| c.key).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
     }
 }
 
-/// The open session of a container, if any (for containment commands).
-#[derive(Message)]
-#[rtype(result = "Option<LiveSession>")]
-pub struct LiveSessionOf(pub String);
-
-impl Handler<LiveSessionOf> for Dialer {
-    type Result = ResponseFuture<Option<LiveSession>>;
-    fn handle(&mut self, LiveSessionOf(id): LiveSessionOf, _: &mut Context<Self>) -> Self::Result {
-        let sessions = self.sessions.clone();
-        Box::pin(async move {
-            let addr = sessions.get().await?.child::<SessionActor>(&id).await?;
-            addr.send(GetLive).await.ok().flatten()
-        })
-    }
-}
-
-/// Starts the `sessions` supervisor and the dialer front on the current
-/// arbiter, standalone (tests, tools). The daemon wires the same two into
-/// its root supervisor instead.
-pub fn start_standalone(deps: SessionDeps<Bus>, bus: Bus) -> (Addr<Dialer>, SupervisorHandle) {
-    let slot: DialerSlot = Default::default();
-    let sessions = Supervisor::start(Dialer::sessions_spec(slot.clone()));
-    let dialer = Dialer::new(sessions.clone(), deps, bus).start();
-    slot.store(Some(std::sync::Arc::new(dialer.clone())));
-    (dialer, sessions)
+/// Starts a `sessions` supervisor on the current arbiter, standalone (tests,
+/// tools). The daemon starts the same spec under its root instead.
+pub fn start_standalone(deps: SessionDeps<Bus>, bus: Bus) -> (Sessions, SupervisorHandle) {
+    let sup = Supervisor::start(sessions_spec(bus, deps.registry.clone()));
+    (Sessions::new(sup.clone(), deps), sup)
 }

@@ -17,7 +17,7 @@ use crate::proto::clawkerd::v1::{self as pb, clawkerd_service_client::ClawkerdSe
 use crate::proto::clawkerd::v1::{command, response};
 use crate::tls::{self, PeerInfo, PermissiveServerVerifier, TlsError};
 
-use super::mux::{SessionMux, command as cmd, payload_name};
+use super::mux::{MuxError, SessionMux, command as cmd, payload_name};
 
 /// Everything needed to dial any clawkerd; built once, shared by sessions.
 #[derive(Clone)]
@@ -70,18 +70,43 @@ impl DialConfig {
 pub struct Connection {
     pub mux: SessionMux,
     pub peer: PeerInfo,
+    /// The HelloAck clawkerd actually sent (a v0.8.0 clawkerd sends an
+    /// empty one: neither initialized nor running its command).
+    pub hello: pb::HelloAck,
     // Keeps the HTTP/2 connection (and so the stream) alive.
     _client: ClawkerdServiceClient<tonic::transport::Channel>,
 }
 
-/// One attempt. The error text is for logs only; session events carry
-/// fixed classifications.
-pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, String> {
+/// Why one attempt failed. For logs and retry decisions only: session
+/// events carry fixed classifications, never these texts.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("client TLS config: {0}")]
+    Tls(#[from] TlsError),
+    #[error("connect {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    #[error("connect {0}: no certificate recorded")]
+    NoPeerCertificate(SocketAddr),
+    #[error("open Session stream: {0}")]
+    OpenStream(tonic::Status),
+    #[error("send Hello: {0}")]
+    SendHello(MuxError),
+    #[error("expected HelloAck, got {0}")]
+    UnexpectedReply(&'static str),
+    #[error("recv HelloAck: {0}")]
+    Closed(String),
+    #[error("Hello handshake: no HelloAck within {0:?}")]
+    HelloTimeout(Duration),
+}
+
+/// One attempt.
+pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, DialError> {
     let verifier = PermissiveServerVerifier::new(cfg.roots.clone());
-    let tls_cfg = Arc::new(
-        tls::cp_dial_config(&cfg.client_cert_pem, &cfg.client_key_pem, verifier.clone())
-            .map_err(|e| e.to_string())?,
-    );
+    let tls_cfg = Arc::new(tls::cp_dial_config(
+        &cfg.client_cert_pem,
+        &cfg.client_key_pem,
+        verifier.clone(),
+    )?);
     let connector = tls::connector(addr, tls_cfg, cfg.connect_timeout);
     let channel = Endpoint::from_static("http://clawkerd")
         .initial_stream_window_size(Some(8 << 20))
@@ -92,10 +117,11 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, S
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
-        .map_err(|e| format!("connect {addr}: {}", error_chain(&e)))?;
-    let peer = verifier
-        .peer()
-        .ok_or_else(|| format!("connect {addr}: no certificate recorded"))?;
+        .map_err(|e| DialError::Connect {
+            addr,
+            detail: error_chain(&e),
+        })?;
+    let peer = verifier.peer().ok_or(DialError::NoPeerCertificate(addr))?;
     let mut client = ClawkerdServiceClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -104,29 +130,28 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, S
         let resp = client
             .session(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| format!("open Session stream: {s}"))?;
+            .map_err(DialError::OpenStream)?;
         let mux = SessionMux::start(tx, resp.into_inner());
         let mut replies = mux
             .call(cmd("hello", command::Payload::Hello(pb::Hello {})))
             .await
-            .map_err(|e| format!("send Hello: {e}"))?;
+            .map_err(DialError::SendHello)?;
         match replies.next().await {
-            Some(r) if matches!(r.payload, Some(response::Payload::HelloAck(_))) => Ok(mux),
-            Some(r) => Err(format!("expected HelloAck, got {}", payload_name(&r))),
-            None => Err(format!("recv HelloAck: {}", mux.closed().await.reason())),
+            Some(pb::Response {
+                payload: Some(response::Payload::HelloAck(ack)),
+                ..
+            }) => Ok((mux, ack)),
+            Some(r) => Err(DialError::UnexpectedReply(payload_name(&r))),
+            None => Err(DialError::Closed(mux.closed().await.reason())),
         }
     };
-    let mux = tokio::time::timeout(cfg.hello_timeout, hello)
+    let (mux, hello) = tokio::time::timeout(cfg.hello_timeout, hello)
         .await
-        .map_err(|_| {
-            format!(
-                "Hello handshake: no HelloAck within {:?}",
-                cfg.hello_timeout
-            )
-        })??;
+        .map_err(|_| DialError::HelloTimeout(cfg.hello_timeout))??;
     Ok(Connection {
         mux,
         peer,
+        hello,
         _client: client,
     })
 }

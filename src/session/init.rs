@@ -10,18 +10,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::events::{self, InitFailureReason, Publish};
+use crate::defaults::agent_user;
+use crate::events::{self, AgentRef, InitFailureReason, Publish};
 use crate::proto::clawkerd::v1::{self as pb, ErrorCode, command, response};
 
+use super::command::{self as run, MAX_CAPTURE, RunAs, RunError};
 use super::mux::{MuxError, SessionMux, command as cmd};
 
-/// User the shell steps run as (the image's `claude`).
-pub const USER_UID: u32 = 1001;
-pub const USER_GID: u32 = 1001;
-pub const USER_HOME: &str = "/home/claude";
-pub const USER_NAME: &str = "claude";
-/// stderr kept per step for the failure detail.
-pub const MAX_STDERR_CAPTURE: usize = 4096;
 pub const STEP_TIMEOUT_DEFAULT: u32 = 30;
 pub const STEP_TIMEOUT_POST_INIT: u32 = 600;
 
@@ -133,14 +128,6 @@ pub fn command_id(container_id: &str, step: &str, idx: usize) -> String {
     format!("init-{prefix}-{step}-{idx}")
 }
 
-/// Which agent the plan runs for (labels, not registry).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InitTarget {
-    pub container_id: String,
-    pub agent: String,
-    pub project: String,
-}
-
 /// The unprivileged user the shell steps run as. HOME and USER are set
 /// explicitly because dropping privileges does not change them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,10 +141,24 @@ pub struct AgentUser {
 impl Default for AgentUser {
     fn default() -> Self {
         Self {
-            uid: USER_UID,
-            gid: USER_GID,
-            name: USER_NAME.into(),
-            home: USER_HOME.into(),
+            uid: agent_user::UID,
+            gid: agent_user::GID,
+            name: agent_user::NAME.into(),
+            home: agent_user::HOME.into(),
+        }
+    }
+}
+
+impl AgentUser {
+    /// The identity shell steps run with.
+    pub fn run_as(&self) -> RunAs {
+        RunAs {
+            uid: self.uid,
+            gid: self.gid,
+            env: HashMap::from([
+                ("HOME".to_owned(), self.home.clone()),
+                ("USER".to_owned(), self.name.clone()),
+            ]),
         }
     }
 }
@@ -211,72 +212,36 @@ pub fn reason_for(code: ErrorCode) -> InitFailureReason {
     }
 }
 
-fn step_command(id: &str, step: &Step, user: &AgentUser) -> pb::Command {
-    match &step.kind {
-        StepKind::AgentReady => cmd(id, command::Payload::AgentReady(pb::AgentReady {})),
-        StepKind::Shell {
-            root,
-            script,
-            timeout_seconds,
-            stdin,
-        } => {
-            let (uid, gid, env) = if *root {
-                (0, 0, HashMap::new())
-            } else {
-                let env = HashMap::from([
-                    ("HOME".to_owned(), user.home.clone()),
-                    ("USER".to_owned(), user.name.clone()),
-                ]);
-                (user.uid, user.gid, env)
-            };
-            cmd(
-                id,
-                command::Payload::Shell(pb::ShellCommand {
-                    stages: vec![pb::PipeStage {
-                        argv: vec!["sh".into(), "-c".into(), (*script).into()],
-                        uid,
-                        gid,
-                        cwd: String::new(),
-                        env,
-                    }],
-                    timeout_seconds: *timeout_seconds,
-                    initial_stdin: stdin.as_bytes().to_vec(),
-                    print_output: false,
-                    exit_on_non_zero: false,
-                }),
-            )
-        }
-    }
-}
-
-/// Bounded stderr capture: keeps the first 4 KiB, counts the rest.
-#[derive(Default)]
-struct StderrCapture {
-    buf: Vec<u8>,
-    truncated: usize,
-}
-
-impl StderrCapture {
-    fn push(&mut self, data: &[u8]) {
-        let room = MAX_STDERR_CAPTURE.saturating_sub(self.buf.len());
-        let keep = room.min(data.len());
-        self.buf.extend_from_slice(&data[..keep]);
-        self.truncated += data.len() - keep;
-    }
-
-    fn detail(&self, code: i32) -> String {
-        let mut d = format!("exit_code={code}");
-        let text = String::from_utf8_lossy(&self.buf);
-        let text = text.trim();
-        if !text.is_empty() {
-            d.push_str("; stderr: ");
-            d.push_str(text);
-            if self.truncated > 0 {
-                d.push_str(&format!(" ... [{} bytes truncated]", self.truncated));
+impl From<RunError> for StepFailure {
+    fn from(e: RunError) -> Self {
+        let reason = match &e {
+            RunError::Remote { code, .. } => reason_for(*code),
+            RunError::Timeout(_) => InitFailureReason::Timeout,
+            RunError::Route(_) => InitFailureReason::ProtocolError,
+            RunError::Closed | RunError::Send { .. } | RunError::StreamEnded => {
+                InitFailureReason::TransportError
             }
+        };
+        Self {
+            reason,
+            detail: e.to_string(),
+            exit_code: -1,
         }
-        d
     }
+}
+
+/// `exit_code=<n>`, plus `; stderr: <head>` and the truncation count.
+fn exit_detail(code: i32, stderr: &run::Capture) -> String {
+    let mut d = format!("exit_code={code}");
+    let text = stderr.text();
+    if !text.is_empty() {
+        d.push_str("; stderr: ");
+        d.push_str(&text);
+        if stderr.truncated() > 0 {
+            d.push_str(&format!(" ... [{} bytes truncated]", stderr.truncated()));
+        }
+    }
+    d
 }
 
 /// Runs one step to its terminal response.
@@ -286,84 +251,91 @@ pub async fn run_step(
     step: &Step,
     cfg: &InitConfig,
 ) -> Result<(), StepFailure> {
-    let bound = match &step.kind {
+    match &step.kind {
         StepKind::Shell {
-            timeout_seconds, ..
-        } => Duration::from_secs(u64::from(*timeout_seconds)) + cfg.step_grace,
-        StepKind::AgentReady => cfg.agent_ready_timeout,
-    };
-    let mut replies = mux.route(id).map_err(|e| match e {
-        MuxError::Closed => StepFailure::transport(format!("send {}: session closed", step.name)),
-        other => StepFailure {
-            reason: InitFailureReason::ProtocolError,
-            detail: other.to_string(),
-            exit_code: -1,
-        },
-    })?;
-    mux.send(step_command(id, step, &cfg.user))
-        .await
-        .map_err(|e| StepFailure::transport(format!("send {}: {e}", step.name)))?;
-    if matches!(step.kind, StepKind::Shell { .. }) {
-        // Without CloseStdin a stage that never reads stdin would sit until
-        // its timeout; clawkerd delivers initial_stdin first.
-        mux.send(cmd(id, command::Payload::CloseStdin(pb::CloseStdin {})))
-            .await
-            .map_err(|e| StepFailure::transport(format!("send {} close_stdin: {e}", step.name)))?;
+            root,
+            script,
+            timeout_seconds,
+            stdin,
+        } => {
+            let who = if *root {
+                RunAs::root()
+            } else {
+                cfg.user.run_as()
+            };
+            let shell = run::shell(script, &who, *timeout_seconds, stdin.as_bytes());
+            let bound = Duration::from_secs(u64::from(*timeout_seconds)) + cfg.step_grace;
+            let done = run::run_to_completion(mux, id, shell, bound, MAX_CAPTURE)
+                .await
+                .map_err(|e| match e {
+                    RunError::Send { what, error } => StepFailure::transport(format!(
+                        "send {}{}: {error}",
+                        step.name,
+                        if what == "close_stdin" {
+                            " close_stdin"
+                        } else {
+                            ""
+                        }
+                    )),
+                    RunError::Closed => {
+                        StepFailure::transport(format!("send {}: session closed", step.name))
+                    }
+                    other => other.into(),
+                })?;
+            if done.exit_code == 0 {
+                Ok(())
+            } else {
+                Err(StepFailure {
+                    reason: InitFailureReason::ExitCode,
+                    detail: exit_detail(done.exit_code, &done.stderr),
+                    exit_code: done.exit_code,
+                })
+            }
+        }
+        StepKind::AgentReady => agent_ready(mux, id, step, cfg.agent_ready_timeout).await,
     }
-    let mut stderr = StderrCapture::default();
+}
+
+/// AgentReady has no clawkerd-side timeout: the CP bounds it.
+async fn agent_ready(
+    mux: &SessionMux,
+    id: &str,
+    step: &Step,
+    bound: Duration,
+) -> Result<(), StepFailure> {
+    let mut replies = mux
+        .call(cmd(id, command::Payload::AgentReady(pb::AgentReady {})))
+        .await
+        .map_err(|e| match e {
+            MuxError::Closed => {
+                StepFailure::transport(format!("send {}: session closed", step.name))
+            }
+            other => StepFailure::from(RunError::Route(other)),
+        })?;
     let deadline = tokio::time::Instant::now() + bound;
     loop {
-        let next = tokio::time::timeout_at(deadline, replies.next()).await;
-        let resp = match next {
-            Err(_) => {
-                return Err(StepFailure {
-                    reason: InitFailureReason::Timeout,
-                    detail: format!(
-                        "no terminal response from clawkerd within {}s (CP-side bound)",
-                        bound.as_secs()
-                    ),
-                    exit_code: -1,
-                });
-            }
-            Ok(None) => {
-                return Err(StepFailure::transport(
-                    "stream EOF before terminal response",
-                ));
-            }
+        let resp = match tokio::time::timeout_at(deadline, replies.next()).await {
+            Err(_) => return Err(RunError::Timeout(bound).into()),
+            Ok(None) => return Err(RunError::StreamEnded.into()),
             Ok(Some(r)) => r,
         };
         match resp.payload {
-            Some(response::Payload::Stderr(chunk)) => stderr.push(&chunk.data),
+            Some(response::Payload::Done(done)) if done.final_exit_code == 0 => return Ok(()),
             Some(response::Payload::Done(done)) => {
-                return if done.final_exit_code == 0 {
-                    Ok(())
-                } else {
-                    Err(StepFailure {
-                        reason: InitFailureReason::ExitCode,
-                        detail: stderr.detail(done.final_exit_code),
-                        exit_code: done.final_exit_code,
-                    })
-                };
-            }
-            Some(response::Payload::Error(e)) => {
-                let code = e.code();
                 return Err(StepFailure {
-                    reason: reason_for(code),
-                    detail: format!("{}: {}", code.as_str_name(), e.message),
-                    exit_code: -1,
+                    reason: InitFailureReason::ExitCode,
+                    detail: format!("exit_code={}", done.final_exit_code),
+                    exit_code: done.final_exit_code,
                 });
             }
-            Some(
-                response::Payload::Started(_)
-                | response::Payload::StageExit(_)
-                | response::Payload::Stdout(_),
-            ) => {}
-            other => tracing::warn!(
-                event = "agent_init_unknown_payload",
-                step = step.name,
-                payload = ?other.map(|_| "unexpected"),
-                "ignoring unexpected init response"
-            ),
+            Some(response::Payload::Error(e)) => {
+                return Err(RunError::Remote {
+                    code: e.code(),
+                    message: e.message,
+                }
+                .into());
+            }
+            _ => {}
         }
     }
 }
@@ -379,7 +351,7 @@ pub enum InitOutcome {
 /// step is contained and reported as reason `unknown`.
 pub async fn run<P: Publish>(
     mux: &SessionMux,
-    target: &InitTarget,
+    target: &AgentRef,
     sink: &P,
     cfg: InitConfig,
 ) -> InitOutcome {
@@ -388,9 +360,7 @@ pub async fn run<P: Publish>(
     let started = Instant::now();
     let t = target.clone();
     sink.publish(events::InitStarted {
-        container_id: t.container_id.clone(),
-        agent: t.agent.clone(),
-        project: t.project.clone(),
+        agent: t.clone(),
         step_count: count,
         at: events::now(),
     });
@@ -398,9 +368,7 @@ pub async fn run<P: Publish>(
     for (i, step) in steps.iter().enumerate() {
         let step_started = Instant::now();
         sink.publish(events::InitStepStarted {
-            container_id: t.container_id.clone(),
-            agent: t.agent.clone(),
-            project: t.project.clone(),
+            agent: t.clone(),
             step: step.name.into(),
             step_index: i as u32,
             step_count: count,
@@ -426,9 +394,7 @@ pub async fn run<P: Publish>(
         match result {
             Ok(()) => {
                 sink.publish(events::InitStepCompleted {
-                    container_id: t.container_id.clone(),
-                    agent: t.agent.clone(),
-                    project: t.project.clone(),
+                    agent: t.clone(),
                     step: step.name.into(),
                     step_index: i as u32,
                     duration,
@@ -438,9 +404,7 @@ pub async fn run<P: Publish>(
             }
             Err(f) => {
                 sink.publish(events::InitStepFailed {
-                    container_id: t.container_id.clone(),
-                    agent: t.agent.clone(),
-                    project: t.project.clone(),
+                    agent: t.clone(),
                     step: step.name.into(),
                     step_index: i as u32,
                     duration,
@@ -450,9 +414,7 @@ pub async fn run<P: Publish>(
                     at: events::now(),
                 });
                 sink.publish(events::InitFailed {
-                    container_id: t.container_id.clone(),
-                    agent: t.agent.clone(),
-                    project: t.project.clone(),
+                    agent: t.clone(),
                     failed_step: step.name.into(),
                     reason: f.reason,
                     detail: f.detail.clone(),
@@ -475,9 +437,7 @@ pub async fn run<P: Publish>(
         }
     }
     sink.publish(events::InitCompleted {
-        container_id: t.container_id.clone(),
-        agent: t.agent.clone(),
-        project: t.project.clone(),
+        agent: t.clone(),
         duration: started.elapsed(),
         at: events::now(),
     });
@@ -530,15 +490,15 @@ mod tests {
     }
 
     #[test]
-    fn stderr_capture_truncates_and_reports() {
-        let mut c = StderrCapture::default();
+    fn stderr_detail_truncates_and_reports() {
+        let mut c = run::Capture::with_limit(MAX_CAPTURE);
         c.push(&[b'x'; 4000]);
         c.push(&[b'y'; 200]);
-        assert_eq!(c.buf.len(), 4096);
-        assert_eq!(c.truncated, 104);
-        assert!(c.detail(3).starts_with("exit_code=3; stderr: xxx"));
-        assert!(c.detail(3).ends_with("y ... [104 bytes truncated]"));
-        assert_eq!(StderrCapture::default().detail(1), "exit_code=1");
+        assert_eq!(c.head.len(), 4096);
+        assert_eq!(c.truncated(), 104);
+        assert!(exit_detail(3, &c).starts_with("exit_code=3; stderr: xxx"));
+        assert!(exit_detail(3, &c).ends_with("y ... [104 bytes truncated]"));
+        assert_eq!(exit_detail(1, &run::Capture::default()), "exit_code=1");
     }
 
     #[test]
@@ -579,12 +539,8 @@ mod tests {
         }
     }
 
-    fn target() -> InitTarget {
-        InitTarget {
-            container_id: "abcdef0123456789".into(),
-            agent: "dev".into(),
-            project: "web".into(),
-        }
+    fn target() -> AgentRef {
+        AgentRef::new("abcdef0123456789", "dev", "web")
     }
 
     #[tokio::test]

@@ -12,11 +12,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::events::{self, Publish, UntrustedReason, failed_reason};
+use clawker_actors::Backoff;
+
+use crate::events::{self, AgentRef, Publish, UntrustedReason, failed_reason};
+use crate::runtime::{Inspect, RuntimeError};
 
 use super::classify::{self, Classification, RegistryLookup};
 use super::dial::{self, DialConfig};
-use super::init::{self, InitConfig, InitTarget};
+use super::init::{self, InitConfig};
 use super::mux::SessionMux;
 use super::register;
 
@@ -24,11 +27,18 @@ use super::register;
 /// attempt of the slow phase.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ResolvedTarget {
+    /// The agent and project the container's labels claim.
     pub agent: String,
     pub project: String,
     pub running: bool,
-    /// clawkerd's address (clawker-net IP : 7700 in production).
+    /// clawkerd's address (agent-network IP : clawkerd port in production).
     pub addr: Option<SocketAddr>,
+}
+
+impl ResolvedTarget {
+    fn who(&self, container_id: &str) -> AgentRef {
+        AgentRef::new(container_id, self.agent.as_str(), self.project.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,12 +49,41 @@ pub enum ResolveError {
     Transient(String),
 }
 
-/// How a session finds its container (Docker inspect in production).
+/// How a session finds its container. In production [`RuntimeResolver`]
+/// over the runtime seam; tests point sessions at loopback clawkerds.
 pub trait ContainerResolver: Send + Sync + 'static {
     fn resolve(
         &self,
         container_id: &str,
     ) -> futures::future::BoxFuture<'_, Result<ResolvedTarget, ResolveError>>;
+}
+
+/// The production resolver: inspect through the runtime, dial clawkerd at
+/// the container's agent-network address on `clawkerd_port`.
+pub struct RuntimeResolver {
+    pub containers: Arc<dyn Inspect>,
+    pub clawkerd_port: u16,
+}
+
+impl ContainerResolver for RuntimeResolver {
+    fn resolve(
+        &self,
+        container_id: &str,
+    ) -> futures::future::BoxFuture<'_, Result<ResolvedTarget, ResolveError>> {
+        let id = container_id.to_owned();
+        Box::pin(async move {
+            match self.containers.inspect(&id).await {
+                Ok(f) => Ok(ResolvedTarget {
+                    agent: f.agent_label().to_owned(),
+                    project: f.project_label().to_owned(),
+                    running: f.running,
+                    addr: f.ip.map(|ip| SocketAddr::new(ip, self.clawkerd_port)),
+                }),
+                Err(RuntimeError::NotFound(_)) => Err(ResolveError::NotFound),
+                Err(e) => Err(ResolveError::Transient(e.to_string())),
+            }
+        })
+    }
 }
 
 /// Retry policy of one establish cycle.
@@ -73,36 +112,6 @@ impl Default for EstablishConfig {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
         }
-    }
-}
-
-/// Full-jitter exponential backoff: each sleep is uniform in [0, ceiling).
-#[derive(Debug, Clone)]
-pub struct Ladder {
-    ceiling: Duration,
-    max: Duration,
-}
-
-impl Ladder {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            ceiling: initial,
-            max,
-        }
-    }
-
-    /// The next sleep; advances the ceiling.
-    pub fn next_sleep(&mut self) -> Duration {
-        let c = self.ceiling;
-        self.ceiling = (self.ceiling * 2).min(self.max);
-        if c.is_zero() {
-            return Duration::ZERO;
-        }
-        Duration::from_nanos(fastrand::u64(0..c.as_nanos() as u64))
-    }
-
-    pub fn ceiling(&self) -> Duration {
-        self.ceiling
     }
 }
 
@@ -161,8 +170,7 @@ impl<P: Publish> Clone for SessionDeps<P> {
 #[derive(Clone, Debug)]
 pub struct LiveSession {
     pub mux: SessionMux,
-    pub agent: String,
-    pub project: String,
+    pub agent: AgentRef,
     pub trusted: bool,
 }
 
@@ -175,25 +183,29 @@ enum Established {
     },
     Failed {
         reason: String,
-        agent: String,
-        project: String,
+        who: AgentRef,
         address: String,
         attempts: u32,
     },
 }
 
+/// One connect cycle: inspect, dial with fast retries then the jittered
+/// ladder, until connected or the cycle's budget is spent.
 async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Established {
     let cfg = deps.policy.establish;
     let started = Instant::now();
-    let mut ladder = Ladder::new(cfg.initial_backoff, cfg.max_backoff);
+    let mut ladder = Backoff::new(cfg.initial_backoff, cfg.max_backoff)
+        .full_jitter()
+        .retry();
     let mut attempts = 0u32;
     let mut connecting_published = false;
     let mut cached: Option<(ResolvedTarget, SocketAddr)> = None;
     let fail = |reason: &str, t: Option<&ResolvedTarget>, addr: Option<SocketAddr>, attempts| {
         Established::Failed {
             reason: reason.to_owned(),
-            agent: t.map(|t| t.agent.clone()).unwrap_or_default(),
-            project: t.map(|t| t.project.clone()).unwrap_or_default(),
+            who: t
+                .map(|t| t.who(container_id))
+                .unwrap_or_else(|| AgentRef::container(container_id)),
             address: addr.map(|a| a.to_string()).unwrap_or_default(),
             attempts,
         }
@@ -218,7 +230,7 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
                         return fail(failed_reason::CONNECT_TOTAL_TIMEOUT, None, None, attempts);
                     }
                     tracing::warn!(event = "agentdial_inspect_retry", container_id, error = %e, "inspect failed; retrying");
-                    tokio::time::sleep(ladder.next_sleep()).await;
+                    tokio::time::sleep(ladder.next_delay()).await;
                     continue;
                 }
                 Ok(t) => match t.addr {
@@ -240,9 +252,7 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
         if !connecting_published {
             connecting_published = true;
             deps.sink.publish(events::SessionConnecting {
-                container_id: container_id.to_owned(),
-                agent: target.agent.clone(),
-                project: target.project.clone(),
+                agent: target.who(container_id),
                 address: addr.to_string(),
                 at: events::now(),
             });
@@ -269,7 +279,7 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
                 let sleep = if started.elapsed() < cfg.fast_window {
                     cfg.fast_interval
                 } else {
-                    ladder.next_sleep()
+                    ladder.next_delay()
                 };
                 tracing::debug!(event = "agentdial_connect_retry", container_id, dial_target = %addr, retry_in_ms = sleep.as_millis() as u64, error = %e, "dial failed; retrying");
                 tokio::time::sleep(sleep).await;
@@ -298,15 +308,12 @@ pub async fn run<P: Publish>(
             } => (conn, target, addr, attempts),
             Established::Failed {
                 reason,
-                agent,
-                project,
+                who,
                 address,
                 attempts,
             } => {
                 deps.sink.publish(events::SessionFailed {
-                    container_id: container_id.clone(),
-                    agent,
-                    project,
+                    agent: who,
                     address,
                     reason: reason.clone(),
                     attempts,
@@ -315,11 +322,10 @@ pub async fn run<P: Publish>(
                 return reason;
             }
         };
+        let who = target.who(&container_id);
         let address = addr.to_string();
         deps.sink.publish(events::SessionConnected {
-            container_id: container_id.clone(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
+            agent: who.clone(),
             address: address.clone(),
             attempts,
             peer_cn: conn.peer.cn.clone(),
@@ -329,27 +335,15 @@ pub async fn run<P: Publish>(
         });
         tracing::info!(event = "agentdial_session_connected", container_id = %container_id, cycle, attempts, peer_cn = %conn.peer.cn, "session connected");
 
-        let trusted = verdict(&container_id, &target, &conn, &deps, &mut register_rounds).await;
+        let trusted = verdict(&who, &conn, &deps, &mut register_rounds).await;
 
-        let init_target = InitTarget {
-            container_id: container_id.clone(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
-        };
         let _ = live.send(Some(LiveSession {
             mux: conn.mux.clone(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
+            agent: who.clone(),
             trusted,
         }));
         if trusted || deps.policy.init_untrusted {
-            init::run(
-                &conn.mux,
-                &init_target,
-                &deps.sink,
-                deps.policy.init.clone(),
-            )
-            .await;
+            init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
         } else {
             tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
         }
@@ -368,25 +362,19 @@ pub async fn run<P: Publish>(
             Err(ResolveError::NotFound) => true,
             Err(ResolveError::Transient(_)) => false,
         };
-        {
-            if gone {
-                deps.sink.publish(events::SessionFailed {
-                    container_id: container_id.clone(),
-                    agent: target.agent.clone(),
-                    project: target.project.clone(),
-                    address,
-                    reason: failed_reason::CONTAINER_NOT_RUNNING.to_owned(),
-                    attempts: 0,
-                    at: events::now(),
-                });
-                tracing::info!(event = "agentdial_session_container_gone", container_id = %container_id, "stream ended with its container");
-                return failed_reason::CONTAINER_NOT_RUNNING.to_owned();
-            }
+        if gone {
+            deps.sink.publish(events::SessionFailed {
+                agent: who,
+                address,
+                reason: failed_reason::CONTAINER_NOT_RUNNING.to_owned(),
+                attempts: 0,
+                at: events::now(),
+            });
+            tracing::info!(event = "agentdial_session_container_gone", container_id = %container_id, "stream ended with its container");
+            return failed_reason::CONTAINER_NOT_RUNNING.to_owned();
         }
         deps.sink.publish(events::SessionBroken {
-            container_id: container_id.clone(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
+            agent: who,
             address,
             reason: end.reason(),
             at: events::now(),
@@ -397,18 +385,16 @@ pub async fn run<P: Publish>(
 
 /// Decides trust for this session and publishes the agent-axis events.
 async fn verdict<P: Publish>(
-    container_id: &str,
-    target: &ResolvedTarget,
+    who: &AgentRef,
     conn: &dial::Connection,
     deps: &SessionDeps<P>,
     register_rounds: &mut u32,
 ) -> bool {
+    let container_id = who.container_id.as_str();
     let untrusted = |reason: UntrustedReason, detail: String| {
         tracing::warn!(event = "agent_untrusted", container_id, reason = reason.as_str(), detail = %detail, "agent untrusted");
         deps.sink.publish(events::AgentUntrusted {
-            container_id: container_id.to_owned(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
+            agent: who.clone(),
             reason,
             detail,
             at: events::now(),
@@ -417,9 +403,7 @@ async fn verdict<P: Publish>(
     };
     let trusted = || {
         deps.sink.publish(events::AgentTrusted {
-            container_id: container_id.to_owned(),
-            agent: target.agent.clone(),
-            project: target.project.clone(),
+            agent: who.clone(),
             at: events::now(),
         });
         true
@@ -445,9 +429,8 @@ async fn verdict<P: Publish>(
         Classification::NotQueried(d) => untrusted(UntrustedReason::CertInvalid, d),
         Classification::Miss => {
             let result = if *register_rounds >= deps.policy.max_register_attempts {
-                Err(format!(
-                    "register attempts exhausted ({} rounds)",
-                    deps.policy.max_register_attempts
+                Err(register::RegisterFailure::Exhausted(
+                    deps.policy.max_register_attempts,
                 ))
             } else {
                 *register_rounds += 1;
@@ -463,21 +446,18 @@ async fn verdict<P: Publish>(
                 Ok(()) => {
                     tracing::info!(event = "agent_registered", container_id, "agent registered");
                     deps.sink.publish(events::AgentRegistered {
-                        container_id: container_id.to_owned(),
-                        agent: target.agent.clone(),
-                        project: target.project.clone(),
+                        agent: who.clone(),
                         ok: true,
                         reason: String::new(),
                         at: events::now(),
                     });
                     trusted()
                 }
-                Err(reason) => {
+                Err(failure) => {
+                    let reason = failure.to_string();
                     tracing::warn!(event = "agent_register_failed", container_id, reason = %reason, "register failed");
                     deps.sink.publish(events::AgentRegistered {
-                        container_id: container_id.to_owned(),
-                        agent: target.agent.clone(),
-                        project: target.project.clone(),
+                        agent: who.clone(),
                         ok: false,
                         reason: reason.clone(),
                         at: events::now(),
@@ -486,27 +466,5 @@ async fn verdict<P: Publish>(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ladder_is_full_jitter_doubling_to_the_cap() {
-        let mut l = Ladder::new(Duration::from_millis(500), Duration::from_secs(10));
-        let mut ceilings = vec![];
-        for _ in 0..7 {
-            let c = l.ceiling();
-            let s = l.next_sleep();
-            assert!(s < c, "{s:?} < {c:?}");
-            ceilings.push(c.as_millis());
-        }
-        assert_eq!(ceilings, vec![500, 1000, 2000, 4000, 8000, 10000, 10000]);
-        assert_eq!(
-            Ladder::new(Duration::ZERO, Duration::ZERO).next_sleep(),
-            Duration::ZERO
-        );
     }
 }

@@ -2,16 +2,24 @@
 //!
 //! - [`dial`]: one attempt — TCP + permissive mTLS + Hello/HelloAck;
 //! - [`mux`]: routes Responses by command id (one reader per stream);
+//! - [`command`]: one shell command run to completion over the mux (init
+//!   steps, containment, benchmarks all use it);
+//! - [`commands`]: the seam other actors run commands through;
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
 //! - [`init`]: the 7-step init plan and its executor;
 //! - [`lifecycle`]: the whole life of one session, reconnects included;
-//! - [`actor`]: `SessionActor` per container and the deduplicating `Dialer`.
+//! - [`actor`]: `SessionActor` per container, the `sessions` supervisor
+//!   and [`Sessions`], the front door (dial, stop, live session).
 
 pub mod actor;
 pub mod classify;
+pub mod command;
+pub mod commands;
 pub mod dial;
 pub mod init;
 pub mod lifecycle;
 pub mod mux;
 pub mod register;
+
+pub use actor::Sessions;

@@ -8,7 +8,7 @@ use crate::proto::clawkerd::v1::{self as pb, command, response};
 use crate::registry::RegistryError;
 
 use super::classify::RegistryLookup;
-use super::mux::{SessionMux, command as cmd};
+use super::mux::{MuxError, SessionMux, command as cmd};
 
 /// How long clawkerd gets to finish a Register.
 pub const REGISTER_REQUIRED_TIMEOUT: Duration = Duration::from_secs(30);
@@ -17,14 +17,40 @@ pub fn command_id(container_id: &str) -> String {
     format!("register-{container_id}")
 }
 
-/// Runs one Register round. `Err` carries the failure reason text that goes
-/// into `AgentRegistered{ok:false}` and `AgentUntrusted{register_failed}`.
+/// Why a Register round failed. The texts are the reference's: they go
+/// verbatim into `AgentRegistered{ok:false}.reason` and
+/// `AgentUntrusted{register_failed}.detail`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterFailure {
+    #[error("send RegisterRequired: {0}")]
+    Send(MuxError),
+    #[error("Recv RegisterDone: stream ended")]
+    StreamEnded,
+    #[error("Recv RegisterDone: clawkerd rejected RegisterRequired: {code}: {message}")]
+    Rejected { code: &'static str, message: String },
+    #[error("RegisterDone timeout: context deadline exceeded")]
+    Timeout,
+    /// clawkerd's own `RegisterDone.error` (truncated; a peer string).
+    #[error("{0}")]
+    Reported(String),
+    #[error("clawkerd reported failure")]
+    ReportedWithoutReason,
+    #[error("registry row missing after RegisterDone")]
+    RowMissing,
+    #[error("registry lookup error after RegisterDone: {0}")]
+    Lookup(String),
+    /// Ours: the per-session bound on Register rounds.
+    #[error("register attempts exhausted ({0} rounds)")]
+    Exhausted(u32),
+}
+
+/// Runs one Register round.
 pub async fn drive(
     mux: &SessionMux,
     registry: &dyn RegistryLookup,
     container_id: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), RegisterFailure> {
     let id = command_id(container_id);
     let mut replies = mux
         .call(cmd(
@@ -32,19 +58,18 @@ pub async fn drive(
             command::Payload::RegisterRequired(pb::RegisterRequired {}),
         ))
         .await
-        .map_err(|e| format!("send RegisterRequired: {e}"))?;
+        .map_err(RegisterFailure::Send)?;
     let wait = async {
         loop {
             match replies.next().await {
-                None => return Err("Recv RegisterDone: stream ended".to_owned()),
+                None => return Err(RegisterFailure::StreamEnded),
                 Some(r) => match r.payload {
                     Some(response::Payload::RegisterDone(done)) => return Ok(done),
                     Some(response::Payload::Error(e)) => {
-                        return Err(format!(
-                            "Recv RegisterDone: clawkerd rejected RegisterRequired: {}: {}",
-                            e.code().as_str_name(),
-                            e.message
-                        ));
+                        return Err(RegisterFailure::Rejected {
+                            code: e.code().as_str_name(),
+                            message: e.message,
+                        });
                     }
                     _ => continue,
                 },
@@ -52,20 +77,20 @@ pub async fn drive(
         }
     };
     let done = match tokio::time::timeout(timeout, wait).await {
-        Err(_) => return Err("RegisterDone timeout: context deadline exceeded".to_owned()),
+        Err(_) => return Err(RegisterFailure::Timeout),
         Ok(r) => r?,
     };
     if !done.ok {
         return Err(if done.error.is_empty() {
-            "clawkerd reported failure".to_owned()
+            RegisterFailure::ReportedWithoutReason
         } else {
-            done.error
+            RegisterFailure::Reported(done.error)
         });
     }
     match registry.lookup_by_container_id(container_id) {
         Ok(_) => Ok(()),
-        Err(RegistryError::UnknownAgent) => Err("registry row missing after RegisterDone".into()),
-        Err(e) => Err(format!("registry lookup error after RegisterDone: {e}")),
+        Err(RegistryError::UnknownAgent) => Err(RegisterFailure::RowMissing),
+        Err(e) => Err(RegisterFailure::Lookup(e.to_string())),
     }
 }
 
@@ -194,7 +219,7 @@ mod tests {
             let (mux, peer) = pair();
             let h = tokio::spawn(answer(peer, frames));
             let got = drive(&mux, &rows, "abc", REGISTER_REQUIRED_TIMEOUT).await;
-            assert_eq!(got, Err(want.to_owned()));
+            assert_eq!(got.map_err(|e| e.to_string()), Err(want.to_owned()));
             drop(h);
         }
     }
@@ -205,7 +230,7 @@ mod tests {
         let h = tokio::spawn(answer(peer, vec![]));
         let got = drive(&mux, &row(), "abc", Duration::from_millis(30)).await;
         assert_eq!(
-            got,
+            got.map_err(|e| e.to_string()),
             Err("RegisterDone timeout: context deadline exceeded".into())
         );
         drop(h);
@@ -218,7 +243,8 @@ mod tests {
         mux.closed().await;
         let got = drive(&mux, &row(), "abc", REGISTER_REQUIRED_TIMEOUT)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(got.starts_with("send RegisterRequired"), "{got}");
     }
 }

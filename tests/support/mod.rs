@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use base64::Engine;
 use clawker::agent_api::assertion;
-use clawker::agent_api::inspector::{ContainerFacts, StaticInspector};
 use clawker::agent_api::server::{AgentApi, AgentApiConfig, serve_agent_api};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::{Ca, CertifiedKey, SigningKey};
 use clawker::proto::agent::v1::RegisterRequest;
 use clawker::proto::agent::v1::agent_service_client::AgentServiceClient;
 use clawker::registry::{Registry, RegistryStore};
+use clawker::runtime::ContainerFacts;
+use clawker::runtime::memory::StaticInspector;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 

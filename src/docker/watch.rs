@@ -12,64 +12,48 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bollard::Docker;
 use bollard::models::EventMessage;
 use bollard::query_parameters::{EventsOptions, ListNetworksOptions};
+use clawker_actors::{Backoff, Retry};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::DockerError;
 use super::lister::{self, AgentContainer, Scope};
-use super::{DockerError, LABEL_MANAGED, MANAGED_VALUE};
+use crate::defaults::labels;
+use crate::events::{DockerAction, DockerEvent, DockerObject};
 
-/// A Docker event as the bus carries it: the engine's message, unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DockerEvent {
-    #[serde(rename = "type")]
-    pub typ: String,
-    pub action: String,
-    pub actor_id: String,
-    pub attributes: BTreeMap<String, String>,
-    pub scope: String,
-    /// Nanoseconds since the Unix epoch.
-    pub time_nanos: i64,
-    /// True for events made up by a reconcile rather than read off the stream.
-    pub synthetic: bool,
+/// The engine's message as the domain's [`DockerEvent`].
+fn parse_message(m: EventMessage) -> DockerEvent {
+    let actor = m.actor.unwrap_or_default();
+    let time_nanos = m
+        .time_nano
+        .or_else(|| m.time.map(|s| s.saturating_mul(1_000_000_000)))
+        .unwrap_or(0);
+    DockerEvent {
+        typ: DockerObject::parse(&m.typ.map(|t| t.to_string()).unwrap_or_default()),
+        action: DockerAction::parse(m.action.as_deref().unwrap_or_default()),
+        actor_id: actor.id.unwrap_or_default(),
+        attributes: actor.attributes.unwrap_or_default().into_iter().collect(),
+        scope: m.scope.map(|s| s.to_string()).unwrap_or_default(),
+        time_nanos,
+        synthetic: false,
+    }
 }
 
-impl DockerEvent {
-    /// `docker.<type>.<action>`, e.g. `docker.container.start`.
-    pub fn name(&self) -> String {
-        format!("docker.{}.{}", self.typ, self.action)
-    }
-
-    pub fn attr(&self, key: &str) -> Option<&str> {
-        self.attributes.get(key).map(String::as_str)
-    }
-
-    fn from_message(m: EventMessage) -> Self {
-        let actor = m.actor.unwrap_or_default();
-        let time_nanos = m
-            .time_nano
-            .or_else(|| m.time.map(|s| s.saturating_mul(1_000_000_000)))
-            .unwrap_or(0);
-        Self {
-            typ: m.typ.map(|t| t.to_string()).unwrap_or_default(),
-            action: m.action.unwrap_or_default(),
-            actor_id: actor.id.unwrap_or_default(),
-            attributes: actor.attributes.unwrap_or_default().into_iter().collect(),
-            scope: m.scope.map(|s| s.to_string()).unwrap_or_default(),
-            time_nanos,
-            synthetic: false,
-        }
-    }
-
-    fn synthetic(typ: &str, action: &str, id: &str, attributes: BTreeMap<String, String>) -> Self {
-        Self {
-            typ: typ.into(),
-            action: action.into(),
-            actor_id: id.into(),
-            attributes,
-            scope: "local".into(),
-            time_nanos: now_nanos(),
-            synthetic: true,
-        }
+/// An event made up by a reconcile.
+fn synthetic(
+    typ: DockerObject,
+    action: DockerAction,
+    id: &str,
+    attributes: BTreeMap<String, String>,
+) -> DockerEvent {
+    DockerEvent {
+        typ,
+        action,
+        actor_id: id.into(),
+        attributes,
+        scope: "local".into(),
+        time_nanos: now_nanos(),
+        synthetic: true,
     }
 }
 
@@ -89,10 +73,13 @@ pub fn since_param(t: SystemTime) -> String {
 }
 
 /// Container actions that carry no state worth publishing.
-fn is_noise(action: &str) -> bool {
+fn is_noise(action: &DockerAction) -> bool {
+    let DockerAction::Other(action) = action else {
+        return false;
+    };
     action.starts_with("exec_")
         || matches!(
-            action,
+            action.as_str(),
             "attach"
                 | "detach"
                 | "resize"
@@ -132,8 +119,8 @@ impl NetworkProbe for Docker {
             .await?;
         Ok(net
             .labels
-            .and_then(|l| l.get(LABEL_MANAGED).cloned())
-            .is_some_and(|v| v == MANAGED_VALUE))
+            .and_then(|l| l.get(labels::MANAGED).cloned())
+            .is_some_and(|v| v == labels::MANAGED_VALUE))
     }
 }
 
@@ -162,10 +149,10 @@ impl FeederState {
         for c in containers {
             self.containers.insert(c.id.clone());
             let action = match c.state.as_str() {
-                "running" => "start",
-                "paused" => "pause",
-                "exited" | "dead" => "die",
-                "removing" => "destroy",
+                "running" => DockerAction::Start,
+                "paused" => DockerAction::Pause,
+                "exited" | "dead" => DockerAction::Die,
+                "removing" => DockerAction::Destroy,
                 _ => continue, // created / restarting: nothing to say yet
             };
             let mut attrs: BTreeMap<String, String> = c
@@ -175,13 +162,18 @@ impl FeederState {
                 .collect();
             attrs.insert("name".into(), c.name.clone());
             attrs.insert("image".into(), c.image.clone());
-            out.push(DockerEvent::synthetic("container", action, &c.id, attrs));
+            out.push(synthetic(DockerObject::Container, action, &c.id, attrs));
         }
         for c in containers {
             for (net_id, _) in &c.networks {
                 if self.networks.contains(net_id) {
                     let attrs = BTreeMap::from([("container".to_owned(), c.id.clone())]);
-                    out.push(DockerEvent::synthetic("network", "connect", net_id, attrs));
+                    out.push(synthetic(
+                        DockerObject::Network,
+                        DockerAction::Connect,
+                        net_id,
+                        attrs,
+                    ));
                 }
             }
         }
@@ -197,47 +189,47 @@ impl FeederState {
         if is_noise(&ev.action) || ev.actor_id.is_empty() {
             return None;
         }
-        match ev.typ.as_str() {
-            "container" => {
-                let labelled = ev.attr(LABEL_MANAGED) == Some(MANAGED_VALUE);
+        match ev.typ {
+            DockerObject::Container => {
+                let labelled = ev.attr(labels::MANAGED) == Some(labels::MANAGED_VALUE);
                 if !labelled && !self.containers.contains(&ev.actor_id) {
                     return None;
                 }
-                if ev.action == "destroy" {
+                if ev.action == DockerAction::Destroy {
                     self.containers.remove(&ev.actor_id);
                 } else {
                     self.containers.insert(ev.actor_id.clone());
                 }
                 Some(ev)
             }
-            "network" => {
+            DockerObject::Network => {
                 let id = ev.actor_id.clone();
-                match ev.action.as_str() {
-                    "create" => self.probe_network(&id, probe).await,
-                    "destroy" | "remove" => {
-                        self.needs_recheck.remove(&id);
-                    }
-                    "connect" | "disconnect" if self.needs_recheck.contains(&id) => {
-                        self.probe_network(&id, probe).await;
-                    }
-                    _ => {}
+                let membership =
+                    matches!(ev.action, DockerAction::Connect | DockerAction::Disconnect);
+                let removal = matches!(ev.action, DockerAction::Destroy | DockerAction::Remove);
+                if ev.action == DockerAction::Create {
+                    self.probe_network(&id, probe).await;
+                } else if removal {
+                    self.needs_recheck.remove(&id);
+                } else if membership && self.needs_recheck.contains(&id) {
+                    self.probe_network(&id, probe).await;
                 }
                 if !self.networks.contains(&id) {
                     return None;
                 }
-                if matches!(ev.action.as_str(), "connect" | "disconnect")
+                if membership
                     && !ev
                         .attr("container")
                         .is_some_and(|c| self.containers.contains(c))
                 {
                     return None;
                 }
-                if matches!(ev.action.as_str(), "destroy" | "remove") {
+                if removal {
                     self.networks.remove(&id);
                 }
                 Some(ev)
             }
-            _ => None,
+            DockerObject::Other(_) => None,
         }
     }
 
@@ -279,34 +271,33 @@ impl Default for FeederConfig {
     }
 }
 
-/// Backoff of the reconnect loop, separated out so its rules are testable.
+/// The feeder's reconnect rule over the shared [`Backoff`]: doubling after
+/// failures, reset after a clean end or a stream that stayed healthy.
 #[derive(Debug)]
 pub struct ReconnectBackoff {
-    cfg: FeederConfig,
-    current: Duration,
+    healthy_after: Duration,
+    retry: Retry,
 }
 
 impl ReconnectBackoff {
     pub fn new(cfg: FeederConfig) -> Self {
         Self {
-            cfg,
-            current: cfg.reconnect_min,
+            healthy_after: cfg.healthy_after,
+            retry: Backoff::new(cfg.reconnect_min, cfg.reconnect_max).retry(),
         }
     }
 
     /// The delay before the next attempt after a failure; doubles up to max.
     pub fn after_failure(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.cfg.reconnect_max);
-        d
+        self.retry.next_delay()
     }
 
     /// A stream ended after `lived`: resets when it was healthy long enough
     /// or ended cleanly, and returns the delay before reconnecting.
     pub fn after_stream(&mut self, lived: Duration, clean: bool) -> Duration {
-        if clean || lived >= self.cfg.healthy_after {
-            self.current = self.cfg.reconnect_min;
-            return self.cfg.reconnect_min;
+        if clean || lived >= self.healthy_after {
+            self.retry.reset();
+            return self.retry.policy().initial;
         }
         self.after_failure()
     }
@@ -318,7 +309,7 @@ async fn list_for_reconcile(docker: &Docker) -> Result<(Vec<AgentContainer>, Vec
     let containers = lister::list_managed(docker, Scope::All, None).await;
     let filters = HashMap::from([(
         "label".to_owned(),
-        vec![format!("{LABEL_MANAGED}={MANAGED_VALUE}")],
+        vec![format!("{}={}", labels::MANAGED, labels::MANAGED_VALUE)],
     )]);
     let networks = docker
         .list_networks(Some(ListNetworksOptions {
@@ -437,7 +428,7 @@ async fn stream_once(
             None => return Ok(()),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(msg)) => {
-                let ev = DockerEvent::from_message(msg);
+                let ev = parse_message(msg);
                 tracing::debug!(
                     event = %ev.name(),
                     id = %ev.actor_id.get(..12).unwrap_or(&ev.actor_id),
@@ -464,8 +455,8 @@ mod tests {
 
     fn ev(typ: &str, action: &str, id: &str, attrs: &[(&str, &str)]) -> DockerEvent {
         DockerEvent {
-            typ: typ.into(),
-            action: action.into(),
+            typ: DockerObject::parse(typ),
+            action: DockerAction::parse(action),
             actor_id: id.into(),
             attributes: attrs
                 .iter()
@@ -483,7 +474,7 @@ mod tests {
             name: format!("n-{id}"),
             state: state.into(),
             image: "img".into(),
-            labels: HashMap::from([(LABEL_MANAGED.to_owned(), MANAGED_VALUE.to_owned())]),
+            labels: HashMap::from([(labels::MANAGED.to_owned(), labels::MANAGED_VALUE.to_owned())]),
             networks: nets
                 .iter()
                 .map(|n| (n.to_string(), format!("name-{n}")))
@@ -531,7 +522,7 @@ mod tests {
     async fn dispatch_filters_noise_unmanaged_and_empty_ids() {
         let mut s = FeederState::default();
         let p = Probe(Ok(true));
-        let managed = [(LABEL_MANAGED, MANAGED_VALUE)];
+        let managed = [(labels::MANAGED, labels::MANAGED_VALUE)];
         assert!(
             s.dispatch(ev("container", "exec_start: sh", "a", &managed), &p)
                 .await

@@ -1,0 +1,64 @@
+//! Every name, label, network, port and default address clawker agrees on,
+//! in one place. The CLI stamps containers with these labels, the feeder
+//! filters by them and Register checks them: one copy, so the three can
+//! never drift apart.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// Docker labels on every container and network clawker manages.
+pub mod labels {
+    /// `true` on everything clawker created.
+    pub const MANAGED: &str = "dev.clawker.managed";
+    pub const MANAGED_VALUE: &str = "true";
+    /// The agent's name (Register compares it with the certificate).
+    pub const AGENT: &str = "dev.clawker.agent";
+    /// The agent's project; absent for an unscoped agent.
+    pub const PROJECT: &str = "dev.clawker.project";
+    /// What a managed object is: [`PURPOSE_AGENT`] for agent containers.
+    pub const PURPOSE: &str = "dev.clawker.purpose";
+    pub const PURPOSE_AGENT: &str = "agent";
+    pub const PURPOSE_NETWORK: &str = "network";
+}
+
+/// The bridge network the CP and every agent share.
+pub const NETWORK: &str = "clawker-net";
+/// Its subnet when the CP creates it (an explicit subnet, never Docker's
+/// pick, so it cannot collide with a test network or the host's LAN).
+pub const SUBNET: &str = "10.213.0.0/24";
+
+/// The port clawkerd listens on inside every agent container.
+pub const CLAWKERD_PORT: u16 = 7700;
+/// clawkerd's listen address inside the container.
+pub const CLAWKERD_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), CLAWKERD_PORT);
+
+/// The agent API (AgentService + token endpoint) port, on the network's
+/// gateway address.
+pub const AGENT_PORT: u16 = 7444;
+
+/// The admin API (CLI only), on loopback.
+pub const ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7443);
+
+/// Prometheus metrics and health endpoints, on loopback.
+pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7080);
+
+/// The TLS name every client uses for the CP (its server certificate's
+/// DNS SAN, and the CN of its client certificate).
+pub const CP_NAME: &str = "clawker-controlplane";
+
+/// Audience of an agent's client assertion: the CP's token endpoint under
+/// the TLS name every client uses.
+pub fn token_audience(agent_port: u16) -> String {
+    format!("https://{CP_NAME}:{agent_port}/oauth2/token")
+}
+
+/// The unprivileged user agent images run their command as.
+pub mod agent_user {
+    pub const UID: u32 = 1001;
+    pub const GID: u32 = 1001;
+    pub const NAME: &str = "claude";
+    pub const HOME: &str = "/home/claude";
+}
+
+/// The default agent image (`scripts/build-agent-image.sh` builds it).
+pub const AGENT_IMAGE: &str = "clawker-agent:latest";
