@@ -17,7 +17,7 @@ pub const SHORT_NAME_MAX: usize = 24;
 pub const CN_PREFIX: &str = "clawker.";
 
 /// CN of both CP certificates and the TLS server name every client uses.
-pub const CONTROL_PLANE_CN: &str = "clawker-controlplane";
+pub const CONTROL_PLANE_CN: &str = crate::defaults::CP_NAME;
 
 /// Prefix of the URI SAN that binds an agent leaf to one container.
 pub const CONTAINER_SAN_PREFIX: &str = "urn:clawker:container:";

@@ -13,7 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Foundation: pure data and plumbing, no I/O of the CP's own.
     ("defaults", &[]),
     ("config", &[]),
-    ("identity", &[]),
+    ("identity", &["defaults"]),
     ("proto", &[]),
     ("pki", &["identity", "defaults"]),
     ("tls", &["identity", "pki"]),
