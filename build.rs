@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // `bytes` fields as `bytes::Bytes`: output chunks are cut from read
+        // buffers and handed to the encoder without a copy.
+        .bytes(".clawker.clawkerd.v1")
         .file_descriptor_set_path(out_dir.join("clawker_descriptor.bin"))
         .compile_protos(
             &[

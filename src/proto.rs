@@ -81,7 +81,7 @@ mod tests {
             panic!("expected stderr payload");
         };
         assert_eq!(chunk.stage_index, 2);
-        assert_eq!(chunk.data, b"oops");
+        assert_eq!(chunk.data, &b"oops"[..]);
     }
 
     #[test]

@@ -301,7 +301,7 @@ async fn initial_stdin_then_close_stdin_delivers_the_whole_payload() {
     let mut s = c.open_session().await.unwrap();
     let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
     let mut sc = pipeline(vec![stage(&["cat"])]);
-    sc.initial_stdin = payload[..1 << 20].to_vec();
+    sc.initial_stdin = payload[..1 << 20].to_vec().into();
     sc.timeout_seconds = 30;
     s.send(shell("cat", sc)).await;
     for chunk in payload[1 << 20..].chunks(256 << 10) {

@@ -24,6 +24,7 @@
 //!   the terminal response.
 //! - Stages started before a failing stage are killed *and reaped*.
 
+use bytes::Bytes;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -59,7 +60,7 @@ pub const STDIN_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
 /// Messages from the session to a command's stdin writer.
 #[derive(Debug)]
 pub enum StdinMsg {
-    Data(Vec<u8>),
+    Data(Bytes),
     Close,
 }
 
@@ -86,7 +87,7 @@ impl Drop for Control {
 
 impl Control {
     /// Queues stdin bytes; never blocks.
-    pub fn stdin(&mut self, id: &str, data: Vec<u8>) {
+    pub fn stdin(&mut self, id: &str, data: Bytes) {
         if self.stdin_closed {
             tracing::warn!(event = "session_stdin_after_close", command_id = id);
             return;
@@ -429,7 +430,7 @@ pub fn spawn(
 /// order; `Close` (or the session dropping the queue) closes the pipe.
 async fn stdin_writer(
     mut w: pipe::Sender,
-    initial: Vec<u8>,
+    initial: Bytes,
     mut rx: mpsc::UnboundedReceiver<StdinMsg>,
     pending: Arc<AtomicUsize>,
     problems: Arc<Problems>,
@@ -469,6 +470,7 @@ enum Stream {
 
 impl Stream {
     fn response(self, id: &str, data: Vec<u8>) -> Response {
+        let data = Bytes::from(data);
         let payload = match self {
             Stream::Stdout => Payload::Stdout(pb::StdoutChunk { data }),
             Stream::Stderr(stage_index) => Payload::Stderr(pb::StderrChunk { stage_index, data }),

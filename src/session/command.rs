@@ -48,7 +48,7 @@ pub fn shell(script: &str, who: &RunAs, timeout_seconds: u32, stdin: &[u8]) -> p
             env: who.env.clone(),
         }],
         timeout_seconds,
-        initial_stdin: stdin.to_vec(),
+        initial_stdin: bytes::Bytes::copy_from_slice(stdin),
         ..Default::default()
     }
 }
@@ -196,11 +196,11 @@ mod tests {
             for p in [
                 response::Payload::Started(pb::Started {}),
                 response::Payload::Stdout(pb::StdoutChunk {
-                    data: vec![b'x'; 10],
+                    data: vec![b'x'; 10].into(),
                 }),
                 response::Payload::Stderr(pb::StderrChunk {
                     stage_index: 0,
-                    data: b"oops".to_vec(),
+                    data: b"oops".to_vec().into(),
                 }),
                 response::Payload::Done(pb::Done { final_exit_code: 3 }),
             ] {

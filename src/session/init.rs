@@ -574,7 +574,7 @@ mod tests {
                 let id = c.command_id.clone();
                 let stderr = response::Payload::Stderr(pb::StderrChunk {
                     stage_index: 0,
-                    data: b"  boom\n".to_vec(),
+                    data: b"  boom\n".to_vec().into(),
                 });
                 let _ = peer.responses.send(resp(&id, stderr));
                 let done = if id.contains("-git-2") { 7 } else { 0 };

@@ -551,7 +551,7 @@ pub fn stdin(id: &str, data: &[u8]) -> Command {
     cmd(
         id,
         Cmd::Stdin(pb::Stdin {
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         }),
     )
 }
