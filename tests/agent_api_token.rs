@@ -1,14 +1,14 @@
 //! `POST /oauth2/token` over real HTTPS on the agent listener: the happy
 //! paths and every refusal, and that refusals write nothing.
 
-mod support;
+mod common;
 
 use clawker::agent_api::assertion::encode_signed;
+use common::{AUDIENCE, Harness, b64, now};
 use ring::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
 };
 use serde_json::{Value, json};
-use support::{AUDIENCE, Harness, b64, now};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
