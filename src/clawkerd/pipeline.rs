@@ -214,6 +214,7 @@ pub struct Running {
     cancel: CancellationToken,
     reaper: Reaper,
     started_at: Instant,
+    #[cfg(feature = "test-hooks")]
     panic_for_tests: bool,
 }
 
@@ -224,6 +225,7 @@ pub struct SpawnCtx<'a> {
     pub path_var: &'a str,
     pub generation: u64,
     /// Test seam: make the worker panic after `Started` (see session.rs).
+    #[cfg(feature = "test-hooks")]
     pub panic_for_tests: bool,
 }
 
@@ -420,6 +422,7 @@ pub fn spawn(
         cancel,
         reaper: ctx.reaper.clone(),
         started_at,
+        #[cfg(feature = "test-hooks")]
         panic_for_tests: ctx.panic_for_tests,
     };
     Ok((control, running))
@@ -564,6 +567,7 @@ impl Running {
             cancel,
             reaper,
             started_at,
+            #[cfg(feature = "test-hooks")]
             panic_for_tests,
         } = self;
         // Kills every group if this worker unwinds or is dropped early.
@@ -573,6 +577,7 @@ impl Running {
             armed: true,
         };
         // `Started` was enqueued by the session before this worker ran.
+        #[cfg(feature = "test-hooks")]
         if panic_for_tests {
             panic!("test-induced panic in shell worker {id}");
         }
