@@ -2,7 +2,7 @@
 //! a tonic client presenting crafted certificates, a real redb registry,
 //! the in-memory container inspector.
 
-mod support;
+mod common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -12,8 +12,8 @@ use clawker::identity::Thumbprint;
 use clawker::pki::LeafSpec;
 use clawker::registry::NewEntry;
 use clawker::runtime::ContainerFacts;
+use common::{Harness, LOOPBACK};
 use rcgen::ExtendedKeyUsagePurpose;
-use support::{Harness, LOOPBACK};
 use tonic::Code;
 
 const DENIED: &str = "register: identity check failed";
@@ -326,8 +326,8 @@ async fn register_rejects_token_without_the_register_scope() {
     let h = Harness::start().await;
     let leaf = h.agent("web", "dev", "abc1");
     let cli = h.assertion_with(serde_json::json!({
-        "iss": "clawker-cli", "sub": "clawker-cli", "aud": support::AUDIENCE,
-        "jti": "cli-1", "iat": support::now(), "exp": support::now() + 30,
+        "iss": "clawker-cli", "sub": "clawker-cli", "aud": common::AUDIENCE,
+        "jti": "cli-1", "iat": common::now(), "exp": common::now() + 30,
     }));
     let (status, body) = h.exchange(&cli, Some("admin")).await;
     assert_eq!(status, 200, "{body}");
@@ -350,8 +350,8 @@ async fn register_rejects_token_of_another_client_with_the_right_scope() {
     .await;
     let leaf = h.agent("web", "dev", "abc1");
     let other = h.assertion_with(serde_json::json!({
-        "iss": "clawker-other", "sub": "clawker-other", "aud": support::AUDIENCE,
-        "jti": "o-1", "iat": support::now(), "exp": support::now() + 30,
+        "iss": "clawker-other", "sub": "clawker-other", "aud": common::AUDIENCE,
+        "jti": "o-1", "iat": common::now(), "exp": common::now() + 30,
     }));
     let (status, body) = h.exchange(&other, None).await;
     assert_eq!(status, 200, "{body}");
@@ -446,7 +446,7 @@ async fn identity_required_methods_refuse_unregistered_peers() {
             project: "web".into(),
             container_id: "abc1".into(),
             thumbprint: Thumbprint::of_der(&leaf.cert_der),
-            registered_at_unix: support::now(),
+            registered_at_unix: common::now(),
             last_seen_unix: 0,
         })
         .await

@@ -202,7 +202,6 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         coordinator,
         user_command.clone(),
         shutdown.clone(),
-        session::TestHooks::from_env(),
     ));
 
     // Signals first, so nothing arriving during startup is lost.

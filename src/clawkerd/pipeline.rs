@@ -215,6 +215,7 @@ pub struct Running {
     cancel: CancellationToken,
     reaper: Reaper,
     started_at: Instant,
+    #[cfg(feature = "test-hooks")]
     panic_for_tests: bool,
 }
 
@@ -225,6 +226,7 @@ pub struct SpawnCtx<'a> {
     pub path_var: &'a str,
     pub generation: u64,
     /// Test seam: make the worker panic after `Started` (see session.rs).
+    #[cfg(feature = "test-hooks")]
     pub panic_for_tests: bool,
 }
 
@@ -421,6 +423,7 @@ pub fn spawn(
         cancel,
         reaper: ctx.reaper.clone(),
         started_at,
+        #[cfg(feature = "test-hooks")]
         panic_for_tests: ctx.panic_for_tests,
     };
     Ok((control, running))
@@ -566,6 +569,7 @@ impl Running {
             cancel,
             reaper,
             started_at,
+            #[cfg(feature = "test-hooks")]
             panic_for_tests,
         } = self;
         // Kills every group if this worker unwinds or is dropped early.
@@ -575,6 +579,7 @@ impl Running {
             armed: true,
         };
         // `Started` was enqueued by the session before this worker ran.
+        #[cfg(feature = "test-hooks")]
         if panic_for_tests {
             panic!("test-induced panic in shell worker {id}");
         }

@@ -46,7 +46,10 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Test seams, read once at boot from the environment. They only ever
 /// cause a panic inside one session or one command worker — exactly what
-/// the containment tests need to prove harmless.
+/// the containment tests need to prove harmless. Compiled only with the
+/// `test-hooks` feature (which only the integration tests enable), so a
+/// release clawkerd has neither the variables nor the panics.
+#[cfg(feature = "test-hooks")]
 #[derive(Debug, Default, Clone)]
 pub struct TestHooks {
     /// `CLAWKERD_TEST_PANIC_SESSION_ON`: a `Hello` with this command id
@@ -57,6 +60,7 @@ pub struct TestHooks {
     pub panic_worker_on: Option<String>,
 }
 
+#[cfg(feature = "test-hooks")]
 impl TestHooks {
     pub fn from_env() -> Self {
         let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -76,6 +80,7 @@ pub struct Shared {
     pub user_command: Arc<UserCommand>,
     /// Cancelled when clawkerd shuts down: every session tears down.
     pub shutdown: CancellationToken,
+    #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
 }
@@ -86,7 +91,6 @@ impl Shared {
         register: Arc<Coordinator>,
         user_command: Arc<UserCommand>,
         shutdown: CancellationToken,
-        hooks: TestHooks,
     ) -> Self {
         Self {
             reaper,
@@ -95,7 +99,8 @@ impl Shared {
             register,
             user_command,
             shutdown,
-            hooks,
+            #[cfg(feature = "test-hooks")]
+            hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
         }
     }
@@ -258,6 +263,7 @@ impl Session {
             return;
         };
         if let Cmd::Hello(_) = payload {
+            #[cfg(feature = "test-hooks")]
             if self.shared.hooks.panic_session_on.as_deref() == Some(id.as_str()) {
                 panic!("test-induced panic in session for {id}");
             }
@@ -440,6 +446,7 @@ impl Session {
             reaper: &self.shared.reaper,
             path_var: &self.shared.path_var,
             generation,
+            #[cfg(feature = "test-hooks")]
             panic_for_tests: self.shared.hooks.panic_worker_on.as_deref() == Some(id.as_str()),
         };
         let (control, running) = match pipeline::spawn(&id, shell, ctx) {

@@ -111,11 +111,14 @@ impl Handler<GetLive> for SessionActor {
     }
 }
 
-/// Test hook: makes the session actor panic (proves containment).
+/// Test hook: makes the session actor panic (proves containment). Only
+/// with the `test-hooks` feature, which only the integration tests enable.
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Crash;
 
+#[cfg(feature = "test-hooks")]
 impl Handler<Crash> for SessionActor {
     type Result = ();
     fn handle(&mut self, _: Crash, _: &mut Context<Self>) {

@@ -1,14 +1,12 @@
-//! A real agent listener on loopback with a real redb file, plus clients
-//! that talk to it the way clawkerd and the CLI do (mTLS gRPC, HTTPS form
-//! posts), and helpers to craft hostile certificates and assertions.
-
-#![allow(dead_code)]
+//! A real agent listener (AgentService + `POST /oauth2/token`) on loopback
+//! with a real redb file ([`Harness`]), plus clients that talk to it the way
+//! clawkerd and the CLI do (mTLS gRPC, HTTPS form posts), and helpers to
+//! craft hostile certificates and assertions.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use base64::Engine;
 use clawker::agent_api::assertion;
 use clawker::agent_api::server::{AgentApi, AgentApiConfig, serve_agent_api};
 use clawker::identity::{AgentName, ProjectSlug};
@@ -307,15 +305,4 @@ pub async fn https_post(
     }
     let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     (status, json)
-}
-
-pub fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
-}
-
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
