@@ -218,14 +218,6 @@ impl ChildLink {
         }));
         handle
     }
-
-    /// For children that keep the link as a field instead of attaching it:
-    /// resolves when the supervisor asks the child to stop (or goes away).
-    pub async fn stop_requested(&mut self) {
-        if let Some(rx) = self.stop_rx.as_mut() {
-            let _ = rx.await;
-        }
-    }
 }
 
 impl Drop for ChildLink {

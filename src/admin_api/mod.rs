@@ -37,11 +37,6 @@ use crate::pki::{self, AuthPaths};
 /// Where the admin API listens unless configured otherwise.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7443";
 
-/// The default admin address as a socket address.
-pub fn default_admin_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7443))
-}
-
 /// The fully-qualified gRPC service name (health and reflection use it).
 pub const SERVICE_NAME: &str = "clawker.admin.v1.AdminService";
 

@@ -13,8 +13,6 @@ use crate::pki::SigningKey;
 
 /// Lifetime of an agent assertion (`exp − iat`).
 pub const AGENT_ASSERTION_TTL_SECS: i64 = 24 * 60 * 60;
-/// Lifetime of a CLI admin assertion: minted fresh for every token fetch.
-pub const CLI_ASSERTION_TTL_SECS: i64 = 30;
 /// RFC 7523 `client_assertion_type`.
 pub const JWT_BEARER_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Largest compact JWS we parse; real assertions are ~400 bytes.

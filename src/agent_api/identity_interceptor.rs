@@ -35,13 +35,6 @@ impl AgentIdentity {
     }
 }
 
-/// The caller's registered identity, if the IdentityInterceptor resolved one.
-pub fn agent_identity<T>(req: &tonic::Request<T>) -> Option<&Entry> {
-    req.extensions()
-        .get::<AgentIdentity>()
-        .map(AgentIdentity::entry)
-}
-
 #[derive(Clone)]
 pub struct IdentityLayer {
     reader: RegistryReader,

@@ -12,8 +12,6 @@ use std::time::Duration;
 pub const LABEL_AGENT: &str = "dev.clawker.agent";
 /// Label naming the project of a container (absent for unscoped).
 pub const LABEL_PROJECT: &str = "dev.clawker.project";
-/// The shared Docker network whose address a container must connect from.
-pub const CLAWKER_NET: &str = "clawker-net";
 
 /// The facts Register checks about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]

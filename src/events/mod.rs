@@ -157,9 +157,6 @@ pub mod failed_reason {
     pub const CONNECT_TOTAL_TIMEOUT: &str = "connect_total_timeout";
     pub const INTERNAL_UNKNOWN_OUTCOME: &str = "internal_unknown_outcome";
     pub const PANIC_PREFIX: &str = "dial_goroutine_panic: ";
-    pub fn fd_leak(n: u32) -> String {
-        format!("fd-leak-ceiling: {n} consecutive close failures")
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -5,7 +5,7 @@
 //! Why a dedicated writer thread: file I/O (and above all `fsync`) must
 //! never run on an actor's thread. The [`AuditActor`] only formats lines and
 //! hands them over a channel; the writer thread owns the file, rotates it
-//! and fsyncs on rotation, on [`AuditFlush`] and on close.
+//! and fsyncs on rotation and on close.
 //!
 //! Nothing is lost on a clean shutdown: `stopped()` drains whatever is left
 //! in the subscription's mailbox into the writer, then closes it and waits
@@ -97,12 +97,6 @@ fn rotated(path: &Path, n: usize) -> PathBuf {
 // ---------------------------------------------------------------------------
 // Writer thread
 
-enum WriterMsg {
-    Line(String),
-    /// Reply once everything before it is written and fsynced.
-    Flush(tokio::sync::oneshot::Sender<io::Result<()>>),
-}
-
 /// The file side: append, rotate, fsync.
 pub struct AuditWriter {
     path: PathBuf,
@@ -181,19 +175,12 @@ impl AuditWriter {
     }
 }
 
-fn writer_loop(mut w: AuditWriter, rx: mpsc::Receiver<WriterMsg>) {
+fn writer_loop(mut w: AuditWriter, rx: mpsc::Receiver<String>) {
     let mut failed_lines = 0u64;
-    for msg in rx {
-        match msg {
-            WriterMsg::Line(l) => {
-                if let Err(e) = w.write_line(&l) {
-                    failed_lines += 1;
-                    tracing::error!(event = "audit_write_failed", path = %w.path.display(), error = %e, failed_lines, "audit line lost");
-                }
-            }
-            WriterMsg::Flush(tx) => {
-                let _ = tx.send(w.sync());
-            }
+    for l in rx {
+        if let Err(e) = w.write_line(&l) {
+            failed_lines += 1;
+            tracing::error!(event = "audit_write_failed", path = %w.path.display(), error = %e, failed_lines, "audit line lost");
         }
     }
     // Channel closed: the actor is gone, make everything durable.
@@ -222,7 +209,7 @@ impl futures::Stream for SharedSub {
 /// Writes every bus event to the audit log.
 pub struct AuditActor {
     sub: Arc<Mutex<AuditSubscription>>,
-    tx: Option<mpsc::Sender<WriterMsg>>,
+    tx: Option<mpsc::Sender<String>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -272,7 +259,7 @@ impl AuditActor {
             }
         };
         if let Some(tx) = &self.tx {
-            let _ = tx.send(WriterMsg::Line(line));
+            let _ = tx.send(line);
         }
     }
 }
@@ -309,31 +296,6 @@ impl Actor for AuditActor {
 impl StreamHandler<Arc<dyn Event>> for AuditActor {
     fn handle(&mut self, e: Arc<dyn Event>, _: &mut Context<Self>) {
         self.send(&*e);
-    }
-}
-
-/// Resolves once every line handled before it is written and fsynced.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct AuditFlush;
-
-impl Handler<AuditFlush> for AuditActor {
-    type Result = ResponseFuture<Result<(), String>>;
-    fn handle(&mut self, _: AuditFlush, _: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|t| t.send(WriterMsg::Flush(tx)).is_ok())
-            .unwrap_or(false);
-        Box::pin(async move {
-            if !sent {
-                return Err("audit writer is closed".into());
-            }
-            rx.await
-                .map_err(|_| "audit writer is gone".to_owned())?
-                .map_err(|e| e.to_string())
-        })
     }
 }
 

@@ -30,17 +30,6 @@ pub fn spend(db: &Database, jti: &str, exp: i64, now: i64) -> Result<bool, Regis
     Ok(true)
 }
 
-/// Whether `jti` is recorded as spent (tests and diagnostics).
-pub fn is_spent(db: &Database, jti: &str) -> Result<bool, RegistryError> {
-    let txn = db.begin_read()?;
-    let table = match txn.open_table(SPENT_JTIS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(table.get(jti)?.is_some())
-}
-
 /// Number of recorded JTIs (tests and diagnostics).
 pub fn count(db: &Database) -> Result<u64, RegistryError> {
     let txn = db.begin_read()?;
@@ -55,6 +44,16 @@ pub fn count(db: &Database) -> Result<u64, RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_spent(db: &Database, jti: &str) -> Result<bool, RegistryError> {
+        let txn = db.begin_read()?;
+        let table = match txn.open_table(SPENT_JTIS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(jti)?.is_some())
+    }
 
     #[test]
     fn a_jti_is_spent_once_and_expired_ones_are_pruned() {

@@ -201,13 +201,6 @@ impl RegistryStore {
         &self.path
     }
 
-    /// Schema version recorded in the file.
-    pub fn schema_version(&self) -> Result<u64, RegistryError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        Ok(meta.get(SCHEMA_KEY)?.map(|v| v.value()).unwrap_or(0))
-    }
-
     /// Adds a row, durably. Zero thumbprint, empty container id and zero
     /// registration time are programmer errors and panic; invalid names are
     /// returned errors; a duplicate container id or thumbprint is an error,
@@ -372,6 +365,15 @@ fn read_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl RegistryStore {
+        /// Schema version recorded in the file.
+        fn schema_version(&self) -> Result<u64, RegistryError> {
+            let txn = self.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            Ok(meta.get(SCHEMA_KEY)?.map(|v| v.value()).unwrap_or(0))
+        }
+    }
 
     fn new_entry(agent: &str, project: &str, id: &str, seed: u8) -> NewEntry {
         NewEntry {
