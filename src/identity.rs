@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Longest short name, in bytes: `clawker.` + 24 + `.` + 24 = 57 ≤ the
@@ -173,10 +174,7 @@ pub struct Thumbprint(pub [u8; 32]);
 
 impl Thumbprint {
     pub fn of_der(der: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        Self(out)
+        Self(Sha256::digest(der).into())
     }
 
     pub fn is_zero(&self) -> bool {

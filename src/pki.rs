@@ -18,11 +18,12 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use rand::TryRng;
+use rand::rngs::SysRng;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
-use ring::rand::SecureRandom;
 use time::{Duration, OffsetDateTime};
 
 use crate::identity::{self, AgentName, CONTROL_PLANE_CN, ProjectSlug, Thumbprint};
@@ -144,8 +145,8 @@ impl fmt::Debug for Ca {
 
 fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
+    SysRng
+        .try_fill_bytes(&mut bytes)
         .map_err(|_| PkiError::Jwk("system RNG failed".into()))?;
     // Keep the DER INTEGER positive and 128 bits wide.
     bytes[0] &= 0x7f;

@@ -5,6 +5,7 @@ mod common;
 
 use clawker::agent_api::assertion::encode_signed;
 use common::{AUDIENCE, Harness, b64, now};
+use rand::TryRng;
 use ring::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
 };
@@ -17,10 +18,17 @@ fn claims() -> Value {
         "iss": "clawker-agent",
         "sub": "clawker-agent",
         "aud": AUDIENCE,
-        "jti": uuid::Uuid::new_v4().to_string(),
+        "jti": random_jti(),
         "iat": now(),
         "exp": now() + 3600,
     })
+}
+
+/// A unique `jti` (the endpoint takes any string up to 256 bytes).
+fn random_jti() -> String {
+    let mut b = [0u8; 16];
+    rand::rngs::SysRng.try_fill_bytes(&mut b).unwrap();
+    hex::encode(b)
 }
 
 fn with(mut base: Value, key: &str, v: Value) -> Value {

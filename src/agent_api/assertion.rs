@@ -7,6 +7,8 @@
 //! private key.
 
 use base64::Engine;
+use rand::TryRng;
+use rand::rngs::SysRng;
 use serde::{Deserialize, Serialize};
 
 use crate::pki::SigningKey;
@@ -40,6 +42,8 @@ pub enum JwtError {
     Claims(String),
     #[error("signing failed")]
     Signing,
+    #[error("system random source failed")]
+    Random,
 }
 
 /// JOSE header as we read it. Unknown members are ignored, except `crit`.
@@ -115,8 +119,30 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// A fresh `jti`: 122 random bits from the OS in UUIDv4 text form
+/// (`xxxxxxxx-xxxx-4xxx-[89ab]xxx-xxxxxxxxxxxx`). The form is the
+/// reference's (`identity.md` §4.2: "random UUIDv4 string"), kept for
+/// whatever consumes assertions; our token endpoint accepts any string.
+fn new_jti() -> Result<String, JwtError> {
+    let mut b = [0u8; 16];
+    SysRng
+        .try_fill_bytes(&mut b)
+        .map_err(|_| JwtError::Random)?;
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
+}
+
 /// An assertion for `client_id` (`iss = sub = client_id`), single audience,
-/// fresh UUIDv4 `jti`, `iat = now`, `exp = now + ttl_secs`.
+/// fresh UUIDv4 `jti` ([`new_jti`]), `iat = now`, `exp = now + ttl_secs`.
 pub fn mint_assertion(
     key: &SigningKey,
     client_id: &str,
@@ -136,7 +162,7 @@ pub fn mint_assertion(
         "iss": client_id,
         "sub": client_id,
         "aud": audience,
-        "jti": uuid::Uuid::new_v4().to_string(),
+        "jti": new_jti()?,
         "iat": iat,
         "exp": iat + ttl_secs,
     });
@@ -220,6 +246,10 @@ mod tests {
         assert_eq!(c.exp.unwrap() - c.iat.unwrap(), 86_400);
         let jti = c.jti.unwrap();
         assert_eq!(jti.matches('-').count(), 4);
+        // UUIDv4 text: 36 chars, version nibble 4, RFC 4122 variant.
+        assert_eq!(jti.len(), 36, "{jti}");
+        assert_eq!(&jti[14..15], "4", "{jti}");
+        assert!("89ab".contains(&jti[19..20]), "{jti}");
         assert_ne!(jwt, mint_agent_assertion(&key, aud).unwrap());
         assert!(mint_agent_assertion(&key, "").is_err());
     }

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures::future::BoxFuture;
-use ring::rand::SecureRandom;
+use rand::TryRng;
+use rand::rngs::SysRng;
+use sha2::{Digest, Sha256};
 
 use super::assertion::{self, Claims, JwtError};
 use super::auth::{IntrospectError, Introspection, TokenIntrospector};
@@ -96,10 +98,7 @@ pub struct TokenStore {
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    Sha256::digest(token.as_bytes()).into()
 }
 
 impl TokenStore {
@@ -346,8 +345,8 @@ impl TokenIssuer {
         }
 
         let mut raw = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut raw)
+        SysRng
+            .try_fill_bytes(&mut raw)
             .map_err(|_| OAuthError::new("server_error", "random source failed"))?;
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let ttl = self.config.token_ttl.as_secs() as i64;
