@@ -1,6 +1,6 @@
 //! `clawker cp serve` configuration: TOML file < `CLAWKER_*` env < flags.
 
-use std::net::SocketAddr;
+use std::net::{AddrParseError, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -14,6 +14,28 @@ pub mod defaults {
     pub const ADMIN_ADDR: &str = "127.0.0.1:7443";
     pub const METRICS_ADDR: &str = "127.0.0.1:7080";
     pub const IMAGE: &str = "clawker-agent:latest";
+}
+
+/// A configuration problem, named after the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Malformed TOML, a wrong type or an unknown key.
+    #[error("config {}: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// A built-in default address that does not parse (a build bug).
+    #[error("{addr}: {source}")]
+    BadAddr {
+        addr: String,
+        source: AddrParseError,
+    },
 }
 
 /// The TOML file (every key optional).
@@ -39,15 +61,23 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads the file; a missing file at the default location is fine, a
     /// named file that is missing or malformed is an error.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Self, String> {
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
                 return Ok(Self::default());
             }
-            Err(e) => return Err(format!("config {}: {e}", path.display())),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
@@ -85,8 +115,18 @@ pub struct Overrides {
 }
 
 /// file < env/flags < nothing else; defaults fill the rest.
-pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpConfig, String> {
-    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{s}: {e}"));
+pub fn resolve(
+    state_dir: PathBuf,
+    file: FileConfig,
+    o: Overrides,
+) -> Result<CpConfig, ConfigError> {
+    let parse = |s: &str| {
+        s.parse::<SocketAddr>()
+            .map_err(|source| ConfigError::BadAddr {
+                addr: s.to_owned(),
+                source,
+            })
+    };
     Ok(CpConfig {
         state_dir,
         network: o
@@ -156,7 +196,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "netwrok = \"x\"").unwrap();
-        let e = FileConfig::load(&p, true).unwrap_err();
+        let e = FileConfig::load(&p, true).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config {}: ", p.display())), "{e}");
         assert!(e.contains("unknown field"), "{e}");
         std::fs::write(&p, "agent_port = \"many\"").unwrap();
         assert!(FileConfig::load(&p, true).is_err());

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context as TaskContext, Poll};
 
 use actix::prelude::*;
-use clawker_actors::{AuditSubscription, ChildLink, ChildSpec, Event, Restart};
+use clawker_actors::{AuditSubscription, BusError, ChildLink, ChildSpec, Event, Restart};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -56,6 +56,18 @@ impl AuditConfig {
             .clone()
             .unwrap_or_else(|| state_dir.join("audit").join("events.jsonl"))
     }
+}
+
+/// Why the audit actor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log file (or its directory) cannot be created or opened.
+    #[error("open audit log {}: {source}", .path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("spawn audit writer: {0}")]
+    SpawnWriter(io::Error),
 }
 
 /// One line of the audit log.
@@ -222,15 +234,18 @@ impl AuditActor {
         path: &Path,
         max_bytes: u64,
         keep: usize,
-    ) -> Result<Self, String> {
-        let writer = AuditWriter::open(path, max_bytes, keep)
-            .map_err(|e| format!("open audit log {}: {e}", path.display()))?;
-        let sub = bus.subscribe_all().map_err(|e| e.to_string())?;
+    ) -> Result<Self, AuditError> {
+        let writer =
+            AuditWriter::open(path, max_bytes, keep).map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let sub = bus.subscribe_all()?;
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("clawker-audit".into())
             .spawn(move || writer_loop(writer, rx))
-            .map_err(|e| format!("spawn audit writer: {e}"))?;
+            .map_err(AuditError::SpawnWriter)?;
         Ok(Self {
             sub: Arc::new(Mutex::new(sub)),
             tx: Some(tx),
@@ -241,7 +256,8 @@ impl AuditActor {
     /// Child spec (permanent worker `audit`).
     pub fn spec(bus: crate::events::Bus, path: PathBuf, config: AuditConfig) -> ChildSpec {
         ChildSpec::worker("audit", move |link: ChildLink| {
-            let actor = AuditActor::new(&bus, &path, config.max_bytes, config.keep)?;
+            let actor = AuditActor::new(&bus, &path, config.max_bytes, config.keep)
+                .map_err(|e| e.to_string())?;
             Ok(AuditActor::create(move |ctx| {
                 link.attach(ctx);
                 actor
