@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use clawker_actors::{AuditSubscription, SupervisorHandle, TreeNode};
+use clawker_actors::{AuditSubscription, SupervisorError, SupervisorHandle, TreeNode};
 use futures::future::BoxFuture;
 use futures::{Future, Stream};
 use time::OffsetDateTime;
@@ -57,9 +57,10 @@ impl AgentDirectory for RegistryStore {
 }
 
 /// Where `GetSupervisionTree` gets the tree from: the root supervisor in
-/// the daemon ([`SupervisorHandle`] implements it), anything in tests.
+/// the daemon ([`SupervisorHandle`] implements it), anything in tests. An
+/// error (the supervisor stopped) is answered `UNAVAILABLE` with its text.
 pub trait TreeSource: Send + Sync + 'static {
-    fn tree(&self) -> BoxFuture<'_, Result<TreeNode, String>>;
+    fn tree(&self) -> BoxFuture<'_, Result<TreeNode, SupervisorError>>;
 }
 
 impl AgentDirectory for crate::registry::RegistryReader {
@@ -69,12 +70,8 @@ impl AgentDirectory for crate::registry::RegistryReader {
 }
 
 impl TreeSource for SupervisorHandle {
-    fn tree(&self) -> BoxFuture<'_, Result<TreeNode, String>> {
-        Box::pin(async move {
-            SupervisorHandle::tree(self)
-                .await
-                .map_err(|e| e.to_string())
-        })
+    fn tree(&self) -> BoxFuture<'_, Result<TreeNode, SupervisorError>> {
+        Box::pin(SupervisorHandle::tree(self))
     }
 }
 
@@ -194,7 +191,11 @@ impl AdminService for AdminApi {
         &self,
         _req: Request<pb::GetSupervisionTreeRequest>,
     ) -> Result<Response<pb::GetSupervisionTreeResult>, Status> {
-        let tree = self.tree.tree().await.map_err(Status::unavailable)?;
+        let tree = self
+            .tree
+            .tree()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let json = serde_json::to_string(&tree)
             .map_err(|e| Status::internal(format!("serialising the tree: {e}")))?;
         Ok(Response::new(pb::GetSupervisionTreeResult {

@@ -177,9 +177,17 @@ pub fn validate(shell: &ShellCommand) -> Result<(), Rejected> {
     Ok(())
 }
 
+/// No executable of that name on clawkerd's PATH (the text is Go's
+/// `exec.LookPath` error, as the reference reports it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("exec: {name:?}: executable file not found in $PATH")]
+pub struct ProgramNotFound {
+    pub name: String,
+}
+
 /// Resolves a program name through clawkerd's own PATH (reference §6.3:
 /// not the stage env's PATH). Names containing `/` are used as given.
-pub fn resolve_program(name: &str, path_var: &str) -> Result<String, String> {
+pub fn resolve_program(name: &str, path_var: &str) -> Result<String, ProgramNotFound> {
     if name.contains('/') {
         return Ok(name.to_owned());
     }
@@ -190,9 +198,9 @@ pub fn resolve_program(name: &str, path_var: &str) -> Result<String, String> {
             return Ok(candidate);
         }
     }
-    Err(format!(
-        "exec: {name:?}: executable file not found in $PATH"
-    ))
+    Err(ProgramNotFound {
+        name: name.to_owned(),
+    })
 }
 
 fn is_executable(path: &str) -> bool {
@@ -757,6 +765,9 @@ mod tests {
         assert_eq!(resolve_program("/x/y", "").unwrap(), "/x/y");
         assert!(resolve_program("sh", "/bin:/usr/bin").is_ok());
         let e = resolve_program("no-such-prog-xyz", "/bin").unwrap_err();
-        assert!(e.contains("executable file not found"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "exec: \"no-such-prog-xyz\": executable file not found in $PATH"
+        );
     }
 }

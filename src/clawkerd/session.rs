@@ -346,7 +346,8 @@ impl Session {
                 tokio::spawn(async move {
                     let task = tokio::spawn(async move { coordinator.run().await });
                     let (ok, error) = match task.await {
-                        Ok(r) => r,
+                        Ok(Ok(())) => (true, String::new()),
+                        Ok(Err(e)) => (false, e.to_string()),
                         Err(e) => {
                             let msg = if e.is_panic() {
                                 panic_text(e.into_panic())

@@ -7,6 +7,22 @@ use serde::Deserialize;
 
 use crate::defaults;
 
+/// A configuration problem, named after the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Malformed TOML, a wrong type or an unknown key.
+    #[error("config {}: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
 /// The TOML file (every key optional).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,15 +46,23 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads the file; a missing file at the default location is fine, a
     /// named file that is missing or malformed is an error.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Self, String> {
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
                 return Ok(Self::default());
             }
-            Err(e) => return Err(format!("config {}: {e}", path.display())),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
@@ -76,7 +100,11 @@ pub struct Overrides {
 }
 
 /// file < env/flags < nothing else; defaults fill the rest.
-pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpConfig, String> {
+pub fn resolve(
+    state_dir: PathBuf,
+    file: FileConfig,
+    o: Overrides,
+) -> Result<CpConfig, ConfigError> {
     Ok(CpConfig {
         state_dir,
         network: o
@@ -146,7 +174,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "netwrok = \"x\"").unwrap();
-        let e = FileConfig::load(&p, true).unwrap_err();
+        let e = FileConfig::load(&p, true).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config {}: ", p.display())), "{e}");
         assert!(e.contains("unknown field"), "{e}");
         std::fs::write(&p, "agent_port = \"many\"").unwrap();
         assert!(FileConfig::load(&p, true).is_err());

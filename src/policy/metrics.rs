@@ -29,7 +29,8 @@ use std::time::Duration;
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use clawker_actors::{
-    AuditSubscription, BusStats, ChildExit, ChildLink, ChildSpec, Event, ExitReason, Restart,
+    AuditSubscription, BusError, BusStats, ChildExit, ChildLink, ChildSpec, Event, ExitReason,
+    Restart,
 };
 use futures::Stream;
 use metrics::{Key, KeyName, Metadata, Recorder, SharedString, Unit};
@@ -66,6 +67,13 @@ const STATUSES: [(SessionStatus, &str); 5] = [
     (SessionStatus::Failed, "failed"),
     (SessionStatus::Broken, "broken"),
 ];
+
+/// [`Metrics::install_global`]: the process already has a global recorder
+/// (a second CP in one process, as in tests; the first one keeps it). The
+/// text is the `metrics` crate's own.
+#[derive(Debug, thiserror::Error)]
+#[error("attempted to set a recorder after the metrics system was already initialized")]
+pub struct RecorderAlreadySet;
 
 /// The CP's metrics recorder and its render handle. Cheap to clone.
 #[derive(Clone)]
@@ -173,9 +181,9 @@ impl Metrics {
     }
 
     /// Installs this recorder as the process-wide one (once per process).
-    pub fn install_global(&self) -> Result<(), String> {
+    pub fn install_global(&self) -> Result<(), RecorderAlreadySet> {
         metrics::set_global_recorder(SharedRecorder(self.recorder.clone()))
-            .map_err(|e| e.to_string())
+            .map_err(|_| RecorderAlreadySet)
     }
 
     fn with<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -279,8 +287,9 @@ pub struct MetricsActor {
 }
 
 impl MetricsActor {
-    pub fn new(bus: Bus, metrics: Metrics, refresh: Duration) -> Result<Self, String> {
-        let sub = bus.subscribe_all().map_err(|e| e.to_string())?;
+    /// Fails only if the bus is closed.
+    pub fn new(bus: Bus, metrics: Metrics, refresh: Duration) -> Result<Self, BusError> {
+        let sub = bus.subscribe_all()?;
         Ok(Self {
             metrics,
             bus,
@@ -293,7 +302,8 @@ impl MetricsActor {
     pub fn spec(bus: Bus, metrics: Metrics, config: &MetricsConfig) -> ChildSpec {
         let refresh = Duration::from_millis(config.refresh_ms);
         ChildSpec::worker("metrics", move |link: ChildLink| {
-            let actor = MetricsActor::new(bus.clone(), metrics.clone(), refresh)?;
+            let actor = MetricsActor::new(bus.clone(), metrics.clone(), refresh)
+                .map_err(|e| e.to_string())?;
             Ok(MetricsActor::create(move |ctx| {
                 link.attach(ctx);
                 actor
@@ -367,5 +377,18 @@ impl Handler<ChildExited> for MetricsActor {
     type Result = ();
     fn handle(&mut self, ChildExited(e): ChildExited, _: &mut Context<Self>) {
         self.metrics.record_child_exit(&e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorder_already_set_keeps_the_metrics_crate_text() {
+        assert_eq!(
+            RecorderAlreadySet.to_string(),
+            metrics::SetRecorderError(()).to_string()
+        );
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use bytes::Bytes;
-use clawker_actors::{AuditSubscription, BusState, ChildLink, ChildSpec, EventBus, Restart};
+use clawker_actors::{
+    AuditSubscription, BusError, BusState, ChildLink, ChildSpec, EventBus, Restart,
+};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,9 @@ pub enum WebhookError {
     Status(u16),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The forwarder could not subscribe (the bus is closed).
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 /// POSTs one JSON body; `Ok` on a 2xx answer.
@@ -174,11 +179,11 @@ pub struct WebhookForwarder {
 }
 
 impl WebhookForwarder {
-    pub fn new<S: BusState>(bus: &EventBus<S>, cfg: WebhookConfig) -> Result<Self, String> {
+    pub fn new<S: BusState>(bus: &EventBus<S>, cfg: WebhookConfig) -> Result<Self, WebhookError> {
         if !cfg.url.starts_with("http://") {
-            return Err(WebhookError::BadUrl(cfg.url.clone()).to_string());
+            return Err(WebhookError::BadUrl(cfg.url.clone()));
         }
-        let sub = bus.subscribe_all().map_err(|e| e.to_string())?;
+        let sub = bus.subscribe_all()?;
         Ok(Self {
             sub: Some(sub),
             cfg,
@@ -188,7 +193,7 @@ impl WebhookForwarder {
     /// Child spec (permanent worker `webhook`).
     pub fn spec<S: BusState>(bus: EventBus<S>, cfg: WebhookConfig) -> ChildSpec {
         ChildSpec::worker("webhook", move |link: ChildLink| {
-            let actor = WebhookForwarder::new(&bus, cfg.clone())?;
+            let actor = WebhookForwarder::new(&bus, cfg.clone()).map_err(|e| e.to_string())?;
             Ok(WebhookForwarder::create(move |ctx| {
                 link.attach(ctx);
                 actor
