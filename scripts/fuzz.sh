@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz one cargo-fuzz target for a fixed time on STABLE Rust (no sanitizer).
 #   scripts/fuzz.sh TARGET SECONDS      e.g. scripts/fuzz.sh proto_decode 60
+#   scripts/fuzz.sh --all SECONDS       every target in turn (CI: short runs)
 #   scripts/fuzz.sh --list
 # FUZZ_DEV=1: unoptimised build (~3.5x faster to build, ~4-6x fewer exec/s);
 # worth it for short CI smoke runs from a cold target dir.
@@ -13,9 +14,21 @@ CARGO_FUZZ_VERSION=0.13.2
 command -v cargo-fuzz >/dev/null 2>&1 ||
     cargo install --locked "cargo-fuzz@$CARGO_FUZZ_VERSION"
 if [[ ${1:-} == --list ]]; then exec cargo fuzz list; fi
+if [[ ${1:-} == --all ]]; then
+    secs=${2:?usage: scripts/fuzz.sh --all SECONDS}
+    failed=()
+    for t in $(cargo fuzz list); do
+        "$0" "$t" "$secs" || failed+=("$t")
+    done
+    if ((${#failed[@]})); then
+        echo "fuzz.sh: FAILED: ${failed[*]}" >&2
+        exit 1
+    fi
+    echo "fuzz.sh: every target ran ${secs}s with no crash"
+    exit 0
+fi
 target=${1:?usage: scripts/fuzz.sh TARGET SECONDS}
 secs=${2:?usage: scripts/fuzz.sh TARGET SECONDS}
-export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 # --sanitizer none: the default (address) passes -Zsanitizer, nightly only.
 flags=(--sanitizer none)
 [[ ${FUZZ_DEV:-0} == 1 ]] && flags+=(--dev)
