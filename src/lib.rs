@@ -28,6 +28,9 @@ pub mod cp;
 pub mod defaults;
 pub mod docker;
 pub mod events;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod identity;
 pub mod pki;
 pub mod policy;

@@ -50,6 +50,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     // The Docker edge implements the runtime seam; nothing below names it.
     ("docker", &["defaults", "events", "runtime", "identity"]),
+    // The fuzz targets' bodies (feature `fuzzing`, never shipped).
+    (
+        "fuzz_harness",
+        &[
+            "agent_api",
+            "cp",
+            "defaults",
+            "docker",
+            "events",
+            "pki",
+            "proto",
+            "registry",
+            "session",
+            "tls",
+        ],
+    ),
     // Wiring: the one place the parts meet.
     (
         "cp",

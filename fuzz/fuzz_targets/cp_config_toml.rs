@@ -1,13 +1,5 @@
 //! `clawker cp serve --config FILE`: the TOML layer and its resolution.
+//! The body lives in `clawker::fuzz_harness`, shared with
+//! `tests/fuzz_regressions.rs`.
 #![no_main]
-use clawker::cp::config::{FileConfig, Overrides, resolve};
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(file) = toml::from_str::<FileConfig>(text) {
-        let _ = resolve("/state".into(), file, Overrides::default());
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| clawker::fuzz_harness::cp_config_toml(data));

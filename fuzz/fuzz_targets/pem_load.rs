@@ -1,12 +1,5 @@
-//! PEM loading of certs/keys read from the state dir and bootstrap files.
+//! PEM loading of certificates and keys.
+//! The body lives in `clawker::fuzz_harness`, shared with
+//! `tests/fuzz_regressions.rs`.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = clawker::tls::load_certs("fuzz", data);
-    let _ = clawker::tls::load_key("fuzz", data);
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = clawker::pki::single_pem_block("fuzz", text, "CERTIFICATE");
-        let _ = clawker::pki::load_p256_key("fuzz", text);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| clawker::fuzz_harness::pem_load(data));
