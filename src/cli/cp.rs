@@ -49,6 +49,14 @@ pub enum AgentCommand {
     Stop(NameArgs),
     /// Remove an agent container (its identity row is evicted by the CP).
     Rm(NameArgs),
+    /// Run a command in an agent over its session (like `docker exec`).
+    Exec(super::operator::ExecArgs),
+    /// An interactive shell in an agent (`exec -it NAME -- /bin/sh`).
+    Shell(super::operator::ShellArgs),
+    /// Copy files between the host and an agent (like `docker cp`).
+    Cp(super::operator::CpArgs),
+    /// The agent's user command output (like `docker logs`).
+    Logs(super::operator::LogsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +152,10 @@ pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> any
             println!("removed {}", cp::agent::container_name(&project, &agent));
         }
         AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, args).await?,
+        AgentCommand::Exec(_)
+        | AgentCommand::Shell(_)
+        | AgentCommand::Cp(_)
+        | AgentCommand::Logs(_) => bail!("internal: operator commands are dispatched by cli::run"),
     }
     Ok(())
 }
