@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// How long to wait for init.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Demos and tests only: mint the agent's certificate for this other
+    /// container id, so the agent comes up untrusted (an impostor).
+    #[arg(long, hide = true, value_name = "CONTAINER_ID")]
+    pub leaf_for_container: Option<String>,
     /// The user command (after `--`); default: the image's CMD.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -197,7 +201,7 @@ async fn run(
         command: args.command,
         extra_labels: Default::default(),
         extra_networks: Vec::new(),
-        mint_for_container: None,
+        mint_for_container: args.leaf_for_container,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);
