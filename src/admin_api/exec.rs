@@ -170,7 +170,7 @@ pub(super) async fn exec(
             gid: user.gid,
         })))
         .await;
-    tokio::spawn(relay(cmd, inbound, tx, audit, start.interactive));
+    tokio::spawn(relay(cmd, inbound, tx, audit, start.interactive, start.tty));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -181,9 +181,13 @@ async fn relay(
     tx: mpsc::Sender<Result<pb::ExecResponse, Status>>,
     mut audit: Use,
     interactive: bool,
+    tty: bool,
 ) {
     let mut stdin_open = interactive;
-    if !interactive {
+    // Without -i the command gets no input. Off a terminal that is an
+    // immediate EOF; on one (`-t` alone, like `docker exec -t`) the
+    // terminal simply stays silent — closing it would type ^D.
+    if !interactive && !tty {
         let _ = cmd.close_stdin().await;
     }
     let mut inbound_open = true;

@@ -430,6 +430,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn exec_events_feed_the_exec_counters_and_histogram() {
+        use crate::events::{AgentRef, ExecFinished, ExecForced, ExecKind, ExecRefused, now};
+        let m = Metrics::new();
+        let agent = AgentRef::new("c1", "dev", "p");
+        let finished = |exit_code, kind| ExecFinished {
+            agent: agent.clone(),
+            exec_id: "x".into(),
+            kind,
+            operator: "ab".into(),
+            argv: vec!["true".into()],
+            user: "claude".into(),
+            tty: false,
+            exit_code,
+            error: String::new(),
+            duration: std::time::Duration::from_millis(3),
+            bytes_in: 5,
+            bytes_out: 7,
+            at: now(),
+        };
+        m.observe_event(&finished(Some(0), ExecKind::Exec));
+        m.observe_event(&finished(Some(2), ExecKind::Exec));
+        m.observe_event(&finished(None, ExecKind::CopyTo));
+        m.observe_event(&ExecRefused {
+            agent: agent.clone(),
+            kind: ExecKind::Exec,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["locked".into()],
+            at: now(),
+        });
+        m.observe_event(&ExecForced {
+            agent,
+            exec_id: "y".into(),
+            kind: ExecKind::CopyFrom,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["quarantined".into()],
+            at: now(),
+        });
+        let text = m.render();
+        for line in [
+            "clawker_exec_total{kind=\"exec\",result=\"ok\"} 1",
+            "clawker_exec_total{kind=\"exec\",result=\"nonzero\"} 1",
+            "clawker_exec_total{kind=\"copy_to\",result=\"failed\"} 1",
+            "clawker_exec_bytes_total{kind=\"exec\",direction=\"out\"} 14",
+            "clawker_exec_refused_total{kind=\"exec\"} 1",
+            "clawker_exec_forced_total{kind=\"copy_from\"} 1",
+            "clawker_exec_duration_seconds_count{kind=\"exec\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
     fn recorder_already_set_keeps_the_metrics_crate_text() {
         assert_eq!(
             RecorderAlreadySet.to_string(),
