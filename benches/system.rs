@@ -9,6 +9,12 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `exec`: the operator's way in, on a real engine (image
+//!   `$CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`): the whole CLI
+//!   process `clawker agent exec NAME -- true` against `docker exec NAME
+//!   true` (50 each, interleaved, process start included); the keystroke
+//!   echo round trip in a tty (`agent exec -it … cat` under a real pty,
+//!   against `docker exec -it`); `cat` of a 500 MB file through both.
 //!
 //! Under `cargo test --all-targets` this binary is only built and exits.
 
@@ -25,10 +31,14 @@ use clawker::session::command::run_to_completion;
 use clawker::session::mux::SessionMux;
 use futures::StreamExt;
 
+#[allow(dead_code)]
+#[path = "../tests/common/pty.rs"]
+mod pty;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions]`");
+        println!("system harness: run with `cargo bench --bench system [-- docker|sessions|exec]`");
         return;
     }
     let only: Vec<&str> = args
@@ -42,6 +52,9 @@ fn main() {
     println!("machine: {} cores, {}", num_cpus(), mem_total());
     if want("docker") {
         actix::System::new().block_on(docker_section());
+    }
+    if want("exec") {
+        exec_section();
     }
     if want("sessions") {
         for n in [100usize, 1000] {
@@ -473,4 +486,236 @@ async fn sessions_section(n: usize) {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+// ---- exec: the operator's way in -----------------------------------------
+
+fn exec_section() {
+    let image =
+        std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into());
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    actix::System::with_tokio_rt(runtime).block_on(async move {
+        let docker = clawker::docker::connect().await.expect("docker engine");
+        let state = tempfile::tempdir().expect("tempdir");
+        clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+        let net = "clawker-bench-exec";
+        let overrides = cp::config::Overrides {
+            network: Some(net.into()),
+            subnet: Some("10.224.200.0/24".into()),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let cfg =
+            cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+        let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+        let running = cp::start(&cfg).await.expect("cp");
+        let mut events = running.bus.subscribe_all().unwrap();
+        let spec = RunSpec {
+            agent: AgentName::new("ex").unwrap(),
+            project: ProjectSlug::new("bench").unwrap(),
+            image: image.clone(),
+            network: cfg.network.clone(),
+            agent_port: cfg.agent_port,
+            command: vec![],
+            extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-exec".to_owned())]),
+            extra_networks: vec![],
+            mint_for_container: None,
+        };
+        let id = cp::agent::run(&docker, &material, &spec)
+            .await
+            .expect("run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("events")
+                .expect("bus");
+            if e.name() == "agent.init.completed" && e.to_json()["container_id"] == id {
+                break;
+            }
+            assert!(Instant::now() < deadline, "init did not complete");
+        }
+        let admin = running.admin_api_addr.to_string();
+        let state_dir = state.path().to_owned();
+        let id2 = id.clone();
+        tokio::task::spawn_blocking(move || exec_measurements(&state_dir, &admin, &id2, &image))
+            .await
+            .expect("measurements");
+        cp::agent::remove(&docker, &id).await.ok();
+        cp::stop(running).await;
+        let _ = Process::new("docker").args(["network", "rm", net]).output();
+    });
+}
+
+/// The `clawker` binary of this build (release under `cargo bench`).
+fn clawker_cli(state_dir: &std::path::Path, admin: &str) -> Process {
+    let mut c = Process::new(env!("CARGO_BIN_EXE_clawker"));
+    c.arg("--state-dir")
+        .arg(state_dir)
+        .arg("--admin-addr")
+        .arg(admin);
+    c
+}
+
+fn exec_measurements(state_dir: &std::path::Path, admin: &str, id: &str, image: &str) {
+    let clawker = |args: &[&str]| {
+        let mut c = clawker_cli(state_dir, admin);
+        c.args(["agent", "exec", "ex", "--project", "bench"])
+            .args(args);
+        c
+    };
+    let docker = |args: &[&str]| {
+        let mut c = Process::new("docker");
+        c.arg("exec").args(args);
+        c
+    };
+    let status = |mut c: Process| {
+        let st = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("spawn");
+        assert!(st.success(), "{c:?}: {st}");
+    };
+    println!("\n== exec, whole CLI process, `true` (image {image}) ==");
+    for _ in 0..5 {
+        status(clawker(&["true"]));
+        status(docker(&[id, "true"]));
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let t = Instant::now();
+        status(clawker(&["true"]));
+        ours.push(t.elapsed());
+        let t = Instant::now();
+        status(docker(&[id, "true"]));
+        theirs.push(t.elapsed());
+    }
+    let (a, b) = (pct(&mut ours, 0.5), pct(&mut theirs, 0.5));
+    report("clawker agent exec NAME -- true", &mut ours);
+    report("docker exec NAME true", &mut theirs);
+    println!(
+        "{:<48} {:.1}x faster (median)",
+        "ratio",
+        b.as_secs_f64() / a.as_secs_f64()
+    );
+
+    println!("\n== keystroke echo round trip in a tty (500 keys) ==");
+    let mut ours = echo_round_trips(clawker(&["-it", "--", "cat"]), 500);
+    report("clawker agent exec -it NAME -- cat", &mut ours);
+    let mut theirs = echo_round_trips(docker(&["-it", id, "cat"]), 500);
+    report("docker exec -it NAME cat", &mut theirs);
+
+    println!("\n== cat of a 500 MB file (same container, best of 3) ==");
+    status(clawker(&[
+        "--",
+        "sh",
+        "-c",
+        "head -c 524288000 /dev/zero > /tmp/big",
+    ]));
+    for (name, mk) in [
+        ("clawker agent exec NAME -- cat /tmp/big", 0),
+        ("docker exec NAME cat /tmp/big", 1),
+    ] {
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let mut c = if mk == 0 {
+                clawker(&["--", "cat", "/tmp/big"])
+            } else {
+                docker(&[id, "cat", "/tmp/big"])
+            };
+            let t = Instant::now();
+            let bytes = drain_stdout(&mut c);
+            let dt = t.elapsed();
+            assert_eq!(bytes, 524_288_000, "{name}");
+            best = best.min(dt);
+        }
+        println!(
+            "{name:<48} {:>7.2} s  {:>7.0} MB/s",
+            best.as_secs_f64(),
+            524.288 / best.as_secs_f64()
+        );
+    }
+    status(clawker(&["--", "rm", "-f", "/tmp/big"]));
+}
+
+fn drain_stdout(c: &mut Process) -> usize {
+    use std::io::Read;
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0;
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes += n,
+        }
+    }
+    assert!(child.wait().expect("wait").success());
+    bytes
+}
+
+/// Runs `cmd` (an interactive `cat` with a tty) under a real pty and times
+/// each keystroke until its echo comes back through the remote terminal.
+fn echo_round_trips(mut cmd: Process, keys: usize) -> Vec<Duration> {
+    let pty = pty::Pty::open(24, 80).expect("pty");
+    let mut child = pty.spawn(&mut cmd).expect("spawn under pty");
+    // Ready when a first key echoes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains('#') {
+        pty.write(b"#").expect("type");
+        assert!(Instant::now() < deadline, "no echo: {seen:?}");
+        if let Ok(b) = pty.read_some(Duration::from_millis(200)) {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    // Settle: drain whatever the warm-up keys still echo.
+    while let Ok(b) = pty.read_some(Duration::from_millis(300)) {
+        if b.is_empty() {
+            break;
+        }
+    }
+    let mut v = Vec::with_capacity(keys);
+    for i in 0..keys {
+        let key = b'a' + (i % 26) as u8;
+        let t = Instant::now();
+        pty.write(&[key]).expect("type");
+        loop {
+            let b = pty.read_some(Duration::from_secs(5)).expect("read");
+            assert!(!b.is_empty(), "echo lost");
+            if b.contains(&key) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        // cat has a line of its own to finish now and then.
+        if i % 64 == 63 {
+            pty.write(b"\r").expect("type");
+            while let Ok(b) = pty.read_some(Duration::from_millis(200)) {
+                if b.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    pty.write(b"\x04").ok(); // ^D at a line start: EOF for cat
+    pty.write(b"\r\x04").ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        let _ = pty.read_some(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    v
 }

@@ -16,11 +16,14 @@
 //!   supervision tree) on loopback for the CLI, with its client.
 //! - [`cli`]: the `clawker` command line.
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
+//! - [`archive`]: tar streams for `agent cp` (pack; unpack that never
+//!   leaves its destination), shared by clawkerd and the CLI.
 //! - [`policy`]: subscriber actors that act on bus events: containment of
 //!   untrusted agents, the audit log, metrics and health endpoints.
 
 pub mod admin_api;
 pub mod agent_api;
+pub mod archive;
 pub mod clawkerd;
 pub mod cli;
 pub mod config;

@@ -17,12 +17,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("pki", &["identity", "defaults"]),
     ("tls", &["identity", "pki"]),
+    ("archive", &[]),
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
     ("runtime", &["defaults"]),
     // The agent daemon: foundation only, never the CP.
-    ("clawkerd", &["identity", "pki", "proto", "tls", "defaults"]),
+    (
+        "clawkerd",
+        &["archive", "identity", "pki", "proto", "tls", "defaults"],
+    ),
     // Services, written against the seams.
     (
         "session",
@@ -91,6 +95,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "admin_api",
             "agent_api",
+            "archive",
             "config",
             "cp",
             "defaults",

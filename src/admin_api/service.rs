@@ -11,10 +11,14 @@
 //!   name prefix (see [`EventStream`] for what happens to slow clients and
 //!   when the client goes away);
 //! - `GetSupervisionTree` → [`TreeSource::tree`], as JSON plus the
-//!   indented text rendering.
+//!   indented text rendering;
+//! - `Exec`, `CopyFrom`, `CopyTo`, `Logs` → an agent's live session
+//!   ([`LiveSessions`]), gated and audited ([`super::access`]), relayed in
+//!   [`super::exec`] and [`super::transfer`].
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use clawker_actors::{AuditSubscription, SupervisorError, SupervisorHandle, TreeNode};
@@ -24,6 +28,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
+use super::access::LiveSessions;
+use super::exec::ExecStream;
+use super::transfer::{CopyFromStream, CopyToStream, LogsStream};
 use crate::events::Bus;
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
@@ -85,6 +92,12 @@ pub struct AdminApi {
     /// graceful shutdown waits for in-flight streams, and an event stream
     /// never finishes on its own, so without this a shutdown would hang.
     stop_streams: CancellationToken,
+    /// The agents' sessions, for the operator RPCs (none: they answer
+    /// UNAVAILABLE).
+    sessions: Option<Arc<dyn LiveSessions>>,
+    /// Numbers operator command ids (unique per CP process; the session
+    /// only needs them unique among its own in-flight commands).
+    seq: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -100,7 +113,35 @@ impl AdminApi {
             bus,
             tree,
             stop_streams: CancellationToken::new(),
+            sessions: None,
+            seq: Arc::default(),
         }
+    }
+
+    /// Gives the operator RPCs (`Exec`, `CopyFrom`, `CopyTo`, `Logs`) the
+    /// agents' sessions.
+    pub fn with_sessions(mut self, sessions: Arc<dyn LiveSessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    pub(super) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub(super) fn sessions(&self) -> Option<&Arc<dyn LiveSessions>> {
+        self.sessions.as_ref()
+    }
+
+    /// `<kind>-<target, cut>-<n>`: readable in clawkerd's logs.
+    pub(super) fn next_exec_id(&self, kind: &str, target: &str) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let t: String = target
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(24)
+            .collect();
+        format!("{kind}-{t}-{n}")
     }
 
     /// Open `WatchEvents` streams end when `token` is cancelled
@@ -202,6 +243,39 @@ impl AdminService for AdminApi {
             json,
             rendered: tree.render(),
         }))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<ExecStream>, Status> {
+        super::exec::exec(self, req).await
+    }
+
+    type CopyFromStream = CopyFromStream;
+
+    async fn copy_from(
+        &self,
+        req: Request<pb::CopyFromRequest>,
+    ) -> Result<Response<CopyFromStream>, Status> {
+        super::transfer::copy_from(self, req).await
+    }
+
+    type CopyToStream = CopyToStream;
+
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<pb::CopyToRequest>>,
+    ) -> Result<Response<CopyToStream>, Status> {
+        super::transfer::copy_to(self, req).await
+    }
+
+    type LogsStream = LogsStream;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<LogsStream>, Status> {
+        super::transfer::logs(self, req).await
     }
 }
 

@@ -49,6 +49,14 @@ pub enum AgentCommand {
     Stop(NameArgs),
     /// Remove an agent container (its identity row is evicted by the CP).
     Rm(NameArgs),
+    /// Run a command in an agent over its session (like `docker exec`).
+    Exec(super::operator::ExecArgs),
+    /// An interactive shell in an agent (`exec -it NAME -- /bin/sh`).
+    Shell(super::operator::ShellArgs),
+    /// Copy files between the host and an agent (like `docker cp`).
+    Cp(super::operator::CpArgs),
+    /// The agent's user command output (like `docker logs`).
+    Logs(super::operator::LogsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +83,10 @@ pub struct RunArgs {
     /// How long to wait for init.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Demos and tests only: mint the agent's certificate for this other
+    /// container id, so the agent comes up untrusted (an impostor).
+    #[arg(long, hide = true, value_name = "CONTAINER_ID")]
+    pub leaf_for_container: Option<String>,
     /// The user command (after `--`); default: the image's CMD.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -144,6 +156,10 @@ pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> any
             println!("removed {}", cp::agent::container_name(&project, &agent));
         }
         AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, args).await?,
+        AgentCommand::Exec(_)
+        | AgentCommand::Shell(_)
+        | AgentCommand::Cp(_)
+        | AgentCommand::Logs(_) => bail!("internal: operator commands are dispatched by cli::run"),
     }
     Ok(())
 }
@@ -185,7 +201,7 @@ async fn run(
         command: args.command,
         extra_labels: Default::default(),
         extra_networks: Vec::new(),
-        mint_for_container: None,
+        mint_for_container: args.leaf_for_container,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);

@@ -153,7 +153,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         Arc::new(registry.reader().clone()),
         bus.clone(),
         Arc::new(root.clone()),
-    );
+    )
+    .with_sessions(Arc::new(sessions.clone()));
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
     let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(

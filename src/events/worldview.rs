@@ -128,7 +128,36 @@ pub struct ContainmentRecord {
     pub at: OffsetDateTime,
 }
 
+/// Restrictions in effect on an agent, from its containment records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    pub quarantined: bool,
+    pub locked: bool,
+}
+
 impl AgentView {
+    /// Which restrictions are in effect: the records in order, each
+    /// applied (or already applied) step imposing or lifting one as
+    /// [`ContainmentAction::effect`] says. Failed, unsupported and dry-run
+    /// steps change nothing.
+    pub fn restrictions(&self) -> Restrictions {
+        let mut r = Restrictions::default();
+        for rec in &self.containment {
+            if !matches!(
+                rec.outcome,
+                ContainmentOutcome::Applied | ContainmentOutcome::AlreadyApplied
+            ) {
+                continue;
+            }
+            match rec.action.effect() {
+                Some((Restriction::Quarantine, on)) => r.quarantined = on,
+                Some((Restriction::Lock, on)) => r.locked = on,
+                None => {}
+            }
+        }
+        r
+    }
+
     fn new(container_id: &str) -> Self {
         Self {
             container_id: container_id.to_owned(),

@@ -5,6 +5,8 @@
 //! - [`command`]: one shell command run to completion over the mux (init
 //!   steps, containment, benchmarks all use it);
 //! - [`commands`]: the seam other actors run commands through;
+//! - [`stream`]: a streaming, flow-controlled command (operator exec, cp,
+//!   logs);
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
 //! - [`init`]: the 7-step init plan and its executor;
@@ -21,5 +23,6 @@ pub mod init;
 pub mod lifecycle;
 pub mod mux;
 pub mod register;
+pub mod stream;
 
 pub use actor::Sessions;
