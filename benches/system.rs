@@ -191,6 +191,8 @@ async fn docker_section() {
     let overrides = cp::config::Overrides {
         network: Some("clawker-bench".into()),
         subnet: Some("10.215.0.0/24".into()),
+        quarantine_network: Some("clawker-bench-q".into()),
+        quarantine_subnet: Some("10.215.1.0/24".into()),
         admin_addr: Some("127.0.0.1:0".parse().unwrap()),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
@@ -215,6 +217,8 @@ async fn docker_section() {
         network: cfg.network.clone(),
         agent_port: cfg.agent_port,
         command: vec![],
+        env: vec![],
+        hardening: Default::default(),
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
@@ -321,9 +325,28 @@ async fn docker_section() {
     report("start event → InitCompleted (7 steps)", &mut completed);
 
     cp::agent::remove(&docker, &id).await.ok();
+    let q = running.engine.networks().quarantine.clone();
     cp::stop(running).await;
+    remove_quarantine(&q).await;
     let _ = Process::new("docker")
         .args(["network", "rm", "clawker-bench"])
+        .output();
+}
+
+/// Removes a quarantine network and its bridge's host guard.
+async fn remove_quarantine(name: &str) {
+    let id = Process::new("docker")
+        .args(["network", "inspect", "-f", "{{.Id}}", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if id.len() >= 12 {
+        let _ =
+            clawker::netns::unguard_bridge(&format!("br-{}", &id[..12]), Duration::from_secs(10))
+                .await;
+    }
+    let _ = Process::new("docker")
+        .args(["network", "rm", name])
         .output();
 }
 

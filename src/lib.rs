@@ -16,6 +16,9 @@
 //!   supervision tree) on loopback for the CLI, with its client.
 //! - [`cli`]: the `clawker` command line.
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
+//! - [`netns`]: the kernel edge: nftables rules and netlink requests the
+//!   CP applies inside a container's network namespace (lock, agent-port
+//!   guard) and on the host (the quarantine bridge guard).
 //! - [`policy`]: subscriber actors that act on bus events: containment of
 //!   untrusted agents, the audit log, metrics and health endpoints.
 
@@ -29,6 +32,7 @@ pub mod defaults;
 pub mod docker;
 pub mod events;
 pub mod identity;
+pub mod netns;
 pub mod pki;
 pub mod policy;
 pub mod proto;

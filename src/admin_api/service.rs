@@ -11,7 +11,10 @@
 //!   name prefix (see [`EventStream`] for what happens to slow clients and
 //!   when the client goes away);
 //! - `GetSupervisionTree` → [`TreeSource::tree`], as JSON plus the
-//!   indented text rendering.
+//!   indented text rendering;
+//! - `ReleaseAgent`, `UnlockAgent` → [`Containment::lift`] (the containment
+//!   core the policy actor also runs its ladders on, so a lift waits for a
+//!   ladder running on the same container), publishing on the bus.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +28,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
 use crate::events::Bus;
+use crate::identity::{self, AgentName, ProjectSlug};
+use crate::policy::containment::{Containment, Lift, LiftError};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
 use crate::registry::{Entry, RegistryStore};
@@ -84,6 +89,8 @@ pub struct AdminApi {
     agents: Arc<dyn AgentDirectory>,
     bus: Bus,
     tree: Arc<dyn TreeSource>,
+    /// Release and unlock act through it; `None` answers UNIMPLEMENTED.
+    containment: Option<Arc<Containment>>,
     /// Ends every open `WatchEvents` stream when cancelled. tonic's
     /// graceful shutdown waits for in-flight streams, and an event stream
     /// never finishes on its own, so without this a shutdown would hang.
@@ -102,7 +109,44 @@ impl AdminApi {
             agents,
             bus,
             tree,
+            containment: None,
             stop_streams: CancellationToken::new(),
+        }
+    }
+
+    /// Enables `ReleaseAgent` and `UnlockAgent`.
+    pub fn with_containment(mut self, core: Arc<Containment>) -> Self {
+        self.containment = Some(core);
+        self
+    }
+
+    /// Shared body of ReleaseAgent and UnlockAgent.
+    async fn lift(
+        &self,
+        agent: &str,
+        project: &str,
+        lift: Lift,
+    ) -> Result<(String, String, String), Status> {
+        let Some(core) = &self.containment else {
+            return Err(Status::unimplemented(
+                "containment is not running in this control plane",
+            ));
+        };
+        let agent = AgentName::new(agent).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let project =
+            ProjectSlug::new(project).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = identity::canonical_cn(&project, &agent);
+        match core.lift(&name, lift, &self.bus).await {
+            Ok(ev) => Ok((
+                ev.agent.container_id,
+                ev.outcome.as_str().to_owned(),
+                ev.detail,
+            )),
+            Err(e @ LiftError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (LiftError::Untrusted(_) | LiftError::NoSession(_))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ LiftError::Runtime { .. }) => Err(Status::unavailable(e.to_string())),
         }
     }
 
@@ -200,6 +244,34 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::GetSupervisionTreeResult {
             json,
             rendered: tree.render(),
+        }))
+    }
+
+    async fn release_agent(
+        &self,
+        req: Request<pb::ReleaseAgentRequest>,
+    ) -> Result<Response<pb::ReleaseAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Release).await?;
+        Ok(Response::new(pb::ReleaseAgentResult {
+            container_id,
+            outcome,
+            detail,
+        }))
+    }
+
+    async fn unlock_agent(
+        &self,
+        req: Request<pb::UnlockAgentRequest>,
+    ) -> Result<Response<pb::UnlockAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Unlock).await?;
+        Ok(Response::new(pb::UnlockAgentResult {
+            container_id,
+            outcome,
+            detail,
         }))
     }
 }
