@@ -347,6 +347,18 @@ async fn wait_session_on(
     role: NetworkRole,
     after: usize,
 ) -> clawker::session::lifecycle::LiveSession {
+    wait_session(cp, seen, id, role, after, true).await
+}
+
+/// [`wait_session_on`] for a session with the given verdict.
+async fn wait_session(
+    cp: &RunningCp,
+    seen: &Seen,
+    id: &str,
+    role: NetworkRole,
+    after: usize,
+    trusted: bool,
+) -> clawker::session::lifecycle::LiveSession {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let facts = cp.engine.inspect(id).await.unwrap();
@@ -362,7 +374,7 @@ async fn wait_session_on(
             if connected
                 && let Some(l) = cp.sessions.live(id).await
                 && !l.mux.is_closed()
-                && l.trusted
+                && l.trusted == trusted
             {
                 return l;
             }
@@ -692,6 +704,105 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
 
         // Stop and kill are unchanged (tests/policy_docker.rs): the CP
         // still owns a working session at the end.
+        cp::stop(cp1).await;
+    });
+}
+
+#[test]
+fn an_untrusted_agent_is_quarantined_and_locked_again_after_a_container_restart() {
+    use events::ContainmentAction as A;
+    let _g = serial();
+    let world = World::new(ContainmentConfig {
+        rules: vec![Rule {
+            on: TriggerKind::Untrusted,
+            reasons: vec![],
+            count: 1,
+            window_secs: 60,
+            actions: vec![A::Alert, A::Isolate, A::Lock],
+        }],
+        ..ContainmentConfig::default()
+    });
+    actix::System::new().block_on(async {
+        let docker = clawker::docker::connect().await.unwrap();
+        let cp1 = cp::start(&world.cfg).await.unwrap();
+        let seen = record(&cp1.bus);
+        let mut spec = world.spec("mallory");
+        spec.mint_for_container = Some("deadbeef".into()); // a leaf for another container
+        let id = cp::agent::run(&docker, &world.material(), &spec)
+            .await
+            .unwrap();
+        let targets = [
+            ("inet", INET_IP.to_owned(), INET_HTTP, "inet-ok"),
+            ("host", cp1.gateway.to_string(), world.host_port, "host-ok"),
+        ];
+        let steps = |outcome: &'static str| {
+            move |n: &str, j: &serde_json::Value| {
+                n == "policy.containment.applied"
+                    && j["action"] == "lock"
+                    && j["outcome"] == outcome
+            }
+        };
+        wait_event(&seen, &id, "locked", steps("applied")).await;
+        let live = wait_session(&cp1, &seen, &id, NetworkRole::Quarantine, 0, false).await;
+        assert_eq!(
+            reach(&live, &targets).await,
+            HashMap::from([("inet".into(), false), ("host".into(), false)])
+        );
+        let locks = count(&seen, &id, steps("applied"));
+
+        // A restart is a new network namespace: the lock is gone with the
+        // old one. The new session is untrusted again, the ladder re-runs:
+        // quarantine still holds, the lock is installed afresh.
+        let mark = seen.lock().unwrap().len();
+        docker
+            .restart_container(
+                &id,
+                None::<bollard::query_parameters::RestartContainerOptions>,
+            )
+            .await
+            .unwrap();
+        let live = wait_session(&cp1, &seen, &id, NetworkRole::Quarantine, mark, false).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count(&seen, &id, steps("applied")) == locks {
+            assert!(
+                Instant::now() < deadline,
+                "lock not re-applied after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .skip(mark)
+                .any(|(n, j)| n == "policy.containment.applied"
+                    && j["container_id"] == id
+                    && j["action"] == "isolate"
+                    && j["outcome"] == "already_applied"),
+            "quarantine survived the restart"
+        );
+        let pid = cp1.engine.inspect(&id).await.unwrap().pid.to_string();
+        let table = run(
+            "nsenter",
+            &[
+                &format!("--net=/proc/{pid}/ns/net"),
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "clawker_lock",
+            ],
+        )
+        .unwrap();
+        assert!(table.contains("clawker-lock v1"), "{table}");
+        assert_eq!(
+            reach(&live, &targets).await,
+            HashMap::from([("inet".into(), false), ("host".into(), false)])
+        );
+        let (code, out, _) = sh(&live, &RunAs::root(), "echo contained", 10)
+            .await
+            .unwrap();
+        assert_eq!((code, out.as_str()), (0, "contained"));
         cp::stop(cp1).await;
     });
 }
