@@ -18,6 +18,9 @@
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
 //! - [`archive`]: tar streams for `agent cp` (pack; unpack that never
 //!   leaves its destination), shared by clawkerd and the CLI.
+//! - [`netns`]: the kernel edge: nftables rules and netlink requests the
+//!   CP applies inside a container's network namespace (lock, agent-port
+//!   guard) and on the host (the quarantine bridge guard).
 //! - [`policy`]: subscriber actors that act on bus events: containment of
 //!   untrusted agents, the audit log, metrics and health endpoints.
 
@@ -35,6 +38,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod identity;
+pub mod netns;
 pub mod pki;
 pub mod policy;
 pub mod proto;

@@ -40,10 +40,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "defaults", "identity", "pki", "proto", "registry", "runtime", "tls",
         ],
     ),
+    // The admin API fronts the operator's containment actions (release,
+    // unlock), so it may name the policy service.
     (
         "admin_api",
         &[
-            "defaults", "events", "identity", "pki", "proto", "registry", "session", "tls",
+            "defaults", "events", "identity", "pki", "policy", "proto", "registry", "session",
+            "tls",
         ],
     ),
     (
@@ -52,8 +55,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "defaults", "events", "identity", "proto", "registry", "runtime", "session",
         ],
     ),
-    // The Docker edge implements the runtime seam; nothing below names it.
-    ("docker", &["defaults", "events", "runtime", "identity"]),
     // The fuzz targets' bodies (feature `fuzzing`, never shipped).
     (
         "fuzz_harness",
@@ -70,6 +71,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "tls",
         ],
     ),
+    // The kernel edge: rules in network namespaces and on the host. It
+    // knows no container runtime (it takes pids, addresses, bridge names).
+    ("netns", &[]),
+    // The Docker edge implements the runtime seam (with the kernel edge for
+    // what a container's namespace needs); nothing below names either.
+    (
+        "docker",
+        &["defaults", "events", "runtime", "identity", "netns"],
+    ),
     // Wiring: the one place the parts meet.
     (
         "cp",
@@ -81,6 +91,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "docker",
             "events",
             "identity",
+            "netns",
             "pki",
             "policy",
             "proto",
@@ -102,6 +113,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "docker",
             "events",
             "identity",
+            "netns",
             "pki",
             "policy",
             "proto",

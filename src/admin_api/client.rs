@@ -208,6 +208,42 @@ impl AdminClient {
         Ok(res.into_inner())
     }
 
+    /// `ReleaseAgent`: back from quarantine to the agent network.
+    pub async fn release_agent(
+        &self,
+        agent: &str,
+        project: &str,
+    ) -> Result<pb::ReleaseAgentResult, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .release_agent(pb::ReleaseAgentRequest {
+                agent_name: agent.to_owned(),
+                project: project.to_owned(),
+            })
+            .await
+            .map_err(rpc("ReleaseAgent"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `UnlockAgent`: remove the namespace lock.
+    pub async fn unlock_agent(
+        &self,
+        agent: &str,
+        project: &str,
+    ) -> Result<pb::UnlockAgentResult, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .unlock_agent(pb::UnlockAgentRequest {
+                agent_name: agent.to_owned(),
+                project: project.to_owned(),
+            })
+            .await
+            .map_err(rpc("UnlockAgent"))?;
+        Ok(res.into_inner())
+    }
+
     /// `grpc.health.v1.Health/Check` for `service` (`""` = whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, ClientError> {
         let res = self

@@ -15,6 +15,9 @@
 //! - `Exec`, `CopyFrom`, `CopyTo`, `Logs` → an agent's live session
 //!   ([`LiveSessions`]), gated and audited ([`super::access`]), relayed in
 //!   [`super::exec`] and [`super::transfer`].
+//! - `ReleaseAgent`, `UnlockAgent` → [`Containment::lift`] (the containment
+//!   core the policy actor also runs its ladders on, so a lift waits for a
+//!   ladder running on the same container), publishing on the bus.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +35,8 @@ use super::access::LiveSessions;
 use super::exec::ExecStream;
 use super::transfer::{CopyFromStream, CopyToStream, LogsStream};
 use crate::events::Bus;
+use crate::identity::{self, AgentName, ProjectSlug};
+use crate::policy::containment::{Containment, Lift, LiftError};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
 use crate::registry::{Entry, RegistryStore};
@@ -88,6 +93,8 @@ pub struct AdminApi {
     agents: Arc<dyn AgentDirectory>,
     bus: Bus,
     tree: Arc<dyn TreeSource>,
+    /// Release and unlock act through it; `None` answers UNIMPLEMENTED.
+    containment: Option<Arc<Containment>>,
     /// Ends every open `WatchEvents` stream when cancelled. tonic's
     /// graceful shutdown waits for in-flight streams, and an event stream
     /// never finishes on its own, so without this a shutdown would hang.
@@ -112,6 +119,7 @@ impl AdminApi {
             agents,
             bus,
             tree,
+            containment: None,
             stop_streams: CancellationToken::new(),
             sessions: None,
             seq: Arc::default(),
@@ -142,6 +150,42 @@ impl AdminApi {
             .take(24)
             .collect();
         format!("{kind}-{t}-{n}")
+    }
+
+    /// Enables `ReleaseAgent` and `UnlockAgent`.
+    pub fn with_containment(mut self, core: Arc<Containment>) -> Self {
+        self.containment = Some(core);
+        self
+    }
+
+    /// Shared body of ReleaseAgent and UnlockAgent.
+    async fn lift(
+        &self,
+        agent: &str,
+        project: &str,
+        lift: Lift,
+    ) -> Result<(String, String, String), Status> {
+        let Some(core) = &self.containment else {
+            return Err(Status::unimplemented(
+                "containment is not running in this control plane",
+            ));
+        };
+        let agent = AgentName::new(agent).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let project =
+            ProjectSlug::new(project).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = identity::canonical_cn(&project, &agent);
+        match core.lift(&name, lift, &self.bus).await {
+            Ok(ev) => Ok((
+                ev.agent.container_id,
+                ev.outcome.as_str().to_owned(),
+                ev.detail,
+            )),
+            Err(e @ LiftError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (LiftError::Untrusted(_) | LiftError::NoSession(_))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ LiftError::Runtime { .. }) => Err(Status::unavailable(e.to_string())),
+        }
     }
 
     /// Open `WatchEvents` streams end when `token` is cancelled
@@ -276,6 +320,34 @@ impl AdminService for AdminApi {
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<LogsStream>, Status> {
         super::transfer::logs(self, req).await
+    }
+
+    async fn release_agent(
+        &self,
+        req: Request<pb::ReleaseAgentRequest>,
+    ) -> Result<Response<pb::ReleaseAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Release).await?;
+        Ok(Response::new(pb::ReleaseAgentResult {
+            container_id,
+            outcome,
+            detail,
+        }))
+    }
+
+    async fn unlock_agent(
+        &self,
+        req: Request<pb::UnlockAgentRequest>,
+    ) -> Result<Response<pb::UnlockAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Unlock).await?;
+        Ok(Response::new(pb::UnlockAgentResult {
+            container_id,
+            outcome,
+            detail,
+        }))
     }
 }
 

@@ -240,6 +240,11 @@ fn stdin_is_tty() -> bool {
 
 fn touch_ready(path: &std::path::Path) {
     use std::os::unix::fs::OpenOptionsExt;
+    // The marker's directory may be on a fresh tmpfs (`/run` in a
+    // read-only agent container).
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let r = std::fs::OpenOptions::new()
         .create(true)
         .write(true)

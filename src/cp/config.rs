@@ -29,6 +29,10 @@ pub enum ConfigError {
 pub struct FileConfig {
     pub network: Option<String>,
     pub subnet: Option<String>,
+    /// The internal network `isolate` moves agents onto.
+    pub quarantine_network: Option<String>,
+    /// Its subnet when the CP creates it.
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -41,6 +45,9 @@ pub struct FileConfig {
     pub containment: Option<crate::policy::containment::ContainmentConfig>,
     /// `[audit]`: the audit log.
     pub audit: Option<crate::policy::audit::AuditConfig>,
+    /// `[agent]`: how `clawker agent run` confines new agent containers
+    /// (read by the CLI, not the daemon).
+    pub agent: Option<super::agent::AgentDefaults>,
 }
 
 impl FileConfig {
@@ -72,6 +79,8 @@ pub struct CpConfig {
     pub state_dir: PathBuf,
     pub network: String,
     pub subnet: String,
+    pub quarantine_network: String,
+    pub quarantine_subnet: String,
     pub agent_port: u16,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -92,6 +101,8 @@ impl CpConfig {
 pub struct Overrides {
     pub network: Option<String>,
     pub subnet: Option<String>,
+    pub quarantine_network: Option<String>,
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -115,6 +126,14 @@ pub fn resolve(
             .subnet
             .or(file.subnet)
             .unwrap_or_else(|| defaults::SUBNET.into()),
+        quarantine_network: o
+            .quarantine_network
+            .or(file.quarantine_network)
+            .unwrap_or_else(|| defaults::QUARANTINE_NETWORK.into()),
+        quarantine_subnet: o
+            .quarantine_subnet
+            .or(file.quarantine_subnet)
+            .unwrap_or_else(|| defaults::QUARANTINE_SUBNET.into()),
         agent_port: o
             .agent_port
             .or(file.agent_port)
@@ -156,6 +175,10 @@ mod tests {
         assert_eq!(c.subnet, "10.9.0.0/24");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7443");
         assert!(!c.init_untrusted);
+        assert_eq!(
+            (c.quarantine_network.as_str(), c.quarantine_subnet.as_str()),
+            ("clawker-quarantine", "10.213.1.0/24")
+        );
     }
 
     #[test]

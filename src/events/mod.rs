@@ -399,9 +399,11 @@ domain_event!(InitFailed, "agent.init.failed", container);
 pub enum ContainmentAction {
     /// Structured log line + this event; changes nothing.
     Alert,
-    /// Disconnect from every Docker network except the kept one.
+    /// Onto the quarantine network (internal, guarded on the host), off
+    /// every other network.
     Isolate,
-    /// Drop-all-egress firewall inside the container, over the session.
+    /// Only the CP's session passes, enforced in the container's network
+    /// namespace from outside.
     Lock,
     /// `docker stop`.
     Stop,
@@ -455,8 +457,9 @@ pub enum ContainmentOutcome {
     AlreadyApplied,
     /// stop/kill on a container that is not running.
     AlreadyStopped,
-    /// The step cannot work on this container (e.g. no iptables/nft, no
-    /// NET_ADMIN, no open session); `detail` says why.
+    /// The step cannot work on this host or container (e.g. no `nft`, a
+    /// CP that is not root, a container on the host's network); `detail`
+    /// says why.
     Unsupported,
     /// The container no longer exists.
     NotFound,
@@ -598,6 +601,27 @@ pub struct ExecForced {
     pub at: OffsetDateTime,
 }
 domain_event!(ExecForced, "agent.exec.forced", notice);
+/// Ours: an operator lifted a containment step (`clawker agent release`
+/// lifts `isolate`, `clawker agent unlock` lifts `lock`). Nothing else
+/// ever lifts containment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainmentReleased {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    /// The action lifted: `isolate` or `lock`.
+    pub action: ContainmentAction,
+    /// `applied`, `already_applied` (it was not in force), `not_found`,
+    /// `failed`, …
+    pub outcome: ContainmentOutcome,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(
+    ContainmentReleased,
+    "policy.containment.released",
+    container
+);
 
 // ---- misc ---------------------------------------------------------------
 
@@ -700,6 +724,7 @@ decoded!(
     ExecFinished,
     ExecRefused,
     ExecForced,
+    ContainmentReleased,
     ReapDegraded,
     DockerEventOccurred,
 );
@@ -773,6 +798,7 @@ pub fn start_bus() -> Bus {
         .project::<InitCompleted>()
         .project::<InitFailed>()
         .project::<ContainmentApplied>()
+        .project::<ContainmentReleased>()
         .project::<DockerEventOccurred>()
         .start()
 }

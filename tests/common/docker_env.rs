@@ -95,6 +95,8 @@ impl DockerEnv {
             network: self.cfg.network.clone(),
             agent_port: self.cfg.agent_port,
             command: vec![],
+            env: vec![],
+            hardening: Default::default(),
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
             extra_networks: vec![],
             mint_for_container: None,
