@@ -9,6 +9,25 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `fleet`: 10,000 sessions on one CP (`CLAWKER_FLEET_N` to change N).
+//!   The agents are a load generator (`support/loadgen.rs`: one child
+//!   process playing clawkerd for all N over real mTLS, one listener and
+//!   one leaf per agent); the CP side is the real session machinery.
+//!   Time to connect all N, CP RSS, idle CP CPU over 30 s (/proc/self/stat),
+//!   ShellCommand `true` round trips to random sessions.
+//! - `throughput`: on a real engine, one agent: the producer alone in the
+//!   container (`dd bs=1M` vs busybox `head -c`, to /dev/null and into a
+//!   pipe), 500 MB of stdout through one ShellCommand (and through the
+//!   flow-controlled streaming path operator exec uses), 500 MB of stdin
+//!   into `dd of=/dev/null`, each against `docker exec` (Engine API and
+//!   CLI) in the same run, and the loopback floor (`support/floor.rs`: the
+//!   same bytes over a plain TLS socket with the session's rustls configs,
+//!   and over plain TCP). Docker networks 10.226.0–1.0/24.
+//! - `load100`: on a real engine, 100 agents started at once through the
+//!   library call `clawker agent run --no-wait` makes, against one CP:
+//!   start event → InitCompleted p50/p99, failures, CP RSS and CPU.
+//!   `CLAWKER_LOAD_N` changes 100 (CI's short form: 10). Docker networks
+//!   10.226.2–3.0/24.
 //! - `exec`: the operator's way in, on a real engine (image
 //!   `$CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`): the whole CLI
 //!   process `clawker agent exec NAME -- true` against `docker exec NAME
@@ -44,10 +63,24 @@ use futures::StreamExt;
 #[path = "../tests/common/pty.rs"]
 mod pty;
 
+#[allow(dead_code)]
+#[path = "support/fleet.rs"]
+mod fleet;
+#[allow(dead_code)]
+#[path = "support/floor.rs"]
+mod floor;
+#[allow(dead_code)]
+#[path = "support/loadgen.rs"]
+mod loadgen;
+
 fn main() {
+    loadgen::child_main_if_requested();
+    floor::child_main_if_requested();
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions|exec]`");
+        println!(
+            "system harness: run with `cargo bench --bench system [-- docker|sessions|fleet|exec|containment]`"
+        );
         return;
     }
     let only: Vec<&str> = args
@@ -69,6 +102,23 @@ fn main() {
         for n in [100usize, 1000] {
             actix::System::new().block_on(sessions_section(n));
         }
+    }
+    if want("fleet") {
+        let n = std::env::var("CLAWKER_FLEET_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000);
+        actix::System::new().block_on(fleet_section(n));
+    }
+    if want("throughput") {
+        actix::System::new().block_on(throughput_section());
+    }
+    if want("load100") {
+        let n = std::env::var("CLAWKER_LOAD_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
+        actix::System::new().block_on(load100_section(n));
     }
     if want("containment") {
         actix::System::new().block_on(containment_section());
@@ -525,6 +575,573 @@ async fn sessions_section(n: usize) {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+// ---- a CP on the real engine, for throughput and load100 ----------------
+
+struct EngineCp {
+    docker: clawker::docker::Docker,
+    _state: tempfile::TempDir,
+    cfg: cp::config::CpConfig,
+    material: clawker::pki::AuthMaterial,
+    running: cp::RunningCp,
+    seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl EngineCp {
+    /// `net`: network name prefix; `third`: the third octet of the agent
+    /// subnet 10.226.third.0/24 (the quarantine network gets third+1).
+    async fn start(net: &str, third: u8) -> EngineCp {
+        let docker = clawker::docker::connect().await.expect("docker engine");
+        let state = tempfile::tempdir().expect("tempdir");
+        clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+        let overrides = cp::config::Overrides {
+            network: Some(net.into()),
+            subnet: Some(format!("10.226.{third}.0/24")),
+            quarantine_network: Some(format!("{net}-q")),
+            quarantine_subnet: Some(format!("10.226.{}.0/24", third + 1)),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let cfg =
+            cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+        let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+        let running = cp::start(&cfg).await.expect("cp");
+        let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+        let mut sub = running.bus.subscribe_all().unwrap();
+        let s = seen.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                s.lock().unwrap().push((e.name().to_owned(), e.to_json()));
+            }
+        });
+        EngineCp {
+            docker,
+            _state: state,
+            cfg,
+            material,
+            running,
+            seen,
+        }
+    }
+
+    fn spec(&self, project: &str, name: &str) -> RunSpec {
+        RunSpec {
+            agent: AgentName::new(name).unwrap(),
+            project: ProjectSlug::new(project).unwrap(),
+            image: image(),
+            network: self.cfg.network.clone(),
+            agent_port: self.cfg.agent_port,
+            command: vec![],
+            env: vec![],
+            hardening: Default::default(),
+            extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
+            extra_networks: vec![],
+            mint_for_container: None,
+        }
+    }
+
+    /// `at` of the first event `name` about container `id`, in ns.
+    fn at_of(&self, name: &str, id: &str) -> Option<i128> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| n == name && j["container_id"] == id)
+            .and_then(|(_, j)| {
+                let s = j["at"].as_str()?;
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(|t| t.unix_timestamp_nanos())
+            })
+    }
+
+    /// The engine's own `start` event time for `id`, in ns.
+    fn start_event_at(&self, id: &str) -> Option<i128> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| {
+                n == "docker.event"
+                    && j["actor_id"] == id
+                    && j["action"] == "start"
+                    && j["synthetic"] == false
+            })
+            .and_then(|(_, j)| j["time_nanos"].as_i64().map(i128::from))
+    }
+
+    async fn stop(self) {
+        let q = self.running.engine.networks().quarantine.clone();
+        let net = self.cfg.network.clone();
+        cp::stop(self.running).await;
+        remove_quarantine(&q).await;
+        let _ = Process::new("docker")
+            .args(["network", "rm", &net])
+            .output();
+    }
+}
+
+/// Removes every container with `dev.clawker.test=bench` in `project`
+/// (also what a failed run left behind).
+async fn remove_project(docker: &clawker::docker::Docker, project: &str) {
+    let out = sh_ok(
+        "docker",
+        &[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.clawker.project={project}"),
+        ],
+    );
+    for id in out.split_whitespace() {
+        let _ = cp::agent::remove(docker, id).await;
+    }
+}
+
+// ---- throughput: the real container path ---------------------------------
+
+const TP_BYTES: u64 = 500 * 1024 * 1024;
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+async fn throughput_section() {
+    let ecp = EngineCp::start("clawker-perf-tp", 0).await;
+    remove_project(&ecp.docker, "perf-tp").await;
+    let id = cp::agent::run(&ecp.docker, &ecp.material, &ecp.spec("perf-tp", "tp"))
+        .await
+        .expect("run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ecp.at_of("agent.init.completed", &id).is_none() {
+        assert!(Instant::now() < deadline, "init");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mux = ecp.running.sessions.live(&id).await.expect("live").mux;
+    let n = TP_BYTES.to_string();
+    let count = (TP_BYTES >> 20).to_string();
+    let dd = format!("dd if=/dev/zero bs=1048576 count={count}");
+    let head = format!("head -c {n} /dev/zero");
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+
+    println!("\n== the producer alone, in the container (500 MB, best of 3) ==");
+    for (name, script) in [
+        (
+            "dd bs=1M > /dev/null",
+            format!("{dd} of=/dev/null 2>/dev/null"),
+        ),
+        ("busybox head -c > /dev/null", format!("{head} > /dev/null")),
+        (
+            "dd bs=1M | dd bs=1M of=/dev/null",
+            format!("{dd} 2>/dev/null | dd bs=1048576 of=/dev/null 2>/dev/null"),
+        ),
+        (
+            "busybox head -c | dd bs=1M of=/dev/null",
+            format!("{head} | dd bs=1048576 of=/dev/null 2>/dev/null"),
+        ),
+    ] {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let t = Instant::now();
+            shell(&mux, &format!("p{i}-{name}"), &["sh", "-c", &script]).await;
+            v.push(mbps(TP_BYTES, t.elapsed()));
+        }
+        println!("{name:<48} {:>8.0} MB/s", best(&v));
+    }
+
+    println!("\n== stdout, 500 MB through one command (best of 3) ==");
+    for (producer, argv) in [
+        (
+            "dd bs=1M",
+            vec!["dd", "if=/dev/zero", "bs=1048576", count.as_str()],
+        ),
+        ("head -c", vec!["head", "-c", n.as_str(), "/dev/zero"]),
+    ] {
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| {
+                if *a == count {
+                    format!("count={count}")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        for (how, run) in [
+            ("session ShellCommand", 0),
+            ("session streaming (exec path, windowed)", 1),
+            ("docker exec via Engine API", 2),
+            ("docker exec via CLI", 3),
+        ] {
+            let mut v = Vec::new();
+            for i in 0..3 {
+                let t = Instant::now();
+                let bytes = match run {
+                    0 => shell(&mux, &format!("tp{i}-{how}-{producer}"), &argv).await as u64,
+                    1 => streamed_stdout(&mux, &format!("ts{i}-{producer}"), &argv).await,
+                    2 => api_exec(&ecp.docker, &id, &argv).await as u64,
+                    _ => cli_exec(&id, &argv) as u64,
+                };
+                assert_eq!(bytes, TP_BYTES);
+                v.push(mbps(bytes, t.elapsed()));
+            }
+            println!(
+                "{:<48} {:>8.0} MB/s",
+                format!("{producer}: {how}"),
+                best(&v)
+            );
+        }
+    }
+
+    println!("\n== stdin, 500 MB into `dd bs=1M of=/dev/null` (best of 3) ==");
+    let sink = ["dd", "bs=1048576", "of=/dev/null"];
+    for (how, run) in [
+        ("session streaming stdin (windowed)", 0),
+        ("docker exec via Engine API", 1),
+        ("docker exec -i via CLI", 2),
+    ] {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let t = Instant::now();
+            match run {
+                0 => streamed_stdin(&mux, &format!("si{i}"), &sink).await,
+                1 => api_exec_stdin(&ecp.docker, &id, &sink).await,
+                _ => cli_exec_stdin(&id, &sink),
+            }
+            v.push(mbps(TP_BYTES, t.elapsed()));
+        }
+        println!("{how:<48} {:>8.0} MB/s", best(&v));
+    }
+
+    println!("\n== loopback floor: 500 MB between two of our processes (best of 3) ==");
+    let fl = floor::Floor::spawn();
+    for (name, tls, dir) in [
+        (
+            "TLS 1.3 (session rustls configs), to CP",
+            true,
+            floor::Direction::ToCp,
+        ),
+        (
+            "TLS 1.3 (session rustls configs), from CP",
+            true,
+            floor::Direction::FromCp,
+        ),
+        ("plain TCP, to CP", false, floor::Direction::ToCp),
+        ("plain TCP, from CP", false, floor::Direction::FromCp),
+    ] {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(mbps(TP_BYTES, fl.run(tls, dir, TP_BYTES).await));
+        }
+        println!("{name:<48} {:>8.0} MB/s", best(&v));
+    }
+    drop(fl);
+    cp::agent::remove(&ecp.docker, &id).await.ok();
+    ecp.stop().await;
+}
+
+/// stdout through the streaming (flow-controlled) path; returns bytes.
+async fn streamed_stdout(mux: &SessionMux, id: &str, argv: &[&str]) -> u64 {
+    use clawker::session::stream::{Ending, Output, Streamed};
+    let shell = pb::ShellCommand {
+        stages: vec![pb::PipeStage {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }],
+        timeout_seconds: 120,
+        ..Default::default()
+    };
+    let mut s = Streamed::start(
+        mux,
+        id,
+        pb::command::Payload::Shell(shell),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("start");
+    s.close_stdin().await.expect("close stdin");
+    let mut bytes = 0u64;
+    loop {
+        match s.next().await {
+            Output::Stdout(b) => {
+                bytes += b.len() as u64;
+                s.ack(b.len()).await.expect("ack");
+            }
+            Output::End(Ending::Exited { code: 0, .. }) => return bytes,
+            Output::End(e) => panic!("streamed: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// TP_BYTES of stdin in 1 MiB frames (one shared buffer: no copy per
+/// frame on our side), windowed by clawkerd's StdinConsumed.
+async fn streamed_stdin(mux: &SessionMux, id: &str, argv: &[&str]) {
+    use clawker::session::stream::{Ending, Output, Streamed};
+    let shell = pb::ShellCommand {
+        stages: vec![pb::PipeStage {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }],
+        timeout_seconds: 120,
+        ..Default::default()
+    };
+    let mut s = Streamed::start(
+        mux,
+        id,
+        pb::command::Payload::Shell(shell),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("start");
+    let frame = bytes::Bytes::from(vec![0u8; 1 << 20]);
+    let mut left = TP_BYTES;
+    while left > 0 {
+        if s.stdin_room() >= frame.len() as u64 {
+            let n = left.min(frame.len() as u64) as usize;
+            s.stdin(frame.slice(..n)).await.expect("stdin");
+            left -= n as u64;
+        } else if let Output::End(e) = s.next().await {
+            panic!("ended early: {e:?}");
+        }
+    }
+    s.close_stdin().await.expect("close");
+    loop {
+        match s.next().await {
+            Output::End(Ending::Exited { code: 0, .. }) => return,
+            Output::End(e) => panic!("stdin: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+async fn api_exec_stdin(docker: &bollard::Docker, id: &str, argv: &[&str]) {
+    use bollard::exec::{StartExecOptions, StartExecResults};
+    use tokio::io::AsyncWriteExt;
+    let exec = docker
+        .create_exec(
+            id,
+            bollard::models::ExecConfig {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(argv.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create_exec");
+    if let StartExecResults::Attached {
+        mut output,
+        mut input,
+    } = docker
+        .start_exec(&exec.id, None::<StartExecOptions>)
+        .await
+        .expect("start_exec")
+    {
+        let drain = tokio::spawn(async move { while output.next().await.is_some() {} });
+        let buf = vec![0u8; 1 << 20];
+        let mut left = TP_BYTES as usize;
+        while left > 0 {
+            let n = left.min(buf.len());
+            input.write_all(&buf[..n]).await.expect("stdin");
+            left -= n;
+        }
+        input.shutdown().await.expect("close stdin");
+        drop(input);
+        let _ = drain.await;
+    }
+    let inspect = docker.inspect_exec(&exec.id).await.expect("inspect_exec");
+    assert_eq!(inspect.exit_code, Some(0));
+}
+
+fn cli_exec_stdin(id: &str, argv: &[&str]) {
+    use std::io::Write;
+    let mut child = Process::new("docker")
+        .args(["exec", "-i", id])
+        .args(argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker exec");
+    let mut input = child.stdin.take().expect("stdin");
+    let buf = vec![0u8; 1 << 20];
+    let mut left = TP_BYTES as usize;
+    while left > 0 {
+        let n = left.min(buf.len());
+        input.write_all(&buf[..n]).expect("stdin");
+        left -= n;
+    }
+    drop(input);
+    assert!(child.wait().expect("wait").success());
+}
+
+// ---- load100: many containers starting at once ---------------------------
+
+async fn load100_section(n: usize) {
+    let ecp = EngineCp::start("clawker-perf-load", 2).await;
+    remove_project(&ecp.docker, "perf-load").await;
+    println!("\n== {n} agents started at once against one CP (real engine) ==");
+    let (rss0, c0, t0) = (fleet::rss_mb(), fleet::cpu_ticks(), Instant::now());
+    let runs = (0..n).map(|i| {
+        let (docker, material, spec) = (
+            ecp.docker.clone(),
+            &ecp.material,
+            ecp.spec("perf-load", &format!("l{i}")),
+        );
+        async move { cp::agent::run(&docker, material, &spec).await }
+    });
+    let results = futures::future::join_all(runs).await;
+    let started = t0.elapsed();
+    let mut ids = Vec::new();
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(id) => ids.push(id),
+            Err(e) => failures.push(format!("run: {e}")),
+        }
+    }
+    let mut peak_rss = fleet::rss_mb();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let pending = ids
+            .iter()
+            .filter(|id| {
+                ecp.at_of("agent.init.completed", id).is_none()
+                    && ecp.at_of("agent.init.failed", id).is_none()
+            })
+            .count();
+        peak_rss = peak_rss.max(fleet::rss_mb());
+        if pending == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = t0.elapsed();
+    let cpu = (fleet::cpu_ticks() - c0) as f64 / fleet::ticks_per_sec() as f64;
+    let mut to_init = Vec::new();
+    let mut to_conn = Vec::new();
+    for id in &ids {
+        match (
+            ecp.start_event_at(id),
+            ecp.at_of("agent.session.connected", id),
+            ecp.at_of("agent.init.completed", id),
+        ) {
+            (Some(s), Some(c), Some(d)) => {
+                to_conn.push(Duration::from_nanos((c - s).max(0) as u64));
+                to_init.push(Duration::from_nanos((d - s).max(0) as u64));
+            }
+            _ => failures.push(format!("{id}: no start/connected/init-completed event")),
+        }
+    }
+    println!(
+        "{:<48} {:.2} s (all {n} `agent run` calls returned)",
+        "create+start, concurrently",
+        started.as_secs_f64()
+    );
+    println!(
+        "{:<48} {:.2} s",
+        "last InitCompleted after",
+        all.as_secs_f64()
+    );
+    if !to_init.is_empty() {
+        report("start event → SessionConnected", &mut to_conn);
+        report("start event → InitCompleted", &mut to_init);
+    }
+    println!("{:<48} {}", "failures", failures.len());
+    for f in failures.iter().take(10) {
+        println!("  {f}");
+    }
+    println!(
+        "{:<48} {rss0:.1} → peak {peak_rss:.1} MB (this process: CP + harness)",
+        "CP RSS"
+    );
+    println!(
+        "{:<48} {cpu:.2} s over {:.1} s ({:.0} % of one core)",
+        "CP CPU (utime+stime)",
+        all.as_secs_f64(),
+        cpu / all.as_secs_f64() * 100.0
+    );
+    // The whole CP (docker feeder, metrics, containment, audit, sessions)
+    // idle with n sessions held.
+    let idle = std::env::var("CLAWKER_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30u64);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (t1, c1) = (Instant::now(), fleet::cpu_ticks());
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    let (secs, ticks) = (t1.elapsed().as_secs_f64(), fleet::cpu_ticks() - c1);
+    println!(
+        "{:<48} {:.2} % of one core ({ticks} ticks in {secs:.1} s), RSS {:.1} MB",
+        format!("whole CP idle with {} sessions", ids.len()),
+        ticks as f64 / fleet::ticks_per_sec() as f64 / secs * 100.0,
+        fleet::rss_mb()
+    );
+    for id in &ids {
+        let _ = cp::agent::remove(&ecp.docker, id).await;
+    }
+    remove_project(&ecp.docker, "perf-load").await;
+    ecp.stop().await;
+}
+
+// ---- fleet: 10,000 sessions on one CP ------------------------------------
+
+async fn fleet_section(n: usize) {
+    let lg = loadgen::LoadGen::spawn(n);
+    println!(
+        "\n== {n} sessions on one CP (agents: load generator, pid {}, real mTLS) ==",
+        lg.pid()
+    );
+    let rss_before = fleet::rss_mb();
+    let cp = fleet::Cp::start(&lg);
+    let took = cp.dial_all(0..n).await;
+    println!("{:<48} {:.2} s", "all connected after", took.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(3)).await; // settle: sessions idle
+    let rss = fleet::rss_mb();
+    println!(
+        "{:<48} {rss:.1} MB (before dialing: {rss_before:.1} MB; {:.1} KB/session)",
+        "CP process RSS",
+        (rss - rss_before) * 1024.0 / n as f64
+    );
+    // How much of that is the allocator holding freed handshake memory
+    // (glibc keeps freed pages of its heap resident until trimmed).
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    let trimmed = fleet::rss_mb();
+    println!(
+        "{:<48} {trimmed:.1} MB ({:.1} KB/session)",
+        "  after malloc_trim(0)",
+        (trimmed - rss_before) * 1024.0 / n as f64
+    );
+    let window = Duration::from_secs(30);
+    let (t0, c0) = (Instant::now(), fleet::cpu_ticks());
+    tokio::time::sleep(window).await;
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), fleet::cpu_ticks() - c0);
+    println!(
+        "{:<48} {:.2} % of one core ({ticks} ticks in {secs:.1} s)",
+        "idle CP CPU (utime+stime, /proc/self/stat)",
+        ticks as f64 / fleet::ticks_per_sec() as f64 / secs * 100.0
+    );
+    // Round trips to sessions picked across the whole range.
+    let mut lookup = Vec::new();
+    let mut rtt = Vec::new();
+    for k in 0..1000usize {
+        let id = loadgen::agent_id((k * 7919) % n);
+        let t = Instant::now();
+        let live = cp.sessions.live(&id).await.expect("live session");
+        lookup.push(t.elapsed());
+        let t = Instant::now();
+        shell(&live.mux, &format!("rt{k}"), &["true"]).await;
+        rtt.push(t.elapsed());
+    }
+    report("ShellCommand `true` round trip (open session)", &mut rtt);
+    report("Sessions::live(id) lookup before it", &mut lookup);
+    println!("{:<48} {:.1} MB", "CP process RSS after", fleet::rss_mb());
 }
 
 // ---- exec: the operator's way in -----------------------------------------

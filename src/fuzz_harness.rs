@@ -195,7 +195,7 @@ fn mux_frames(mut data: &[u8]) -> Vec<Result<clawkerd::Response, tonic::Status>>
 pub fn session_mux(data: &[u8]) {
     let frames = mux_frames(data);
     runtime().block_on(async move {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<clawkerd::Command>(64);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Box<clawkerd::Command>>(64);
         let (rtx, rrx) = tokio::sync::mpsc::unbounded_channel();
         let mux = SessionMux::start(
             tx,

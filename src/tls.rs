@@ -247,6 +247,11 @@ pub fn cp_dial_config(
             detail: e.to_string(),
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // Every dial builds its own config (the verifier records that one
+    // connection's peer), so a session cache could never be hit — and a
+    // resumed session would skip the verifier. Without it, no per-session
+    // cache (a 32-server map) and no stored tickets.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

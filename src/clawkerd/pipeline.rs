@@ -24,7 +24,7 @@
 //!   the terminal response.
 //! - Stages started before a failing stage are killed *and reaped*.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -544,8 +544,7 @@ enum Stream {
 }
 
 impl Stream {
-    fn response(self, id: &str, data: Vec<u8>) -> Response {
-        let data = Bytes::from(data);
+    fn response(self, id: &str, data: Bytes) -> Response {
         let payload = match self {
             Stream::Stdout => Payload::Stdout(pb::StdoutChunk { data }),
             Stream::Stderr(stage_index) => Payload::Stderr(pb::StderrChunk { stage_index, data }),
@@ -564,10 +563,57 @@ impl Stream {
     }
 }
 
-/// Copies a chunk out of the shared read buffer: exact-size, so a 10-byte
-/// read does not pin a 128 KiB allocation in the outbound queue.
-fn chunk(buf: &[u8]) -> Vec<u8> {
-    buf.to_vec()
+/// Reads at least this large are handed on without a copy.
+const ZERO_COPY_MIN: usize = 32 * 1024;
+
+/// A drain's read buffer. A large read is handed on as it is (split off
+/// and frozen: no copy on the 1 GB/s path); a small one is copied out
+/// exact-size, so a 10-byte read does not pin a 128 KiB allocation in the
+/// outbound queue.
+struct ReadBuf {
+    buf: BytesMut,
+}
+
+impl ReadBuf {
+    fn new() -> Self {
+        Self {
+            buf: BytesMut::with_capacity(CHUNK_SIZE),
+        }
+    }
+
+    /// Empty, with room for `want` bytes (a fresh block once a large read
+    /// took the rest of the last one).
+    fn room(&mut self, want: usize) -> &mut BytesMut {
+        self.buf.clear();
+        if self.buf.capacity() < want {
+            self.buf = BytesMut::with_capacity(CHUNK_SIZE.max(want));
+        }
+        &mut self.buf
+    }
+
+    /// The bytes read since [`ReadBuf::room`].
+    fn take_bytes(&mut self) -> Bytes {
+        if self.buf.len() >= ZERO_COPY_MIN {
+            self.buf.split().freeze()
+        } else {
+            let b = Bytes::copy_from_slice(&self.buf);
+            self.buf.clear();
+            b
+        }
+    }
+
+    /// One non-blocking `read(2)` of up to [`CHUNK_SIZE`] into the buffer.
+    fn read_fd(&mut self, fd: std::os::fd::RawFd) -> isize {
+        let spare = self.room(CHUNK_SIZE).spare_capacity_mut();
+        // SAFETY: reads into the buffer's own spare capacity, at most its
+        // length; the descriptor is ours (tokio set O_NONBLOCK).
+        let r = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if r > 0 {
+            // SAFETY: the kernel initialised exactly r bytes.
+            unsafe { self.buf.set_len(r as usize) };
+        }
+        r
+    }
 }
 
 /// Sends unless the session is tearing down (then output is dropped, as
@@ -588,7 +634,7 @@ async fn drain(
     cancel: &CancellationToken,
     credit: Option<&Credit>,
 ) -> Result<(), String> {
-    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut buf = ReadBuf::new();
     let mut deliver = true;
     loop {
         // Flow-controlled: read only as much as the CP can take. While the
@@ -609,9 +655,10 @@ async fn drain(
                 c.give_back(taken.saturating_sub(used));
             }
         };
+        let mut dst = buf.room(allowed).limit(allowed);
         let n = tokio::select! {
             biased;
-            r = rx.read(&mut buf[..allowed]) => match r {
+            r = rx.read_buf(&mut dst) => match r {
                 Ok(0) => {
                     give_back(0);
                     return Ok(());
@@ -632,22 +679,18 @@ async fn drain(
                 // grandchild) still holds the pipe: take what is already
                 // buffered, without waiting for an EOF that may never come.
                 loop {
-                    // SAFETY: read into our own buffer; tokio set O_NONBLOCK.
-                    let r = unsafe {
-                        libc::read(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                    };
-                    if r <= 0 {
+                    if buf.read_fd(rx.as_raw_fd()) <= 0 {
                         return Ok(());
                     }
-                    let n = r as usize;
                     if deliver {
-                        deliver = emit(out, cancel, stream.response(id, chunk(&buf[..n]))).await;
+                        deliver = emit(out, cancel, stream.response(id, buf.take_bytes())).await;
                     }
                 }
             }
         };
+        debug_assert_eq!(n, buf.buf.len());
         if deliver {
-            deliver = emit(out, cancel, stream.response(id, chunk(&buf[..n]))).await;
+            deliver = emit(out, cancel, stream.response(id, buf.take_bytes())).await;
         }
     }
 }

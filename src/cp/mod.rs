@@ -168,7 +168,9 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     // the root starts).
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
     let sessions = Sessions::via_root(root_slot.clone(), deps.clone());
-    let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The feeder sets readiness's Docker flag itself as its stream
+    // connects and drops.
+    let feeder_up = readiness.docker_flag();
     let containment = Arc::new(crate::policy::containment::Containment::new(
         cfg.containment.clone(),
         engine.clone(),
@@ -202,24 +204,24 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
-    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
+    let refresh: crate::policy::health::Refresh = {
+        let (bus, metrics) = (bus.clone(), metrics.clone());
+        Arc::new(move || {
+            Box::pin(crate::policy::metrics::refresh_gauges(
+                metrics.clone(),
+                bus.clone(),
+            ))
+        })
+    };
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics_refreshing(
         cfg.metrics_addr,
         metrics.handle(),
         readiness.clone(),
+        Some(refresh),
         shutdown.clone(),
     )
     .await
     .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
-    // Readiness follows the Docker events stream.
-    {
-        let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                ready.set_docker(up.load(std::sync::atomic::Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-    }
 
     Ok(RunningCp {
         admin_api_addr,

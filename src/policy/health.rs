@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Readiness {
     registry: AtomicBool,
     bus: AtomicBool,
-    docker: AtomicBool,
+    /// Shared with the Docker events feeder, which sets it as its stream
+    /// connects and drops (no poller copies it over).
+    docker: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -43,12 +45,17 @@ impl Readiness {
     pub fn set_docker(&self, up: bool) {
         self.docker.store(up, Ordering::Release);
     }
+    /// The flag behind [`Readiness::set_docker`], for the feeder to set
+    /// directly.
+    pub fn docker_flag(&self) -> Arc<AtomicBool> {
+        self.docker.clone()
+    }
     /// Parts not up yet (empty = ready).
     pub fn missing(&self) -> Vec<&'static str> {
         [
             ("registry", &self.registry),
             ("bus", &self.bus),
-            ("docker", &self.docker),
+            ("docker", &*self.docker),
         ]
         .into_iter()
         .filter(|(_, f)| !f.load(Ordering::Acquire))
@@ -60,13 +67,21 @@ impl Readiness {
     }
 }
 
+/// Brings gauges up to date right before a scrape renders them (instead
+/// of refreshing them on a timer: an idle CP does no work).
+pub type Refresh = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static>;
+
 #[derive(Clone)]
 struct AppState {
     handle: PrometheusHandle,
     readiness: Arc<Readiness>,
+    refresh: Option<Refresh>,
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(refresh) = &s.refresh {
+        refresh().await;
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -92,13 +107,22 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// The router, for embedding elsewhere.
-pub fn router(handle: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
+/// The router, for embedding elsewhere; `refresh` runs before each
+/// `/metrics` render.
+pub fn router(
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+    refresh: Option<Refresh>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { handle, readiness })
+        .with_state(AppState {
+            handle,
+            readiness,
+            refresh,
+        })
 }
 
 /// Binds `addr` (use loopback; port 0 picks one) and serves until
@@ -110,12 +134,24 @@ pub async fn serve_metrics(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_metrics_refreshing(addr, handle, readiness, None, shutdown).await
+}
+
+/// [`serve_metrics`], with gauges brought up to date by `refresh` at every
+/// scrape.
+pub async fn serve_metrics_refreshing(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+    refresh: Option<Refresh>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     if !addr.ip().is_loopback() {
         tracing::warn!(event = "metrics_not_loopback", %addr, "metrics endpoint bound to a non-loopback address");
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(handle, readiness);
+    let app = router(handle, readiness, refresh);
     let task = tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

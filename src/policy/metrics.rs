@@ -296,7 +296,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Loopback address of `/metrics`, `/healthz`, `/readyz`.
     pub listen: std::net::SocketAddr,
-    /// How often the worldview gauges and bus counters are refreshed.
+    /// How often the worldview gauges and bus counters are refreshed on a
+    /// timer; 0 (the default) = only when scraped (the CP's `/metrics`
+    /// refreshes them before rendering), so an idle CP wakes for nothing.
     pub refresh_ms: u64,
 }
 
@@ -305,7 +307,7 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7080)),
-            refresh_ms: 2000,
+            refresh_ms: 0,
         }
     }
 }
@@ -323,23 +325,25 @@ impl Stream for SharedSub {
 }
 
 /// Feeds [`Metrics`] from the bus: counts events as they arrive, and
-/// refreshes the worldview gauges and bus counters on a timer.
+/// refreshes the worldview gauges and bus counters on request
+/// ([`RefreshMetrics`]) or, if configured, on a timer.
 pub struct MetricsActor {
     metrics: Metrics,
     bus: Bus,
     sub: Arc<Mutex<AuditSubscription>>,
-    refresh: Duration,
+    /// `None`: no timer.
+    refresh: Option<Duration>,
 }
 
 impl MetricsActor {
-    /// Fails only if the bus is closed.
+    /// Fails only if the bus is closed. A zero `refresh` means no timer.
     pub fn new(bus: Bus, metrics: Metrics, refresh: Duration) -> Result<Self, BusError> {
         let sub = bus.subscribe_all()?;
         Ok(Self {
             metrics,
             bus,
             sub: Arc::new(Mutex::new(sub)),
-            refresh: refresh.max(Duration::from_millis(10)),
+            refresh: (!refresh.is_zero()).then(|| refresh.max(Duration::from_millis(10))),
         })
     }
 
@@ -368,14 +372,7 @@ impl MetricsActor {
     }
 
     fn refresh_fut(&self) -> impl std::future::Future<Output = ()> + 'static {
-        let bus = self.bus.clone();
-        let metrics = self.metrics.clone();
-        async move {
-            metrics.observe_bus(&bus.stats());
-            if let Ok(v) = bus.snapshot().await {
-                metrics.observe_worldview(&v);
-            }
-        }
+        refresh_gauges(self.metrics.clone(), self.bus.clone())
     }
 }
 
@@ -384,9 +381,11 @@ impl Actor for MetricsActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.add_stream(SharedSub(self.sub.clone()));
-        ctx.run_interval(self.refresh, |act, ctx| {
-            ctx.spawn(wrap_future(act.refresh_fut()));
-        });
+        if let Some(every) = self.refresh {
+            ctx.run_interval(every, |act, ctx| {
+                ctx.spawn(wrap_future(act.refresh_fut()));
+            });
+        }
         ctx.spawn(wrap_future(self.refresh_fut()));
     }
 }
@@ -394,6 +393,15 @@ impl Actor for MetricsActor {
 impl StreamHandler<Arc<dyn Event>> for MetricsActor {
     fn handle(&mut self, e: Arc<dyn Event>, _: &mut Context<Self>) {
         self.metrics.observe_event(&*e);
+    }
+}
+
+/// Brings the worldview gauges and bus counters up to date (what a scrape
+/// of `/metrics` runs first).
+pub async fn refresh_gauges(metrics: Metrics, bus: Bus) {
+    metrics.observe_bus(&bus.stats());
+    if let Ok(v) = bus.snapshot().await {
+        metrics.observe_worldview(&v);
     }
 }
 

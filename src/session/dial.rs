@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
+use tower::ServiceExt as _;
 
-use crate::proto::clawkerd::v1::{self as pb, clawkerd_service_client::ClawkerdServiceClient};
+use crate::proto::clawkerd::v1 as pb;
 use crate::proto::clawkerd::v1::{command, response};
 use crate::tls::{self, PeerInfo, PermissiveServerVerifier, TlsError};
 
+use super::h2::{self, H2Settings};
 use super::mux::{MuxError, SessionMux, command as cmd, payload_name};
 
 /// Everything needed to dial any clawkerd; built once, shared by sessions.
@@ -29,6 +30,8 @@ pub struct DialConfig {
     pub connect_timeout: Duration,
     /// Bound on Hello → HelloAck (the reference had none).
     pub hello_timeout: Duration,
+    /// HTTP/2 windows, frame size, keepalive.
+    pub h2: H2Settings,
 }
 
 impl std::fmt::Debug for DialConfig {
@@ -61,20 +64,21 @@ impl DialConfig {
             client_key_pem: Arc::new(client_key_pem.to_vec()),
             connect_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
+            h2: H2Settings::default(),
         })
     }
 }
 
-/// A live session: the mux plus what we learned about the peer. Dropping
-/// it closes the connection.
+/// A live session: the mux plus what we learned about the peer. The
+/// HTTP/2 connection lives as long as the Session stream: dropping the
+/// last mux handle ends the request side, and the connection closes once
+/// clawkerd ends its side.
 pub struct Connection {
     pub mux: SessionMux,
     pub peer: PeerInfo,
     /// The HelloAck clawkerd actually sent (a v0.8.0 clawkerd sends an
     /// empty one: neither initialized nor running its command).
     pub hello: pb::HelloAck,
-    // Keeps the HTTP/2 connection (and so the stream) alive.
-    _client: ClawkerdServiceClient<tonic::transport::Channel>,
 }
 
 /// Why one attempt failed. For logs and retry decisions only: session
@@ -107,31 +111,25 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, D
         &cfg.client_key_pem,
         verifier.clone(),
     )?);
-    let connector = tls::connector(addr, tls_cfg, cfg.connect_timeout);
-    let channel = Endpoint::from_static("http://clawkerd")
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connector)
+    let connect_err = |detail: String| DialError::Connect { addr, detail };
+    let io = tls::connector(addr, tls_cfg, cfg.connect_timeout)
+        .oneshot(http::Uri::from_static("http://clawkerd"))
         .await
-        .map_err(|e| DialError::Connect {
-            addr,
-            detail: error_chain(&e),
-        })?;
+        .map_err(|e| connect_err(error_chain(&e)))?
+        .into_inner();
+    let h2 = h2::handshake(io, &cfg.h2)
+        .await
+        .map_err(|e| connect_err(error_chain(&e)))?;
     let peer = verifier.peer().ok_or(DialError::NoPeerCertificate(addr))?;
-    let mut client = ClawkerdServiceClient::new(channel)
+    let mut grpc = tonic::client::Grpc::with_origin(h2, http::Uri::from_static("http://clawkerd"))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel::<pb::Command>(256);
+    let (tx, rx) = mpsc::channel::<Box<pb::Command>>(256);
     let hello = async {
-        let resp = client
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let resp = open_session(&mut grpc, rx)
             .await
             .map_err(DialError::OpenStream)?;
-        let mux = SessionMux::start(tx, resp.into_inner());
+        let mux = SessionMux::start(tx, resp);
         let mut replies = mux
             .call(cmd("hello", command::Payload::Hello(pb::Hello {})))
             .await
@@ -148,12 +146,57 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, D
     let (mux, hello) = tokio::time::timeout(cfg.hello_timeout, hello)
         .await
         .map_err(|_| DialError::HelloTimeout(cfg.hello_timeout))??;
-    Ok(Connection {
-        mux,
-        peer,
-        hello,
-        _client: client,
-    })
+    Ok(Connection { mux, peer, hello })
+}
+
+/// The Session RPC, as the generated client makes it but with
+/// [`SessionCodec`]'s buffers.
+async fn open_session(
+    grpc: &mut tonic::client::Grpc<h2::H2Client>,
+    rx: mpsc::Receiver<Box<pb::Command>>,
+) -> Result<tonic::codec::Streaming<pb::Response>, tonic::Status> {
+    use futures::StreamExt as _;
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    let path = http::uri::PathAndQuery::from_static("/clawker.clawkerd.v1.ClawkerdService/Session");
+    let commands = tokio_stream::wrappers::ReceiverStream::new(rx).map(|c| *c);
+    let req = tonic::Request::new(commands);
+    Ok(grpc.streaming(req, path, SessionCodec).await?.into_inner())
+}
+
+/// Prost with small initial buffers. tonic's default allocates 8 KiB for
+/// the request encoder and 8 KiB for the response decoder of every
+/// stream, held for the stream's life; a session's stream lives as long
+/// as the agent and is idle almost always. Both buffers grow on demand
+/// when output or stdin flows.
+#[derive(Debug, Clone, Copy, Default)]
+struct SessionCodec;
+
+/// Initial encode/decode buffer of a Session stream.
+const SESSION_CODEC_BUFFER: usize = 512;
+/// tonic's default: how much encoded data it batches before yielding.
+const SESSION_CODEC_YIELD: usize = 32 * 1024;
+
+impl tonic::codec::Codec for SessionCodec {
+    type Encode = pb::Command;
+    type Decode = pb::Response;
+    type Encoder =
+        <tonic_prost::ProstCodec<pb::Command, pb::Response> as tonic::codec::Codec>::Encoder;
+    type Decoder =
+        <tonic_prost::ProstCodec<pb::Command, pb::Response> as tonic::codec::Codec>::Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<pb::Command, pb::Response>::raw_encoder(
+            tonic::codec::BufferSettings::new(SESSION_CODEC_BUFFER, SESSION_CODEC_YIELD),
+        )
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<pb::Command, pb::Response>::raw_decoder(
+            tonic::codec::BufferSettings::new(SESSION_CODEC_BUFFER, SESSION_CODEC_YIELD),
+        )
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -308,9 +308,12 @@ pub async fn run<P: Publish>(
 ) -> String {
     let mut register_rounds = 0u32;
     let mut cycle = 0u32;
+    // The phases before the hold are boxed: a task's future is as large as
+    // its largest state, and this one is held for the agent's whole life
+    // in the small hold state (5.5 KB per idle session unboxed).
     loop {
         cycle += 1;
-        let (conn, target, addr, attempts) = match establish(&container_id, &deps).await {
+        let (conn, target, addr, attempts) = match Box::pin(establish(&container_id, &deps)).await {
             Established::Ok {
                 conn,
                 target,
@@ -346,7 +349,7 @@ pub async fn run<P: Publish>(
         });
         tracing::info!(event = "agentdial_session_connected", container_id = %container_id, cycle, attempts, peer_cn = %conn.peer.cn, "session connected");
 
-        let trusted = verdict(&who, &conn, &deps, &mut register_rounds).await;
+        let trusted = Box::pin(verdict(&who, &conn, &deps, &mut register_rounds)).await;
 
         let _ = live.send(Some(LiveSession {
             mux: conn.mux.clone(),
@@ -354,7 +357,13 @@ pub async fn run<P: Publish>(
             trusted,
         }));
         if trusted || deps.policy.init_untrusted {
-            init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
+            Box::pin(init::run(
+                &conn.mux,
+                &who,
+                &deps.sink,
+                deps.policy.init.clone(),
+            ))
+            .await;
         } else {
             tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
         }

@@ -1,6 +1,8 @@
 //! CP-side session machinery: one mTLS Session stream per agent container.
 //!
 //! - [`dial`]: one attempt — TCP + permissive mTLS + Hello/HelloAck;
+//! - [`h2`]: the session's HTTP/2 client (hyper `http2`, no tonic
+//!   `Channel`);
 //! - [`mux`]: routes Responses by command id (one reader per stream);
 //! - [`command`]: one shell command run to completion over the mux (init
 //!   steps and benchmarks use it);
@@ -20,6 +22,7 @@ pub mod classify;
 pub mod command;
 pub mod control;
 pub mod dial;
+pub mod h2;
 pub mod init;
 pub mod lifecycle;
 pub mod mux;

@@ -48,7 +48,10 @@ pub enum MuxError {
 /// Cheap-clone handle to a live session stream.
 #[derive(Clone)]
 pub struct SessionMux {
-    tx: mpsc::Sender<Command>,
+    /// Boxed: a tokio channel allocates its slots 32 at a time up front,
+    /// and a `Command` is ~170 bytes — 5 KiB per idle session, against
+    /// 256 bytes of pointers.
+    tx: mpsc::Sender<Box<Command>>,
     routes: Routes,
     ended: watch::Receiver<Option<StreamEnd>>,
 }
@@ -92,7 +95,7 @@ impl Drop for CommandReplies {
 impl SessionMux {
     /// Starts the reader task over `responses`; `tx` feeds the request side
     /// of the stream.
-    pub fn start<S>(tx: mpsc::Sender<Command>, responses: S) -> Self
+    pub fn start<S>(tx: mpsc::Sender<Box<Command>>, responses: S) -> Self
     where
         S: Stream<Item = Result<Response, tonic::Status>> + Send + Unpin + 'static,
     {
@@ -130,7 +133,10 @@ impl SessionMux {
 
     /// Sends one frame.
     pub async fn send(&self, cmd: Command) -> Result<(), MuxError> {
-        self.tx.send(cmd).await.map_err(|_| MuxError::Closed)
+        self.tx
+            .send(Box::new(cmd))
+            .await
+            .map_err(|_| MuxError::Closed)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -222,7 +228,15 @@ pub(crate) mod testing {
     }
 
     pub fn pair() -> (SessionMux, FakePeer) {
-        let (tx, commands) = mpsc::channel(64);
+        let (tx, mut boxed) = mpsc::channel::<Box<Command>>(64);
+        let (unboxed, commands) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(c) = boxed.recv().await {
+                if unboxed.send(*c).await.is_err() {
+                    return;
+                }
+            }
+        });
         let (responses, rx) = mpsc::unbounded_channel();
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         (

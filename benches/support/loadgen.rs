@@ -1,0 +1,239 @@
+//! A load generator that plays the clawkerd side of the Session protocol
+//! for many agents at once, over real mTLS: N TCP listeners in one process
+//! on N loopback addresses (127.77.x.y:7700), each with its own agent leaf
+//! minted by a fresh CA, each verifying the CP's client certificate with
+//! the same pinned-CN verifier clawkerd uses. It answers Hello with an
+//! empty HelloAck and a ShellCommand with Started + Done{0} (it runs
+//! nothing). Everything on the CP side stays real.
+//!
+//! It runs as a child process (the bench binary re-executed with
+//! `CLAWKER_LOADGEN=<dir>`), so the CP's RSS, CPU and heap profile are the
+//! CP's alone. Why a stand-in at all: N real clawkerd processes stop
+//! scaling on 2 cores long before the CP does.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::Arc;
+
+use clawker::identity::{AgentName, ProjectSlug};
+use clawker::proto::clawkerd::v1::{self as pb, command, response};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+pub const LOADGEN_ENV: &str = "CLAWKER_LOADGEN";
+
+/// The loopback address of agent `i`.
+pub fn agent_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 77, (i / 250) as u8, (i % 250 + 1) as u8], 7700))
+}
+
+/// Container id of agent `i`.
+pub fn agent_id(i: usize) -> String {
+    format!("{i:08x}")
+}
+
+/// The parent's handle: the child process and the CP-side material it
+/// minted. Dropping it kills the child.
+pub struct LoadGen {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub ca_pem: Vec<u8>,
+    pub cp_cert_pem: Vec<u8>,
+    pub cp_key_pem: Vec<u8>,
+    pub n: usize,
+}
+
+impl LoadGen {
+    /// Starts the child and waits until all `n` listeners are bound.
+    pub fn spawn(n: usize) -> LoadGen {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Process::new(std::env::current_exe().unwrap())
+            .env(LOADGEN_ENV, dir.path())
+            .env("CLAWKER_LOADGEN_N", n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn load generator");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "load generator: {line:?}");
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        LoadGen {
+            ca_pem: read("ca.pem"),
+            cp_cert_pem: read("cp.pem"),
+            cp_key_pem: read("cp.key"),
+            child,
+            _dir: dir,
+            n,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for LoadGen {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// If this process is a load generator child, runs it and exits.
+pub fn child_main_if_requested() {
+    let Some(dir) = std::env::var_os(LOADGEN_ENV) else {
+        return;
+    };
+    let n: usize = std::env::var("CLAWKER_LOADGEN_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(serve(PathBuf::from(dir), n));
+    std::process::exit(0);
+}
+
+/// The CP's RSS and CPU are what is measured; the load generator needs
+/// 2 descriptors per agent, more than the default 1,024.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn serve(dir: PathBuf, n: usize) {
+    let ca = clawker::pki::Ca::generate().unwrap();
+    let cp = ca.mint_cp_client().unwrap();
+    write(&dir, "ca.pem", ca.cert_pem().as_bytes());
+    write(&dir, "cp.pem", cp.cert_pem.as_bytes());
+    write(&dir, "cp.key", cp.key_pem.as_bytes());
+    let (tx, rx) = mpsc::channel(1024);
+    let (project, agent) = (ProjectSlug::new("p").unwrap(), AgentName::new("a").unwrap());
+    for i in 0..n {
+        let leaf = ca.mint_agent(&project, &agent, &agent_id(i)).unwrap();
+        let boot = clawker::clawkerd::config::Bootstrap {
+            cert_pem: leaf.cert_pem.into_bytes(),
+            key_pem: leaf.key_pem.into_bytes(),
+            ca_pem: ca.cert_pem().as_bytes().to_vec(),
+            assertion: String::new(),
+        };
+        let cfg = clawker::clawkerd::listener::server_config(&boot).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpListener::bind(agent_addr(i))
+            .await
+            .unwrap_or_else(|e| panic!("bind {}: {e}", agent_addr(i)));
+        tokio::spawn(accept(tcp, acceptor, tx.clone()));
+    }
+    drop(tx);
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    // The parent closes our stdin (or dies): stop.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        let _ = std::io::stdin().read_line(&mut sink);
+        std::process::exit(0);
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+    // The same HTTP/2 settings as clawkerd's listener (its keepalive pings
+    // reach the CP too).
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_frame_size(Some(1 << 20))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(pb::clawkerd_service_server::ClawkerdServiceServer::new(
+            Fake,
+        ))
+        .serve_with_incoming(incoming)
+        .await
+        .unwrap();
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) {
+    std::fs::write(dir.join(name), data).unwrap();
+}
+
+type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+async fn accept(
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: mpsc::Sender<Tls>,
+) {
+    loop {
+        let Ok((sock, _)) = tcp.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Ok(s) = acceptor.accept(sock).await {
+                let _ = tx.send(s).await;
+            }
+        });
+    }
+}
+
+struct Fake;
+
+#[tonic::async_trait]
+impl pb::clawkerd_service_server::ClawkerdService for Fake {
+    type SessionStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::Response, tonic::Status>>;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::Command>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let reply = |id: &str, p| {
+                Ok(pb::Response {
+                    command_id: id.to_owned(),
+                    payload: Some(p),
+                })
+            };
+            while let Some(Ok(c)) = inbound.next().await {
+                let id = c.command_id.as_str();
+                let out: Vec<response::Payload> = match c.payload {
+                    Some(command::Payload::Hello(_)) => {
+                        vec![response::Payload::HelloAck(pb::HelloAck::default())]
+                    }
+                    Some(command::Payload::Shell(_)) => vec![
+                        response::Payload::Started(pb::Started {}),
+                        response::Payload::Done(pb::Done { final_exit_code: 0 }),
+                    ],
+                    _ => Vec::new(),
+                };
+                for p in out {
+                    if tx.send(reply(id, p)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
