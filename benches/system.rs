@@ -23,6 +23,8 @@
 //!   CLI) in the same run, and the loopback floor (`support/floor.rs`: the
 //!   same bytes over a plain TLS socket with the session's rustls configs,
 //!   and over plain TCP). Docker networks 10.226.0–1.0/24.
+//! - `loopback`: the session rows of `throughput` against one real
+//!   clawkerd process on loopback (no container, no bridge), and the floor.
 //! - `load100`: on a real engine, 100 agents started at once through the
 //!   library call `clawker agent run --no-wait` makes, against one CP:
 //!   start event → InitCompleted p50/p99, failures, CP RSS and CPU.
@@ -109,6 +111,9 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10_000);
         actix::System::new().block_on(fleet_section(n));
+    }
+    if want("loopback") {
+        actix::System::new().block_on(loopback_section());
     }
     if want("throughput") {
         actix::System::new().block_on(throughput_section());
@@ -783,7 +788,21 @@ async fn throughput_section() {
                     0 => shell(&mux, &format!("tp{i}-{how}-{producer}"), &argv).await as u64,
                     1 => streamed_stdout(&mux, &format!("ts{i}-{producer}"), &argv).await,
                     2 => api_exec(&ecp.docker, &id, &argv).await as u64,
-                    _ => cli_exec(&id, &argv) as u64,
+                    // Off the CP's thread: a blocked CP answers no
+                    // keepalive ping, and a slow transfer outlasts the
+                    // 10 s ping timeout (the session would break).
+                    _ => {
+                        let (id, argv) = (
+                            id.clone(),
+                            argv.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                        );
+                        tokio::task::spawn_blocking(move || {
+                            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                            cli_exec(&id, &argv) as u64
+                        })
+                        .await
+                        .unwrap()
+                    }
                 };
                 assert_eq!(bytes, TP_BYTES);
                 v.push(mbps(bytes, t.elapsed()));
@@ -809,13 +828,25 @@ async fn throughput_section() {
             match run {
                 0 => streamed_stdin(&mux, &format!("si{i}"), &sink).await,
                 1 => api_exec_stdin(&ecp.docker, &id, &sink).await,
-                _ => cli_exec_stdin(&id, &sink),
+                _ => {
+                    let id = id.clone();
+                    tokio::task::spawn_blocking(move || cli_exec_stdin(&id, &sink))
+                        .await
+                        .unwrap()
+                }
             }
             v.push(mbps(TP_BYTES, t.elapsed()));
         }
         println!("{how:<48} {:>8.0} MB/s", best(&v));
     }
 
+    floor_measurements().await;
+    cp::agent::remove(&ecp.docker, &id).await.ok();
+    ecp.stop().await;
+}
+
+async fn floor_measurements() {
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     println!("\n== loopback floor: 500 MB between two of our processes (best of 3) ==");
     let fl = floor::Floor::spawn();
     for (name, tls, dir) in [
@@ -839,8 +870,113 @@ async fn throughput_section() {
         println!("{name:<48} {:>8.0} MB/s", best(&v));
     }
     drop(fl);
-    cp::agent::remove(&ecp.docker, &id).await.ok();
-    ecp.stop().await;
+}
+
+/// The same session measurements against one real clawkerd process on
+/// loopback (no container, no bridge): what the path costs without
+/// Docker's network in between.
+async fn loopback_section() {
+    let lg_dir = tempfile::tempdir().unwrap();
+    let ca = clawker::pki::Ca::generate().unwrap();
+    let cp_client = ca.mint_cp_client().unwrap();
+    let leaf = ca
+        .mint_agent(
+            &ProjectSlug::new("p").unwrap(),
+            &AgentName::new("a").unwrap(),
+            "loopback",
+        )
+        .unwrap();
+    let boot = lg_dir.path().join("boot");
+    clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+    std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+    let passwd = lg_dir.path().join("passwd");
+    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let group = lg_dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\n").unwrap();
+    let addr: SocketAddr = "127.78.0.1:7700".parse().unwrap();
+    let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+        .args(["sleep", "600"])
+        .env("CLAWKER_AGENT", "a")
+        .env("CLAWKER_PROJECT", "p")
+        .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+        .env("CLAWKER_LISTEN_ADDR", addr.to_string())
+        .env("CLAWKER_PASSWD_FILE", &passwd)
+        .env("CLAWKER_GROUP_FILE", &group)
+        .env("CLAWKER_READY_FILE", boot.join("ready"))
+        .env("CLAWKER_LOG_FILE", boot.join("log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawkerd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "clawkerd not listening");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dial = clawker::session::dial::DialConfig::new(
+        ca.cert_pem().as_bytes(),
+        cp_client.cert_pem.as_bytes(),
+        cp_client.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let conn = clawker::session::dial::connect(addr, &dial)
+        .await
+        .expect("session");
+    let mux = conn.mux.clone();
+    let n = TP_BYTES.to_string();
+    let count = format!("count={}", TP_BYTES >> 20);
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    println!("\n== loopback: one real clawkerd process, 500 MB (best of 3) ==");
+    for (producer, argv) in [
+        (
+            "dd bs=1M",
+            vec!["dd", "if=/dev/zero", "bs=1048576", count.as_str()],
+        ),
+        ("head -c", vec!["head", "-c", n.as_str(), "/dev/zero"]),
+    ] {
+        for (how, run) in [
+            ("ShellCommand stdout", 0),
+            ("streaming stdout (windowed)", 1),
+        ] {
+            let mut v = Vec::new();
+            for i in 0..3 {
+                let t = Instant::now();
+                let bytes = if run == 0 {
+                    shell(&mux, &format!("lo{i}-{how}-{producer}"), &argv).await as u64
+                } else {
+                    streamed_stdout(&mux, &format!("ls{i}-{producer}"), &argv).await
+                };
+                assert_eq!(bytes, TP_BYTES);
+                v.push(mbps(bytes, t.elapsed()));
+            }
+            println!(
+                "{:<48} {:>8.0} MB/s",
+                format!("{producer}: {how}"),
+                best(&v)
+            );
+        }
+    }
+    let mut v = Vec::new();
+    for i in 0..3 {
+        let t = Instant::now();
+        streamed_stdin(
+            &mux,
+            &format!("lsi{i}"),
+            &["dd", "bs=1048576", "of=/dev/null"],
+        )
+        .await;
+        v.push(mbps(TP_BYTES, t.elapsed()));
+    }
+    println!(
+        "{:<48} {:>8.0} MB/s",
+        "stdin into dd of=/dev/null (windowed)",
+        best(&v)
+    );
+    floor_measurements().await;
+    drop(conn);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// stdout through the streaming (flow-controlled) path; returns bytes.
@@ -1092,6 +1228,7 @@ async fn load100_section(n: usize) {
 // ---- fleet: 10,000 sessions on one CP ------------------------------------
 
 async fn fleet_section(n: usize) {
+    loadgen::raise_fd_limit_to(n as u64 + 1024);
     let lg = loadgen::LoadGen::spawn(n);
     println!(
         "\n== {n} sessions on one CP (agents: load generator, pid {}, real mTLS) ==",

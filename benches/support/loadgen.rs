@@ -93,7 +93,7 @@ pub fn child_main_if_requested() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    raise_fd_limit();
+    raise_fd_limit_to(2 * n as u64 + 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,20 +102,33 @@ pub fn child_main_if_requested() {
     std::process::exit(0);
 }
 
-/// The CP's RSS and CPU are what is measured; the load generator needs
-/// 2 descriptors per agent, more than the default 1,024.
-pub fn raise_fd_limit() {
+/// Raises RLIMIT_NOFILE for this process to `want` (as root, past the
+/// hard limit) or at least to the hard limit. The load generator needs two
+/// descriptors per agent (listener + connection); the CP in this process
+/// one per session (the real CP raises its own limit).
+pub fn raise_fd_limit_to(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want.max(lim.rlim_cur),
+            rlim_max: want.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+pub fn raise_fd_limit() {
+    raise_fd_limit_to(0);
 }
 
 async fn serve(dir: PathBuf, n: usize) {

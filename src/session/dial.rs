@@ -32,7 +32,16 @@ pub struct DialConfig {
     pub hello_timeout: Duration,
     /// HTTP/2 windows, frame size, keepalive.
     pub h2: H2Settings,
+    /// Bounds dials in progress (TCP + TLS + Hello) across all sessions.
+    /// When thousands of sessions dial at once (a CP restart under a big
+    /// fleet), unbounded handshakes share the CPU until every one of them
+    /// outlives its timeout and all retry together; bounded, they finish
+    /// in turn.
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Dials in progress at once, per CP.
+pub const MAX_CONCURRENT_DIALS: usize = 64;
 
 impl std::fmt::Debug for DialConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,6 +74,7 @@ impl DialConfig {
             connect_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
             h2: H2Settings::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS)),
         })
     }
 }
@@ -105,6 +115,9 @@ pub enum DialError {
 
 /// One attempt.
 pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, DialError> {
+    // The semaphore is never closed; waiting for a turn is not part of
+    // the attempt's timeouts.
+    let _turn = cfg.handshakes.acquire().await.ok();
     let verifier = PermissiveServerVerifier::new(cfg.roots.clone());
     let tls_cfg = Arc::new(tls::cp_dial_config(
         &cfg.client_cert_pem,
