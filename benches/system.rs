@@ -883,7 +883,7 @@ async fn loopback_section() {
         .mint_agent(
             &ProjectSlug::new("p").unwrap(),
             &AgentName::new("a").unwrap(),
-            "loopback",
+            "100bac",
         )
         .unwrap();
     let boot = lg_dir.path().join("boot");

@@ -47,7 +47,7 @@ async fn serve(dir: PathBuf) {
         .mint_agent(
             &ProjectSlug::new("p").unwrap(),
             &AgentName::new("a").unwrap(),
-            "floor",
+            "0f100f",
         )
         .unwrap();
     std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();

@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 
@@ -34,10 +34,14 @@ pub fn agent_id(i: usize) -> String {
     format!("{i:08x}")
 }
 
-/// The parent's handle: the child process and the CP-side material it
-/// minted. Dropping it kills the child.
+/// Agents per generator process: each agent costs it two descriptors
+/// (listener + connection) and the hard RLIMIT_NOFILE here is 20,000.
+const AGENTS_PER_PROCESS: usize = 4000;
+
+/// The parent's handle: the child processes and the CP-side material.
+/// Dropping it kills the children.
 pub struct LoadGen {
-    child: Child,
+    children: Vec<Child>,
     _dir: tempfile::TempDir,
     pub ca_pem: Vec<u8>,
     pub cp_cert_pem: Vec<u8>,
@@ -46,41 +50,55 @@ pub struct LoadGen {
 }
 
 impl LoadGen {
-    /// Starts the child and waits until all `n` listeners are bound.
+    /// Starts the children (one CA for all, made here) and waits until
+    /// all `n` listeners are bound.
     pub fn spawn(n: usize) -> LoadGen {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Process::new(std::env::current_exe().unwrap())
-            .env(LOADGEN_ENV, dir.path())
-            .env("CLAWKER_LOADGEN_N", n.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn load generator");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "load generator: {line:?}");
-        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        clawker::pki::AuthMaterial::ensure(dir.path()).unwrap();
+        let paths = clawker::pki::AuthPaths::new(dir.path());
+        let mut children = Vec::new();
+        for start in (0..n).step_by(AGENTS_PER_PROCESS) {
+            let end = (start + AGENTS_PER_PROCESS).min(n);
+            let mut child = Process::new(std::env::current_exe().unwrap())
+                .env(LOADGEN_ENV, dir.path())
+                .env("CLAWKER_LOADGEN_RANGE", format!("{start}..{end}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn load generator");
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "load generator: {line:?}");
+            children.push(child);
+        }
+        let read = |p: PathBuf| std::fs::read(p).unwrap();
         LoadGen {
-            ca_pem: read("ca.pem"),
-            cp_cert_pem: read("cp.pem"),
-            cp_key_pem: read("cp.key"),
-            child,
+            ca_pem: read(paths.ca_cert()),
+            cp_cert_pem: read(paths.cp_client_cert()),
+            cp_key_pem: read(paths.cp_client_key()),
+            children,
             _dir: dir,
             n,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.children.first().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn processes(&self) -> usize {
+        self.children.len()
     }
 }
 
 impl Drop for LoadGen {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -89,16 +107,15 @@ pub fn child_main_if_requested() {
     let Some(dir) = std::env::var_os(LOADGEN_ENV) else {
         return;
     };
-    let n: usize = std::env::var("CLAWKER_LOADGEN_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    raise_fd_limit_to(2 * n as u64 + 1024);
+    let range = std::env::var("CLAWKER_LOADGEN_RANGE").unwrap_or_default();
+    let (start, end) = range.split_once("..").unwrap_or(("0", "0"));
+    let range: std::ops::Range<usize> = start.parse().unwrap()..end.parse().unwrap();
+    raise_fd_limit_to(2 * range.len() as u64 + 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(serve(PathBuf::from(dir), n));
+    rt.block_on(serve(PathBuf::from(dir), range));
     std::process::exit(0);
 }
 
@@ -131,15 +148,13 @@ pub fn raise_fd_limit() {
     raise_fd_limit_to(0);
 }
 
-async fn serve(dir: PathBuf, n: usize) {
-    let ca = clawker::pki::Ca::generate().unwrap();
-    let cp = ca.mint_cp_client().unwrap();
-    write(&dir, "ca.pem", ca.cert_pem().as_bytes());
-    write(&dir, "cp.pem", cp.cert_pem.as_bytes());
-    write(&dir, "cp.key", cp.key_pem.as_bytes());
+async fn serve(dir: PathBuf, range: std::ops::Range<usize>) {
+    let paths = clawker::pki::AuthPaths::new(&dir);
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let ca = clawker::pki::Ca::load(&read(paths.ca_cert()), &read(paths.ca_key())).unwrap();
     let (tx, rx) = mpsc::channel(1024);
     let (project, agent) = (ProjectSlug::new("p").unwrap(), AgentName::new("a").unwrap());
-    for i in 0..n {
+    for i in range {
         let leaf = ca.mint_agent(&project, &agent, &agent_id(i)).unwrap();
         let boot = clawker::clawkerd::config::Bootstrap {
             cert_pem: leaf.cert_pem.into_bytes(),
@@ -178,10 +193,6 @@ async fn serve(dir: PathBuf, n: usize) {
         .serve_with_incoming(incoming)
         .await
         .unwrap();
-}
-
-fn write(dir: &Path, name: &str, data: &[u8]) {
-    std::fs::write(dir.join(name), data).unwrap();
 }
 
 type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
