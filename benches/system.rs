@@ -218,6 +218,7 @@ async fn docker_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()
@@ -385,6 +386,7 @@ async fn sessions_section(n: usize) {
             .env("CLAWKER_GROUP_FILE", &group)
             .env("CLAWKER_READY_FILE", boot.join("ready"))
             .env("CLAWKER_LOG_FILE", boot.join("log"))
+            .env("CLAWKERD_STATE_DIR", boot.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -419,6 +421,7 @@ async fn sessions_section(n: usize) {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     let connected_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     {

@@ -83,6 +83,7 @@ fn main() {
         }
         bus.publish(AgentTrusted {
             agent: AgentRef::new("c-trusted", "dev", "example"),
+            rotations: 0,
             at: events::now(),
         }); // not selected: not forwarded
         bus.publish(AgentUntrusted {

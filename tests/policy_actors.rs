@@ -35,6 +35,7 @@ fn untrusted(id: &str, reason: UntrustedReason) -> AgentUntrusted {
 fn trusted(i: usize) -> AgentTrusted {
     AgentTrusted {
         agent: AgentRef::new(format!("c{i}"), "dev", "web"),
+        rotations: 0,
         at: events::now(),
     }
 }
@@ -189,6 +190,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
                 peer_cn: "clawker.web.dev".into(),
                 peer_thumbprint: Thumbprint([1; 32]),
                 chain_verified: true,
+                leaf_not_after: None,
                 at: events::now(),
             });
         }

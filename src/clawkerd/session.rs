@@ -29,6 +29,7 @@ use super::listener::PeerIdentity;
 use super::pipeline::{self, Control, SpawnCtx, error_response};
 use super::reaper::Reaper;
 use super::register::Coordinator;
+use super::renew::{Attached, Renewer};
 use super::spawn::{ReadyOutcome, UserCommand};
 use crate::proto::clawkerd::v1::{
     self as pb, Command, ErrorCode, Response, clawkerd_service_server::ClawkerdService,
@@ -83,6 +84,8 @@ pub struct Shared {
     #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
+    /// Leaf renewal; set once at boot (absent: `RenewCert` is refused).
+    renewer: std::sync::OnceLock<Arc<Renewer>>,
 }
 
 impl Shared {
@@ -102,7 +105,13 @@ impl Shared {
             #[cfg(feature = "test-hooks")]
             hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
+            renewer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the leaf renewer (once, at boot).
+    pub fn set_renewer(&self, renewer: Arc<Renewer>) {
+        let _ = self.renewer.set(renewer);
     }
 }
 
@@ -154,6 +163,7 @@ impl ClawkerdService for ClawkerdSvc {
             shared: self.shared.clone(),
             out: tx.clone(),
             commands: Arc::new(Mutex::new(HashMap::new())),
+            _renewal: self.shared.renewer.get().map(|r| r.attach(tx.clone())),
         };
         let inbound = request.into_inner();
         let driver = tokio::spawn(session.run(inbound));
@@ -192,6 +202,8 @@ struct Session {
     shared: Arc<Shared>,
     out: Outbound,
     commands: Commands,
+    /// This session is where unsolicited renewal CSRs may go while it lives.
+    _renewal: Option<Attached>,
 }
 
 impl Drop for Session {
@@ -410,9 +422,39 @@ impl Session {
                     self.shared.user_command.publish_failure(e);
                 }
             }
+            Cmd::RenewCert(r) => match self.shared.renewer.get() {
+                // Own task: a rotation waits for the CP's CertIssued, which
+                // this receive loop must stay free to deliver.
+                Some(renewer) => {
+                    let (renewer, out) = (renewer.clone(), self.out.clone());
+                    let seen = renewer.leaf().generation();
+                    tokio::spawn(async move { renewer.requested(id, &r.reason, out, seen).await });
+                }
+                None => {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::InvalidRequest,
+                        "unsupported command",
+                    ))
+                    .await;
+                }
+            },
+            Cmd::CertIssued(issued) => {
+                let delivered = self
+                    .shared
+                    .renewer
+                    .get()
+                    .is_some_and(|r| r.deliver(&id, issued));
+                if !delivered {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "cert_issued: no renewal waiting on that id",
+                    ))
+                    .await;
+                }
+            }
             Cmd::AgentInitialized(_)
-            | Cmd::RenewCert(_)
-            | Cmd::CertIssued(_)
             | Cmd::Pty(_)
             | Cmd::Resize(_)
             | Cmd::Logs(_)

@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Run init (and so release the user command) for untrusted agents too.
     #[arg(long, env = "CLAWKER_INIT_UNTRUSTED")]
     pub init_untrusted: Option<bool>,
+    /// Lifetime of agent leaves signed on rotation (e.g. `24h`, `10s`);
+    /// overrides cp.toml `agent_cert_ttl`.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// `pretty` (default on a TTY) or `json`.
     #[arg(long, env = "CLAWKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -75,17 +79,30 @@ pub struct RunArgs {
     /// How long to wait for init.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// The CP's TOML config, read for `agent_cert_ttl` (default:
+    /// <state>/cp.toml if present).
+    #[arg(long, env = "CLAWKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Lifetime of the agent's leaf (e.g. `24h`); overrides cp.toml.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// The user command (after `--`); default: the image's CMD.
     #[arg(last = true)]
     pub command: Vec<String>,
 }
 
-pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
-    let (path, must_exist) = match &args.config {
-        Some(p) => (p.clone(), true),
+/// The CP's config file: `--config`/`CLAWKER_CONFIG` (must exist), else
+/// `<state>/cp.toml` if present.
+fn load_file_config(state_dir: &Path, explicit: Option<&Path>) -> anyhow::Result<config::FileConfig> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p.to_owned(), true),
         None => (state_dir.join("cp.toml"), false),
     };
-    let file = config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)?;
+    config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)
+}
+
+pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let file = load_file_config(state_dir, args.config.as_deref())?;
     init_logging(args.log_format.as_deref().or(file.log_format.as_deref()))?;
     let admin_addr = admin_addr
         .parse()
@@ -98,6 +115,7 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
         metrics_addr: args.metrics_addr,
         clawkerd_port: args.clawkerd_port,
         init_untrusted: args.init_untrusted,
+        agent_cert_ttl: args.agent_cert_ttl,
     };
     let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
     cp::serve(cfg)
@@ -155,6 +173,10 @@ async fn run(
     args: RunArgs,
 ) -> anyhow::Result<()> {
     let (agent, project) = names(&args.name, &args.project)?;
+    let cert_ttl = match args.agent_cert_ttl {
+        Some(t) => config::check_agent_cert_ttl(t)?,
+        None => load_file_config(state_dir, args.config.as_deref())?.agent_cert_ttl()?,
+    };
     let material = crate::pki::AuthMaterial::load(state_dir).with_context(|| {
         format!(
             "loading auth material from {} (run `clawker ca init` first)",
@@ -186,6 +208,7 @@ async fn run(
         extra_labels: Default::default(),
         extra_networks: Vec::new(),
         mint_for_container: None,
+        cert_ttl,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);
