@@ -1158,6 +1158,16 @@ mod tests {
         assert!(AuthMaterial::load(dir.path()).is_ok());
     }
 
+    /// The CA as a rustls trust anchor (tests check chains like peers do).
+    fn roots_of(ca: &Ca) -> rustls::RootCertStore {
+        let der = single_pem_block("ca", ca.cert_pem(), "CERTIFICATE").unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .unwrap();
+        roots
+    }
+
     fn ident() -> AgentIdentity {
         AgentIdentity {
             cn: "clawker.web.dev".into(),
@@ -1212,7 +1222,7 @@ mod tests {
         );
         assert!(!c.is_ca());
         // It chains to the CA like any minted leaf.
-        let roots = crate::tls::root_store("ca", ca.cert_pem().as_bytes()).unwrap();
+        let roots = roots_of(&ca);
         let ee = rustls::pki_types::CertificateDer::from(leaf.cert_der.clone());
         let parsed = rustls::server::ParsedCertificate::try_from(&ee).unwrap();
         rustls::client::verify_server_cert_signed_by_trust_anchor(
@@ -1391,11 +1401,12 @@ mod tests {
             &read_file(&paths.ca_key()).unwrap(),
         )
         .unwrap();
-        let roots = crate::tls::root_store("ca", ca.cert_pem().as_bytes()).unwrap();
-        let algs = crate::tls::provider().signature_verification_algorithms.all;
+        let roots = roots_of(&ca);
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let algs = provider.signature_verification_algorithms.all;
         let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             std::sync::Arc::new(roots.clone()),
-            crate::tls::provider(),
+            provider.clone(),
         )
         .build()
         .unwrap();
