@@ -9,6 +9,11 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `rotation`: one real clawkerd on loopback, 200 leaf rotations over
+//!   one open session (`RenewCert` → CSR → sign → stage → `CertIssued` →
+//!   clawkerd persists and swaps → `Done` → promote), with real redb writes:
+//!   CSR received → `Done` received (the DESIGN target), and the whole
+//!   `RenewCert` round trip.
 //!
 //! Under `cargo test --all-targets` this binary is only built and exits.
 
@@ -28,7 +33,9 @@ use futures::StreamExt;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions]`");
+        println!(
+            "system harness: run with `cargo bench --bench system [-- docker|sessions|rotation]`"
+        );
         return;
     }
     let only: Vec<&str> = args
@@ -48,6 +55,120 @@ fn main() {
             actix::System::new().block_on(sessions_section(n));
         }
     }
+    if want("rotation") {
+        actix::System::new().block_on(rotation_section(200));
+    }
+}
+
+async fn rotation_section(n: usize) {
+    use clawker::events::{AgentRef, RotationReason};
+    use clawker::session::rotation::{CertRotation, RequestOutcome, RotationConfig, Rotator};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(clawker::pki::Ca::generate().unwrap());
+    let cp_client = ca.mint_cp_client().unwrap();
+    let id = "0123456789abcdef";
+    let leaf = ca
+        .mint_agent(
+            &ProjectSlug::new("p").unwrap(),
+            &AgentName::new("a").unwrap(),
+            id,
+        )
+        .unwrap();
+    let boot = dir.path().join("boot");
+    clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+    std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let group = dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\n").unwrap();
+    let log = dir.path().join("clawkerd.log");
+    let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+        .args(["sleep", "600"])
+        .env("CLAWKER_AGENT", "a")
+        .env("CLAWKER_PROJECT", "p")
+        .env("CLAWKER_USER", "root")
+        .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+        .env("CLAWKER_LISTEN_ADDR", "127.0.0.1:0")
+        .env("CLAWKER_PASSWD_FILE", &passwd)
+        .env("CLAWKER_GROUP_FILE", &group)
+        .env("CLAWKER_READY_FILE", dir.path().join("ready"))
+        .env("CLAWKER_LOG_FILE", &log)
+        .env("CLAWKERD_STATE_DIR", dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawkerd");
+    // The bound address, from clawkerd's `clawkerd_listener_started` line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr: SocketAddr = loop {
+        let found = std::fs::read_to_string(&log).ok().and_then(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "clawkerd_listener_started")
+                .and_then(|v| v["addr"].as_str()?.parse().ok())
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "clawkerd not listening");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let registry = clawker::registry::RegistryStore::open(&dir.path().join("r.redb")).unwrap();
+    registry
+        .add(clawker::registry::NewEntry {
+            agent_name: "a".into(),
+            project: "p".into(),
+            container_id: id.into(),
+            thumbprint: leaf.thumbprint(),
+            registered_at_unix: 1,
+            last_seen_unix: 0,
+        })
+        .unwrap();
+    let dial = clawker::session::dial::DialConfig::new(
+        ca.cert_pem().as_bytes(),
+        cp_client.cert_pem.as_bytes(),
+        cp_client.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let conn = clawker::session::dial::connect(addr, &dial)
+        .await
+        .expect("session");
+    let certs = CertRotation {
+        ca: ca.clone(),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig::default(),
+    };
+    let mut rotator = Rotator::new(
+        Some(Arc::new(certs)),
+        Arc::new(registry.clone()),
+        clawker::events::RecordingSink::default(),
+        AgentRef::new(id, "a", "p"),
+        true,
+        &conn.peer,
+    );
+    let (mut csr_to_done, mut round_trip) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        match rotator
+            .rotate_now(&conn.mux, RotationReason::Requested)
+            .await
+            .expect("rotation")
+        {
+            RequestOutcome::Rotated(r) => csr_to_done.push(r.csr_to_done),
+            RequestOutcome::AlreadyRotated => panic!("nothing else rotates here"),
+        }
+        round_trip.push(t.elapsed());
+    }
+    assert!(!conn.mux.is_closed(), "one session throughout");
+    println!("\n== leaf rotation over one open session (loopback, real clawkerd, real redb) ==");
+    report(
+        "CSR received → Done received (new leaf in use)",
+        &mut csr_to_done,
+    );
+    report("RenewCert sent → Done received", &mut round_trip);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// 1,000 sessions need more than the default 1,024 descriptors.

@@ -432,8 +432,7 @@ mod csr {
     use x509_parser::cri_attributes::ParsedCriAttribute;
     use x509_parser::extensions::{GeneralName, ParsedExtension};
     use x509_parser::oid_registry::{
-        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_X509_COMMON_NAME,
-        OID_X509_ORGANIZATION_NAME,
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME,
     };
     use x509_parser::prelude::FromDer;
 
@@ -1214,7 +1213,10 @@ mod tests {
         assert!(ku.digital_signature() && ku.key_encipherment());
         let san = c.subject_alternative_name().unwrap().unwrap().value;
         assert_eq!(san.general_names.len(), 1);
-        assert!(matches!(san.general_names[0], GeneralName::URI("urn:clawker:container:abc123")));
+        assert!(matches!(
+            san.general_names[0],
+            GeneralName::URI("urn:clawker:container:abc123")
+        ));
         assert_eq!(
             c.public_key().subject_public_key.data.as_ref(),
             key.public_key_raw(),
@@ -1384,13 +1386,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         AuthMaterial::ensure(dir.path()).unwrap();
         let paths = AuthPaths::new(dir.path());
-        let kept = [paths.ca_cert(), paths.ca_key(), paths.signing_key()].map(|f| fs::read(f).unwrap());
-        let renewed_files = [paths.server_cert(), paths.cli_cert(), paths.cp_client_cert()];
+        let kept =
+            [paths.ca_cert(), paths.ca_key(), paths.signing_key()].map(|f| fs::read(f).unwrap());
+        let renewed_files = [
+            paths.server_cert(),
+            paths.cli_cert(),
+            paths.cp_client_cert(),
+        ];
         let before = renewed_files.clone().map(|f| fs::read(f).unwrap());
         let renewed = AuthMaterial::renew(dir.path()).unwrap();
         assert_eq!(
             renewed.iter().map(|r| r.name).collect::<Vec<_>>(),
-            vec!["server certificate", "CLI client certificate", "CP client certificate"]
+            vec![
+                "server certificate",
+                "CLI client certificate",
+                "CP client certificate"
+            ]
         );
         assert_eq!(
             kept,
@@ -1413,15 +1424,19 @@ mod tests {
         for (f, old) in renewed_files.iter().zip(before) {
             let new = fs::read(f).unwrap();
             assert_ne!(new, old, "{}", f.display());
-            let der = single_pem_block("c", std::str::from_utf8(&new).unwrap(), "CERTIFICATE")
-                .unwrap();
+            let der =
+                single_pem_block("c", std::str::from_utf8(&new).unwrap(), "CERTIFICATE").unwrap();
             let ee = rustls::pki_types::CertificateDer::from(der);
             let now = rustls::pki_types::UnixTime::now();
             // Chains to the same CA, checked as its peers check it.
             if f == &paths.server_cert() {
                 let parsed = rustls::server::ParsedCertificate::try_from(&ee).unwrap();
                 rustls::client::verify_server_cert_signed_by_trust_anchor(
-                    &parsed, &roots, &[], now, algs,
+                    &parsed,
+                    &roots,
+                    &[],
+                    now,
+                    algs,
                 )
                 .unwrap();
             } else {
@@ -1434,6 +1449,9 @@ mod tests {
         }
         assert!(renewed[0].not_after > OffsetDateTime::now_utc() + Duration::days(364));
         let missing = tempfile::tempdir().unwrap();
-        assert!(AuthMaterial::renew(missing.path()).is_err(), "no CA: nothing to renew under");
+        assert!(
+            AuthMaterial::renew(missing.path()).is_err(),
+            "no CA: nothing to renew under"
+        );
     }
 }

@@ -260,10 +260,9 @@ async fn half_life_rotation_keeps_the_session_and_retires_the_old_thumbprint() {
     // 4-second leaves, from `agent run` and from every rotation.
     h.rotation.agent_cert_ttl = Duration::from_secs(4);
     let (p, a) = ident();
-    let first = h
-        .ca
-        .mint_agent_with_ttl(&p, &a, &h.pki.container_id, time::Duration::seconds(4))
-        .unwrap();
+    let first =
+        h.ca.mint_agent_with_ttl(&p, &a, &h.pki.container_id, time::Duration::seconds(4))
+            .unwrap();
     h.bootstrap_with(&first);
     h.register_row(first.thumbprint());
     let clawkerd = agent(&h.pki, None);
@@ -283,12 +282,23 @@ async fn half_life_rotation_keeps_the_session_and_retires_the_old_thumbprint() {
     assert_eq!(h.sink.of("agent.session.connected").len(), 1);
     assert!(h.sink.of("agent.session.broken").is_empty());
     assert!(h.sink.of("agent.session.failed").is_empty());
-    assert!(live.borrow().as_ref().is_some_and(|l| l.trusted && !l.mux.is_closed()));
+    assert!(
+        live.borrow()
+            .as_ref()
+            .is_some_and(|l| l.trusted && !l.mux.is_closed())
+    );
     assert_eq!(clawkerd.logs.count("session_started"), 1);
-    assert_eq!(clawkerd.logs.count("agent_ready_spawned"), 1, "user command untouched");
+    assert_eq!(
+        clawkerd.logs.count("agent_ready_spawned"),
+        1,
+        "user command untouched"
+    );
 
     // The first leaf is retired: it no longer matches its row.
-    assert_eq!(h.classify(&first.thumbprint()), Classification::ThumbprintMismatch);
+    assert_eq!(
+        h.classify(&first.thumbprint()),
+        Classification::ThumbprintMismatch
+    );
     let retired =
         clawker::registry::leaf::retired(h.registry.database(), &first.thumbprint()).unwrap();
     assert_eq!(
@@ -296,8 +306,14 @@ async fn half_life_rotation_keeps_the_session_and_retires_the_old_thumbprint() {
         hex_of(&rotated[0]["new"]),
         "kept in the history"
     );
-    let row = h.registry.lookup_by_container_id(&h.pki.container_id).unwrap();
-    assert!(matches!(h.classify(&row.thumbprint), Classification::Match(_)));
+    let row = h
+        .registry
+        .lookup_by_container_id(&h.pki.container_id)
+        .unwrap();
+    assert!(matches!(
+        h.classify(&row.thumbprint),
+        Classification::Match(_)
+    ));
     // clawkerd serves a rotated leaf to new handshakes and persisted it.
     let served = served_thumbprint(&h, clawkerd.addr).await;
     let known: Vec<Thumbprint> = h
@@ -306,7 +322,10 @@ async fn half_life_rotation_keeps_the_session_and_retires_the_old_thumbprint() {
         .iter()
         .map(|r| hex_of(&r["new"]))
         .collect();
-    assert!(known.contains(&served) || served != first.thumbprint(), "{served}");
+    assert!(
+        known.contains(&served) || served != first.thumbprint(),
+        "{served}"
+    );
     let file = h.state_dir().join("leaf.pem");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&file), 0o600);
@@ -322,10 +341,9 @@ async fn reconnect_after_rotation_matches_with_the_new_thumbprint() {
     let h = Harness::new();
     // A 4 s bootstrap leaf renews once into a 1 h leaf, then stays.
     let (p, a) = ident();
-    let first = h
-        .ca
-        .mint_agent_with_ttl(&p, &a, &h.pki.container_id, time::Duration::seconds(4))
-        .unwrap();
+    let first =
+        h.ca.mint_agent_with_ttl(&p, &a, &h.pki.container_id, time::Duration::seconds(4))
+            .unwrap();
     h.bootstrap_with(&first);
     h.register_row(first.thumbprint());
     let clawkerd = agent(&h.pki, None);
@@ -340,10 +358,15 @@ async fn reconnect_after_rotation_matches_with_the_new_thumbprint() {
     let port = clawkerd.addr.port();
     drop(clawkerd);
     let again = agent(&h.pki, Some(format!("127.0.0.1:{port}")));
-    assert!(again.logs.wait_for("leaf_loaded", Duration::from_secs(5)).unwrap()["source"]
-        .as_str()
-        .unwrap()
-        .contains("Persisted"));
+    assert!(
+        again
+            .logs
+            .wait_for("leaf_loaded", Duration::from_secs(5))
+            .unwrap()["source"]
+            .as_str()
+            .unwrap()
+            .contains("Persisted")
+    );
     wait_for(&h.sink, "agent.trusted", 2, 30).await;
     let connected = h.sink.of("agent.session.connected");
     assert_eq!(connected.len(), 2);
@@ -368,14 +391,24 @@ async fn expired_leaf_that_matches_its_row_is_trusted_and_rotated_at_once() {
     wait_for(&h.sink, "agent.init.completed", 1, 30).await;
     let connected = &h.sink.of("agent.session.connected")[0];
     assert_eq!(connected["chain_verified"], false);
-    assert!(h.sink.of("agent.untrusted").is_empty(), "{:?}", h.sink.names());
+    assert!(
+        h.sink.of("agent.untrusted").is_empty(),
+        "{:?}",
+        h.sink.names()
+    );
     assert_eq!(h.sink.of("agent.trusted").len(), 1);
     let r = &h.sink.of("agent.cert.rotated")[0];
     assert_eq!(r["reason"], "expired");
     assert_eq!(r["old"], expired.thumbprint().to_hex());
-    let row = h.registry.lookup_by_container_id(&h.pki.container_id).unwrap();
+    let row = h
+        .registry
+        .lookup_by_container_id(&h.pki.container_id)
+        .unwrap();
     assert_eq!(row.thumbprint, hex_of(&r["new"]));
-    assert_eq!(h.classify(&expired.thumbprint()), Classification::ThumbprintMismatch);
+    assert_eq!(
+        h.classify(&expired.thumbprint()),
+        Classification::ThumbprintMismatch
+    );
     // The new leaf is valid for the configured lifetime.
     let not_after = time::OffsetDateTime::parse(
         r["not_after"].as_str().unwrap(),
@@ -401,7 +434,10 @@ async fn leaf_expired_past_the_staleness_bound_is_cert_expired() {
     wait_for(&h.sink, "agent.untrusted", 1, 30).await;
     let u = &h.sink.of("agent.untrusted")[0];
     assert_eq!(u["reason"], "cert_expired");
-    assert!(u["detail"].as_str().unwrap().contains("staleness bound"), "{u}");
+    assert!(
+        u["detail"].as_str().unwrap().contains("staleness bound"),
+        "{u}"
+    );
     // clawkerd asks to renew on its own (its leaf is past half-life); the
     // CP refuses an untrusted session.
     wait_for(&h.sink, "agent.cert.rotation_failed", 1, 30).await;
@@ -413,9 +449,16 @@ async fn leaf_expired_past_the_staleness_bound_is_cert_expired() {
     );
     assert!(h.sink.of("agent.cert.rotated").is_empty());
     assert!(h.sink.of("agent.init.started").is_empty(), "init withheld");
-    assert!(live.borrow().as_ref().is_some_and(|l| !l.trusted && !l.mux.is_closed()));
+    assert!(
+        live.borrow()
+            .as_ref()
+            .is_some_and(|l| !l.trusted && !l.mux.is_closed())
+    );
     assert_eq!(
-        h.registry.lookup_by_container_id(&h.pki.container_id).unwrap().thumbprint,
+        h.registry
+            .lookup_by_container_id(&h.pki.container_id)
+            .unwrap()
+            .thumbprint,
         stale.thumbprint()
     );
     task.abort();
@@ -435,7 +478,10 @@ async fn expired_leaf_from_another_ca_or_with_another_thumbprint_stays_untrusted
     wait_for(&h.sink, "agent.untrusted", 1, 30).await;
     let u = &h.sink.of("agent.untrusted")[0];
     assert_eq!(u["reason"], "cert_invalid");
-    assert!(u["detail"].as_str().unwrap().starts_with("chain verify:"), "{u}");
+    assert!(
+        u["detail"].as_str().unwrap().starts_with("chain verify:"),
+        "{u}"
+    );
     task.abort();
     drop(clawkerd);
 
@@ -524,7 +570,11 @@ async fn renewed_cp_certificates_are_accepted_by_a_clawkerd_that_never_restarted
     wait_for(&sink2, "agent.trusted", 1, 30).await;
     assert!(sink2.of("agent.untrusted").is_empty());
     // The same clawkerd process accepted both CP client certificates.
-    assert!(clawkerd.logs.wait_count("session_started", 2, Duration::from_secs(5)));
+    assert!(
+        clawkerd
+            .logs
+            .wait_count("session_started", 2, Duration::from_secs(5))
+    );
     let peers: Vec<String> = clawkerd
         .logs
         .events("session_started")

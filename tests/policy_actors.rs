@@ -219,6 +219,16 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
             detail: String::new(),
             at: events::now(),
         });
+        bus.publish(events::CertRotated {
+            agent: AgentRef::new("c1", "dev", "web"),
+            old: Thumbprint([1; 32]),
+            new: Thumbprint([2; 32]),
+            not_after: events::now(),
+            reason: events::RotationReason::HalfLife,
+            rotations: 1,
+            duration: Duration::from_millis(4),
+            at: events::now(),
+        });
         metrics.record_child_exit(&ChildExit {
             supervisor: "sessions".into(),
             name: "session".into(),
@@ -240,6 +250,13 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         assert_eq!(v(m::REGISTRATIONS, &[("result", "failed")]), 1.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "cert_invalid")]), 2.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "register_failed")]), 1.0);
+        assert_eq!(
+            v(
+                m::CERT_ROTATIONS,
+                &[("reason", "half_life"), ("result", "ok")]
+            ),
+            1.0
+        );
         assert_eq!(v(m::SESSIONS, &[("status", "connected")]), 2.0);
         assert_eq!(v(m::SESSIONS, &[("status", "failed")]), 1.0);
         assert_eq!(v(m::SESSIONS, &[("status", "broken")]), 0.0);

@@ -212,7 +212,9 @@ pub fn at_boot(bootstrap: &Bootstrap, state_dir: &Path) -> Result<(Leaf, Source)
             ),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(event = "leaf_persisted_ignored", path = %path.display(), error = %e, "cannot read the persisted leaf"),
+        Err(e) => {
+            tracing::warn!(event = "leaf_persisted_ignored", path = %path.display(), error = %e, "cannot read the persisted leaf")
+        }
     }
     Ok((
         Leaf::from_pem(&bootstrap.cert_pem, &bootstrap.key_pem)?,
@@ -299,7 +301,10 @@ mod tests {
         let state = dir.path().join("state");
         // Nothing persisted: the bootstrap leaf.
         let (l, src) = at_boot(&b, &state).unwrap();
-        assert_eq!((l.thumbprint(), src), (boot.thumbprint(), Source::Bootstrap));
+        assert_eq!(
+            (l.thumbprint(), src),
+            (boot.thumbprint(), Source::Bootstrap)
+        );
         // A rotated leaf persisted: preferred.
         let rotated = mint(&ca);
         persist(&state, &leaf_of(&rotated)).unwrap();
@@ -307,7 +312,10 @@ mod tests {
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(LEAF_FILE)), 0o600);
         let (l, src) = at_boot(&b, &state).unwrap();
-        assert_eq!((l.thumbprint(), src), (rotated.thumbprint(), Source::Persisted));
+        assert_eq!(
+            (l.thumbprint(), src),
+            (rotated.thumbprint(), Source::Persisted)
+        );
         // A persisted leaf from another CA, or garbage: ignored.
         let foreign = mint(&Ca::generate().unwrap());
         persist(&state, &leaf_of(&foreign)).unwrap();

@@ -172,8 +172,8 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         tracing::error!(event = "clawkerd_listener_start_failed", error = %e);
         BootError::Config(format!("start clawkerd listener: {e}"))
     };
-    let (boot_leaf, source) = leaf::at_boot(&bootstrap, &cfg.state_dir)
-        .map_err(|e| listener_failed(e.into()))?;
+    let (boot_leaf, source) =
+        leaf::at_boot(&bootstrap, &cfg.state_dir).map_err(|e| listener_failed(e.into()))?;
     tracing::info!(
         event = "leaf_loaded",
         source = ?source,

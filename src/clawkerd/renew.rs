@@ -23,13 +23,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawker_actors::Backoff;
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::leaf::{self, CurrentLeaf, Leaf};
 use super::pipeline::error_response;
 use super::session::Outbound;
+
+type WeakOutbound = tokio::sync::mpsc::WeakSender<Result<Response, tonic::Status>>;
 use crate::proto::clawkerd::v1::{self as pb, ErrorCode, Response, response::Payload as Resp};
 use crate::tls;
 
@@ -90,8 +94,9 @@ pub struct Renewer {
     leaf: Arc<CurrentLeaf>,
     roots: Arc<rustls::RootCertStore>,
     state_dir: PathBuf,
-    /// Open sessions, oldest first.
-    sessions: Mutex<Vec<(u64, Outbound)>>,
+    /// Open sessions, oldest first. Weak: the renewer must not keep a
+    /// session's response stream open, nor count as one of its workers.
+    sessions: Mutex<Vec<(u64, WeakOutbound)>>,
     attached: watch::Sender<u64>,
     /// Rotations waiting for their `CertIssued`, by command id.
     waiting: Mutex<HashMap<String, oneshot::Sender<pb::CertIssued>>>,
@@ -140,9 +145,9 @@ impl Renewer {
     }
 
     /// Makes a session available for unsolicited CSRs.
-    pub fn attach(self: &Arc<Self>, out: Outbound) -> Attached {
+    pub fn attach(self: &Arc<Self>, out: &Outbound) -> Attached {
         let key = self.next_session.fetch_add(1, Ordering::Relaxed);
-        lock(&self.sessions).push((key, out));
+        lock(&self.sessions).push((key, out.downgrade()));
         self.attached.send_modify(|n| *n += 1);
         Attached {
             renewer: self.clone(),
@@ -154,8 +159,8 @@ impl Renewer {
         lock(&self.sessions)
             .iter()
             .rev()
-            .find(|(_, o)| !o.is_closed())
-            .map(|(_, o)| o.clone())
+            .filter_map(|(_, o)| o.upgrade())
+            .find(|o| !o.is_closed())
     }
 
     /// Hands `CertIssued` to the rotation waiting on `id`; `false` if none is.
@@ -189,16 +194,26 @@ impl Renewer {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut changed = self.leaf.subscribe();
         let mut attached = self.attached.subscribe();
-        let mut retry: Option<clawker_actors::Retry> = None;
+        // The retry position, for the leaf generation it was made for.
+        let mut retry: Option<(u64, clawker_actors::Retry)> = None;
         loop {
             changed.borrow_and_update();
             let current = self.leaf.load();
             let generation = self.leaf.generation();
             let lifetime =
                 Duration::from_secs((current.not_after - current.not_before).max(1) as u64);
-            let retry = retry.get_or_insert_with(|| retry_policy(lifetime).retry());
+            if retry.as_ref().is_none_or(|(g, _)| *g != generation) {
+                retry = Some((generation, retry_policy(lifetime).retry()));
+            }
+            let Some((_, retry)) = retry.as_mut() else {
+                continue;
+            };
             let wait = due_in(now_unix(), current.not_before, current.not_after);
-            tracing::debug!(event = "leaf_renew_scheduled", in_secs = wait.as_secs(), not_after = current.not_after);
+            tracing::debug!(
+                event = "leaf_renew_scheduled",
+                in_secs = wait.as_secs(),
+                not_after = current.not_after
+            );
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = changed.changed() => continue,
@@ -267,7 +282,9 @@ impl Renewer {
             }
             Err(e) => {
                 tracing::warn!(event = "leaf_rotation_failed", command_id = %id, reason, error = %e, "keeping the current leaf");
-                let _ = out.send(Ok(error_response(id, e.code(), e.to_string()))).await;
+                let _ = out
+                    .send(Ok(error_response(id, e.code(), e.to_string())))
+                    .await;
             }
         }
         result
@@ -320,17 +337,23 @@ impl Renewer {
         }
         let new = self.check_issued(&current, &issued.cert_pem, &key)?;
         let state_dir = self.state_dir.clone();
-        let new = tokio::task::spawn_blocking(move || leaf::persist(&state_dir, &new).map(|()| new))
-            .await
-            .map_err(|e| RenewError::BadCert(format!("persist task: {e}")))?
-            .map_err(RenewError::Persist)?;
+        let new =
+            tokio::task::spawn_blocking(move || leaf::persist(&state_dir, &new).map(|()| new))
+                .await
+                .map_err(|e| RenewError::BadCert(format!("persist task: {e}")))?
+                .map_err(RenewError::Persist)?;
         self.leaf.replace(new);
         Ok(())
     }
 
     /// The issued leaf must be for our new key, name what the current leaf
     /// names, chain to our CA and be valid now, and allow both TLS roles.
-    fn check_issued(&self, current: &Leaf, cert_pem: &str, key: &KeyPair) -> Result<Leaf, RenewError> {
+    fn check_issued(
+        &self,
+        current: &Leaf,
+        cert_pem: &str,
+        key: &KeyPair,
+    ) -> Result<Leaf, RenewError> {
         let bad = |s: &str| RenewError::BadCert(s.to_owned());
         if cert_pem.len() > 16 * 1024 {
             return Err(bad("certificate PEM too large"));
@@ -340,8 +363,12 @@ impl Renewer {
         if new.cn != current.cn || new.uris != current.uris {
             return Err(bad("names another identity"));
         }
-        tls::chains_at(&new.cert_der, &self.roots, rustls::pki_types::UnixTime::now())
-            .map_err(|e| RenewError::BadCert(format!("chain: {e}")))?;
+        tls::chains_at(
+            &new.cert_der,
+            &self.roots,
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| RenewError::BadCert(format!("chain: {e}")))?;
         let (_, cert) = x509_parser::parse_x509_certificate(&new.cert_der)
             .map_err(|_| bad("does not parse"))?;
         let both = matches!(cert.extended_key_usage(), Ok(Some(e)) if e.value.client_auth && e.value.server_auth);
@@ -394,8 +421,14 @@ mod tests {
         assert_eq!(b.max, Duration::from_millis(2750));
         assert!(b.jitter);
         let b = retry_policy(Duration::from_secs(86_400));
-        assert_eq!((b.initial, b.max), (Duration::from_secs(1), Duration::from_secs(60)));
+        assert_eq!(
+            (b.initial, b.max),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
         let b = retry_policy(Duration::from_secs(2));
-        assert_eq!((b.initial, b.max), (Duration::from_secs(1), Duration::from_secs(1)));
+        assert_eq!(
+            (b.initial, b.max),
+            (Duration::from_secs(1), Duration::from_secs(1))
+        );
     }
 }

@@ -163,7 +163,7 @@ impl ClawkerdService for ClawkerdSvc {
             shared: self.shared.clone(),
             out: tx.clone(),
             commands: Arc::new(Mutex::new(HashMap::new())),
-            _renewal: self.shared.renewer.get().map(|r| r.attach(tx.clone())),
+            _renewal: self.shared.renewer.get().map(|r| r.attach(&tx)),
         };
         let inbound = request.into_inner();
         let driver = tokio::spawn(session.run(inbound));

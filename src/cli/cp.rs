@@ -93,7 +93,10 @@ pub struct RunArgs {
 
 /// The CP's config file: `--config`/`CLAWKER_CONFIG` (must exist), else
 /// `<state>/cp.toml` if present.
-fn load_file_config(state_dir: &Path, explicit: Option<&Path>) -> anyhow::Result<config::FileConfig> {
+fn load_file_config(
+    state_dir: &Path,
+    explicit: Option<&Path>,
+) -> anyhow::Result<config::FileConfig> {
     let (path, must_exist) = match explicit {
         Some(p) => (p.to_owned(), true),
         None => (state_dir.join("cp.toml"), false),

@@ -55,7 +55,9 @@ pub fn check<P: Publish>(paths: &AuthPaths, sink: &P, now: OffsetDateTime) -> us
     for (name, path) in watched(paths) {
         match pki::read_file(&path).and_then(|pem| pki::cert_not_after(name, &pem)) {
             Ok(not_after) => certs.push((name, path.display().to_string(), not_after)),
-            Err(e) => tracing::warn!(cert = name, error = %e, "cannot read a CP certificate's expiry"),
+            Err(e) => {
+                tracing::warn!(cert = name, error = %e, "cannot read a CP certificate's expiry")
+            }
         }
     }
     let due = expiring(now, &certs, WARN_BEFORE);
@@ -107,7 +109,10 @@ mod tests {
         let got: Vec<(&str, i64)> = w.iter().map(|w| (w.cert.as_str(), w.days_left)).collect();
         assert_eq!(
             got,
-            vec![("CP client certificate", 30), ("CLI client certificate", -2)]
+            vec![
+                ("CP client certificate", 30),
+                ("CLI client certificate", -2)
+            ]
         );
     }
 

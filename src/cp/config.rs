@@ -58,7 +58,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (use s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use s, m, h or d)"
+            ));
+        }
     };
     n.checked_mul(secs)
         .map(Duration::from_secs)
@@ -93,7 +97,9 @@ fn duration_key(
 ) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
-        Some(v) => v.parse().map_err(|detail| ConfigError::Invalid { key, detail }),
+        Some(v) => v
+            .parse()
+            .map_err(|detail| ConfigError::Invalid { key, detail }),
     }
 }
 
@@ -297,15 +303,32 @@ mod tests {
             ..Overrides::default()
         };
         let file: FileConfig = toml::from_str("agent_cert_ttl = \"1h\"").unwrap();
-        assert_eq!(resolve("/s".into(), file, o).unwrap().agent_cert_ttl, Duration::from_secs(60));
+        assert_eq!(
+            resolve("/s".into(), file, o).unwrap().agent_cert_ttl,
+            Duration::from_secs(60)
+        );
         for (text, want) in [
-            ("agent_cert_ttl = \"1s\"", "agent_cert_ttl: 1s is outside 2s..="),
-            ("agent_cert_ttl = \"10y\"", "agent_cert_ttl: \"10y\": unknown unit"),
-            ("agent_cert_ttl = \"soon\"", "agent_cert_ttl: \"soon\": expected a number"),
-            ("agent_cert_stale_after = \"-1d\"", "agent_cert_stale_after: \"-1d\""),
+            (
+                "agent_cert_ttl = \"1s\"",
+                "agent_cert_ttl: 1s is outside 2s..=",
+            ),
+            (
+                "agent_cert_ttl = \"10y\"",
+                "agent_cert_ttl: \"10y\": unknown unit",
+            ),
+            (
+                "agent_cert_ttl = \"soon\"",
+                "agent_cert_ttl: \"soon\": expected a number",
+            ),
+            (
+                "agent_cert_stale_after = \"-1d\"",
+                "agent_cert_stale_after: \"-1d\"",
+            ),
         ] {
             let file: FileConfig = toml::from_str(text).unwrap();
-            let e = resolve("/s".into(), file, Overrides::default()).unwrap_err().to_string();
+            let e = resolve("/s".into(), file, Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(want), "{text}: {e}");
         }
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));

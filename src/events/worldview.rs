@@ -538,7 +538,10 @@ mod tests {
             rotations: 3,
             at: t(1),
         });
-        assert_eq!(v.agents["c1"].rotations, 3, "durable count after a CP restart");
+        assert_eq!(
+            v.agents["c1"].rotations, 3,
+            "durable count after a CP restart"
+        );
         v.apply_event(&CertRotated {
             agent: AgentRef::new("c1", String::new(), String::new()),
             old: Thumbprint([7; 32]),

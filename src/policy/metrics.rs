@@ -13,6 +13,8 @@
 //! | `clawker_supervisor_restarts_total`      | counter   | `supervisor`, `child` | [`record_child_exit`]        |
 //! | `clawker_supervisor_child_exits_total`   | counter   | `supervisor`, `reason` | [`record_child_exit`]       |
 //! | `clawker_containment_actions_total`      | counter   | `action`, `outcome` | `ContainmentApplied`           |
+//! | `clawker_cert_rotations_total`           | counter   | `reason`, `result` (ok/failed) | `CertRotated`/`CertRotationFailed` |
+//! | `clawker_cert_rotation_seconds`          | histogram |                     | `CertRotated` (CSR → `Done`)   |
 //!
 //! Why a recorder object and not only the global one: tests (and several
 //! CPs in one process) each get their own [`Metrics`], recorded into via
@@ -40,8 +42,8 @@ use metrics_exporter_prometheus::{
 
 use crate::events::worldview::SessionStatus;
 use crate::events::{
-    AgentRegistered, AgentUntrusted, Bus, ContainmentApplied, InitStepCompleted, InitStepFailed,
-    Worldview,
+    AgentRegistered, AgentUntrusted, Bus, CertRotated, CertRotationFailed, ContainmentApplied,
+    InitStepCompleted, InitStepFailed, Worldview,
 };
 
 pub const SESSIONS: &str = "clawker_sessions";
@@ -53,6 +55,8 @@ pub const BUS_DROPPED: &str = "clawker_bus_dropped_total";
 pub const SUPERVISOR_RESTARTS: &str = "clawker_supervisor_restarts_total";
 pub const SUPERVISOR_EXITS: &str = "clawker_supervisor_child_exits_total";
 pub const CONTAINMENT_ACTIONS: &str = "clawker_containment_actions_total";
+pub const CERT_ROTATIONS: &str = "clawker_cert_rotations_total";
+pub const CERT_ROTATION_DURATION: &str = "clawker_cert_rotation_seconds";
 
 /// Init steps range from milliseconds (idempotent shell steps) to minutes
 /// (post-init scripts).
@@ -166,6 +170,12 @@ impl Metrics {
                 CONTAINMENT_ACTIONS,
                 "Containment steps by action and outcome"
             );
+            metrics::describe_counter!(CERT_ROTATIONS, "Agent leaf rotations by reason and result");
+            metrics::describe_histogram!(
+                CERT_ROTATION_DURATION,
+                Unit::Seconds,
+                "Leaf rotation, CSR received to the new leaf in use"
+            );
         });
         m
     }
@@ -233,6 +243,15 @@ impl Metrics {
             } else if let Some(s) = e.downcast_ref::<InitStepFailed>() {
                 metrics::histogram!(INIT_STEP_DURATION, "step" => s.step.clone(), "result" => "failed")
                     .record(s.duration.as_secs_f64());
+            } else if let Some(r) = e.downcast_ref::<CertRotated>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "ok")
+                    .increment(1);
+                if !r.duration.is_zero() {
+                    metrics::histogram!(CERT_ROTATION_DURATION).record(r.duration.as_secs_f64());
+                }
+            } else if let Some(r) = e.downcast_ref::<CertRotationFailed>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "failed")
+                    .increment(1);
             } else if let Some(c) = e.downcast_ref::<ContainmentApplied>() {
                 metrics::counter!(CONTAINMENT_ACTIONS, "action" => c.action.as_str(), "outcome" => c.outcome.as_str())
                     .increment(1);

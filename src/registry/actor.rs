@@ -48,7 +48,8 @@ impl Index {
     fn rotate(&mut self, p: &Promotion) {
         self.by_thumbprint.remove(&p.old.0);
         self.insert(Arc::new(p.entry.clone()));
-        self.leaf.insert(p.entry.container_id.clone(), p.state.clone());
+        self.leaf
+            .insert(p.entry.container_id.clone(), p.state.clone());
     }
 
     fn insert(&mut self, e: Arc<Entry>) {
@@ -580,7 +581,9 @@ mod tests {
             reason: "half_life".into(),
             staged_at_unix: 1_700_000_000,
         };
-        reg.stage_leaf("c1", Thumbprint([1; 32]), pending).await.unwrap();
+        reg.stage_leaf("c1", Thumbprint([1; 32]), pending)
+            .await
+            .unwrap();
         assert!(reg.leaf_state("c1").pending.is_some());
         assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_ok());
         let p = reg
@@ -590,7 +593,9 @@ mod tests {
         assert_eq!(p.old, Thumbprint([1; 32]));
         assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_err());
         assert_eq!(
-            reg.lookup(&Thumbprint([2; 32]), "clawker.p.dev").unwrap().container_id,
+            reg.lookup(&Thumbprint([2; 32]), "clawker.p.dev")
+                .unwrap()
+                .container_id,
             "c1"
         );
         assert_eq!(reg.leaf_state("c1").rotations, 1);
@@ -598,7 +603,10 @@ mod tests {
         // The index rebuilt from the file agrees.
         let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
         assert_eq!(reg.leaf_state("c1").rotations, 1);
-        assert_eq!(reg.lookup_by_container_id("c1").unwrap().thumbprint, Thumbprint([2; 32]));
+        assert_eq!(
+            reg.lookup_by_container_id("c1").unwrap().thumbprint,
+            Thumbprint([2; 32])
+        );
         assert!(reg.evict_by_container_id("c1").await.unwrap());
         assert_eq!(reg.leaf_state("c1"), LeafState::default());
         reg.shutdown().await;

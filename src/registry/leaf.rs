@@ -221,14 +221,19 @@ pub fn all_states(db: &Database) -> Result<HashMap<String, LeafState>, RegistryE
             Ok(s) => {
                 out.insert(k.value().to_owned(), s);
             }
-            Err(e) => tracing::error!(container_id = k.value(), error = %e, "agentregistry: skipping malformed leaf state"),
+            Err(e) => {
+                tracing::error!(container_id = k.value(), error = %e, "agentregistry: skipping malformed leaf state")
+            }
         }
     }
     Ok(out)
 }
 
 /// The history entry of a retired thumbprint, if it is one.
-pub fn retired(db: &Database, thumbprint: &Thumbprint) -> Result<Option<RetiredLeaf>, RegistryError> {
+pub fn retired(
+    db: &Database,
+    thumbprint: &Thumbprint,
+) -> Result<Option<RetiredLeaf>, RegistryError> {
     let txn = db.begin_read()?;
     let table = match txn.open_table(LEAF_HISTORY) {
         Ok(t) => t,
@@ -277,7 +282,10 @@ mod tests {
         let st = stage(db, "c1", &Thumbprint([1; 32]), pending(2)).unwrap();
         assert_eq!(st.pending.as_ref().unwrap().thumbprint, Thumbprint([2; 32]));
         // Staged only: the row still names the old leaf.
-        assert_eq!(s.lookup_by_container_id("c1").unwrap().thumbprint, Thumbprint([1; 32]));
+        assert_eq!(
+            s.lookup_by_container_id("c1").unwrap().thumbprint,
+            Thumbprint([1; 32])
+        );
         let p = promote(db, "c1", &Thumbprint([2; 32]), 1_700_000_060).unwrap();
         assert_eq!(p.old, Thumbprint([1; 32]));
         assert_eq!(p.entry.thumbprint, Thumbprint([2; 32]));
@@ -330,7 +338,10 @@ mod tests {
             promote(db, "c1", &Thumbprint([7; 32]), 2),
             Err(RegistryError::NoPendingLeaf(_))
         ));
-        assert_eq!(s.lookup_by_container_id("c1").unwrap().thumbprint, Thumbprint([2; 32]));
+        assert_eq!(
+            s.lookup_by_container_id("c1").unwrap().thumbprint,
+            Thumbprint([2; 32])
+        );
         // A retired thumbprint cannot be registered for another container.
         let e = s
             .add(NewEntry {
@@ -355,7 +366,13 @@ mod tests {
             promote(db, "c1", &Thumbprint([2; 32]), 1),
             Err(RegistryError::NoPendingLeaf(_))
         ));
-        assert_eq!(promote(db, "c1", &Thumbprint([3; 32]), 1).unwrap().state.rotations, 1);
+        assert_eq!(
+            promote(db, "c1", &Thumbprint([3; 32]), 1)
+                .unwrap()
+                .state
+                .rotations,
+            1
+        );
     }
 
     #[test]

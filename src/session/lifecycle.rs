@@ -460,7 +460,11 @@ async fn verdict<P: Publish>(
     }
     let also_expired = |d: &str| {
         if expired {
-            format!("{d}{}{}", if d.is_empty() { "" } else { "; " }, chain_detail())
+            format!(
+                "{d}{}{}",
+                if d.is_empty() { "" } else { "; " },
+                chain_detail()
+            )
         } else {
             d.to_owned()
         }
@@ -560,10 +564,17 @@ async fn verdict<P: Publish>(
             if target.agent != entry.agent_name || target.project != entry.project {
                 return untrusted(
                     UntrustedReason::CertInvalid,
-                    also_expired("expired leaf: the container's labels disagree with its registry row"),
+                    also_expired(
+                        "expired leaf: the container's labels disagree with its registry row",
+                    ),
                 );
             }
-            tracing::info!(event = "agent_expired_leaf_trusted", container_id, not_after, "expired leaf matches its row; trusting it and rotating at once");
+            tracing::info!(
+                event = "agent_expired_leaf_trusted",
+                container_id,
+                not_after,
+                "expired leaf matches its row; trusting it and rotating at once"
+            );
             trusted(Some(RotationReason::Expired))
         }
     }

@@ -128,7 +128,12 @@ impl SessionMux {
         let routes: Routes = Arc::default();
         let (ended_tx, ended) = watch::channel(None);
         let (unsolicited_tx, unsolicited) = mpsc::channel(UNSOLICITED_QUEUE);
-        tokio::spawn(read_loop(responses, routes.clone(), ended_tx, unsolicited_tx));
+        tokio::spawn(read_loop(
+            responses,
+            routes.clone(),
+            ended_tx,
+            unsolicited_tx,
+        ));
         Self {
             tx,
             routes,
@@ -348,7 +353,9 @@ mod tests {
             )
         };
         peer.responses.send(csr("init-1")).unwrap(); // not a renewal id
-        peer.responses.send(csr(&format!("renew-{}", "x".repeat(80)))).unwrap(); // too long
+        peer.responses
+            .send(csr(&format!("renew-{}", "x".repeat(80))))
+            .unwrap(); // too long
         peer.responses
             .send(resp("renew-9", response::Payload::Started(pb::Started {})))
             .unwrap(); // not a CSR

@@ -322,7 +322,9 @@ impl<P: Publish> Rotator<P> {
         let renew = pb::RenewCert {
             reason: reason.as_str().to_owned(),
         };
-        Ok(mux.call(cmd(&id, command::Payload::RenewCert(renew))).await?)
+        Ok(mux
+            .call(cmd(&id, command::Payload::RenewCert(renew)))
+            .await?)
     }
 
     /// Continues a `RenewCert` with its first reply (`None`: stream ended).
@@ -345,9 +347,7 @@ impl<P: Publish> Rotator<P> {
             Some(response::Payload::Done(d)) if d.final_exit_code == 0 => {
                 Ok(RequestOutcome::AlreadyRotated)
             }
-            Some(response::Payload::Error(e))
-                if e.code() == ErrorCode::InvalidRequest =>
-            {
+            Some(response::Payload::Error(e)) if e.code() == ErrorCode::InvalidRequest => {
                 // A v0.8.0 clawkerd: "unsupported command".
                 Err(RotationError::Unsupported)
             }
@@ -393,7 +393,15 @@ impl<P: Publish> Rotator<P> {
     ) -> Result<Rotated, RotationError> {
         let mut issued_sent = false;
         let result = self
-            .issue(mux, id, csr_der, replies, reason, received, &mut issued_sent)
+            .issue(
+                mux,
+                id,
+                csr_der,
+                replies,
+                reason,
+                received,
+                &mut issued_sent,
+            )
             .await;
         match result {
             Ok(r) => {
@@ -525,7 +533,11 @@ impl<P: Publish> Rotator<P> {
         let csr_to_done = received.elapsed();
         let promoted = certs
             .rows
-            .promote(&container_id, new, OffsetDateTime::now_utc().unix_timestamp())
+            .promote(
+                &container_id,
+                new,
+                OffsetDateTime::now_utc().unix_timestamp(),
+            )
             .await?;
         self.current = new;
         self.not_after_unix = Some(leaf.not_after.unix_timestamp());
@@ -594,8 +606,11 @@ pub async fn hold<P: Publish>(
             first = first_reply(&mut outstanding) => {
                 let Some((replies, reason, _)) = outstanding.take() else { continue };
                 let result = match first {
-                    Ok(first) => rotator.on_request_reply(mux, replies, first, reason).await,
-                    Err(wait) => Err(rotator.failed(reason, RotationError::Timeout(wait))),
+                    Some(first) => rotator.on_request_reply(mux, replies, first, reason).await,
+                    None => {
+                        let wait = rotator.answer_timeout();
+                        Err(rotator.failed(reason, RotationError::Timeout(wait)))
+                    }
                 };
                 match result {
                     Ok(_) => retry.reset(),
@@ -637,17 +652,15 @@ async fn recv(rx: &mut Option<mpsc::Receiver<pb::Response>>) -> Option<pb::Respo
     }
 }
 
-/// The first reply of an outstanding `RenewCert`, or its deadline.
+/// The first reply of an outstanding `RenewCert` (inner `None`: the stream
+/// ended), or `None` at its deadline.
 async fn first_reply(
     outstanding: &mut Option<(CommandReplies, RotationReason, tokio::time::Instant)>,
-) -> Result<Option<pb::Response>, Duration> {
+) -> Option<Option<pb::Response>> {
     match outstanding {
         Some((replies, _, deadline)) => {
             let deadline = *deadline;
-            match tokio::time::timeout_at(deadline, replies.next()).await {
-                Ok(r) => Ok(r),
-                Err(_) => Err(Duration::ZERO),
-            }
+            tokio::time::timeout_at(deadline, replies.next()).await.ok()
         }
         None => std::future::pending().await,
     }
@@ -682,9 +695,7 @@ mod tests {
         );
         assert_eq!(
             assess_expiry(100 + 30 * day, 100, bound),
-            Expiry::Renewable {
-                expired_for: bound
-            }
+            Expiry::Renewable { expired_for: bound }
         );
         assert_eq!(
             assess_expiry(101 + 30 * day, 100, bound),
@@ -785,7 +796,14 @@ mod tests {
             let mux = mux.clone();
             tokio::spawn(async move {
                 let res = r
-                    .on_csr(&mux, "renew-1", &der, None, RotationReason::HalfLife, Instant::now())
+                    .on_csr(
+                        &mux,
+                        "renew-1",
+                        &der,
+                        None,
+                        RotationReason::HalfLife,
+                        Instant::now(),
+                    )
                     .await;
                 (res, r)
             })
@@ -797,16 +815,25 @@ mod tests {
         };
         assert!(ci.error.is_empty());
         // Staged, not yet promoted: the old leaf still matches.
-        assert_eq!(f.store.lookup_by_container_id("abc").unwrap().thumbprint, old);
+        assert_eq!(
+            f.store.lookup_by_container_id("abc").unwrap().thumbprint,
+            old
+        );
         peer.responses
-            .send(resp("renew-1", response::Payload::Done(pb::Done { final_exit_code: 0 })))
+            .send(resp(
+                "renew-1",
+                response::Payload::Done(pb::Done { final_exit_code: 0 }),
+            ))
             .unwrap();
         let (res, r) = task.await.unwrap();
         let rotated = res.unwrap();
         assert_eq!(rotated.old, old);
         assert_eq!(rotated.rotations, 1);
         assert_eq!(r.current(), rotated.new);
-        assert_eq!(f.store.lookup_by_container_id("abc").unwrap().thumbprint, rotated.new);
+        assert_eq!(
+            f.store.lookup_by_container_id("abc").unwrap().thumbprint,
+            rotated.new
+        );
         let ev = &sink.of("agent.cert.rotated")[0];
         assert_eq!(ev["reason"], "half_life");
         assert_eq!(ev["old"], old.to_hex());
@@ -825,17 +852,31 @@ mod tests {
             let (mux, mut peer) = pair();
             let mut r = rotator(&f, &sink, trusted);
             let e = r
-                .on_csr(&mux, "renew-1", &csr(cn), None, RotationReason::HalfLife, Instant::now())
+                .on_csr(
+                    &mux,
+                    "renew-1",
+                    &csr(cn),
+                    None,
+                    RotationReason::HalfLife,
+                    Instant::now(),
+                )
                 .await
                 .unwrap_err();
             assert!(e.to_string().starts_with(want), "{e}");
-            let Some(command::Payload::CertIssued(ci)) = peer.commands.recv().await.unwrap().payload
+            let Some(command::Payload::CertIssued(ci)) =
+                peer.commands.recv().await.unwrap().payload
             else {
                 panic!()
             };
-            assert!(ci.cert_pem.is_empty() && ci.error.starts_with(want), "{ci:?}");
+            assert!(
+                ci.cert_pem.is_empty() && ci.error.starts_with(want),
+                "{ci:?}"
+            );
             assert_eq!(sink.of("agent.cert.rotation_failed").len(), 1);
-            assert_eq!(f.store.lookup_by_container_id("abc").unwrap().thumbprint, old);
+            assert_eq!(
+                f.store.lookup_by_container_id("abc").unwrap().thumbprint,
+                old
+            );
         }
     }
 
@@ -849,8 +890,15 @@ mod tests {
         let task = {
             let mux = mux.clone();
             tokio::spawn(async move {
-                r.on_csr(&mux, "renew-1", &der, None, RotationReason::HalfLife, Instant::now())
-                    .await
+                r.on_csr(
+                    &mux,
+                    "renew-1",
+                    &der,
+                    None,
+                    RotationReason::HalfLife,
+                    Instant::now(),
+                )
+                .await
             })
         };
         peer.commands.recv().await.unwrap();
@@ -885,7 +933,9 @@ mod tests {
             tokio::spawn(async move { hold(r, &mux, Some(RotationReason::Expired)).await })
         };
         let renew = peer.commands.recv().await.unwrap();
-        assert!(matches!(renew.payload, Some(command::Payload::RenewCert(ref rc)) if rc.reason == "expired"));
+        assert!(
+            matches!(renew.payload, Some(command::Payload::RenewCert(ref rc)) if rc.reason == "expired")
+        );
         peer.responses
             .send(resp(
                 &renew.command_id,
@@ -932,7 +982,10 @@ mod tests {
         // Second attempt (after the backoff): CSR, Done.
         let second = peer.commands.recv().await.unwrap();
         assert_ne!(second.command_id, first.command_id);
-        assert!(matches!(second.payload, Some(command::Payload::RenewCert(_))));
+        assert!(matches!(
+            second.payload,
+            Some(command::Payload::RenewCert(_))
+        ));
         peer.responses
             .send(resp(
                 &second.command_id,
@@ -945,7 +998,10 @@ mod tests {
         let issued = peer.commands.recv().await.unwrap();
         assert_eq!(issued.command_id, second.command_id);
         peer.responses
-            .send(resp(&second.command_id, response::Payload::Done(pb::Done { final_exit_code: 0 })))
+            .send(resp(
+                &second.command_id,
+                response::Payload::Done(pb::Done { final_exit_code: 0 }),
+            ))
             .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while sink.of("agent.cert.rotated").is_empty() {
