@@ -1248,7 +1248,8 @@ mod tests {
         let now = at(1_800_000_000);
         let sign = |der: &[u8]| ca.sign_agent_csr(der, &ident(), Duration::hours(1), now);
         let uri = |u: &str| SanType::URI(u.try_into().unwrap());
-        let cases: Vec<(&str, Vec<u8>, fn(&CsrError) -> bool)> = vec![
+        type Case = (&'static str, Vec<u8>, fn(&CsrError) -> bool);
+        let cases: Vec<Case> = vec![
             (
                 "wrong CN",
                 csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
