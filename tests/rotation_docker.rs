@@ -6,8 +6,8 @@
 //!   the leaf's expiry and the rotation count;
 //! - `docker restart` after its leaf expired: trusted (the leaf matches its
 //!   row) and rotated at once, `reason=expired`;
-//! - a leaf from another CA, and a leaf of ours the row does not name, are
-//!   still untrusted afterwards.
+//! - afterwards the retired first leaf is still `cert_thumbprint_mismatch`
+//!   and a leaf from another CA still `cert_invalid`.
 //!
 //! Honours `CLAWKER_TEST_IMAGE`; network 10.220.1.0/24; everything it
 //! creates is removed on drop. Run under the shared Docker lock:
