@@ -22,6 +22,11 @@
 //!   `lock`, 20 runs each, and → the session re-established over the
 //!   quarantine address. Docker networks 10.222.30–31.0/24, namespace
 //!   10.252.30.0/30. Run under the Docker flock.
+//! - `rotation`: one real clawkerd on loopback, 200 leaf rotations over
+//!   one open session (`RenewCert` → CSR → sign → stage → `CertIssued` →
+//!   clawkerd persists and swaps → `Done` → promote), with real redb writes:
+//!   CSR received → `Done` received (the DESIGN target), and the whole
+//!   `RenewCert` round trip.
 //!
 //! The agent image is `CLAWKER_TEST_IMAGE` (default `clawker-agent:latest`).
 //!
@@ -47,7 +52,9 @@ mod pty;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions|exec]`");
+        println!(
+            "system harness: run with `cargo bench --bench system [-- docker|exec|sessions|containment|rotation]`"
+        );
         return;
     }
     let only: Vec<&str> = args
@@ -73,10 +80,124 @@ fn main() {
     if want("containment") {
         actix::System::new().block_on(containment_section());
     }
+    if want("rotation") {
+        actix::System::new().block_on(rotation_section(200));
+    }
 }
 
 fn image() -> String {
     std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
+
+async fn rotation_section(n: usize) {
+    use clawker::events::{AgentRef, RotationReason};
+    use clawker::session::rotation::{CertRotation, RequestOutcome, RotationConfig, Rotator};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(clawker::pki::Ca::generate().unwrap());
+    let cp_client = ca.mint_cp_client().unwrap();
+    let id = "0123456789abcdef";
+    let leaf = ca
+        .mint_agent(
+            &ProjectSlug::new("p").unwrap(),
+            &AgentName::new("a").unwrap(),
+            id,
+        )
+        .unwrap();
+    let boot = dir.path().join("boot");
+    clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+    std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let group = dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\n").unwrap();
+    let log = dir.path().join("clawkerd.log");
+    let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+        .args(["sleep", "600"])
+        .env("CLAWKER_AGENT", "a")
+        .env("CLAWKER_PROJECT", "p")
+        .env("CLAWKER_USER", "root")
+        .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+        .env("CLAWKER_LISTEN_ADDR", "127.0.0.1:0")
+        .env("CLAWKER_PASSWD_FILE", &passwd)
+        .env("CLAWKER_GROUP_FILE", &group)
+        .env("CLAWKER_READY_FILE", dir.path().join("ready"))
+        .env("CLAWKER_LOG_FILE", &log)
+        .env("CLAWKERD_STATE_DIR", dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawkerd");
+    // The bound address, from clawkerd's `clawkerd_listener_started` line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr: SocketAddr = loop {
+        let found = std::fs::read_to_string(&log).ok().and_then(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "clawkerd_listener_started")
+                .and_then(|v| v["addr"].as_str()?.parse().ok())
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "clawkerd not listening");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let registry = clawker::registry::RegistryStore::open(&dir.path().join("r.redb")).unwrap();
+    registry
+        .add(clawker::registry::NewEntry {
+            agent_name: "a".into(),
+            project: "p".into(),
+            container_id: id.into(),
+            thumbprint: leaf.thumbprint(),
+            registered_at_unix: 1,
+            last_seen_unix: 0,
+        })
+        .unwrap();
+    let dial = clawker::session::dial::DialConfig::new(
+        ca.cert_pem().as_bytes(),
+        cp_client.cert_pem.as_bytes(),
+        cp_client.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let conn = clawker::session::dial::connect(addr, &dial)
+        .await
+        .expect("session");
+    let certs = CertRotation {
+        ca: ca.clone(),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig::default(),
+    };
+    let mut rotator = Rotator::new(
+        Some(Arc::new(certs)),
+        Arc::new(registry.clone()),
+        clawker::events::RecordingSink::default(),
+        AgentRef::new(id, "a", "p"),
+        true,
+        &conn.peer,
+    );
+    let (mut csr_to_done, mut round_trip) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        match rotator
+            .rotate_now(&conn.mux, RotationReason::Requested)
+            .await
+            .expect("rotation")
+        {
+            RequestOutcome::Rotated(r) => csr_to_done.push(r.csr_to_done),
+            RequestOutcome::AlreadyRotated => panic!("nothing else rotates here"),
+        }
+        round_trip.push(t.elapsed());
+    }
+    assert!(!conn.mux.is_closed(), "one session throughout");
+    println!("\n== leaf rotation over one open session (loopback, real clawkerd, real redb) ==");
+    report(
+        "CSR received → Done received (new leaf in use)",
+        &mut csr_to_done,
+    );
+    report("RenewCert sent → Done received", &mut round_trip);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// 1,000 sessions need more than the default 1,024 descriptors.
@@ -251,6 +372,7 @@ async fn docker_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()
@@ -437,6 +559,7 @@ async fn sessions_section(n: usize) {
             .env("CLAWKER_GROUP_FILE", &group)
             .env("CLAWKER_READY_FILE", boot.join("ready"))
             .env("CLAWKER_LOG_FILE", boot.join("log"))
+            .env("CLAWKERD_STATE_DIR", boot.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -471,6 +594,7 @@ async fn sessions_section(n: usize) {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     let connected_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     {
@@ -567,6 +691,7 @@ fn exec_section() {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-exec".to_owned())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
         };
         let id = cp::agent::run(&docker, &material, &spec)
             .await
@@ -916,6 +1041,7 @@ async fn containment_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-ct".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
     };
     let id = cp::agent::run(&docker, &material, &spec)
         .await

@@ -31,7 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "session",
         &[
-            "defaults", "events", "identity", "proto", "registry", "runtime", "tls",
+            "defaults", "events", "identity", "pki", "proto", "registry", "runtime", "tls",
         ],
     ),
     (

@@ -249,6 +249,7 @@ impl World {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), LABEL.to_owned())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: self.cfg.agent_cert_ttl,
         }
     }
 }

@@ -99,6 +99,7 @@ impl Harness {
             .unwrap(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
+            certs: None,
         }
     }
 

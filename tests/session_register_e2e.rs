@@ -130,6 +130,7 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
             .unwrap(),
             sink: sink.clone(),
             policy,
+            certs: None,
         };
         let (tx, _live) = tokio::sync::watch::channel(None);
         let first = tokio::spawn(lifecycle::run(

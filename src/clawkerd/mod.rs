@@ -21,6 +21,8 @@
 //! - [`spawn`]: the user command (`AgentReady`), privilege drop.
 //! - [`reaper`]: the only code that waits for children.
 //! - [`register`]: the one-shot Register coordinator (token + AgentService).
+//! - [`leaf`]: the current leaf (served, presented, persisted, swapped).
+//! - [`renew`]: leaf renewal at half-life and on the CP's request.
 //!
 //! This file is the boot sequence and the main wait loop (reference §3, §8).
 
@@ -28,12 +30,14 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod flow;
+pub mod leaf;
 pub mod listener;
 pub mod logs;
 pub mod pipeline;
 pub mod pty;
 pub mod reaper;
 pub mod register;
+pub mod renew;
 pub mod session;
 pub mod spawn;
 pub mod users;
@@ -179,10 +183,23 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         tracing::error!(event = "bootstrap_read_failed", error = %e);
         BootError::Config(format!("read bootstrap: {e}"))
     })?;
-    let tls_cfg = listener::server_config(&bootstrap).map_err(|e| {
+    let listener_failed = |e: listener::ServerConfigError| {
         tracing::error!(event = "clawkerd_listener_start_failed", error = %e);
         BootError::Config(format!("start clawkerd listener: {e}"))
-    })?;
+    };
+    let (boot_leaf, source) =
+        leaf::at_boot(&bootstrap, &cfg.state_dir).map_err(|e| listener_failed(e.into()))?;
+    tracing::info!(
+        event = "leaf_loaded",
+        source = ?source,
+        thumbprint = %boot_leaf.thumbprint(),
+        not_after = boot_leaf.not_after,
+        "agent leaf"
+    );
+    let current = leaf::CurrentLeaf::new(boot_leaf);
+    let tls_cfg = listener::server_config(&bootstrap.ca_pem, &current).map_err(listener_failed)?;
+    let renewer = renew::Renewer::new(current.clone(), &bootstrap.ca_pem, cfg.state_dir.clone())
+        .map_err(|e| listener_failed(listener::ServerConfigError::Leaf(e.into())))?;
     let listener = listener::Listener::bind(cfg.listen_addr, tls_cfg)
         .await
         .map_err(|e| {
@@ -204,6 +221,7 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         agent: cfg.agent.clone(),
         project: cfg.project.clone(),
         bootstrap,
+        leaf: current.clone(),
     });
     let output = logs::OutputLog::new(logs::LOG_CAPACITY);
     let user_command = spawn::UserCommand::new(
@@ -220,6 +238,8 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         user_command.clone(),
         shutdown.clone(),
     ));
+    shared.set_renewer(renewer.clone());
+    tokio::spawn(renewer.run(shutdown.clone()));
 
     // Signals first, so nothing arriving during startup is lost.
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::channel::<i32>(32);

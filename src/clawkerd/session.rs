@@ -31,6 +31,7 @@ use super::listener::PeerIdentity;
 use super::pipeline::{self, Rejected, SpawnCtx, error_response};
 use super::reaper::Reaper;
 use super::register::Coordinator;
+use super::renew::{Attached, Renewer};
 use super::spawn::{ReadyOutcome, UserCommand};
 use super::{copy, logs, pty};
 use crate::proto::clawkerd::v1::{
@@ -90,6 +91,8 @@ pub struct Shared {
     #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
+    /// Leaf renewal; set once at boot (absent: `RenewCert` is refused).
+    renewer: std::sync::OnceLock<Arc<Renewer>>,
 }
 
 impl Shared {
@@ -109,7 +112,13 @@ impl Shared {
             #[cfg(feature = "test-hooks")]
             hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
+            renewer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the leaf renewer (once, at boot).
+    pub fn set_renewer(&self, renewer: Arc<Renewer>) {
+        let _ = self.renewer.set(renewer);
     }
 }
 
@@ -162,6 +171,7 @@ impl ClawkerdService for ClawkerdSvc {
             out: tx.clone(),
             commands: Arc::new(Mutex::new(HashMap::new())),
             grants: Mutex::new(HashMap::new()),
+            _renewal: self.shared.renewer.get().map(|r| r.attach(&tx)),
         };
         let inbound = request.into_inner();
         let driver = tokio::spawn(session.run(inbound));
@@ -202,6 +212,8 @@ struct Session {
     commands: Commands,
     /// Output credit granted to ids that have not started yet.
     grants: Mutex<HashMap<String, u64>>,
+    /// This session is where unsolicited renewal CSRs may go while it lives.
+    _renewal: Option<Attached>,
 }
 
 impl Drop for Session {
@@ -449,7 +461,39 @@ impl Session {
             Cmd::CopyFrom(c) => self.copy_from(id, c).await,
             Cmd::CopyTo(c) => self.copy_to(id, c).await,
             Cmd::FlowGrant(g) => self.flow_grant(id, g.output_bytes).await,
-            Cmd::AgentInitialized(_) | Cmd::RenewCert(_) | Cmd::CertIssued(_) => {
+            Cmd::RenewCert(r) => match self.shared.renewer.get() {
+                // Own task: a rotation waits for the CP's CertIssued, which
+                // this receive loop must stay free to deliver.
+                Some(renewer) => {
+                    let (renewer, out) = (renewer.clone(), self.out.clone());
+                    let seen = renewer.leaf().generation();
+                    tokio::spawn(async move { renewer.requested(id, &r.reason, out, seen).await });
+                }
+                None => {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::InvalidRequest,
+                        "unsupported command",
+                    ))
+                    .await;
+                }
+            },
+            Cmd::CertIssued(issued) => {
+                let delivered = self
+                    .shared
+                    .renewer
+                    .get()
+                    .is_some_and(|r| r.deliver(&id, issued));
+                if !delivered {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "cert_issued: no renewal waiting on that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::AgentInitialized(_) => {
                 self.send(error_response(
                     &id,
                     ErrorCode::InvalidRequest,

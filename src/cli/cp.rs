@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Run init (and so release the user command) for untrusted agents too.
     #[arg(long, env = "CLAWKER_INIT_UNTRUSTED")]
     pub init_untrusted: Option<bool>,
+    /// Lifetime of agent leaves signed on rotation (e.g. `24h`, `10s`);
+    /// overrides cp.toml `agent_cert_ttl`.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// `pretty` (default on a TTY) or `json`.
     #[arg(long, env = "CLAWKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -88,8 +92,9 @@ pub struct RunArgs {
     pub network: String,
     #[arg(long, default_value_t = crate::defaults::AGENT_PORT)]
     pub agent_port: u16,
-    /// TOML config whose `[agent]` section gives the defaults below
-    /// (default: <state>/cp.toml if present).
+    /// The CP's TOML config: its `[agent]` section gives the defaults
+    /// below, `agent_cert_ttl` the leaf's lifetime (default:
+    /// <state>/cp.toml if present).
     #[arg(long, env = "CLAWKER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Keep this capability too (repeatable; all others are dropped except
@@ -135,17 +140,29 @@ pub struct RunArgs {
     /// container id, so the agent comes up untrusted (an impostor).
     #[arg(long, hide = true, value_name = "CONTAINER_ID")]
     pub leaf_for_container: Option<String>,
+    /// Lifetime of the agent's leaf (e.g. `24h`); overrides cp.toml.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// The user command (after `--`); default: the image's CMD.
     #[arg(last = true)]
     pub command: Vec<String>,
 }
 
-pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
-    let (path, must_exist) = match &args.config {
-        Some(p) => (p.clone(), true),
+/// The CP's config file: `--config`/`CLAWKER_CONFIG` (must exist), else
+/// `<state>/cp.toml` if present.
+fn load_file_config(
+    state_dir: &Path,
+    explicit: Option<&Path>,
+) -> anyhow::Result<config::FileConfig> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p.to_owned(), true),
         None => (state_dir.join("cp.toml"), false),
     };
-    let file = config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)?;
+    config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)
+}
+
+pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let file = load_file_config(state_dir, args.config.as_deref())?;
     init_logging(args.log_format.as_deref().or(file.log_format.as_deref()))?;
     let admin_addr = admin_addr
         .parse()
@@ -160,6 +177,7 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
         metrics_addr: args.metrics_addr,
         clawkerd_port: args.clawkerd_port,
         init_untrusted: args.init_untrusted,
+        agent_cert_ttl: args.agent_cert_ttl,
     };
     let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
     cp::serve(cfg)
@@ -251,18 +269,6 @@ async fn lift(
 }
 
 /// `[agent]` from the config file (`--config`, else `<state>/cp.toml`).
-fn agent_defaults(
-    state_dir: &Path,
-    path: Option<&Path>,
-) -> anyhow::Result<cp::agent::AgentDefaults> {
-    let (path, must_exist) = match path {
-        Some(p) => (p.to_owned(), true),
-        None => (state_dir.join("cp.toml"), false),
-    };
-    let file = config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)?;
-    Ok(file.agent.unwrap_or_default())
-}
-
 async fn run(
     state_dir: &Path,
     admin_addr: &str,
@@ -282,9 +288,17 @@ async fn run(
         workspace: args.workspace.clone(),
         env: args.env.clone(),
     };
-    let (hardening, env) = agent_defaults(state_dir, args.config.as_deref())?
+    let file = load_file_config(state_dir, args.config.as_deref())?;
+    let (hardening, env) = file
+        .agent
+        .clone()
+        .unwrap_or_default()
         .resolve(&overrides)
         .context("agent confinement ([agent] in cp.toml, or the flags)")?;
+    let cert_ttl = match args.agent_cert_ttl {
+        Some(t) => config::check_agent_cert_ttl(t)?,
+        None => file.agent_cert_ttl()?,
+    };
     let material = crate::pki::AuthMaterial::load(state_dir).with_context(|| {
         format!(
             "loading auth material from {} (run `clawker ca init` first)",
@@ -318,6 +332,7 @@ async fn run(
         extra_labels: Default::default(),
         extra_networks: Vec::new(),
         mint_for_container: args.leaf_for_container,
+        cert_ttl,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);

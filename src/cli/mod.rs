@@ -99,6 +99,11 @@ pub enum CaCommand {
     /// Create the CA, CP and CLI certificates and the CLI signing key.
     /// Idempotent: existing material is kept.
     Init,
+    /// Re-issue the CP's server and client certificates and the CLI's
+    /// client certificate under the same CA (fresh keys, one more year).
+    /// Agents keep working: clawkerd pins the CA and the CP's name, not a
+    /// certificate. Restart the CP afterwards to serve the new ones.
+    Renew,
     /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem,
     /// ca.pem, and the single-use token-endpoint assertion assertion.jwt).
     MintAgent {
@@ -218,6 +223,25 @@ fn run_ca(state_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
                 }
                 println!("auth material in {}", material.paths.root.display());
             }
+        }
+        CaCommand::Renew => {
+            let renewed = pki::AuthMaterial::renew(state_dir).with_context(|| {
+                format!(
+                    "renewing certificates in {} (run `clawker ca init` first)",
+                    state_dir.display()
+                )
+            })?;
+            for r in &renewed {
+                println!(
+                    "renewed {} ({}), valid until {}",
+                    r.name,
+                    r.path.display(),
+                    r.not_after
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                );
+            }
+            println!("restart the CP (`clawker cp serve`) to use the new certificates");
         }
         CaCommand::MintAgent {
             project,

@@ -245,6 +245,9 @@ pub struct RunSpec {
     /// Mint the leaf for this container id instead of the real one (a test
     /// of the untrusted path: the cert then names another container).
     pub mint_for_container: Option<String>,
+    /// Lifetime of the agent's leaf (cp.toml `agent_cert_ttl`); clawkerd
+    /// renews it over its session at half its lifetime.
+    pub cert_ttl: std::time::Duration,
 }
 
 /// The container name: the canonical CN (unique per project/agent).
@@ -388,9 +391,10 @@ pub async fn run(
     };
     let bundle = |id: &str| -> Result<Vec<u8>, String> {
         let bound = spec.mint_for_container.as_deref().unwrap_or(id);
+        let ttl = time::Duration::try_from(spec.cert_ttl).map_err(|e| e.to_string())?;
         let leaf = material
             .ca
-            .mint_agent(&spec.project, &spec.agent, bound)
+            .mint_agent_with_ttl(&spec.project, &spec.agent, bound, ttl)
             .map_err(|e| e.to_string())?;
         let assertion = crate::agent_api::assertion::mint_agent_assertion(
             &material.signing_key,

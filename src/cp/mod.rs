@@ -19,6 +19,7 @@
 //!    spurious SessionBroken), then the servers, the bus and the registry.
 
 pub mod agent;
+pub mod certs;
 pub mod config;
 pub mod dispatch;
 pub mod feeder;
@@ -42,6 +43,7 @@ use crate::session::Sessions;
 use crate::session::actor::sessions_spec;
 use crate::session::dial::DialConfig;
 use crate::session::lifecycle::{RuntimeResolver, SessionDeps, SessionPolicy};
+use crate::session::rotation::{CertRotation, RotationConfig};
 
 pub use config::CpConfig;
 
@@ -83,6 +85,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         &read(paths.cp_client_key())?,
     )
     .context("CP client identity")?;
+    // The CA key signs agents' renewal CSRs (leaf rotation). It is read
+    // into this process's memory only and never leaves it: no API returns
+    // it and no container receives it (DESIGN §13, ARCHITECTURE "pki").
+    let ca = crate::pki::AuthMaterial::load(&cfg.state_dir)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (run `clawker ca init` first)",
+                cfg.state_dir.display()
+            )
+        })?
+        .ca;
 
     let docker = docker::connect().await?;
     let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
@@ -152,6 +165,15 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         init_untrusted: cfg.init_untrusted,
         ..SessionPolicy::default()
     };
+    let rotation = CertRotation {
+        ca: Arc::new(ca),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig {
+            agent_cert_ttl: cfg.agent_cert_ttl,
+            stale_after: cfg.agent_cert_stale_after,
+            ..RotationConfig::default()
+        },
+    };
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
             containers: engine.clone(),
@@ -161,6 +183,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         dial,
         sink: bus.clone(),
         policy,
+        certs: Some(Arc::new(rotation)),
     };
 
     // `sessions` is a child of the root, which may restart it: the
@@ -210,6 +233,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     )
     .await
     .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+    // The CP's own certificates: warn 30 days before they expire.
+    tokio::spawn(certs::watch(paths.clone(), bus.clone(), shutdown.clone()));
     // Readiness follows the Docker events stream.
     {
         let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());

@@ -179,6 +179,9 @@ pub struct SessionConnected {
     /// Whether the peer's leaf chained to our CA (recorded, never enforced:
     /// the CP keeps the session either way).
     pub chain_verified: bool,
+    /// The peer leaf's `notAfter` (absent when the leaf does not parse).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub leaf_not_after: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -237,6 +240,9 @@ pub enum UntrustedReason {
     CertInvalid,
     CertCnMismatch,
     RegisterFailed,
+    /// Ours: the leaf matches its row but expired longer ago than the
+    /// configured staleness bound (`agent_cert_stale_after`).
+    CertExpired,
 }
 
 impl UntrustedReason {
@@ -246,6 +252,7 @@ impl UntrustedReason {
             Self::CertInvalid => "cert_invalid",
             Self::CertCnMismatch => "cert_cn_mismatch",
             Self::RegisterFailed => "register_failed",
+            Self::CertExpired => "cert_expired",
         }
     }
 
@@ -255,6 +262,7 @@ impl UntrustedReason {
             Self::CertInvalid,
             Self::CertCnMismatch,
             Self::RegisterFailed,
+            Self::CertExpired,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -280,10 +288,98 @@ domain_event!(AgentUntrusted, "agent.untrusted", container);
 pub struct AgentTrusted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    /// How often the trusted identity's leaf has been rotated (registry).
+    #[serde(default)]
+    pub rotations: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentTrusted, "agent.trusted", container);
+
+// ---- certificate axis ---------------------------------------------------
+
+/// Why a leaf was rotated (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// clawkerd renewed on its own at half its leaf's lifetime.
+    HalfLife,
+    /// The CP asked (`RenewCert`).
+    Requested,
+    /// The session's leaf had expired (trusted because it otherwise matched
+    /// its row, then rotated at once).
+    Expired,
+}
+
+impl RotationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HalfLife => "half_life",
+            Self::Requested => "requested",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::HalfLife, Self::Requested, Self::Expired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// Ours: the agent's leaf was replaced over its open session; the old
+/// thumbprint no longer matches its registry row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotated {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    #[serde(with = "hex32")]
+    pub old: Thumbprint,
+    #[serde(with = "hex32")]
+    pub new: Thumbprint,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    pub reason: RotationReason,
+    /// Completed rotations of this container's leaf, this one included.
+    pub rotations: u32,
+    /// CSR received → clawkerd's `Done` (new leaf in use), on the CP.
+    #[serde(rename = "duration_ms", with = "millis")]
+    pub duration: std::time::Duration,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotated, "agent.cert.rotated", container);
+
+/// Ours: a rotation attempt failed; the current leaf (and the trust it
+/// earned) stays, and the attempt is retried with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotationFailed {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub reason: RotationReason,
+    /// What failed (our text; peer strings are truncated).
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotationFailed, "agent.cert.rotation_failed", container);
+
+/// Ours: one of the CP's own certificates expires soon (or has expired):
+/// run `clawker ca renew`, then restart the CP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpCertExpiring {
+    /// `server certificate`, `CP client certificate`, `CLI client
+    /// certificate` or `CA certificate`.
+    pub cert: String,
+    pub path: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Whole days left (negative: expired that long ago).
+    pub days_left: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CpCertExpiring, "cp.cert.expiring", none);
 
 // ---- init axis ----------------------------------------------------------
 
@@ -713,6 +809,9 @@ decoded!(
     AgentRegistered,
     AgentUntrusted,
     AgentTrusted,
+    CertRotated,
+    CertRotationFailed,
+    CpCertExpiring,
     InitStarted,
     InitStepStarted,
     InitStepCompleted,
@@ -791,6 +890,8 @@ pub fn start_bus() -> Bus {
         .project::<AgentRegistered>()
         .project::<AgentUntrusted>()
         .project::<AgentTrusted>()
+        .project::<CertRotated>()
+        .project::<CertRotationFailed>()
         .project::<InitStarted>()
         .project::<InitStepStarted>()
         .project::<InitStepCompleted>()

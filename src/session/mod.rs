@@ -11,6 +11,7 @@
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
 //! - [`init`]: the 7-step init plan and its executor;
+//! - [`rotation`]: leaf rotation over the open session (the hold phase);
 //! - [`lifecycle`]: the whole life of one session, reconnects included;
 //! - [`actor`]: `SessionActor` per container, the `sessions` supervisor
 //!   and [`Sessions`], the front door (dial, stop, live session).
@@ -24,6 +25,7 @@ pub mod init;
 pub mod lifecycle;
 pub mod mux;
 pub mod register;
+pub mod rotation;
 pub mod stream;
 
 pub use actor::Sessions;
