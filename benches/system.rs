@@ -411,6 +411,7 @@ async fn sessions_section(n: usize) {
     let deps = SessionDeps {
         resolver: Arc::new(Table(table.clone())),
         registry: Arc::new(registry),
+        terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
         dial: clawker::session::dial::DialConfig::new(
             ca.cert_pem().as_bytes(),
             cp_client.cert_pem.as_bytes(),

@@ -6,7 +6,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("clawker: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<clawker::cli::ExitWith>() {
+                Some(x) => std::process::ExitCode::from(x.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

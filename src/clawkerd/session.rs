@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, Streaming};
 
+use super::lifecycle::{ExitRequest, InitMarker, mirror_exit_code};
 use super::listener::PeerIdentity;
 use super::pipeline::{self, Control, SpawnCtx, error_response};
 use super::reaper::Reaper;
@@ -43,6 +44,23 @@ pub const OUTBOUND_QUEUE: usize = 64;
 
 /// How long teardown waits for killed commands to be reaped and answer.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an `exit_on_non_zero` exit waits for the session's queued
+/// responses (its `Done` first of all) to be taken by the stream.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Waits until every response queued on `out` was taken by the stream, at
+/// most `bound`.
+async fn flush(out: &Outbound, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while out.capacity() < out.max_capacity() {
+        if Instant::now() > deadline {
+            tracing::warn!(event = "session_sender_drain_timeout");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 /// Test seams, read once at boot from the environment. They only ever
 /// cause a panic inside one session or one command worker — exactly what
@@ -80,6 +98,10 @@ pub struct Shared {
     pub user_command: Arc<UserCommand>,
     /// Cancelled when clawkerd shuts down: every session tears down.
     pub shutdown: CancellationToken,
+    /// The one-time init marker (`HelloAck.initialized`, `AgentInitialized`).
+    pub marker: InitMarker,
+    /// A failed `exit_on_non_zero` command asks the main loop to exit here.
+    pub exit: ExitRequest,
     #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
@@ -91,6 +113,8 @@ impl Shared {
         register: Arc<Coordinator>,
         user_command: Arc<UserCommand>,
         shutdown: CancellationToken,
+        marker: InitMarker,
+        exit: ExitRequest,
     ) -> Self {
         Self {
             reaper,
@@ -99,6 +123,8 @@ impl Shared {
             register,
             user_command,
             shutdown,
+            marker,
+            exit,
             #[cfg(feature = "test-hooks")]
             hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
@@ -267,9 +293,21 @@ impl Session {
             if self.shared.hooks.panic_session_on.as_deref() == Some(id.as_str()) {
                 panic!("test-induced panic in session for {id}");
             }
+            // Read afresh on every Hello (never cached): the CP decides from
+            // these which plans run (init once, boot every start, nothing
+            // on a mere reconnect).
+            let ack = pb::HelloAck {
+                initialized: self.shared.marker.exists().await,
+                cmd_running: self.shared.user_command.spawned(),
+            };
+            tracing::info!(
+                event = "hello_ack",
+                initialized = ack.initialized,
+                cmd_running = ack.cmd_running
+            );
             self.send(Response {
                 command_id: id,
-                payload: Some(Resp::HelloAck(pb::HelloAck::default())),
+                payload: Some(Resp::HelloAck(ack)),
             })
             .await;
             return;
@@ -410,8 +448,29 @@ impl Session {
                     self.shared.user_command.publish_failure(e);
                 }
             }
-            Cmd::AgentInitialized(_)
-            | Cmd::RenewCert(_)
+            Cmd::AgentInitialized(_) => {
+                // A failed write is tolerated (reference §1.2): init simply
+                // runs again on the next start, which is idempotent.
+                match self.shared.marker.write().await {
+                    Ok(()) => tracing::info!(
+                        event = "agent_initialized",
+                        command_id = %id,
+                        path = %self.shared.marker.path().display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        event = "agent_initialized_marker_write_failed",
+                        command_id = %id,
+                        path = %self.shared.marker.path().display(),
+                        error = %e
+                    ),
+                }
+                self.send(Response {
+                    command_id: id,
+                    payload: Some(Resp::Done(pb::Done { final_exit_code: 0 })),
+                })
+                .await;
+            }
+            Cmd::RenewCert(_)
             | Cmd::CertIssued(_)
             | Cmd::Pty(_)
             | Cmd::Resize(_)
@@ -429,6 +488,7 @@ impl Session {
     }
 
     async fn shell(&self, id: String, shell: pb::ShellCommand) {
+        let exit_on_non_zero = shell.exit_on_non_zero;
         if let Err(r) = pipeline::validate(&shell) {
             self.send(error_response(&id, r.code, r.message)).await;
             return;
@@ -479,8 +539,26 @@ impl Session {
         };
         let worker = tokio::spawn(running.run(self.out.clone(), terminal_sent.clone(), remove));
         let out = self.out.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
-            let Err(e) = worker.await else { return };
+            let e = match worker.await {
+                Ok(Some(code)) if exit_on_non_zero && code != 0 => {
+                    let mirrored = mirror_exit_code(code);
+                    tracing::info!(
+                        event = "command_exit_on_non_zero",
+                        command_id = %id,
+                        final_exit_code = code,
+                        mirrored_exit_code = mirrored
+                    );
+                    // The Done is queued; let the stream take everything
+                    // queued before the main loop starts tearing down.
+                    flush(&out, EXIT_FLUSH).await;
+                    shared.exit.request(mirrored);
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => e,
+            };
             let panic = if e.is_panic() {
                 panic_text(e.into_panic())
             } else {

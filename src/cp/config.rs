@@ -36,6 +36,13 @@ pub struct FileConfig {
     /// Run the init plan (and so release the user command) for untrusted
     /// agents too. Default false.
     pub init_untrusted: Option<bool>,
+    /// Leave a container running (without its command) when one of its
+    /// init or boot steps fails, instead of ending it with the step's exit
+    /// code. Default false.
+    pub keep_on_init_failure: Option<bool>,
+    /// `[hooks]`: `post_init` (once per container) and `pre_run` (every
+    /// start), shell scripts run as the agent user.
+    pub hooks: Option<crate::session::plan::Hooks>,
     pub log_format: Option<String>,
     /// `[containment]`: the containment policy (default: isolate untrusted).
     pub containment: Option<crate::policy::containment::ContainmentConfig>,
@@ -77,6 +84,8 @@ pub struct CpConfig {
     pub metrics_addr: SocketAddr,
     pub clawkerd_port: u16,
     pub init_untrusted: bool,
+    pub keep_on_init_failure: bool,
+    pub hooks: crate::session::plan::Hooks,
     pub containment: crate::policy::containment::ContainmentConfig,
     pub audit: crate::policy::audit::AuditConfig,
 }
@@ -97,6 +106,7 @@ pub struct Overrides {
     pub metrics_addr: Option<SocketAddr>,
     pub clawkerd_port: Option<u16>,
     pub init_untrusted: Option<bool>,
+    pub keep_on_init_failure: Option<bool>,
 }
 
 /// file < env/flags < nothing else; defaults fill the rest.
@@ -132,6 +142,11 @@ pub fn resolve(
             .or(file.clawkerd_port)
             .unwrap_or(defaults::CLAWKERD_PORT),
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
+        keep_on_init_failure: o
+            .keep_on_init_failure
+            .or(file.keep_on_init_failure)
+            .unwrap_or(false),
+        hooks: file.hooks.unwrap_or_default(),
         containment: file.containment.unwrap_or_default(),
         audit: file.audit.unwrap_or_default(),
     })
@@ -167,6 +182,25 @@ mod tests {
         assert_eq!(c.audit.keep, 2);
         let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
         assert!(!d.containment.dry_run && d.containment.enabled);
+    }
+
+    #[test]
+    fn hooks_and_keep_on_init_failure_come_from_the_file() {
+        let file: FileConfig = toml::from_str(
+            "keep_on_init_failure = true\n[hooks]\npost_init = \"echo once\"\npre_run = \"echo every\"",
+        )
+        .unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert!(c.keep_on_init_failure);
+        assert_eq!(c.hooks.post_init.as_deref(), Some("echo once"));
+        assert_eq!(c.hooks.pre_run.as_deref(), Some("echo every"));
+        let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert!(
+            !d.keep_on_init_failure,
+            "a failed step ends the container by default"
+        );
+        assert_eq!(d.hooks, crate::session::plan::Hooks::default());
+        assert!(toml::from_str::<FileConfig>("[hooks]\npre_runn = \"x\"").is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use bollard::Docker;
 use futures::future::BoxFuture;
 
 use super::{DockerError, is_status};
-use crate::runtime::{ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped};
+use crate::runtime::{ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped, Terminate};
 
 /// One Docker engine, seen through the runtime seam. `network` is the agent
 /// network whose address is a container's `ip` (clawkerd listens there and
@@ -98,6 +98,12 @@ fn is_not_running(e: &bollard::errors::Error) -> bool {
         bollard::errors::Error::DockerResponseServerError { status_code: 409, message }
             if message.contains("not running")
     )
+}
+
+impl Terminate for Engine {
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>> {
+        ContainmentOps::kill(self, id)
+    }
 }
 
 impl ContainmentOps for Engine {

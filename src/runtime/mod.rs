@@ -109,6 +109,15 @@ pub enum Stopped {
     Already,
 }
 
+/// Ending a container for good: what the session needs when an init or
+/// boot step failed and clawkerd did not exit by itself (reference
+/// `head-lifecycle.md` §3.2, the CP's kill backstop).
+pub trait Terminate: Send + Sync + 'static {
+    /// `docker kill` (SIGKILL); a container that is not running is
+    /// `Stopped::Already`.
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
+}
+
 /// The runtime operations containment needs, and nothing more.
 pub trait ContainmentOps: Send + Sync + 'static {
     /// Names of the networks the container is attached to.

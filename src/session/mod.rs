@@ -7,7 +7,10 @@
 //! - [`commands`]: the seam other actors run commands through;
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
-//! - [`init`]: the 7-step init plan and its executor;
+//! - [`plan`]: the decision table (`HelloAck` → init / boot / nothing)
+//!   and the steps of each plan, with the user's hooks;
+//! - [`init`]: the executor of a start sequence and its events;
+//! - [`terminate`]: ending a container whose start step failed;
 //! - [`lifecycle`]: the whole life of one session, reconnects included;
 //! - [`actor`]: `SessionActor` per container, the `sessions` supervisor
 //!   and [`Sessions`], the front door (dial, stop, live session).
@@ -20,6 +23,8 @@ pub mod dial;
 pub mod init;
 pub mod lifecycle;
 pub mod mux;
+pub mod plan;
 pub mod register;
+pub mod terminate;
 
 pub use actor::Sessions;
