@@ -318,7 +318,10 @@ async fn docker_section() {
         cp::agent::remove(&docker, &id).await.expect("rm");
     }
     report("start event → SessionConnected", &mut connected);
-    report("start event → InitCompleted (7 steps)", &mut completed);
+    report(
+        "start event → InitCompleted (init + boot, 9 steps)",
+        &mut completed,
+    );
 
     cp::agent::remove(&docker, &id).await.ok();
     cp::stop(running).await;
