@@ -393,3 +393,80 @@ fn a_failing_pre_run_hook_ends_the_container_and_agent_run_exits_with_its_code()
         assert_eq!(ended["exit_code"], 3);
     });
 }
+
+#[test]
+fn keep_on_init_failure_leaves_the_container_up_and_the_next_session_boots_again() {
+    let _g = serial();
+    let mut env = Env::new(3);
+    std::fs::write(
+        env.state.path().join("cp.toml"),
+        "keep_on_init_failure = true\n[hooks]\npre_run = \"echo 'kept' >&2; exit 4\"\n",
+    )
+    .unwrap();
+    actix::System::new().block_on(async {
+        let Some(docker) = docker_or_fail().await else {
+            return;
+        };
+        let (_, client) = env.start_cp_process(&[]).await;
+        let mut events = Events::watch(&client).await;
+        let material = AuthMaterial::load(env.state.path()).unwrap();
+        let id = cp::agent::run(&docker, &material, &env.spec("gamma"))
+            .await
+            .unwrap();
+
+        events.wait(&id, "agent.init.failed", 1).await;
+        let failed = &events.of(&id, "agent.init.failed")[0];
+        assert_eq!(failed["plan"], "boot");
+        assert_eq!(failed["failed_step"], "pre-run");
+        assert_eq!(failed["exit_code"], 4);
+        let step = &events.of(&id, "agent.init.step.failed")[0];
+        assert!(
+            step["output"].as_str().unwrap_or("").contains("kept"),
+            "{step}"
+        );
+        // Init completed before the boot step failed: the marker is there,
+        // and PID 1 still answers (no exit_on_non_zero was sent).
+        let marker = Command::new("docker")
+            .args([
+                "exec",
+                &id,
+                "test",
+                "-e",
+                "/var/lib/clawker/agent-initialized",
+            ])
+            .status()
+            .unwrap();
+        assert!(marker.success(), "init marker in the kept container");
+        drop(events);
+
+        // A new CP: clawkerd is alive and serving (it did not exit), the
+        // command never started, so the next session runs boot again, and
+        // fails again, still without ending anything.
+        env.kill_cp_process();
+        let (_, client) = env.start_cp_process(&[]).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let agent = loop {
+            let view = client.worldview().await.unwrap();
+            let a = view["agents"][&id].clone();
+            if a["init"]["status"] == "failed" {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no boot on the next session: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(agent["start"]["initialized"], true);
+        assert_eq!(agent["start"]["cmd_running"], false);
+        assert_eq!(agent["start"]["plans"], serde_json::json!(["boot"]));
+        assert_eq!(agent["init"]["plan"], "boot");
+        assert_eq!(agent["init"]["step"], "pre-run");
+        assert!(agent["terminated"].is_null(), "nothing ended: {agent}");
+        assert_eq!(agent["session_status"], "connected");
+        assert_eq!(
+            docker_cli(&["inspect", "-f", "{{.State.Running}}", &id]),
+            "true"
+        );
+    });
+}

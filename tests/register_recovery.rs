@@ -8,7 +8,7 @@
 //! Each test is one of the ways the reference bricked an agent for good: a
 //! Docker timeout during Register, a CP crash between spending the
 //! assertion's JTI and committing the row, a container restart that lost
-//! clawkerd's token, a token that expired before the retry.
+//! clawkerd's token, a token that expires before the retry.
 
 mod common;
 
@@ -338,9 +338,13 @@ async fn a_container_restart_after_a_failed_register_trades_the_spent_assertion_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_that_expired_before_the_retry_is_replaced_by_a_re_exchange() {
-    // Tokens that live 1 s: by clawkerd's next attempt it is expired.
-    let cp = Cp::start(Duration::from_secs(1)).await;
+async fn a_token_expiring_before_the_retry_is_replaced_by_a_re_exchange() {
+    // Tokens that live 10 s: inside clawkerd's 30 s expiry margin from the
+    // start, so its retry never presents the one it holds (which would
+    // expire mid-call in the field) and trades the assertion again. Not
+    // 1 s: the CP counts whole seconds, so a 1 s token can already be
+    // refused on its first use, which is not the case this test is about.
+    let cp = Cp::start(Duration::from_secs(10)).await;
     cp.inspector.fail_next(
         1,
         RuntimeError::Api("Cannot connect to the Docker daemon".into()),
@@ -352,7 +356,7 @@ async fn a_token_that_expired_before_the_retry_is_replaced_by_a_re_exchange() {
     assert_eq!(
         clawkerd.logs.count("token_exchange_attempt"),
         2,
-        "the expired token was not presented; the CP re-issued for the unredeemed assertion"
+        "the expiring token was not presented; the CP re-issued for the unredeemed assertion"
     );
     assert_eq!(cp.registry.spent_jti_count().await.unwrap(), 1);
     task.abort();
