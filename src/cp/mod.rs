@@ -161,7 +161,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     )
     .await?;
 
-    let policy = SessionPolicy {
+    let mut policy = SessionPolicy {
         init_untrusted: cfg.init_untrusted,
         ..SessionPolicy::default()
     };
@@ -174,12 +174,15 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
             ..RotationConfig::default()
         },
     };
+    policy.init.hooks = cfg.hooks.clone();
+    policy.init.keep_on_failure = cfg.keep_on_init_failure;
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
             containers: engine.clone(),
             clawkerd_port: cfg.clawkerd_port,
         }),
         registry: Arc::new(registry.clone()),
+        terminate: engine.clone(),
         dial,
         sink: bus.clone(),
         policy,
