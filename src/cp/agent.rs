@@ -492,7 +492,17 @@ mod tests {
             .unwrap();
         assert_eq!(resolved, h, "the config defaults are the hardened defaults");
         assert!(env.is_empty());
-        assert_eq!(h.caps, vec!["SETUID", "SETGID", "KILL"]);
+        assert_eq!(
+            h.caps,
+            vec![
+                "SETUID",
+                "SETGID",
+                "KILL",
+                "CHOWN",
+                "FOWNER",
+                "DAC_READ_SEARCH"
+            ]
+        );
         assert!(h.no_new_privileges && h.read_only);
         assert_eq!(h.pids_limit, Some(1024));
         assert_eq!(h.memory_bytes, Some(4 << 30));
@@ -502,7 +512,7 @@ mod tests {
         assert!(
             c.tmpfs
                 .iter()
-                .any(|(p, o)| p == "/tmp" && o.contains("size=536870912"))
+                .any(|(p, o)| p == "/tmp" && o.contains("size=536870912") && o.contains(",exec,"))
         );
         assert!(c.binds.is_empty());
     }
