@@ -218,6 +218,7 @@ async fn docker_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        placement: vec![],
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()

@@ -96,6 +96,7 @@ impl Env {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
             extra_networks: vec![],
             mint_for_container: None,
+            placement: vec![],
         }
     }
 

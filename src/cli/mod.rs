@@ -130,6 +130,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cp(cp::CpCommand::Serve(args)) => {
             return cp::serve(&state_dir, &cli.admin_addr, args);
         }
+        Command::Cp(cp::CpCommand::Deploy(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            return rt.block_on(cp::deploy(&state_dir, args));
+        }
         other => other,
     };
     // Only `events` without --follow works offline; everything else talks

@@ -3,7 +3,9 @@
 //! Wiring, in start order (this function is the one place where the parts
 //! meet; each part only knows its own narrow inputs):
 //!
-//! 1. auth material, Docker engine, `clawker-net` (created if missing);
+//! 1. auth material, the runtime (`runtime.rs`: one engine and
+//!    `clawker-net`, created if missing; or a swarm manager and the
+//!    agent overlay);
 //! 2. infrastructure that every actor holds a handle to and that never
 //!    crashes on bad input (errors are values): the event bus and the
 //!    registry actor. They are started before the tree and live for the
@@ -12,15 +14,18 @@
 //!    (session actors, one per container), `dialer`, `docker-events` (the
 //!    feeder) and `docker-dispatch` (events → dial/stop/evict);
 //! 4. the agent API (AgentService + token endpoint on the clawker-net
-//!    gateway) and the admin API (loopback);
+//!    gateway, or the CP task's overlay address) and the admin API
+//!    (loopback; in Swarm mode the container's published port);
 //! 5. the startup orphan reap and the boot dial of running agents;
 //! 6. SIGTERM/SIGINT: stop the tree first (session tasks are aborted, so no
 //!    spurious SessionBroken), then the servers, the bus and the registry.
 
 pub mod agent;
 pub mod config;
+pub mod deploy;
 pub mod dispatch;
 pub mod feeder;
+pub mod runtime;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,10 +37,11 @@ use tokio_util::sync::CancellationToken;
 
 use clawker_actors::Backoff;
 
-use crate::docker::{self, Docker, Engine, lister};
+use crate::docker::Docker;
 use crate::events::{self, Bus};
 use crate::pki::AuthPaths;
 use crate::registry::{Registry, RegistryStore};
+use crate::runtime::{ContainmentOps, Inventory, ListScope};
 use crate::session::Sessions;
 use crate::session::actor::sessions_spec;
 use crate::session::commands::LiveCommands;
@@ -54,9 +60,12 @@ pub struct RunningCp {
     pub root: SupervisorHandle,
     pub sessions: Sessions,
     pub agent_api_addr: SocketAddr,
+    /// Where agents reach the CP (the agent API's address).
     pub gateway: std::net::IpAddr,
     pub shutdown: CancellationToken,
     pub docker: Docker,
+    /// The runtime's agent listing (startup reap, boot dial).
+    pub inventory: Arc<dyn Inventory>,
 }
 
 /// Starts everything on the current actix system. Must run inside one.
@@ -78,12 +87,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     )
     .context("CP client identity")?;
 
-    let docker = docker::connect().await?;
-    let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
-        .await
-        .with_context(|| format!("ensuring network {}", cfg.network))?;
-    tracing::info!(network = %net.name, subnet = %net.subnet, gateway = %net.gateway, "clawker-net ready");
-    let engine = Arc::new(Engine::new(docker.clone(), &cfg.network));
+    let backend = runtime::connect(cfg).await?;
+    let docker = backend.docker.clone();
 
     let bus = events::start_bus();
     let registry = Registry::start(
@@ -100,16 +105,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         tracing::debug!(error = %e, "metrics recorder already installed");
     }
 
-    // Agent API on the gateway: containers reach the CP there, and their
-    // source address is their clawker-net IP (Register's peer-IP check).
-    let agent_listen = SocketAddr::new(net.gateway, cfg.agent_port);
+    // Agent API on the agent network: containers reach the CP there, and
+    // their source address is their own address on it (Register's peer-IP
+    // check).
+    let agent_listen = SocketAddr::new(backend.agent_ip, cfg.agent_port);
     let api_cfg =
         crate::agent_api::server::AgentApiConfig::from_state_dir(&cfg.state_dir, agent_listen)?;
     let stop = shutdown.clone();
     let api = crate::agent_api::server::serve_agent_api(
         api_cfg,
         registry.clone(),
-        engine.clone(),
+        backend.inspect.clone(),
         async move { stop.cancelled().await },
     )
     .await?;
@@ -120,7 +126,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     };
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
-            containers: engine.clone(),
+            containers: backend.inspect.clone(),
             clawkerd_port: cfg.clawkerd_port,
         }),
         registry: Arc::new(registry.clone()),
@@ -135,12 +141,12 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
     let sessions = Sessions::via_root(root_slot.clone(), deps.clone());
     let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let policy = policy_spec(cfg, &bus, &engine, &sessions, &metrics);
+    let policy = policy_spec(cfg, &bus, &backend.containment, &sessions, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
         .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
-        .child(feeder::FeederActor::spec_with(docker.clone(), bus.clone(), feeder_up.clone()))
+        .child(feeder::FeederActor::spec_with(backend.feed.clone(), bus.clone(), feeder_up.clone()))
         .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone()))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
@@ -148,7 +154,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let root = Supervisor::start(spec);
     let _ = root_slot.set(root.clone());
 
-    let admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    let mut admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    admin_cfg.allow_non_loopback = backend.admin_beyond_loopback;
     let admin = crate::admin_api::service::AdminApi::new(
         Arc::new(registry.reader().clone()),
         bus.clone(),
@@ -184,9 +191,10 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         root,
         sessions,
         agent_api_addr: api.local_addr,
-        gateway: net.gateway,
+        gateway: backend.agent_ip,
         shutdown,
         docker,
+        inventory: backend.inventory,
     })
 }
 
@@ -194,7 +202,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
 fn policy_spec(
     cfg: &CpConfig,
     bus: &Bus,
-    engine: &Arc<Engine>,
+    ops: &Arc<dyn ContainmentOps>,
     sessions: &Sessions,
     metrics: &crate::policy::metrics::Metrics,
 ) -> SupervisorSpec {
@@ -208,7 +216,7 @@ fn policy_spec(
         .child(containment::ContainmentActor::spec(
             bus.clone(),
             keep,
-            engine.clone(),
+            ops.clone(),
             Arc::new(LiveCommands::new(sessions.clone())),
         ))
         .child(m::MetricsActor::spec(
@@ -228,11 +236,11 @@ fn policy_spec(
 
 /// Startup reap (reference §10.2): evict rows whose container no longer
 /// exists (stopped containers keep theirs). Soft-fails into ReapDegraded.
-pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
+pub async fn reap_orphans(runtime: &dyn Inventory, registry: &Registry, bus: &Bus) {
     let mut backoff = STARTUP_RETRY.retry();
     let mut listed = None;
     for attempt in 1..=3 {
-        match lister::list_agents(docker, lister::Scope::All).await {
+        match runtime.list_agents(ListScope::All).await {
             Ok(l) => {
                 listed = Some(l);
                 break;
@@ -288,10 +296,10 @@ pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
 
 /// Boot dial (reference §1): the feeder's first reconcile may run before
 /// the dial subscriber exists, so dial every running agent explicitly.
-pub async fn boot_dial(docker: &Docker, sessions: &Sessions) {
+pub async fn boot_dial(runtime: &dyn Inventory, sessions: &Sessions) {
     let mut backoff = STARTUP_RETRY.retry();
     for attempt in 1..=3 {
-        match lister::list_agents(docker, lister::Scope::Running).await {
+        match runtime.list_agents(ListScope::Running).await {
             Ok(list) => {
                 for c in list {
                     sessions.dial(&c.id).await;
@@ -345,8 +353,8 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
             admin_api = %cfg.admin_addr,
             "control plane up"
         );
-        reap_orphans(&cp.docker, &cp.registry, &cp.bus).await;
-        boot_dial(&cp.docker, &cp.sessions).await;
+        reap_orphans(cp.inventory.as_ref(), &cp.registry, &cp.bus).await;
+        boot_dial(cp.inventory.as_ref(), &cp.sessions).await;
         wait_for_signal().await;
         tracing::info!("shutting down");
         stop(cp).await;

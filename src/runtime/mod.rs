@@ -2,12 +2,29 @@
 //! containers, as narrow traits over plain types.
 //!
 //! Sessions, Register and containment are written against these traits;
-//! `docker/` implements them on one Docker engine, and
+//! `docker/` implements them twice — on one Docker engine
+//! (`docker::Engine`) and on a Swarm cluster (`docker::swarm::Swarm`) — and
 //! [`memory`] has in-memory doubles for tests and examples. Nothing above
-//! this seam names Docker, so a second runtime (a Swarm cluster) is one
-//! more implementation, not a change to the session machinery.
+//! this seam names Docker.
+//!
+//! The traits, by consumer:
+//! - [`Inspect`]: sessions (the dial target) and Register (the facts a
+//!   certificate is checked against);
+//! - [`ContainmentOps`]: the containment ladder;
+//! - [`Inventory`]: the startup reap and boot dial;
+//! - [`feed::EventFeed`]: the events feeder actor;
+//! - [`provision::Provision`]: `clawker agent run|stop|rm`.
+//!
+//! **What "container" means.** In engine mode a [`ContainerFacts::id`] is a
+//! Docker container id. In Swarm mode it is the agent's *service* id: the
+//! one id that outlives its tasks (swarm replaces a task — new container,
+//! new address — on every restart, update or reschedule), so it is what
+//! the leaf certificate names and what the registry row is keyed by; the
+//! facts (address, running) are those of the service's current task.
 
+pub mod feed;
 pub mod memory;
+pub mod provision;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -100,6 +117,31 @@ pub trait Inspect: Send + Sync + 'static {
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>>;
 }
 
+/// One agent as an inventory listing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentListing {
+    /// The runtime id (see the module doc: container id or service id).
+    pub id: String,
+    pub running: bool,
+}
+
+/// Which agents to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListScope {
+    /// Stopped ones too (the orphan reap must not evict a stopped agent's
+    /// row: it keeps its identity).
+    All,
+    Running,
+}
+
+/// Every agent the runtime runs, for the startup reap and the boot dial.
+pub trait Inventory: Send + Sync + 'static {
+    fn list_agents(
+        &self,
+        scope: ListScope,
+    ) -> BoxFuture<'_, Result<Vec<AgentListing>, RuntimeError>>;
+}
+
 /// Result of a stop or kill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -110,6 +152,12 @@ pub enum Stopped {
 }
 
 /// The runtime operations containment needs, and nothing more.
+///
+/// Engine mode acts on the container itself. Swarm mode acts on the
+/// service (the CP reaches only the manager's API): `disconnect` drops the
+/// network from the service's task template and `stop`/`kill` scale it to
+/// zero, so swarm replaces or removes the task — the agent's next task has
+/// a new container and address, and its session is re-dialled there.
 pub trait ContainmentOps: Send + Sync + 'static {
     /// Names of the networks the container is attached to.
     fn networks_of<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>>;
@@ -119,12 +167,13 @@ pub trait ContainmentOps: Send + Sync + 'static {
         id: &'a str,
         network: &'a str,
     ) -> BoxFuture<'a, Result<(), RuntimeError>>;
-    /// `docker stop` with a grace period before SIGKILL.
+    /// Stop with a grace period before SIGKILL (`docker stop`; swarm:
+    /// scale to zero, the task's own stop grace period applies).
     fn stop<'a>(
         &'a self,
         id: &'a str,
         grace: Duration,
     ) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
-    /// `docker kill`.
+    /// `docker kill` (swarm: scale to zero with no stop grace period).
     fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
 }
