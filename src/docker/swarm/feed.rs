@@ -314,27 +314,25 @@ async fn follow(
     // Busy right after a (re)connect: whatever happened during the gap may
     // still be settling.
     let mut busy_until = Instant::now() + cfg.busy_for;
+    let mut next_poll = tokio::time::Instant::now() + cfg.busy_poll;
     let mut failures = 0u32;
     loop {
-        let interval = if Instant::now() < busy_until {
-            cfg.busy_poll
-        } else {
-            cfg.idle_poll
-        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             hint = hints.next() => match hint {
                 None => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(msg)) => {
+                    // Other events do not move the next poll, so a chatty
+                    // engine cannot starve polling.
                     if is_hint(&msg) {
                         busy_until = Instant::now() + cfg.busy_for;
-                    } else {
-                        continue;
+                        next_poll = next_poll.min(tokio::time::Instant::now() + cfg.busy_poll);
                     }
+                    continue;
                 }
             },
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(next_poll) => {}
         }
         match snapshot(swarm).await {
             Ok(snap) => {
@@ -352,6 +350,12 @@ async fn follow(
                 }
             }
         }
+        let interval = if Instant::now() < busy_until {
+            cfg.busy_poll
+        } else {
+            cfg.idle_poll
+        };
+        next_poll = tokio::time::Instant::now() + interval;
     }
 }
 

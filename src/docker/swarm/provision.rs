@@ -35,6 +35,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::ListSecretsOptions;
 use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
 
 use super::{Swarm, SwarmError, replicas};
 use crate::defaults::labels;
@@ -54,6 +55,27 @@ fn swarm_error(e: SwarmError) -> ProvisionError {
 
 fn api_error(e: bollard::errors::Error) -> ProvisionError {
     swarm_error(SwarmError::Api(e))
+}
+
+/// The service name for an agent whose container name (its canonical CN)
+/// is `cn`. Swarm wants a DNS label (no dots, at most 63 characters), so
+/// the dots become dashes and a digest of the CN keeps two agents apart
+/// whose names would otherwise collide (`p-q`/`a` and `p`/`q-a`).
+pub fn service_name(cn: &str) -> String {
+    let digest = Sha256::digest(cn.as_bytes());
+    let suffix = hex::encode(&digest[..4]);
+    let mut base: String = cn
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    base.truncate(54);
+    format!("{}-{suffix}", base.trim_end_matches(['-', '_']))
 }
 
 /// The labels every agent service and its containers carry: the ones
@@ -82,7 +104,7 @@ pub fn agent_service_spec(spec: &AgentSpec, replicas: i64) -> ServiceSpec {
         })
         .collect();
     ServiceSpec {
-        name: Some(spec.name.clone()),
+        name: Some(service_name(&spec.name)),
         labels: Some(labels.clone()),
         mode: Some(ServiceSpecMode {
             replicated: Some(ServiceSpecModeReplicated {
@@ -343,7 +365,7 @@ impl Provision for Swarm {
             match self
                 .docker()
                 .inspect_service(
-                    &spec.name,
+                    &service_name(&spec.name),
                     None::<bollard::query_parameters::InspectServiceOptions>,
                 )
                 .await
@@ -399,7 +421,7 @@ impl Provision for Swarm {
             let svc = match self
                 .docker()
                 .inspect_service(
-                    name,
+                    &service_name(name),
                     None::<bollard::query_parameters::InspectServiceOptions>,
                 )
                 .await
@@ -519,6 +541,30 @@ mod tests {
                 .unwrap()
                 .args
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn service_names_are_dns_labels_and_keep_agents_apart() {
+        let valid = |n: &str| {
+            n.len() <= 63
+                && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        let a = service_name("clawker.p-q.a");
+        let b = service_name("clawker.p.q-a");
+        assert!(a.starts_with("clawker-p-q-a-"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, service_name("clawker.p-q.a"), "deterministic");
+        let long = format!("clawker.{}.{}_", "x".repeat(24), "y".repeat(23));
+        for n in [a, b, service_name(&long), service_name("clawker.a")] {
+            assert!(valid(&n), "{n}");
+        }
+        assert_eq!(
+            agent_service_spec(&spec(), 0).name,
+            Some(service_name("clawker.p.a"))
         );
     }
 
