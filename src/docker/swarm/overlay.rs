@@ -48,7 +48,9 @@ pub async fn find(swarm: &Swarm, name: &str) -> Result<Option<Overlay>, SwarmErr
     };
     let driver = net.driver.clone().unwrap_or_default();
     let scope = net.scope.clone().unwrap_or_default();
-    if driver != "overlay" || scope != "swarm" {
+    // Right after creation a manager may still report the driver empty
+    // (the allocator has not filled it in yet): scope decides then.
+    if scope != "swarm" || !(driver.is_empty() || driver == "overlay") {
         return Err(SwarmError::Invalid(format!(
             "network {name} exists but is a {driver} network of scope {scope}: Swarm mode needs a swarm-scoped overlay"
         )));

@@ -37,6 +37,7 @@ use bollard::query_parameters::ListSecretsOptions;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
+use super::task::RawTask;
 use super::{Swarm, SwarmError, replicas};
 use crate::defaults::labels;
 use crate::docker::is_status;
@@ -282,9 +283,12 @@ impl Swarm {
         }
     }
 
-    /// Waits until the service has a running task; a task that fails or is
-    /// rejected (no such image on the node, no node satisfying the
-    /// constraints …) ends the wait with swarm's own words.
+    /// Waits until the service's first task started: it is running, or
+    /// it has a container and already moved on (a command that ended at
+    /// once, or containment replacing the task — what `docker start`
+    /// returning means in engine mode). A task swarm could not start (no
+    /// such image on the node, no node satisfying the constraints, a
+    /// container that failed to start) ends the wait with swarm's words.
     async fn wait_running(&self, id: &str, timeout: Duration) -> Result<(), ProvisionError> {
         let started = Instant::now();
         let mut last = String::from("no task yet");
@@ -294,11 +298,10 @@ impl Swarm {
                 .await
                 .map_err(swarm_error)?;
             let mine: Vec<_> = tasks.iter().filter(|t| t.service_id == id).collect();
-            if super::task::current(mine.iter().copied()).is_some() {
-                return Ok(());
-            }
-            if let Some(t) = mine.iter().find(|t| t.is_finished()) {
-                return Err(ProvisionError::NotStarted(t.problem()));
+            match first_start(&mine) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(problem)) => return Err(ProvisionError::NotStarted(problem)),
+                None => {}
             }
             if let Some(t) = mine.iter().max_by_key(|t| t.state_since_nanos()) {
                 last = t.problem();
@@ -461,6 +464,26 @@ impl Provision for Swarm {
     }
 }
 
+/// Whether a service's tasks show that it started (`Ok`), could not start
+/// (`Err` with swarm's reason), or neither yet (`None`).
+pub fn first_start(tasks: &[&RawTask]) -> Option<Result<(), String>> {
+    for t in tasks {
+        let ran = !t.container_id().is_empty()
+            && matches!(
+                t.status.state.as_str(),
+                "running" | "complete" | "shutdown" | "failed"
+            )
+            && !t.status.err.contains("starting container failed");
+        if ran {
+            return Some(Ok(()));
+        }
+    }
+    tasks
+        .iter()
+        .find(|t| matches!(t.status.state.as_str(), "rejected" | "failed"))
+        .map(|t| Err(t.problem()))
+}
+
 /// Whether a service spec has one replica and the bundle mounted (tests).
 pub fn is_provisioned(spec: &ServiceSpec) -> bool {
     replicas(spec) == Some(1)
@@ -542,6 +565,33 @@ mod tests {
                 .args
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_task_that_ran_counts_as_started_one_that_could_not_is_an_error() {
+        let task = |state: &str, cid: &str, err: &str| RawTask {
+            id: "t1".into(),
+            status: crate::docker::swarm::task::RawStatus {
+                state: state.into(),
+                err: err.into(),
+                container_status: Some(crate::docker::swarm::task::RawContainerStatus {
+                    container_id: cid.into(),
+                    pid: 0,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pending = task("preparing", "", "");
+        assert_eq!(first_start(&[&pending]), None);
+        assert_eq!(first_start(&[&task("running", "c1", "")]), Some(Ok(())));
+        // Replaced at once by containment: it ran.
+        assert_eq!(first_start(&[&task("shutdown", "c1", "")]), Some(Ok(())));
+        let rejected = task("rejected", "", "No such image: clawker-agent:nope");
+        let e = first_start(&[&pending, &rejected]).unwrap().unwrap_err();
+        assert!(e.contains("No such image"), "{e}");
+        let bad_start = task("failed", "c2", "starting container failed: exec: \"nope\"");
+        assert!(first_start(&[&bad_start]).unwrap().is_err());
     }
 
     #[test]
