@@ -24,6 +24,8 @@ pub mod labels {
     pub const PURPOSE_BOOTSTRAP: &str = "bootstrap";
     /// Swarm mode: on a bundle secret, the id of the service it belongs to.
     pub const SERVICE: &str = "dev.clawker.service";
+    /// The quarantine network (engine) or overlay (swarm).
+    pub const PURPOSE_QUARANTINE: &str = "quarantine";
 }
 
 /// The bridge network the CP and every agent share.
@@ -51,7 +53,17 @@ pub mod swarm {
     /// Env the CP service gets from swarm's templating (`{{.Task.ID}}`):
     /// how the CP finds its own task, hence its overlay address.
     pub const TASK_ID_ENV: &str = "CLAWKER_SWARM_TASK_ID";
+    /// The internal overlay `isolate` moves an agent service onto (the CP
+    /// service is attached to it too, so the session survives the move).
+    pub const QUARANTINE_NETWORK: &str = "clawker-quarantine-overlay";
+    /// Its subnet when `clawker cp deploy` creates it.
+    pub const QUARANTINE_SUBNET: &str = "10.213.65.0/24";
 }
+
+/// The internal network `isolate` moves an agent onto.
+pub const QUARANTINE_NETWORK: &str = "clawker-quarantine";
+/// Its subnet when the CP creates it.
+pub const QUARANTINE_SUBNET: &str = "10.213.1.0/24";
 
 /// The port clawkerd listens on inside every agent container.
 pub const CLAWKERD_PORT: u16 = 7700;
@@ -86,6 +98,32 @@ pub mod agent_user {
     pub const NAME: &str = "claude";
     pub const HOME: &str = "/home/claude";
 }
+
+/// Where things live inside an agent container started by `clawker agent
+/// run` (its root filesystem is read-only by default).
+pub mod agent_paths {
+    /// clawkerd's persistent state: an anonymous volume, so it survives
+    /// container restarts and goes with `clawker agent rm`. Holds
+    /// `bootstrap/` (the bundle, 0700), `log/` (0700) and whatever else
+    /// clawkerd must keep across restarts (init marker, rotated leaves).
+    pub const STATE_DIR: &str = "/var/lib/clawker";
+    /// The bootstrap bundle (`CLAWKER_BOOTSTRAP_DIR`).
+    pub const BOOTSTRAP_DIR: &str = "/var/lib/clawker/bootstrap";
+    /// clawkerd's log (`CLAWKER_LOG_FILE`).
+    pub const LOG_FILE: &str = "/var/lib/clawker/log/clawkerd.log";
+    /// The per-boot ready marker (`CLAWKER_READY_FILE`), on the `/run`
+    /// tmpfs.
+    pub const READY_FILE: &str = "/run/clawker/ready";
+    /// Where `--workspace DIR` is bind-mounted, read-write.
+    pub const WORKSPACE: &str = "/workspace";
+}
+
+/// The capabilities clawkerd needs as PID 1 and nothing more: SETUID and
+/// SETGID to drop to the agent user (setgroups/setgid/setuid before exec),
+/// KILL to signal process groups owned by that user (timeouts, `docker
+/// stop` forwarding). `tests/containment_docker.rs` shows each one is
+/// needed.
+pub const AGENT_CAPS: [&str; 3] = ["SETUID", "SETGID", "KILL"];
 
 /// The default agent image (`scripts/build-agent-image.sh` builds it).
 pub const AGENT_IMAGE: &str = "clawker-agent:latest";

@@ -17,12 +17,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("pki", &["identity", "defaults"]),
     ("tls", &["identity", "pki"]),
+    ("archive", &[]),
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
     ("runtime", &["defaults", "events"]),
     // The agent daemon: foundation only, never the CP.
-    ("clawkerd", &["identity", "pki", "proto", "tls", "defaults"]),
+    (
+        "clawkerd",
+        &["archive", "identity", "pki", "proto", "tls", "defaults"],
+    ),
     // Services, written against the seams.
     (
         "session",
@@ -36,10 +40,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "defaults", "identity", "pki", "proto", "registry", "runtime", "tls",
         ],
     ),
+    // The admin API fronts the operator's containment actions (release,
+    // unlock), so it may name the policy service.
     (
         "admin_api",
         &[
-            "defaults", "events", "identity", "pki", "proto", "registry", "session", "tls",
+            "defaults", "events", "identity", "pki", "policy", "proto", "registry", "session",
+            "tls",
         ],
     ),
     (
@@ -48,8 +55,31 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "defaults", "events", "identity", "proto", "registry", "runtime", "session",
         ],
     ),
-    // The Docker edge implements the runtime seam; nothing below names it.
-    ("docker", &["defaults", "events", "runtime", "identity"]),
+    // The fuzz targets' bodies (feature `fuzzing`, never shipped).
+    (
+        "fuzz_harness",
+        &[
+            "agent_api",
+            "cp",
+            "defaults",
+            "docker",
+            "events",
+            "pki",
+            "proto",
+            "registry",
+            "session",
+            "tls",
+        ],
+    ),
+    // The kernel edge: rules in network namespaces and on the host. It
+    // knows no container runtime (it takes pids, addresses, bridge names).
+    ("netns", &[]),
+    // The Docker edge implements the runtime seam (with the kernel edge for
+    // what a container's namespace needs); nothing below names either.
+    (
+        "docker",
+        &["defaults", "events", "runtime", "identity", "netns"],
+    ),
     // Wiring: the one place the parts meet.
     (
         "cp",
@@ -61,6 +91,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "docker",
             "events",
             "identity",
+            "netns",
             "pki",
             "policy",
             "proto",
@@ -75,12 +106,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "admin_api",
             "agent_api",
+            "archive",
             "config",
             "cp",
             "defaults",
             "docker",
             "events",
             "identity",
+            "netns",
             "pki",
             "policy",
             "proto",

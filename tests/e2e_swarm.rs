@@ -16,10 +16,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use clawker::cp::{self, agent::RunSpec};
+use clawker::docker::swarm::Swarm;
 use clawker::docker::swarm::deploy as cp_service;
-use clawker::docker::swarm::{Swarm, overlay};
 use clawker::identity::{AgentName, ProjectSlug};
-use common::swarm::{Cluster, OVERLAY, Record, SwarmCp, agent_image, count_for, names_for};
+use clawker::runtime::{ContainmentOps, NetworkRole, RuntimeError};
+use common::swarm::{
+    Cluster, OVERLAY, QUARANTINE_OVERLAY, Record, SwarmCp, agent_image, count_for, names_for,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -43,6 +46,9 @@ fn spec(name: &str) -> RunSpec {
         network: OVERLAY.into(),
         agent_port: clawker::defaults::AGENT_PORT,
         command: vec![],
+        env: vec![],
+        // The hardened defaults, mapped onto the task template.
+        hardening: Default::default(),
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "swarm".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
@@ -74,6 +80,34 @@ async fn force_update(swarm: &Swarm, id: &str) -> String {
     }
 }
 
+/// The `clawker` CLI against the swarm CP: the admin API published on the
+/// manager, and the manager's engine for `agent run|stop|rm`.
+async fn cli(cp: &SwarmCp, cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let admin = cp
+        .deployed
+        .admin_addr
+        .expect("published admin API")
+        .to_string();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_clawker"))
+        .arg("--state-dir")
+        .arg(cp.state.path())
+        .args(["--admin-addr", &admin])
+        .args(args)
+        .env("DOCKER_HOST", format!("unix://{}", cluster.manager_sock()))
+        .env("CLAWKER_RUNTIME", "swarm")
+        .output()
+        .await
+        .expect("clawker runs")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn record_of<'a>(recs: &'a [Record], name: &str, id: &str) -> &'a serde_json::Value {
     &recs
         .iter()
@@ -83,7 +117,7 @@ fn record_of<'a>(recs: &'a [Record], name: &str, id: &str) -> &'a serde_json::Va
 }
 
 #[test]
-fn swarm_single_node_register_init_restart_containment_cp_restart_and_rm() {
+fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
     let _g = serial();
     if skip() {
         return;
@@ -138,6 +172,12 @@ fn swarm_single_node_register_init_restart_containment_cp_restart_and_rm() {
                 .any(|r| r.container_id == id && r.agent_name == "alpha" && r.project == "e2e"),
             "{rows:?}"
         );
+        // The same through the CLI.
+        let ls = cli(&cp, &cluster, &["agents", "--json"]).await;
+        assert!(ls.status.success(), "{}", text(&ls));
+        assert!(text(&ls).contains(&id), "{}", text(&ls));
+        let status = cli(&cp, &cluster, &["status"]).await;
+        assert!(status.status.success(), "{}", text(&status));
 
         // --- Restart (a new task: new container, new address): re-dialled,
         // Match on the same service id, no second Register.
@@ -152,16 +192,39 @@ fn swarm_single_node_register_init_restart_containment_cp_restart_and_rm() {
         assert!(count_for(&recs, &id, "agent.trusted") >= 2);
         assert_eq!(count_for(&recs, &id, "agent.untrusted"), 0);
 
-        // --- Containment: a leaf bound to another id fails Register; the
-        // agent is untrusted, gets no init, and is isolated (its service
-        // leaves every network but the overlay; swarm replaces the task).
-        overlay::ensure(swarm, "clawker-e2e-other", "10.241.1.0/24", false)
+        // --- Containment, with the agent started by the CLI (`agent run`
+        // waits on the CP's events and fails with the reason): a leaf bound
+        // to another id fails Register; the agent is untrusted, gets no
+        // init, and is quarantined (its service moved onto the internal
+        // quarantine overlay; swarm replaces the task).
+        let run = cli(
+            &cp,
+            &cluster,
+            &[
+                "agent",
+                "run",
+                "mallory",
+                "--project",
+                "e2e",
+                "--image",
+                &agent_image(),
+                "--leaf-for-container",
+                "deadbeef",
+                "--timeout-secs",
+                "90",
+            ],
+        )
+        .await;
+        assert!(!run.status.success(), "{}", text(&run));
+        assert!(text(&run).contains("agent is untrusted"), "{}", text(&run));
+        let mid = swarm
+            .agent_services()
             .await
-            .unwrap();
-        let mut bad = spec("mallory");
-        bad.mint_for_container = Some("deadbeef".into());
-        bad.extra_networks = vec!["clawker-e2e-other".into()];
-        let mid = cp::agent::run(swarm, &material, &bad).await.unwrap();
+            .unwrap()
+            .into_iter()
+            .find(|s| s.labels.get("dev.clawker.agent").map(String::as_str) == Some("mallory"))
+            .expect("mallory's service")
+            .id;
         let recs = cp
             .wait("mallory contained", 90, |r| {
                 r.iter().any(|(n, j)| {
@@ -187,13 +250,36 @@ fn swarm_single_node_register_init_restart_containment_cp_restart_and_rm() {
         assert_eq!(isolate.1["outcome"], "applied", "{:?}", isolate.1);
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let f = swarm.facts(&mid).await.unwrap();
-            if f.running && f.networks == [OVERLAY] {
+            let f = swarm
+                .with_quarantine(QUARANTINE_OVERLAY)
+                .facts(&mid)
+                .await
+                .unwrap();
+            if f.running && f.networks == [QUARANTINE_OVERLAY] {
+                assert_eq!(f.ip_network, Some(NetworkRole::Quarantine));
+                assert!(f.ip.unwrap().to_string().starts_with("10.241.2."), "{f:?}");
                 break;
             }
-            assert!(Instant::now() < deadline, "not isolated: {f:?}");
+            assert!(Instant::now() < deadline, "not quarantined: {f:?}");
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+        // A lock needs the task's network namespace, which the CP (a service
+        // in its own pid namespace) cannot enter: unsupported, with why.
+        let ops = swarm.with_quarantine(QUARANTINE_OVERLAY);
+        match ContainmentOps::lock(&ops, &mid, 7700).await {
+            Err(RuntimeError::Unsupported(why)) => {
+                assert!(why.contains("own pid namespace"), "{why}")
+            }
+            other => panic!("lock in Swarm mode: {other:?}"),
+        }
+        assert!(!ContainmentOps::unlock(&ops, &mid).await.unwrap().changed);
+        assert!(
+            !ContainmentOps::quarantine(&ops, &mid)
+                .await
+                .unwrap()
+                .changed,
+            "quarantine is idempotent"
+        );
         // The replacement task is dialled again, and stays untrusted.
         cp.wait("mallory re-dialled", 60, |r| {
             count_for(r, &mid, "agent.session.connected") >= 2
@@ -234,8 +320,9 @@ fn swarm_single_node_register_init_restart_containment_cp_restart_and_rm() {
         })
         .await;
 
-        // --- rm: service and secrets gone, the row evicted.
-        cp::agent::remove(swarm, &id).await.unwrap();
+        // --- rm (the CLI): service and secrets gone, the row evicted.
+        let rm = cli(&cp, &cluster, &["agent", "rm", "alpha", "--project", "e2e"]).await;
+        assert!(rm.status.success(), "{}", text(&rm));
         let admin = clawker::admin_api::AdminClient::connect(
             cp.state.path(),
             cp.deployed.admin_addr.unwrap(),
@@ -324,6 +411,14 @@ fn swarm_agent_on_a_worker_node_is_supervised_end_to_end() {
             record_of(&recs, "agent.session.connected", &id)["address"],
             format!("{ip}:7700")
         );
+
+        // No lock on another node's task, said with which node.
+        match ContainmentOps::lock(swarm, &id, 7700).await {
+            Err(RuntimeError::Unsupported(why)) => {
+                assert!(why.contains("not on the CP's node"), "{why}")
+            }
+            other => panic!("lock on a worker's task: {other:?}"),
+        }
 
         // Stop (scale to zero): the feed says `die`, the session is stopped
         // with its task — no SessionBroken, no reconnect churn.

@@ -14,12 +14,14 @@ use clawker::events::{
 };
 use clawker::identity::Thumbprint;
 use clawker::policy::audit::{AuditActor, AuditConfig, read_last};
-use clawker::policy::containment::{ContainmentActor, ContainmentConfig, Rule, TriggerKind};
+use clawker::policy::containment::{
+    Containment, ContainmentActor, ContainmentConfig, Rule, TriggerKind,
+};
 use clawker::policy::health::{Readiness, serve_metrics};
 use clawker::policy::metrics::{self as m, Metrics, MetricsActor, RefreshMetrics};
 use clawker::policy::webhook::{WebhookConfig, WebhookForwarder};
 use clawker::runtime::memory::MemoryOps;
-use clawker::session::commands::NoSessions;
+use clawker::session::control::NoSessions;
 use clawker_actors::{ChildExit, ExitReason, Supervisor, SupervisorSpec};
 use tokio_util::sync::CancellationToken;
 
@@ -415,12 +417,15 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
             actions: vec![ContainmentAction::Kill],
         });
         let mut applied = bus.subscribe::<ContainmentApplied>().unwrap();
-        let _sup = Supervisor::start(SupervisorSpec::new("policy").child(ContainmentActor::spec(
-            bus.clone(),
+        let core = Arc::new(Containment::new(
             cfg,
             Arc::new(ops.clone()),
             Arc::new(NoSessions),
-        )));
+            7700,
+        ));
+        let _sup = Supervisor::start(
+            SupervisorSpec::new("policy").child(ContainmentActor::spec(bus.clone(), core)),
+        );
         wait_until("containment subscribed", Duration::from_secs(5), || {
             bus.stats().subscribers == 4
         })
@@ -441,7 +446,11 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
                 (ContainmentAction::Isolate, ContainmentOutcome::Applied)
             ]
         );
-        assert_eq!(ops.networks("bad").unwrap(), vec!["clawker-net"]);
+        assert_eq!(
+            ops.networks("bad").unwrap(),
+            vec![MemoryOps::QUARANTINE],
+            "isolated = quarantined, off every other network"
+        );
 
         let failed = || SessionFailed {
             agent: AgentRef::new("flaky", "dev", "web"),

@@ -126,6 +126,7 @@ impl Harness {
             self.pki.container_id.clone(),
             self.deps(),
             tx,
+            Default::default(),
         ));
         (task, rx)
     }

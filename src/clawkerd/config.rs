@@ -137,6 +137,19 @@ impl Config {
     }
 }
 
+/// Why the bootstrap bundle could not be read (a boot configuration error:
+/// the CP-side tooling did not upload the bundle, or uploaded it empty).
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("read {name}: {source}")]
+    Read {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{name} is empty")]
+    Empty { name: &'static str },
+}
+
 /// The bootstrap bundle, read once. The PEMs stay raw bytes; the listener
 /// and the register coordinator parse them.
 #[derive(Clone)]
@@ -157,11 +170,12 @@ impl std::fmt::Debug for Bootstrap {
 impl Bootstrap {
     /// Reads cert.pem, key.pem, ca.pem, assertion.jwt in that order; the
     /// first missing, unreadable or empty file wins.
-    pub fn read(dir: &std::path::Path) -> Result<Self, String> {
-        let read = |name: &str| -> Result<Vec<u8>, String> {
-            let bytes = std::fs::read(dir.join(name)).map_err(|e| format!("read {name}: {e}"))?;
+    pub fn read(dir: &std::path::Path) -> Result<Self, BootstrapError> {
+        let read = |name: &'static str| -> Result<Vec<u8>, BootstrapError> {
+            let bytes = std::fs::read(dir.join(name))
+                .map_err(|source| BootstrapError::Read { name, source })?;
             if bytes.is_empty() {
-                return Err(format!("{name} is empty"));
+                return Err(BootstrapError::Empty { name });
             }
             Ok(bytes)
         };
@@ -216,12 +230,15 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             write_all(d.path());
             std::fs::remove_file(d.path().join(name)).unwrap();
-            let e = Bootstrap::read(d.path()).unwrap_err();
-            assert!(e.contains(name), "{e}");
+            let e = Bootstrap::read(d.path()).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("read {name}: ")), "{e}");
         }
         let d = tempfile::tempdir().unwrap();
         write_all(d.path());
         std::fs::write(d.path().join(bootstrap::CERT), "").unwrap();
-        assert_eq!(Bootstrap::read(d.path()).unwrap_err(), "cert.pem is empty");
+        assert_eq!(
+            Bootstrap::read(d.path()).unwrap_err().to_string(),
+            "cert.pem is empty"
+        );
     }
 }

@@ -40,24 +40,39 @@ use crate::tls;
 /// A peer gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds the listener's TLS config from the bootstrap bundle. Errors are
-/// configuration errors (exit 2); texts follow the reference.
-pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, String> {
+/// Why the listener's TLS config could not be built from the bootstrap
+/// bundle. All are configuration errors (exit 2): the bundle in the
+/// container is wrong. Texts follow the reference.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerConfigError {
+    #[error("TLS config: CA PEM did not parse")]
+    CaPem,
+    #[error("TLS config: client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// cert.pem or key.pem holds no usable PEM block.
+    #[error("TLS config: agent leaf keypair: {0}")]
+    LeafPem(#[from] tls::TlsError),
+    /// rustls refused TLS 1.3 with this provider (a build problem).
+    #[error("TLS config: {0}")]
+    Versions(rustls::Error),
+    /// cert.pem and key.pem do not form a keypair.
+    #[error("TLS config: agent leaf keypair: {0}")]
+    Keypair(rustls::Error),
+}
+
+/// Builds the listener's TLS config from the bootstrap bundle.
+pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, ServerConfigError> {
     let provider = tls::provider();
-    let roots = tls::root_store("ca.pem", &b.ca_pem)
-        .map_err(|_| "TLS config: CA PEM did not parse".to_owned())?;
-    let verifier = tls::PinnedClientVerifier::new(roots, CONTROL_PLANE_CN, "clawkerd listener")
-        .map_err(|e| format!("TLS config: client verifier: {e}"))?;
-    let certs = tls::load_certs("cert.pem", &b.cert_pem)
-        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
-    let key = tls::load_key("key.pem", &b.key_pem)
-        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
+    let roots = tls::root_store("ca.pem", &b.ca_pem).map_err(|_| ServerConfigError::CaPem)?;
+    let verifier = tls::PinnedClientVerifier::new(roots, CONTROL_PLANE_CN, "clawkerd listener")?;
+    let certs = tls::load_certs("cert.pem", &b.cert_pem)?;
+    let key = tls::load_key("key.pem", &b.key_pem)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| format!("TLS config: {e}"))?
+        .map_err(ServerConfigError::Versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS config: agent leaf keypair: {e}"))?;
+        .map_err(ServerConfigError::Keypair)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
@@ -235,16 +250,16 @@ mod tests {
         assert!(
             server_config(&b)
                 .unwrap_err()
-                .contains("agent leaf keypair")
+                .to_string()
+                .starts_with("TLS config: agent leaf keypair: ")
         );
         let b = Bootstrap {
             ca_pem: b"nope".to_vec(),
             ..b
         };
-        assert!(
-            server_config(&b)
-                .unwrap_err()
-                .contains("CA PEM did not parse")
+        assert_eq!(
+            server_config(&b).unwrap_err().to_string(),
+            "TLS config: CA PEM did not parse"
         );
     }
 }

@@ -9,8 +9,15 @@
 //! - [`users`]: `CLAWKER_USER` → uid/gid/groups from /etc/passwd, /etc/group.
 //! - [`listener`]: TLS 1.3 accept loop and the CP-only client verifier.
 //! - [`session`]: one `Session` stream — receive loop, dispatch, teardown.
+//! - [`control`]: what the session keeps per running command (stdin,
+//!   signals, resize, flow credit routed without blocking).
+//! - [`flow`]: per-command flow control (`FlowGrant`/`StdinConsumed`).
 //! - [`pipeline`]: one `ShellCommand` — stages, pipes, stdin, output,
 //!   timeout, the single terminal response.
+//! - [`pty`]: one `PtyCommand` — a program under a pseudo-terminal.
+//! - [`logs`]: the user command's output teed into a bounded ring; `Logs`.
+//! - [`copy`]: `CopyFrom`/`CopyTo`, tar streams out of and into the
+//!   container.
 //! - [`spawn`]: the user command (`AgentReady`), privilege drop.
 //! - [`reaper`]: the only code that waits for children.
 //! - [`register`]: the one-shot Register coordinator (token + AgentService).
@@ -18,8 +25,13 @@
 //! This file is the boot sequence and the main wait loop (reference §3, §8).
 
 pub mod config;
+pub mod control;
+pub mod copy;
+pub mod flow;
 pub mod listener;
+pub mod logs;
 pub mod pipeline;
+pub mod pty;
 pub mod reaper;
 pub mod register;
 pub mod session;
@@ -39,6 +51,9 @@ use spawn::MainState;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long we wait for orphans before exiting.
 const ORPHAN_DRAIN: Duration = Duration::from_secs(5);
+/// How long the output tee may take to pass the user command's last
+/// output on after it exited (a background process may hold the pipe).
+const OUTPUT_TAIL_GRACE: Duration = Duration::from_secs(1);
 
 /// Signals forwarded to the user command's process group once it runs.
 /// Not SIGPIPE (unlike the reference): clawkerd itself gets SIGPIPE whenever
@@ -190,11 +205,13 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         project: cfg.project.clone(),
         bootstrap,
     });
+    let output = logs::OutputLog::new(logs::LOG_CAPACITY);
     let user_command = spawn::UserCommand::new(
         cfg.user_argv.clone(),
         Some(user),
         cfg.ready_file.clone(),
         reaper.clone(),
+        output.clone(),
     );
     let shutdown = CancellationToken::new();
     let shared = Arc::new(session::Shared::new(
@@ -294,6 +311,8 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         }
     };
 
+    // The user command's last words reach `docker logs` (and followers).
+    output.wait_closed(OUTPUT_TAIL_GRACE).await;
     // Teardown (reference §8.2): stop serving and end every session (which
     // kills and reaps its commands), then drain orphans, then exit.
     tracing::info!(event = "clawkerd_listener_stopping");

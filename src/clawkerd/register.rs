@@ -48,26 +48,76 @@ pub struct RegisterConfig {
     pub bootstrap: Bootstrap,
 }
 
-/// Outcome of one attempt: `consumed` means the assertion is spent.
-struct Attempt {
-    ok: bool,
-    error: String,
-    consumed: bool,
+/// Why a register attempt failed. The Display is the exact
+/// `RegisterDone.error` text of the reference (§9.3), word for word;
+/// [`RegisterError::consumed`] is its classification (§9.2). Clone: a
+/// consumed outcome is cached and replayed, so foreign errors are kept as
+/// their text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("{var} unset; cannot exchange assertion", var = env::CP_TOKEN_URL)]
+    TokenUrlUnset,
+    #[error("{var} unset; cannot dial AgentService", var = env::CP_AGENT_ADDR)]
+    AgentAddrUnset,
+    #[error("token TLS config: CA PEM did not parse")]
+    TokenTlsConfig,
+    #[error("hydra token exchange: {0}")]
+    TokenExchange(#[from] ExchangeError),
+    /// The agent leaf or key in the bootstrap bundle is unusable.
+    #[error("dial TLS config: {0}")]
+    DialTlsConfig(String),
+    #[error("dial CP agent listener: {0}")]
+    Dial(String),
+    #[error("AgentService.Register: token is not a valid header value")]
+    BadToken,
+    /// The CP refused (or never answered) the Register call.
+    #[error("AgentService.Register: rpc error: code = {code:?} desc = {message}")]
+    Rpc { code: tonic::Code, message: String },
 }
 
-impl Attempt {
-    fn fail(error: impl Into<String>, consumed: bool) -> Self {
-        Self {
-            ok: false,
-            error: error.into(),
-            consumed,
+impl RegisterError {
+    /// Whether the single-use assertion is spent: everything from the token
+    /// endpoint's first HTTP response on. A consumed outcome is final.
+    pub fn consumed(&self) -> bool {
+        match self {
+            Self::TokenUrlUnset | Self::AgentAddrUnset | Self::TokenTlsConfig => false,
+            Self::TokenExchange(e) => e.consumed(),
+            Self::DialTlsConfig(_) | Self::Dial(_) | Self::BadToken | Self::Rpc { .. } => true,
         }
+    }
+}
+
+/// How the token exchange failed (reference §9.3 step 6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    /// No HTTP response: DNS, TCP, TLS, timeout, or a bad URL.
+    #[error("post to {url}: {detail}")]
+    Transport { url: String, detail: String },
+    #[error("read response: {0}")]
+    ReadBody(String),
+    #[error("hydra returned {status}: {body}")]
+    Status {
+        status: http::StatusCode,
+        body: String,
+    },
+    #[error("decode response: {0}")]
+    Decode(String),
+    #[error("hydra returned empty access_token")]
+    EmptyToken,
+    #[error("hydra returned unexpected token_type {0:?} (expected Bearer)")]
+    TokenType(String),
+}
+
+impl ExchangeError {
+    /// Any HTTP response means the issuer saw (and spent) the assertion.
+    pub fn consumed(&self) -> bool {
+        !matches!(self, Self::Transport { .. })
     }
 }
 
 pub struct Coordinator {
     cfg: RegisterConfig,
-    cached: Mutex<Option<(bool, String)>>,
+    cached: Mutex<Option<Result<(), RegisterError>>>,
 }
 
 impl Coordinator {
@@ -78,66 +128,58 @@ impl Coordinator {
         })
     }
 
-    /// Runs (or replays) the register attempt; returns `(ok, error)`.
-    pub async fn run(&self) -> (bool, String) {
+    /// Runs (or replays) the register attempt. `RegisterDone` is
+    /// `{ok: true, error: ""}` for `Ok`, else `{ok: false, error: <Display>}`.
+    pub async fn run(&self) -> Result<(), RegisterError> {
         let mut cached = self.cached.lock().await;
-        if let Some((ok, error)) = cached.as_ref() {
-            tracing::info!(event = "register_replay_short_circuit", ok);
-            return (*ok, error.clone());
+        if let Some(outcome) = cached.as_ref() {
+            tracing::info!(
+                event = "register_replay_short_circuit",
+                ok = outcome.is_ok()
+            );
+            return outcome.clone();
         }
-        let a = self.attempt().await;
-        if a.consumed {
-            *cached = Some((a.ok, a.error.clone()));
-        } else {
-            tracing::warn!(event = "register_assertion_unconsumed", error = %a.error);
+        let outcome = self.attempt().await;
+        match &outcome {
+            Err(e) if !e.consumed() => {
+                tracing::warn!(event = "register_assertion_unconsumed", error = %e);
+            }
+            _ => *cached = Some(outcome.clone()),
         }
-        (a.ok, a.error)
+        outcome
     }
 
-    async fn attempt(&self) -> Attempt {
+    async fn attempt(&self) -> Result<(), RegisterError> {
         let c = &self.cfg;
         if c.token_url.is_empty() {
             tracing::error!(event = "register_env_missing", var = env::CP_TOKEN_URL);
-            return Attempt::fail(
-                format!("{} unset; cannot exchange assertion", env::CP_TOKEN_URL),
-                false,
-            );
+            return Err(RegisterError::TokenUrlUnset);
         }
         if c.agent_addr.is_empty() {
             tracing::error!(event = "register_env_missing", var = env::CP_AGENT_ADDR);
-            return Attempt::fail(
-                format!("{} unset; cannot dial AgentService", env::CP_AGENT_ADDR),
-                false,
-            );
+            return Err(RegisterError::AgentAddrUnset);
         }
         let roots = match tls::root_store("ca.pem", &c.bootstrap.ca_pem) {
             Ok(r) => Arc::new(r),
             Err(_) => {
                 tracing::error!(event = "token_tls_config_failed");
-                return Attempt::fail("token TLS config: CA PEM did not parse", false);
+                return Err(RegisterError::TokenTlsConfig);
             }
         };
         tracing::info!(event = "token_exchange_attempt", url = %c.token_url);
         let token = match exchange(&c.token_url, &c.bootstrap.assertion, roots.clone()).await {
             Ok(t) => t,
-            Err((msg, consumed)) => {
-                let error = format!("hydra token exchange: {msg}");
+            Err(e) => {
+                let consumed = e.consumed();
+                let error = RegisterError::from(e);
                 tracing::error!(event = "token_exchange_failed", assertion_consumed = consumed, error = %error);
-                return Attempt::fail(error, consumed);
+                return Err(error);
             }
         };
         tracing::info!(event = "token_acquired");
-        match register(c, &token, roots).await {
-            Ok(()) => {
-                tracing::info!(event = "register_rpc_ok");
-                Attempt {
-                    ok: true,
-                    error: String::new(),
-                    consumed: true,
-                }
-            }
-            Err(e) => Attempt::fail(e, true),
-        }
+        register(c, &token, roots).await?;
+        tracing::info!(event = "register_rpc_ok");
+        Ok(())
     }
 }
 
@@ -206,18 +248,20 @@ async fn tls_dial(
     TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
 }
 
-/// POSTs the client-credentials form. Errors carry whether the assertion
-/// was consumed (any HTTP response means it was).
+/// POSTs the client-credentials form and returns the access token.
 async fn exchange(
     url: &str,
     assertion: &str,
     roots: Arc<rustls::RootCertStore>,
-) -> Result<String, (String, bool)> {
-    let not_consumed = |e: String| (format!("post to {url}: {e}"), false);
-    let u = parse_url(url).map_err(not_consumed)?;
+) -> Result<String, ExchangeError> {
+    let transport = |detail: String| ExchangeError::Transport {
+        url: url.to_owned(),
+        detail,
+    };
+    let u = parse_url(url).map_err(transport)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| not_consumed(e.to_string()))?
+        .map_err(|e| transport(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -270,8 +314,8 @@ async fn exchange(
     };
     let resp = match tokio::time::timeout(TOKEN_TIMEOUT, send).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(not_consumed(e)),
-        Err(_) => return Err(not_consumed("timeout".into())),
+        Ok(Err(e)) => return Err(transport(e)),
+        Err(_) => return Err(transport("timeout".into())),
     };
     // From here on the issuer has seen the assertion.
     let status = resp.status();
@@ -282,18 +326,14 @@ async fn exchange(
     .await
     {
         Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => return Err((format!("read response: {e}"), true)),
-        Err(_) => return Err(("read response: timeout".into(), true)),
+        Ok(Err(e)) => return Err(ExchangeError::ReadBody(e.to_string())),
+        Err(_) => return Err(ExchangeError::ReadBody("timeout".into())),
     };
     if status != http::StatusCode::OK {
-        return Err((
-            format!(
-                "hydra returned {}: {}",
-                status,
-                String::from_utf8_lossy(&body)
-            ),
-            true,
-        ));
+        return Err(ExchangeError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
     }
     #[derive(serde::Deserialize)]
     struct TokenResponse {
@@ -303,18 +343,12 @@ async fn exchange(
         token_type: String,
     }
     let tr: TokenResponse =
-        serde_json::from_slice(&body).map_err(|e| (format!("decode response: {e}"), true))?;
+        serde_json::from_slice(&body).map_err(|e| ExchangeError::Decode(e.to_string()))?;
     if tr.access_token.is_empty() {
-        return Err(("hydra returned empty access_token".into(), true));
+        return Err(ExchangeError::EmptyToken);
     }
     if !tr.token_type.is_empty() && !tr.token_type.eq_ignore_ascii_case("bearer") {
-        return Err((
-            format!(
-                "hydra returned unexpected token_type {:?} (expected Bearer)",
-                tr.token_type
-            ),
-            true,
-        ));
+        return Err(ExchangeError::TokenType(tr.token_type));
     }
     Ok(tr.access_token)
 }
@@ -324,7 +358,7 @@ async fn register(
     c: &RegisterConfig,
     token: &str,
     roots: Arc<rustls::RootCertStore>,
-) -> Result<(), String> {
+) -> Result<(), RegisterError> {
     let cfg = (|| {
         let certs = tls::load_certs("cert.pem", &c.bootstrap.cert_pem)?;
         let key = tls::load_key("key.pem", &c.bootstrap.key_pem)?;
@@ -345,7 +379,7 @@ async fn register(
     })()
     .map_err(|e| {
         tracing::error!(event = "register_dial_tls_failed", error = %e);
-        format!("dial TLS config: {e}")
+        RegisterError::DialTlsConfig(e.to_string())
     })?;
     let addr: SocketAddr = match c.agent_addr.parse() {
         Ok(a) => a,
@@ -354,10 +388,10 @@ async fn register(
                 .agent_addr
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-                .ok_or_else(|| format!("dial CP agent listener: bad address {:?}", c.agent_addr))?;
+                .ok_or_else(|| RegisterError::Dial(format!("bad address {:?}", c.agent_addr)))?;
             resolve(&h, p)
                 .await
-                .map_err(|e| format!("dial CP agent listener: {e}"))?
+                .map_err(|e| RegisterError::Dial(e.to_string()))?
         }
     };
     tracing::info!(event = "register_dial", addr = %addr);
@@ -371,8 +405,8 @@ async fn register(
             .connect_with_connector(connector),
     )
     .await
-    .map_err(|_| "dial CP agent listener: timeout".to_owned())
-    .and_then(|r| r.map_err(|e| format!("dial CP agent listener: {}", error_chain(&e))))
+    .map_err(|_| RegisterError::Dial("timeout".into()))
+    .and_then(|r| r.map_err(|e| RegisterError::Dial(error_chain(&e))))
     .inspect_err(|e| tracing::error!(event = "register_dial_failed", error = %e))?;
     let mut client = AgentServiceClient::new(channel);
     let mut req = tonic::Request::new(RegisterRequest {
@@ -382,21 +416,23 @@ async fn register(
     req.set_timeout(REGISTER_TIMEOUT);
     let bearer = format!("Bearer {token}")
         .parse()
-        .map_err(|_| "AgentService.Register: token is not a valid header value".to_owned())?;
+        .map_err(|_| RegisterError::BadToken)?;
     req.metadata_mut().insert("authorization", bearer);
     match tokio::time::timeout(REGISTER_TIMEOUT, client.register(req)).await {
         Ok(Ok(_welcome)) => Ok(()),
         Ok(Err(s)) => {
-            let e = format!(
-                "AgentService.Register: rpc error: code = {:?} desc = {}",
-                s.code(),
-                s.message()
-            );
+            let e = RegisterError::Rpc {
+                code: s.code(),
+                message: s.message().to_owned(),
+            };
             tracing::error!(event = "register_rpc_failed", error = %e);
             Err(e)
         }
         Err(_) => {
-            let e = "AgentService.Register: rpc error: code = DeadlineExceeded desc = context deadline exceeded".to_owned();
+            let e = RegisterError::Rpc {
+                code: tonic::Code::DeadlineExceeded,
+                message: "context deadline exceeded".into(),
+            };
             tracing::error!(event = "register_rpc_failed", error = %e);
             Err(e)
         }
@@ -428,6 +464,91 @@ mod tests {
         let u = parse_url("https://cp/x").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("cp", 443));
         assert!(parse_url("http://cp/x").is_err());
+    }
+
+    #[test]
+    fn error_texts_and_classification_follow_the_reference() {
+        let exchange = |e: ExchangeError| RegisterError::from(e);
+        let cases = [
+            (
+                RegisterError::TokenUrlUnset,
+                "CLAWKER_CP_TOKEN_URL unset; cannot exchange assertion",
+                false,
+            ),
+            (
+                RegisterError::AgentAddrUnset,
+                "CLAWKER_CP_AGENT_ADDR unset; cannot dial AgentService",
+                false,
+            ),
+            (
+                RegisterError::TokenTlsConfig,
+                "token TLS config: CA PEM did not parse",
+                false,
+            ),
+            (
+                exchange(ExchangeError::Transport {
+                    url: "https://cp/t".into(),
+                    detail: "timeout".into(),
+                }),
+                "hydra token exchange: post to https://cp/t: timeout",
+                false,
+            ),
+            (
+                exchange(ExchangeError::ReadBody("timeout".into())),
+                "hydra token exchange: read response: timeout",
+                true,
+            ),
+            (
+                exchange(ExchangeError::Status {
+                    status: http::StatusCode::BAD_REQUEST,
+                    body: "{}".into(),
+                }),
+                "hydra token exchange: hydra returned 400 Bad Request: {}",
+                true,
+            ),
+            (
+                exchange(ExchangeError::Decode("eof".into())),
+                "hydra token exchange: decode response: eof",
+                true,
+            ),
+            (
+                exchange(ExchangeError::EmptyToken),
+                "hydra token exchange: hydra returned empty access_token",
+                true,
+            ),
+            (
+                exchange(ExchangeError::TokenType("mac".into())),
+                "hydra token exchange: hydra returned unexpected token_type \"mac\" (expected Bearer)",
+                true,
+            ),
+            (
+                RegisterError::DialTlsConfig("cert.pem: no certificate in PEM".into()),
+                "dial TLS config: cert.pem: no certificate in PEM",
+                true,
+            ),
+            (
+                RegisterError::Dial("timeout".into()),
+                "dial CP agent listener: timeout",
+                true,
+            ),
+            (
+                RegisterError::BadToken,
+                "AgentService.Register: token is not a valid header value",
+                true,
+            ),
+            (
+                RegisterError::Rpc {
+                    code: tonic::Code::DeadlineExceeded,
+                    message: "context deadline exceeded".into(),
+                },
+                "AgentService.Register: rpc error: code = DeadlineExceeded desc = context deadline exceeded",
+                true,
+            ),
+        ];
+        for (e, text, consumed) in cases {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.consumed(), consumed, "{text}");
+        }
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, watch};
 
-use super::pipeline::resolve_program;
+use super::logs::OutputLog;
+use super::pipeline::{ProgramNotFound, resolve_program};
 use super::reaper::{ExitStatus, Reaper};
 use super::users::ResolvedUser;
 
@@ -25,7 +26,22 @@ pub enum MainState {
     NotSpawned,
     Running { pid: i32 },
     Exited { pid: i32, status: ExitStatus },
-    Failed(String),
+    Failed(SpawnError),
+}
+
+/// Why the user command could not be started (`AgentReady` answers
+/// `IO_ERROR` with it and clawkerd exits 1). Clone: the first attempt's
+/// outcome is replayed to every later `AgentReady`, so OS errors are kept
+/// as their text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpawnError {
+    #[error("clawkerd: empty argv; container CMD is required")]
+    EmptyArgv,
+    /// The argv was routed to `claude` (reference §7.3) and there is none.
+    #[error("clawkerd: lookup \"claude\": {0}")]
+    NoClaude(ProgramNotFound),
+    #[error("clawkerd: spawn {program:?}: {detail}")]
+    Spawn { program: String, detail: String },
 }
 
 /// What a successful `AgentReady` did.
@@ -42,8 +58,10 @@ pub struct UserCommand {
     ready_file: PathBuf,
     reaper: Reaper,
     path_var: String,
-    attempt: Mutex<Option<Result<(), String>>>,
+    attempt: Mutex<Option<Result<(), SpawnError>>>,
     state: watch::Sender<MainState>,
+    /// Where the command's output is teed for `Logs` (see [`super::logs`]).
+    output: Arc<OutputLog>,
 }
 
 impl UserCommand {
@@ -52,6 +70,7 @@ impl UserCommand {
         user: Option<ResolvedUser>,
         ready_file: PathBuf,
         reaper: Reaper,
+        output: Arc<OutputLog>,
     ) -> Arc<Self> {
         let (state, _) = watch::channel(MainState::NotSpawned);
         Arc::new(Self {
@@ -62,7 +81,13 @@ impl UserCommand {
             path_var: std::env::var("PATH").unwrap_or_default(),
             attempt: Mutex::new(None),
             state,
+            output,
         })
+    }
+
+    /// The captured output of the command.
+    pub fn output(&self) -> &Arc<OutputLog> {
+        &self.output
     }
 
     pub fn watch(&self) -> watch::Receiver<MainState> {
@@ -70,7 +95,7 @@ impl UserCommand {
     }
 
     /// `AgentReady`: spawn once (see module doc).
-    pub async fn run(&self) -> Result<ReadyOutcome, String> {
+    pub async fn run(&self) -> Result<ReadyOutcome, SpawnError> {
         let mut attempt = self.attempt.lock().await;
         if let Some(prev) = attempt.as_ref() {
             return prev.clone().map(|()| ReadyOutcome::AlreadySpawned);
@@ -83,18 +108,32 @@ impl UserCommand {
     /// Tells the main loop the spawn failed, so clawkerd exits 1. Called by
     /// the session *after* it enqueued the `Error{IO_ERROR}` answer, so the
     /// answer is not lost in the teardown race the reference has.
-    pub fn publish_failure(&self, error: String) {
+    pub fn publish_failure(&self, error: SpawnError) {
         self.state.send_replace(MainState::Failed(error));
     }
 
-    fn spawn_once(&self) -> Result<(), String> {
+    fn spawn_once(&self) -> Result<(), SpawnError> {
         if self.argv.is_empty() {
-            return Err("clawkerd: empty argv; container CMD is required".into());
+            return Err(SpawnError::EmptyArgv);
         }
         let (argv, program) = route_argv(&self.argv, &self.path_var)?;
         let interactive = stdin_is_tty();
         let mut cmd = Command::new(&program);
         cmd.arg0(&argv[0]).args(&argv[1..]).process_group(0);
+        // Off a terminal, tee the output (docker logs + the Logs ring); on
+        // one, the command keeps the terminal and nothing is captured.
+        let tee = if interactive {
+            None
+        } else {
+            let spawn_err = |e: std::io::Error| SpawnError::Spawn {
+                program: program.clone(),
+                detail: format!("output pipe: {e}"),
+            };
+            let (out_r, out_w) = std::io::pipe().map_err(spawn_err)?;
+            let (err_r, err_w) = std::io::pipe().map_err(spawn_err)?;
+            cmd.stdout(out_w).stderr(err_w);
+            Some((out_r, err_r))
+        };
         if let Some(u) = &self.user {
             for (k, v) in user_env(u) {
                 cmd.env(k, v);
@@ -122,10 +161,16 @@ impl UserCommand {
                 Ok(())
             });
         }
-        let (pid, exit) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|e| format!("clawkerd: spawn {program:?}: {e}"))?;
+        let (pid, exit) = self.reaper.spawn(&mut cmd).map_err(|e| SpawnError::Spawn {
+            program: program.clone(),
+            detail: e.to_string(),
+        })?;
+        // Our copies of the write ends go, so the tee sees EOF once the
+        // command and everything it started are gone.
+        drop(cmd);
+        if let Some((out_r, err_r)) = tee {
+            self.output.tee(out_r.into(), err_r.into());
+        }
         tracing::info!(
             event = "spawn_started",
             pid,
@@ -157,7 +202,7 @@ impl UserCommand {
 /// Reference §7.3 step 2–3: an argv that starts with `-` or names no
 /// executable is routed to `claude` (`docker run img --help` → `claude
 /// --help`).
-fn route_argv(argv: &[String], path_var: &str) -> Result<(Vec<String>, String), String> {
+fn route_argv(argv: &[String], path_var: &str) -> Result<(Vec<String>, String), SpawnError> {
     let first = &argv[0];
     if !first.starts_with('-')
         && let Ok(p) = resolve_program(first, path_var)
@@ -170,8 +215,7 @@ fn route_argv(argv: &[String], path_var: &str) -> Result<(Vec<String>, String), 
     if !first.starts_with('-') {
         tracing::warn!(event = "spawn_argv_routed_to_claude", orig_argv0 = %first, routed_argv = ?routed);
     }
-    let p = resolve_program("claude", path_var)
-        .map_err(|e| format!("clawkerd: lookup \"claude\": {e}"))?;
+    let p = resolve_program("claude", path_var).map_err(SpawnError::NoClaude)?;
     Ok((routed, p))
 }
 
@@ -196,6 +240,11 @@ fn stdin_is_tty() -> bool {
 
 fn touch_ready(path: &std::path::Path) {
     use std::os::unix::fs::OpenOptionsExt;
+    // The marker's directory may be on a fresh tmpfs (`/run` in a
+    // read-only agent container).
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let r = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -233,7 +282,10 @@ mod tests {
         assert_eq!(a, vec!["sh", "-c"]);
         // No `claude` on this PATH: routing fails with the lookup error.
         let e = route_argv(&["--help".into()], path).unwrap_err();
-        assert!(e.contains("lookup \"claude\""), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "clawkerd: lookup \"claude\": exec: \"claude\": executable file not found in $PATH"
+        );
     }
 
     #[test]

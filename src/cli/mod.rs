@@ -5,10 +5,14 @@
 //!   admin API (`agents`, `events`, `worldview`, `tree`, `status`);
 //! - [`audit`]: reading the tail of the audit log for `events` without
 //!   `--follow` (the admin API keeps no history).
+//! - [`operator`]: `agent exec|shell|cp|logs` over the admin API, with
+//!   [`terminal`] for raw mode and the window size.
 
 mod admin;
 pub mod audit;
 mod cp;
+pub mod operator;
+pub mod terminal;
 
 use std::path::PathBuf;
 
@@ -123,20 +127,28 @@ impl Cli {
     }
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit code is 0 unless the command reports one
+/// (`agent exec` passes the remote command's on).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let state_dir = cli.state_dir();
     let command = match cli.command {
-        Command::Ca(ca) => return run_ca(&state_dir, ca),
+        Command::Ca(ca) => return run_ca(&state_dir, ca).map(|()| 0),
         Command::Cp(cp::CpCommand::Serve(args)) => {
-            return cp::serve(&state_dir, &cli.admin_addr, args);
+            return cp::serve(&state_dir, &cli.admin_addr, args).map(|()| 0);
         }
         Command::Cp(cp::CpCommand::Deploy(args)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            return rt.block_on(cp::deploy(&state_dir, args));
+            return rt.block_on(cp::deploy(&state_dir, args)).map(|()| 0);
         }
+        Command::Agent(
+            a @ (cp::AgentCommand::Exec(_)
+            | cp::AgentCommand::Shell(_)
+            | cp::AgentCommand::Cp(_)
+            | cp::AgentCommand::Logs(_)),
+        ) => return run_operator(&state_dir, &cli.admin_addr, a),
         other => other,
     };
     // Only `events` without --follow works offline; everything else talks
@@ -157,7 +169,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
         {
-            Ok(())
+            Ok(0)
+        }
+        other => other.map(|()| 0),
+    }
+}
+
+/// `agent exec|shell|cp|logs`: no Docker connection, nothing but the admin
+/// API (the whole process is on the measured path of `agent exec`).
+fn run_operator(
+    state_dir: &std::path::Path,
+    admin_addr: &str,
+    cmd: cp::AgentCommand,
+) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let res = rt.block_on(async {
+        match cmd {
+            cp::AgentCommand::Exec(a) => operator::exec(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Shell(a) => operator::shell(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Cp(a) => operator::cp(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Logs(a) => operator::logs(state_dir, admin_addr, a).await,
+            _ => anyhow::bail!("internal: not an operator command"),
+        }
+    });
+    // Do not wait for a stdin read that may never return.
+    rt.shutdown_background();
+    match res {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(0)
         }
         other => other,
     }

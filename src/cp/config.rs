@@ -20,14 +20,12 @@ pub enum RuntimeKind {
 }
 
 impl std::str::FromStr for RuntimeKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "engine" => Ok(Self::Engine),
             "swarm" => Ok(Self::Swarm),
-            other => Err(format!(
-                "runtime {other:?}: expected \"engine\" or \"swarm\""
-            )),
+            other => Err(ConfigError::UnknownRuntime(other.to_owned())),
         }
     }
 }
@@ -42,6 +40,25 @@ pub struct SwarmFileConfig {
     pub encrypted: Option<bool>,
 }
 
+/// A configuration problem, named after the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Malformed TOML, a wrong type or an unknown key.
+    #[error("config {}: {source}", .path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// `runtime` (or `--runtime`) names no runtime.
+    #[error("runtime {0:?}: expected \"engine\" or \"swarm\"")]
+    UnknownRuntime(String),
+}
+
 /// The TOML file (every key optional).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,6 +69,10 @@ pub struct FileConfig {
     /// attachable overlay).
     pub network: Option<String>,
     pub subnet: Option<String>,
+    /// The internal network `isolate` moves agents onto.
+    pub quarantine_network: Option<String>,
+    /// Its subnet when the CP creates it.
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -66,20 +87,31 @@ pub struct FileConfig {
     pub audit: Option<crate::policy::audit::AuditConfig>,
     /// `[swarm]`: Swarm mode.
     pub swarm: Option<SwarmFileConfig>,
+    /// `[agent]`: how `clawker agent run` confines new agent containers
+    /// (read by the CLI, not the daemon).
+    pub agent: Option<super::agent::AgentDefaults>,
 }
 
 impl FileConfig {
     /// Reads the file; a missing file at the default location is fine, a
     /// named file that is missing or malformed is an error.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Self, String> {
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
                 return Ok(Self::default());
             }
-            Err(e) => return Err(format!("config {}: {e}", path.display())),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
@@ -90,6 +122,8 @@ pub struct CpConfig {
     pub runtime: RuntimeKind,
     pub network: String,
     pub subnet: String,
+    pub quarantine_network: String,
+    pub quarantine_subnet: String,
     pub agent_port: u16,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -113,6 +147,8 @@ pub struct Overrides {
     pub runtime: Option<RuntimeKind>,
     pub network: Option<String>,
     pub subnet: Option<String>,
+    pub quarantine_network: Option<String>,
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -121,14 +157,29 @@ pub struct Overrides {
     pub swarm_encrypted: Option<bool>,
 }
 
-/// file < env/flags < nothing else; defaults fill the rest (the agent
-/// network's defaults depend on the runtime).
-pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpConfig, String> {
+/// file < env/flags < nothing else; defaults fill the rest (the agent and
+/// quarantine networks' defaults depend on the runtime).
+pub fn resolve(
+    state_dir: PathBuf,
+    file: FileConfig,
+    o: Overrides,
+) -> Result<CpConfig, ConfigError> {
     let runtime = o.runtime.or(file.runtime).unwrap_or_default();
-    let (default_network, default_subnet) = match runtime {
-        RuntimeKind::Engine => (defaults::NETWORK, defaults::SUBNET),
-        RuntimeKind::Swarm => (defaults::swarm::NETWORK, defaults::swarm::SUBNET),
-    };
+    let (default_network, default_subnet, default_quarantine, default_quarantine_subnet) =
+        match runtime {
+            RuntimeKind::Engine => (
+                defaults::NETWORK,
+                defaults::SUBNET,
+                defaults::QUARANTINE_NETWORK,
+                defaults::QUARANTINE_SUBNET,
+            ),
+            RuntimeKind::Swarm => (
+                defaults::swarm::NETWORK,
+                defaults::swarm::SUBNET,
+                defaults::swarm::QUARANTINE_NETWORK,
+                defaults::swarm::QUARANTINE_SUBNET,
+            ),
+        };
     let file_encrypted = file.swarm.as_ref().and_then(|s| s.encrypted);
     Ok(CpConfig {
         state_dir,
@@ -141,6 +192,14 @@ pub fn resolve(state_dir: PathBuf, file: FileConfig, o: Overrides) -> Result<CpC
             .subnet
             .or(file.subnet)
             .unwrap_or_else(|| default_subnet.into()),
+        quarantine_network: o
+            .quarantine_network
+            .or(file.quarantine_network)
+            .unwrap_or_else(|| default_quarantine.into()),
+        quarantine_subnet: o
+            .quarantine_subnet
+            .or(file.quarantine_subnet)
+            .unwrap_or_else(|| default_quarantine_subnet.into()),
         agent_port: o
             .agent_port
             .or(file.agent_port)
@@ -183,6 +242,10 @@ mod tests {
         assert_eq!(c.subnet, "10.9.0.0/24");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7443");
         assert!(!c.init_untrusted);
+        assert_eq!(
+            (c.quarantine_network.as_str(), c.quarantine_subnet.as_str()),
+            ("clawker-quarantine", "10.213.1.0/24")
+        );
     }
 
     #[test]
@@ -205,6 +268,13 @@ mod tests {
         assert_eq!(c.network, "clawker-overlay");
         assert_eq!(c.subnet, defaults::swarm::SUBNET);
         assert!(c.swarm_encrypted);
+        assert_eq!(
+            (c.quarantine_network.as_str(), c.quarantine_subnet.as_str()),
+            (
+                defaults::swarm::QUARANTINE_NETWORK,
+                defaults::swarm::QUARANTINE_SUBNET
+            )
+        );
         let engine = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(engine.runtime, RuntimeKind::Engine);
         assert_eq!(engine.network, "clawker-net");
@@ -216,12 +286,9 @@ mod tests {
         let file: FileConfig = toml::from_str("[swarm]\nencrypted = true").unwrap();
         let c = resolve("/s".into(), file, flag).unwrap();
         assert_eq!((c.runtime, c.swarm_encrypted), (RuntimeKind::Swarm, false));
-        assert!(
-            "kubernetes"
-                .parse::<RuntimeKind>()
-                .unwrap_err()
-                .contains("engine")
-        );
+        let e = "kubernetes".parse::<RuntimeKind>().unwrap_err();
+        assert!(matches!(e, ConfigError::UnknownRuntime(ref r) if r == "kubernetes"));
+        assert!(e.to_string().contains("\"engine\""), "{e}");
         assert!(toml::from_str::<FileConfig>("runtime = \"k8s\"").is_err());
         assert!(toml::from_str::<FileConfig>("[swarm]\nencryted = true").is_err());
     }
@@ -231,7 +298,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "netwrok = \"x\"").unwrap();
-        let e = FileConfig::load(&p, true).unwrap_err();
+        let e = FileConfig::load(&p, true).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config {}: ", p.display())), "{e}");
         assert!(e.contains("unknown field"), "{e}");
         std::fs::write(&p, "agent_port = \"many\"").unwrap();
         assert!(FileConfig::load(&p, true).is_err());

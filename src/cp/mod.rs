@@ -3,9 +3,10 @@
 //! Wiring, in start order (this function is the one place where the parts
 //! meet; each part only knows its own narrow inputs):
 //!
-//! 1. auth material, the runtime (`runtime.rs`: one engine and
-//!    `clawker-net`, created if missing; or a swarm manager and the
-//!    agent overlay);
+//! 1. auth material, the runtime (`runtime.rs`: one engine with
+//!    `clawker-net` and `clawker-quarantine`, created if missing, the
+//!    quarantine bridge guarded on the host; or a swarm manager with the
+//!    agent and quarantine overlays);
 //! 2. infrastructure that every actor holds a handle to and that never
 //!    crashes on bad input (errors are values): the event bus and the
 //!    registry actor. They are started before the tree and live for the
@@ -41,10 +42,9 @@ use crate::docker::Docker;
 use crate::events::{self, Bus};
 use crate::pki::AuthPaths;
 use crate::registry::{Registry, RegistryStore};
-use crate::runtime::{ContainmentOps, Inventory, ListScope};
+use crate::runtime::{Inventory, ListScope};
 use crate::session::Sessions;
 use crate::session::actor::sessions_spec;
-use crate::session::commands::LiveCommands;
 use crate::session::dial::DialConfig;
 use crate::session::lifecycle::{RuntimeResolver, SessionDeps, SessionPolicy};
 
@@ -62,10 +62,18 @@ pub struct RunningCp {
     pub agent_api_addr: SocketAddr,
     /// Where agents reach the CP (the agent API's address).
     pub gateway: std::net::IpAddr,
+    pub clawkerd_port: u16,
     pub shutdown: CancellationToken,
     pub docker: Docker,
+    /// The runtime's container facts (engine: container inspect; swarm:
+    /// the service and its current task).
+    pub inspect: Arc<dyn crate::runtime::Inspect>,
     /// The runtime's agent listing (startup reap, boot dial).
     pub inventory: Arc<dyn Inventory>,
+    /// The agent-port guard run on every start (engine mode only).
+    pub port_guard: Option<dispatch::PortGuard>,
+    /// The containment core (ladders and operator lifts).
+    pub containment: Arc<crate::policy::containment::Containment>,
 }
 
 /// Starts everything on the current actix system. Must run inside one.
@@ -141,13 +149,23 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
     let sessions = Sessions::via_root(root_slot.clone(), deps.clone());
     let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let policy = policy_spec(cfg, &bus, &backend.containment, &sessions, &metrics);
+    let containment = Arc::new(crate::policy::containment::Containment::new(
+        cfg.containment.clone(),
+        backend.containment.clone(),
+        Arc::new(sessions.clone()),
+        cfg.clawkerd_port,
+    ));
+    let port_guard = backend.port_guard.clone().map(|guard| dispatch::PortGuard {
+        guard,
+        port: cfg.clawkerd_port,
+    });
+    let policy = policy_spec(cfg, &bus, &containment, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
         .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
         .child(feeder::FeederActor::spec_with(backend.feed.clone(), bus.clone(), feeder_up.clone()))
-        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone()))
+        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone(), port_guard.clone()))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
         .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
@@ -160,7 +178,9 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         Arc::new(registry.reader().clone()),
         bus.clone(),
         Arc::new(root.clone()),
-    );
+    )
+    .with_sessions(Arc::new(sessions.clone()))
+    .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
     let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
@@ -192,9 +212,13 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         sessions,
         agent_api_addr: api.local_addr,
         gateway: backend.agent_ip,
+        clawkerd_port: cfg.clawkerd_port,
         shutdown,
         docker,
+        inspect: backend.inspect,
         inventory: backend.inventory,
+        port_guard,
+        containment,
     })
 }
 
@@ -202,22 +226,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
 fn policy_spec(
     cfg: &CpConfig,
     bus: &Bus,
-    ops: &Arc<dyn ContainmentOps>,
-    sessions: &Sessions,
+    core: &Arc<crate::policy::containment::Containment>,
     metrics: &crate::policy::metrics::Metrics,
 ) -> SupervisorSpec {
     use crate::policy::{audit, containment, metrics as m};
-    let mut keep = cfg.containment.clone();
-    keep.keep_network = cfg.network.clone();
     let mut spec = SupervisorSpec::new("policy")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(20, Duration::from_secs(60))
         .on_exit(m::record_child_exit)
         .child(containment::ContainmentActor::spec(
             bus.clone(),
-            keep,
-            ops.clone(),
-            Arc::new(LiveCommands::new(sessions.clone())),
+            core.clone(),
         ))
         .child(m::MetricsActor::spec(
             bus.clone(),
@@ -295,14 +314,18 @@ pub async fn reap_orphans(runtime: &dyn Inventory, registry: &Registry, bus: &Bu
 }
 
 /// Boot dial (reference §1): the feeder's first reconcile may run before
-/// the dial subscriber exists, so dial every running agent explicitly.
-pub async fn boot_dial(runtime: &dyn Inventory, sessions: &Sessions) {
+/// the dial subscriber exists, so dial every running agent explicitly (and
+/// guard its agent port, as on every start).
+pub async fn boot_dial(cp: &RunningCp) {
     let mut backoff = STARTUP_RETRY.retry();
     for attempt in 1..=3 {
-        match runtime.list_agents(ListScope::Running).await {
+        match cp.inventory.list_agents(ListScope::Running).await {
             Ok(list) => {
                 for c in list {
-                    sessions.dial(&c.id).await;
+                    cp.sessions.dial(&c.id).await;
+                    if let Some(guard) = &cp.port_guard {
+                        guard.spawn(&c.id);
+                    }
                 }
                 return;
             }
@@ -354,7 +377,7 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
             "control plane up"
         );
         reap_orphans(cp.inventory.as_ref(), &cp.registry, &cp.bus).await;
-        boot_dial(cp.inventory.as_ref(), &cp.sessions).await;
+        boot_dial(&cp).await;
         wait_for_signal().await;
         tracing::info!("shutting down");
         stop(cp).await;

@@ -1,6 +1,8 @@
 //! Agent containers on the engine: create one with the clawker labels on the
-//! agent network, copy its bootstrap bundle in between create and start (so
-//! clawkerd finds it as PID 1), start it; find, stop and remove one by name.
+//! agent network and its [`Confinement`] (capabilities, limits, read-only
+//! root, mounts), copy its bootstrap bundle in between create and start (so
+//! clawkerd finds it as PID 1), start it; find, stop and remove one by name
+//! (with its anonymous volumes).
 //!
 //! What goes into the bundle (certificates, the assertion) is decided above
 //! this module: [`run`] asks for it through a callback once the container id
@@ -9,13 +11,14 @@
 use std::collections::HashMap;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkConnectRequest};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, NetworkConnectRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, RemoveContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 
 use super::{DockerError, is_status, network};
 use crate::defaults::labels;
+pub use crate::runtime::provision::Confinement;
 
 /// An agent container to create.
 #[derive(Debug, Clone)]
@@ -36,6 +39,45 @@ pub struct AgentContainerSpec {
     pub extra_labels: HashMap<String, String>,
     /// Further networks to attach before start (besides the agent network).
     pub extra_networks: Vec<String>,
+    /// Where the bootstrap tar is unpacked: a path on one of
+    /// `confinement.volumes` (a read-only root takes no upload).
+    pub bundle_dir: String,
+    pub confinement: Confinement,
+}
+
+/// The container's host config: confined by `c`, on `network`.
+fn host_config(c: &Confinement, network: &str) -> HostConfig {
+    let mut mounts: Vec<Mount> = c
+        .volumes
+        .iter()
+        .map(|target| Mount {
+            target: Some(target.clone()),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        })
+        .collect();
+    mounts.extend(c.binds.iter().map(|(src, target)| Mount {
+        target: Some(target.clone()),
+        source: Some(src.clone()),
+        typ: Some(MountType::BIND),
+        read_only: Some(false),
+        ..Default::default()
+    }));
+    HostConfig {
+        network_mode: Some(network.to_owned()),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(c.caps.clone()),
+        security_opt: c
+            .no_new_privileges
+            .then(|| vec!["no-new-privileges".to_owned()]),
+        pids_limit: c.pids_limit,
+        memory: c.memory_bytes,
+        nano_cpus: c.nano_cpus,
+        readonly_rootfs: Some(c.read_only_rootfs),
+        tmpfs: (!c.tmpfs.is_empty()).then(|| c.tmpfs.iter().cloned().collect()),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Default::default()
+    }
 }
 
 /// Why provisioning failed, in words a user can act on.
@@ -53,6 +95,8 @@ pub enum ProvisionError {
     NoSuchAgent(String),
     #[error("preparing the bootstrap bundle: {0}")]
     Bundle(String),
+    #[error("{0}")]
+    InvalidSpec(String),
     #[error("connecting to network {network}: {source}")]
     Connect {
         network: String,
@@ -76,7 +120,8 @@ pub async fn gateway(docker: &Docker, net: &str) -> Result<std::net::IpAddr, Pro
         .ok_or_else(|| ProvisionError::NetworkMissing(net.to_owned()))
 }
 
-/// Creates the container, uploads the tar `bundle(id)` returns at `/`,
+/// Creates the container, uploads the tar `bundle(id)` returns at
+/// `spec.bundle_dir`,
 /// attaches the extra networks and starts it; returns its id. On any
 /// failure after create the container is removed: never a half-provisioned
 /// container left behind.
@@ -115,10 +160,7 @@ where
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
         env: Some(spec.env.clone()),
         labels: Some(labels),
-        host_config: Some(HostConfig {
-            network_mode: Some(spec.network.clone()),
-            ..Default::default()
-        }),
+        host_config: Some(host_config(&spec.confinement, &spec.network)),
         ..Default::default()
     };
     let created = docker
@@ -147,7 +189,7 @@ where
             .upload_to_container(
                 &id,
                 Some(UploadToContainerOptions {
-                    path: "/".into(),
+                    path: spec.bundle_dir.clone(),
                     ..Default::default()
                 }),
                 bollard::body_full(tar.into()),
@@ -202,13 +244,15 @@ pub async fn stop(docker: &Docker, id: &str) -> Result<(), ProvisionError> {
     Ok(())
 }
 
-/// `docker rm -f`.
+/// `docker rm -f -v`: the container and its anonymous volumes (the state
+/// dir and the agent's home).
 pub async fn remove(docker: &Docker, id: &str) -> Result<(), ProvisionError> {
     docker
         .remove_container(
             id,
             Some(RemoveContainerOptions {
                 force: true,
+                v: true,
                 ..Default::default()
             }),
         )

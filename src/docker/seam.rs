@@ -29,6 +29,7 @@ fn seam_error(e: provision::ProvisionError) -> ProvisionError {
         E::ImageMissing { image, message } => ProvisionError::ImageMissing { image, message },
         E::NoSuchAgent(name) => ProvisionError::NoSuchAgent(name),
         E::Bundle(m) => ProvisionError::Bundle(m),
+        E::InvalidSpec(m) => ProvisionError::InvalidSpec(m),
         E::Connect { network, source } => ProvisionError::Runtime(RuntimeError::Api(format!(
             "connecting to network {network}: {source}"
         ))),
@@ -63,9 +64,18 @@ impl Provision for Docker {
                 env: spec.env.clone(),
                 extra_labels: spec.extra_labels.clone(),
                 extra_networks: spec.extra_networks.clone(),
+                bundle_dir: crate::defaults::agent_paths::STATE_DIR.to_owned(),
+                confinement: spec.confinement.clone(),
             };
             provision::run(self, &container, |id| {
-                bundle(id).and_then(|b| b.to_tar().map_err(|e| e.to_string()))
+                let b = bundle(id)?;
+                if b.root() != container.bundle_dir {
+                    return Err(format!(
+                        "bundle directory {} is not in the state volume {}",
+                        b.dir, container.bundle_dir
+                    ));
+                }
+                b.to_tar().map_err(|e| e.to_string())
             })
             .await
             .map_err(seam_error)

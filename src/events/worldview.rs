@@ -117,7 +117,8 @@ pub struct AgentView {
     pub containment: Vec<ContainmentRecord>,
 }
 
-/// One containment step, as the worldview keeps it.
+/// One containment step, as the worldview keeps it (an operator's release
+/// or unlock is a record with trigger [`RELEASED_TRIGGER`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContainmentRecord {
     pub trigger: String,
@@ -128,7 +129,36 @@ pub struct ContainmentRecord {
     pub at: OffsetDateTime,
 }
 
+/// Restrictions in effect on an agent, from its containment records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    pub quarantined: bool,
+    pub locked: bool,
+}
+
 impl AgentView {
+    /// Which restrictions are in effect: the records in order, each
+    /// applied (or already applied) step imposing or lifting one as
+    /// [`ContainmentAction::effect`] says. Failed, unsupported and dry-run
+    /// steps change nothing.
+    pub fn restrictions(&self) -> Restrictions {
+        let mut r = Restrictions::default();
+        for rec in &self.containment {
+            if !matches!(
+                rec.outcome,
+                ContainmentOutcome::Applied | ContainmentOutcome::AlreadyApplied
+            ) {
+                continue;
+            }
+            match rec.action.effect() {
+                Some((Restriction::Quarantine, on)) => r.quarantined = on,
+                Some((Restriction::Lock, on)) => r.locked = on,
+                None => {}
+            }
+        }
+        r
+    }
+
     fn new(container_id: &str) -> Self {
         Self {
             container_id: container_id.to_owned(),
@@ -366,6 +396,28 @@ impl Project for ContainmentApplied {
         a.set_identity(&self.agent, None);
         a.containment.push(ContainmentRecord {
             trigger: self.trigger.clone(),
+            action: self.action,
+            outcome: self.outcome,
+            detail: self.detail.clone(),
+            at: self.at,
+        });
+        if a.containment.len() > CONTAINMENT_HISTORY {
+            let excess = a.containment.len() - CONTAINMENT_HISTORY;
+            a.containment.drain(..excess);
+        }
+        a.updated_at = Some(self.at);
+    }
+}
+
+/// The `trigger` of a [`ContainmentRecord`] for an operator's lift.
+pub const RELEASED_TRIGGER: &str = "released_by_operator";
+
+impl Project for ContainmentReleased {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.containment.push(ContainmentRecord {
+            trigger: RELEASED_TRIGGER.to_owned(),
             action: self.action,
             outcome: self.outcome,
             detail: self.detail.clone(),

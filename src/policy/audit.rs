@@ -5,7 +5,7 @@
 //! Why a dedicated writer thread: file I/O (and above all `fsync`) must
 //! never run on an actor's thread. The [`AuditActor`] only formats lines and
 //! hands them over a channel; the writer thread owns the file, rotates it
-//! and fsyncs on rotation, on [`AuditFlush`] and on close.
+//! and fsyncs on rotation and on close.
 //!
 //! Nothing is lost on a clean shutdown: `stopped()` drains whatever is left
 //! in the subscription's mailbox into the writer, then closes it and waits
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context as TaskContext, Poll};
 
 use actix::prelude::*;
-use clawker_actors::{AuditSubscription, ChildLink, ChildSpec, Event, Restart};
+use clawker_actors::{AuditSubscription, BusError, ChildLink, ChildSpec, Event, Restart};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -56,6 +56,18 @@ impl AuditConfig {
             .clone()
             .unwrap_or_else(|| state_dir.join("audit").join("events.jsonl"))
     }
+}
+
+/// Why the audit actor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log file (or its directory) cannot be created or opened.
+    #[error("open audit log {}: {source}", .path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("spawn audit writer: {0}")]
+    SpawnWriter(io::Error),
 }
 
 /// One line of the audit log.
@@ -96,12 +108,6 @@ fn rotated(path: &Path, n: usize) -> PathBuf {
 
 // ---------------------------------------------------------------------------
 // Writer thread
-
-enum WriterMsg {
-    Line(String),
-    /// Reply once everything before it is written and fsynced.
-    Flush(tokio::sync::oneshot::Sender<io::Result<()>>),
-}
 
 /// The file side: append, rotate, fsync.
 pub struct AuditWriter {
@@ -181,19 +187,12 @@ impl AuditWriter {
     }
 }
 
-fn writer_loop(mut w: AuditWriter, rx: mpsc::Receiver<WriterMsg>) {
+fn writer_loop(mut w: AuditWriter, rx: mpsc::Receiver<String>) {
     let mut failed_lines = 0u64;
-    for msg in rx {
-        match msg {
-            WriterMsg::Line(l) => {
-                if let Err(e) = w.write_line(&l) {
-                    failed_lines += 1;
-                    tracing::error!(event = "audit_write_failed", path = %w.path.display(), error = %e, failed_lines, "audit line lost");
-                }
-            }
-            WriterMsg::Flush(tx) => {
-                let _ = tx.send(w.sync());
-            }
+    for l in rx {
+        if let Err(e) = w.write_line(&l) {
+            failed_lines += 1;
+            tracing::error!(event = "audit_write_failed", path = %w.path.display(), error = %e, failed_lines, "audit line lost");
         }
     }
     // Channel closed: the actor is gone, make everything durable.
@@ -222,7 +221,7 @@ impl futures::Stream for SharedSub {
 /// Writes every bus event to the audit log.
 pub struct AuditActor {
     sub: Arc<Mutex<AuditSubscription>>,
-    tx: Option<mpsc::Sender<WriterMsg>>,
+    tx: Option<mpsc::Sender<String>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -235,15 +234,18 @@ impl AuditActor {
         path: &Path,
         max_bytes: u64,
         keep: usize,
-    ) -> Result<Self, String> {
-        let writer = AuditWriter::open(path, max_bytes, keep)
-            .map_err(|e| format!("open audit log {}: {e}", path.display()))?;
-        let sub = bus.subscribe_all().map_err(|e| e.to_string())?;
+    ) -> Result<Self, AuditError> {
+        let writer =
+            AuditWriter::open(path, max_bytes, keep).map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let sub = bus.subscribe_all()?;
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("clawker-audit".into())
             .spawn(move || writer_loop(writer, rx))
-            .map_err(|e| format!("spawn audit writer: {e}"))?;
+            .map_err(AuditError::SpawnWriter)?;
         Ok(Self {
             sub: Arc::new(Mutex::new(sub)),
             tx: Some(tx),
@@ -254,7 +256,8 @@ impl AuditActor {
     /// Child spec (permanent worker `audit`).
     pub fn spec(bus: crate::events::Bus, path: PathBuf, config: AuditConfig) -> ChildSpec {
         ChildSpec::worker("audit", move |link: ChildLink| {
-            let actor = AuditActor::new(&bus, &path, config.max_bytes, config.keep)?;
+            let actor = AuditActor::new(&bus, &path, config.max_bytes, config.keep)
+                .map_err(|e| e.to_string())?;
             Ok(AuditActor::create(move |ctx| {
                 link.attach(ctx);
                 actor
@@ -272,7 +275,7 @@ impl AuditActor {
             }
         };
         if let Some(tx) = &self.tx {
-            let _ = tx.send(WriterMsg::Line(line));
+            let _ = tx.send(line);
         }
     }
 }
@@ -309,31 +312,6 @@ impl Actor for AuditActor {
 impl StreamHandler<Arc<dyn Event>> for AuditActor {
     fn handle(&mut self, e: Arc<dyn Event>, _: &mut Context<Self>) {
         self.send(&*e);
-    }
-}
-
-/// Resolves once every line handled before it is written and fsynced.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct AuditFlush;
-
-impl Handler<AuditFlush> for AuditActor {
-    type Result = ResponseFuture<Result<(), String>>;
-    fn handle(&mut self, _: AuditFlush, _: &mut Context<Self>) -> Self::Result {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|t| t.send(WriterMsg::Flush(tx)).is_ok())
-            .unwrap_or(false);
-        Box::pin(async move {
-            if !sent {
-                return Err("audit writer is closed".into());
-            }
-            rx.await
-                .map_err(|_| "audit writer is gone".to_owned())?
-                .map_err(|e| e.to_string())
-        })
     }
 }
 

@@ -13,6 +13,11 @@
 //! | `clawker_supervisor_restarts_total`      | counter   | `supervisor`, `child` | [`record_child_exit`]        |
 //! | `clawker_supervisor_child_exits_total`   | counter   | `supervisor`, `reason` | [`record_child_exit`]       |
 //! | `clawker_containment_actions_total`      | counter   | `action`, `outcome` | `ContainmentApplied`           |
+//! | `clawker_exec_total`                     | counter   | `kind`, `result` (ok/nonzero/failed) | `ExecFinished` |
+//! | `clawker_exec_duration_seconds`          | histogram | `kind`              | `ExecFinished`                 |
+//! | `clawker_exec_bytes_total`               | counter   | `kind`, `direction` (in/out) | `ExecFinished`        |
+//! | `clawker_exec_refused_total`             | counter   | `kind`              | `ExecRefused`                  |
+//! | `clawker_exec_forced_total`              | counter   | `kind`              | `ExecForced`                   |
 //!
 //! Why a recorder object and not only the global one: tests (and several
 //! CPs in one process) each get their own [`Metrics`], recorded into via
@@ -29,7 +34,8 @@ use std::time::Duration;
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use clawker_actors::{
-    AuditSubscription, BusStats, ChildExit, ChildLink, ChildSpec, Event, ExitReason, Restart,
+    AuditSubscription, BusError, BusStats, ChildExit, ChildLink, ChildSpec, Event, ExitReason,
+    Restart,
 };
 use futures::Stream;
 use metrics::{Key, KeyName, Metadata, Recorder, SharedString, Unit};
@@ -39,8 +45,8 @@ use metrics_exporter_prometheus::{
 
 use crate::events::worldview::SessionStatus;
 use crate::events::{
-    AgentRegistered, AgentUntrusted, Bus, ContainmentApplied, InitStepCompleted, InitStepFailed,
-    Worldview,
+    AgentRegistered, AgentUntrusted, Bus, ContainmentApplied, ExecFinished, ExecForced,
+    ExecRefused, InitStepCompleted, InitStepFailed, Worldview,
 };
 
 pub const SESSIONS: &str = "clawker_sessions";
@@ -52,6 +58,11 @@ pub const BUS_DROPPED: &str = "clawker_bus_dropped_total";
 pub const SUPERVISOR_RESTARTS: &str = "clawker_supervisor_restarts_total";
 pub const SUPERVISOR_EXITS: &str = "clawker_supervisor_child_exits_total";
 pub const CONTAINMENT_ACTIONS: &str = "clawker_containment_actions_total";
+pub const EXEC_TOTAL: &str = "clawker_exec_total";
+pub const EXEC_DURATION: &str = "clawker_exec_duration_seconds";
+pub const EXEC_BYTES: &str = "clawker_exec_bytes_total";
+pub const EXEC_REFUSED: &str = "clawker_exec_refused_total";
+pub const EXEC_FORCED: &str = "clawker_exec_forced_total";
 
 /// Init steps range from milliseconds (idempotent shell steps) to minutes
 /// (post-init scripts).
@@ -66,6 +77,13 @@ const STATUSES: [(SessionStatus, &str); 5] = [
     (SessionStatus::Failed, "failed"),
     (SessionStatus::Broken, "broken"),
 ];
+
+/// [`Metrics::install_global`]: the process already has a global recorder
+/// (a second CP in one process, as in tests; the first one keeps it). The
+/// text is the `metrics` crate's own.
+#[derive(Debug, thiserror::Error)]
+#[error("attempted to set a recorder after the metrics system was already initialized")]
+pub struct RecorderAlreadySet;
 
 /// The CP's metrics recorder and its render handle. Cheap to clone.
 #[derive(Clone)]
@@ -138,6 +156,9 @@ impl Metrics {
         let builder = PrometheusBuilder::new();
         let builder = builder
             .set_buckets_for_metric(Matcher::Full(INIT_STEP_DURATION.into()), &STEP_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(EXEC_DURATION.into()), &STEP_BUCKETS)
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -158,6 +179,21 @@ impl Metrics {
                 CONTAINMENT_ACTIONS,
                 "Containment steps by action and outcome"
             );
+            metrics::describe_counter!(
+                EXEC_TOTAL,
+                "Operator commands in agents, by kind and result"
+            );
+            metrics::describe_histogram!(
+                EXEC_DURATION,
+                Unit::Seconds,
+                "Operator command wall time"
+            );
+            metrics::describe_counter!(EXEC_BYTES, "Bytes moved by operator commands");
+            metrics::describe_counter!(
+                EXEC_REFUSED,
+                "Operator commands refused (untrusted/contained agent)"
+            );
+            metrics::describe_counter!(EXEC_FORCED, "Operator commands forced past a refusal");
         });
         m
     }
@@ -173,9 +209,9 @@ impl Metrics {
     }
 
     /// Installs this recorder as the process-wide one (once per process).
-    pub fn install_global(&self) -> Result<(), String> {
+    pub fn install_global(&self) -> Result<(), RecorderAlreadySet> {
         metrics::set_global_recorder(SharedRecorder(self.recorder.clone()))
-            .map_err(|e| e.to_string())
+            .map_err(|_| RecorderAlreadySet)
     }
 
     fn with<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -228,6 +264,23 @@ impl Metrics {
             } else if let Some(c) = e.downcast_ref::<ContainmentApplied>() {
                 metrics::counter!(CONTAINMENT_ACTIONS, "action" => c.action.as_str(), "outcome" => c.outcome.as_str())
                     .increment(1);
+            } else if let Some(x) = e.downcast_ref::<ExecFinished>() {
+                let kind = x.kind.as_str();
+                let result = match x.exit_code {
+                    Some(0) => "ok",
+                    Some(_) => "nonzero",
+                    None => "failed",
+                };
+                metrics::counter!(EXEC_TOTAL, "kind" => kind, "result" => result).increment(1);
+                metrics::histogram!(EXEC_DURATION, "kind" => kind).record(x.duration.as_secs_f64());
+                metrics::counter!(EXEC_BYTES, "kind" => kind, "direction" => "in")
+                    .increment(x.bytes_in);
+                metrics::counter!(EXEC_BYTES, "kind" => kind, "direction" => "out")
+                    .increment(x.bytes_out);
+            } else if let Some(x) = e.downcast_ref::<ExecRefused>() {
+                metrics::counter!(EXEC_REFUSED, "kind" => x.kind.as_str()).increment(1);
+            } else if let Some(x) = e.downcast_ref::<ExecForced>() {
+                metrics::counter!(EXEC_FORCED, "kind" => x.kind.as_str()).increment(1);
             }
         });
     }
@@ -279,8 +332,9 @@ pub struct MetricsActor {
 }
 
 impl MetricsActor {
-    pub fn new(bus: Bus, metrics: Metrics, refresh: Duration) -> Result<Self, String> {
-        let sub = bus.subscribe_all().map_err(|e| e.to_string())?;
+    /// Fails only if the bus is closed.
+    pub fn new(bus: Bus, metrics: Metrics, refresh: Duration) -> Result<Self, BusError> {
+        let sub = bus.subscribe_all()?;
         Ok(Self {
             metrics,
             bus,
@@ -293,7 +347,8 @@ impl MetricsActor {
     pub fn spec(bus: Bus, metrics: Metrics, config: &MetricsConfig) -> ChildSpec {
         let refresh = Duration::from_millis(config.refresh_ms);
         ChildSpec::worker("metrics", move |link: ChildLink| {
-            let actor = MetricsActor::new(bus.clone(), metrics.clone(), refresh)?;
+            let actor = MetricsActor::new(bus.clone(), metrics.clone(), refresh)
+                .map_err(|e| e.to_string())?;
             Ok(MetricsActor::create(move |ctx| {
                 link.attach(ctx);
                 actor
@@ -367,5 +422,72 @@ impl Handler<ChildExited> for MetricsActor {
     type Result = ();
     fn handle(&mut self, ChildExited(e): ChildExited, _: &mut Context<Self>) {
         self.metrics.record_child_exit(&e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_events_feed_the_exec_counters_and_histogram() {
+        use crate::events::{AgentRef, ExecFinished, ExecForced, ExecKind, ExecRefused, now};
+        let m = Metrics::new();
+        let agent = AgentRef::new("c1", "dev", "p");
+        let finished = |exit_code, kind| ExecFinished {
+            agent: agent.clone(),
+            exec_id: "x".into(),
+            kind,
+            operator: "ab".into(),
+            argv: vec!["true".into()],
+            user: "claude".into(),
+            tty: false,
+            exit_code,
+            error: String::new(),
+            duration: std::time::Duration::from_millis(3),
+            bytes_in: 5,
+            bytes_out: 7,
+            at: now(),
+        };
+        m.observe_event(&finished(Some(0), ExecKind::Exec));
+        m.observe_event(&finished(Some(2), ExecKind::Exec));
+        m.observe_event(&finished(None, ExecKind::CopyTo));
+        m.observe_event(&ExecRefused {
+            agent: agent.clone(),
+            kind: ExecKind::Exec,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["locked".into()],
+            at: now(),
+        });
+        m.observe_event(&ExecForced {
+            agent,
+            exec_id: "y".into(),
+            kind: ExecKind::CopyFrom,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["quarantined".into()],
+            at: now(),
+        });
+        let text = m.render();
+        for line in [
+            "clawker_exec_total{kind=\"exec\",result=\"ok\"} 1",
+            "clawker_exec_total{kind=\"exec\",result=\"nonzero\"} 1",
+            "clawker_exec_total{kind=\"copy_to\",result=\"failed\"} 1",
+            "clawker_exec_bytes_total{kind=\"exec\",direction=\"out\"} 14",
+            "clawker_exec_refused_total{kind=\"exec\"} 1",
+            "clawker_exec_forced_total{kind=\"copy_from\"} 1",
+            "clawker_exec_duration_seconds_count{kind=\"exec\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn recorder_already_set_keeps_the_metrics_crate_text() {
+        assert_eq!(
+            RecorderAlreadySet.to_string(),
+            metrics::SetRecorderError(()).to_string()
+        );
     }
 }

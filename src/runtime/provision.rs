@@ -38,6 +38,31 @@ pub struct AgentSpec {
     /// Swarm placement constraints (`node.labels.zone==a`); engine mode
     /// refuses a non-empty list rather than ignore it.
     pub placement: Vec<String>,
+    pub confinement: Confinement,
+}
+
+/// How an agent is confined, as plain values (decided above this seam:
+/// `cp::agent` turns `[agent]` config and flags into these). Engine mode
+/// applies every field to the container; Swarm mode maps them onto the
+/// service's task template (see `docker::swarm::provision`), except
+/// `no_new_privileges`, which Engine 20.10 service specs cannot express.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Confinement {
+    /// Capabilities kept: every other one is dropped (`cap_drop: ALL`).
+    pub caps: Vec<String>,
+    pub no_new_privileges: bool,
+    pub pids_limit: Option<i64>,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub read_only_rootfs: bool,
+    /// tmpfs mounts: container path → mount options (`size=`, `mode=` and
+    /// flags such as `nosuid`).
+    pub tmpfs: Vec<(String, String)>,
+    /// Anonymous volumes at these paths: they outlive restarts and are
+    /// removed with the container.
+    pub volumes: Vec<String>,
+    /// Read-write bind mounts: (host path, container path).
+    pub binds: Vec<(String, String)>,
 }
 
 /// One file of a bootstrap bundle.
@@ -70,9 +95,20 @@ impl BootstrapBundle {
         format!("{}/{}", self.dir.trim_end_matches('/'), file.name)
     }
 
-    /// A tar to extract at `/`, as the Engine API's archive upload wants
-    /// it: every ancestor of `dir` (0755), `dir` itself (0700), the files
-    /// (0400), all owned by root.
+    /// The directory the bundle directory lives in (the agent's state
+    /// volume): where [`to_tar`](Self::to_tar) is unpacked.
+    pub fn root(&self) -> &str {
+        let dir = self.dir.trim_end_matches('/');
+        match dir.rfind('/') {
+            Some(0) | None => "/",
+            Some(i) => &dir[..i],
+        }
+    }
+
+    /// A tar to unpack at [`root`](Self::root), as the Engine API's
+    /// archive upload wants it: the bundle directory (0700) with its files
+    /// (0400) and an empty `log/` (0700) beside it for clawkerd's log, all
+    /// owned by root.
     pub fn to_tar(&self) -> std::io::Result<Vec<u8>> {
         let mut b = tar::Builder::new(Vec::new());
         let dir = |path: &str, mode: u32, b: &mut tar::Builder<Vec<u8>>| {
@@ -85,12 +121,13 @@ impl BootstrapBundle {
             h.set_mtime(0);
             b.append_data(&mut h, path, std::io::empty())
         };
-        let rel = self.dir.trim_matches('/');
-        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
-        for i in 1..=parts.len() {
-            let mode = if i == parts.len() { 0o700 } else { 0o755 };
-            dir(&format!("{}/", parts[..i].join("/")), mode, &mut b)?;
-        }
+        let full = self.dir.trim_end_matches('/');
+        let rel = full
+            .strip_prefix(self.root())
+            .unwrap_or(full)
+            .trim_start_matches('/');
+        dir(&format!("{rel}/"), 0o700, &mut b)?;
+        dir("log/", 0o700, &mut b)?;
         for f in &self.files {
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o400);
@@ -120,6 +157,9 @@ pub enum ProvisionError {
     NoSuchAgent(String),
     #[error("preparing the bootstrap bundle: {0}")]
     Bundle(String),
+    /// A value of the spec cannot be used (e.g. the workspace directory).
+    #[error("{0}")]
+    InvalidSpec(String),
     /// The request cannot be met by this runtime (e.g. placement
     /// constraints in engine mode).
     #[error("{0}")]
@@ -164,9 +204,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bundle_tar_has_private_dir_and_read_only_root_files() {
+    fn bundle_tar_unpacks_in_the_state_dir_with_private_dirs_and_read_only_files() {
         let bundle = BootstrapBundle {
-            dir: "/run/clawker/bootstrap".into(),
+            dir: "/var/lib/clawker/bootstrap".into(),
             files: ["cert.pem", "key.pem", "ca.pem", "assertion.jwt"]
                 .iter()
                 .map(|n| BundleFile {
@@ -175,6 +215,7 @@ mod tests {
                 })
                 .collect(),
         };
+        assert_eq!(bundle.root(), "/var/lib/clawker");
         let bytes = bundle.to_tar().unwrap();
         let mut ar = tar::Archive::new(bytes.as_slice());
         let entries: Vec<(String, u32, u64)> = ar
@@ -190,18 +231,17 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(entries[0], ("run/".into(), 0o755, 0));
-        assert_eq!(entries[1], ("run/clawker/".into(), 0o755, 0));
-        assert_eq!(entries[2], ("run/clawker/bootstrap/".into(), 0o700, 0));
+        assert_eq!(entries[0], ("bootstrap/".into(), 0o700, 0));
+        assert_eq!(entries[1], ("log/".into(), 0o700, 0));
         for f in ["cert.pem", "key.pem", "ca.pem", "assertion.jwt"] {
             assert!(
-                entries.contains(&(format!("run/clawker/bootstrap/{f}"), 0o400, 0)),
+                entries.contains(&(format!("bootstrap/{f}"), 0o400, 0)),
                 "{f}: {entries:?}"
             );
         }
         assert_eq!(
             bundle.path_of(&bundle.files[0]),
-            "/run/clawker/bootstrap/cert.pem"
+            "/var/lib/clawker/bootstrap/cert.pem"
         );
         assert_eq!(
             format!("{:?}", bundle.files[1]),

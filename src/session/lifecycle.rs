@@ -288,12 +288,23 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
     }
 }
 
+/// `SessionBroken.reason` when the session is re-established because the
+/// container's address moved (quarantine or release).
+pub const REASON_ADDRESS_MOVED: &str = "container address moved";
+
 /// Runs the session until it ends for good (container gone, no address,
 /// connect budget exhausted). Returns the terminal `SessionFailed` reason.
+///
+/// `moved` is rung when someone moved the container between networks
+/// (containment's quarantine and release): the held session then checks
+/// the container's address and, if it changed, drops the connection (whose
+/// path is gone, though nothing would notice until the keepalive times
+/// out) and dials the new address at once.
 pub async fn run<P: Publish>(
     container_id: String,
     deps: SessionDeps<P>,
     live: watch::Sender<Option<LiveSession>>,
+    moved: Arc<tokio::sync::Notify>,
 ) -> String {
     let mut register_rounds = 0u32;
     let mut cycle = 0u32;
@@ -348,10 +359,32 @@ pub async fn run<P: Publish>(
             tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
         }
 
-        // Hold: the mux drains unsolicited responses until the stream ends.
-        let end = conn.mux.closed().await;
+        // Hold: the mux drains unsolicited responses until the stream ends
+        // or the container's address moves.
+        let end = loop {
+            tokio::select! {
+                end = conn.mux.closed() => break Some(end),
+                _ = moved.notified() => {
+                    match deps.resolver.resolve(&container_id).await {
+                        Ok(t) if t.running && t.addr == Some(addr) => continue,
+                        // Moved, or cannot tell: re-establish (which re-checks).
+                        _ => break None,
+                    }
+                }
+            }
+        };
         let _ = live.send(None);
         drop(conn);
+        let Some(end) = end else {
+            deps.sink.publish(events::SessionBroken {
+                agent: who,
+                address,
+                reason: REASON_ADDRESS_MOVED.to_owned(),
+                at: events::now(),
+            });
+            tracing::info!(event = "agentdial_session_moved", container_id = %container_id, "container address moved; re-establishing");
+            continue;
+        };
         // A stream usually ends because the container stopped. Give Docker
         // a moment to say so, and end quietly rather than publishing
         // SessionBroken and churning through reconnects for a container

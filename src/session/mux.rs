@@ -198,6 +198,7 @@ pub fn payload_name(r: &Response) -> &'static str {
         Some(response::Payload::Error(_)) => "error",
         Some(response::Payload::RegisterDone(_)) => "register_done",
         Some(response::Payload::Csr(_)) => "csr",
+        Some(response::Payload::StdinConsumed(_)) => "stdin_consumed",
     }
 }
 

@@ -10,6 +10,9 @@
 //!   deployed on it as a service, observed through its audit log.
 //! - [`agent_api`]: the CP's agent listener (Register + token endpoint) on
 //!   loopback with a real redb file, and clients for it.
+//! - [`pty`]: a real pseudo-terminal to drive the CLI as a person would.
+//! - [`docker_env`]: one Docker e2e test's state dir, network, image,
+//!   labels (removed on drop) and event recording.
 //! - Below: small helpers that fit none of them.
 //!
 //! Each test binary compiles this whole module and uses only part of it,
@@ -20,6 +23,8 @@
 pub mod agent_api;
 pub mod clawkerd;
 pub mod cp_client;
+pub mod docker_env;
+pub mod pty;
 pub mod swarm;
 
 // A binary that uses none of a submodule's items would call its glob unused.
@@ -29,6 +34,10 @@ pub use agent_api::*;
 pub use clawkerd::*;
 #[allow(unused_imports)]
 pub use cp_client::*;
+#[allow(unused_imports)]
+pub use docker_env::*;
+#[allow(unused_imports)]
+pub use pty::*;
 
 use std::path::Path;
 

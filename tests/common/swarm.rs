@@ -38,6 +38,8 @@ pub fn cp_image() -> String {
 /// The agent overlay of the tests and its subnet (inside 10.241.0.0/16).
 pub const OVERLAY: &str = "clawker-overlay";
 pub const OVERLAY_SUBNET: &str = "10.241.0.0/24";
+pub const QUARANTINE_OVERLAY: &str = "clawker-quarantine-overlay";
+pub const QUARANTINE_SUBNET: &str = "10.241.2.0/24";
 /// Host port of the CP's admin API on the manager's address.
 pub const ADMIN_PORT: u16 = 17443;
 
@@ -142,6 +144,8 @@ impl SwarmCp {
             image: cp_image(),
             network: OVERLAY.into(),
             subnet: OVERLAY_SUBNET.into(),
+            quarantine_network: QUARANTINE_OVERLAY.into(),
+            quarantine_subnet: QUARANTINE_SUBNET.into(),
             encrypted: false,
             agent_port: clawker::defaults::AGENT_PORT,
             admin_port: ADMIN_PORT,

@@ -58,6 +58,11 @@ pub struct CpDeploySpec {
     pub network: String,
     pub subnet: String,
     pub encrypted: bool,
+    /// The internal quarantine overlay (created if missing) and its
+    /// subnet: `isolate` moves agents there, and the CP is attached to it
+    /// too so that their sessions survive the move.
+    pub quarantine_network: String,
+    pub quarantine_subnet: String,
     /// Host-mode published port of the admin API on the manager's address.
     pub admin_port: u16,
     /// The manager engine's socket as its daemon sees the host
@@ -144,10 +149,15 @@ pub fn cp_service_spec(spec: &CpDeploySpec, node_id: &str) -> ServiceSpec {
                 stop_grace_period: Some(Duration::from_secs(10).as_nanos() as i64),
                 ..Default::default()
             }),
-            networks: Some(vec![NetworkAttachmentConfig {
-                target: Some(spec.network.clone()),
-                ..Default::default()
-            }]),
+            networks: Some(
+                [&spec.network, &spec.quarantine_network]
+                    .into_iter()
+                    .map(|n| NetworkAttachmentConfig {
+                        target: Some(n.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             // The state volume is local to this node: so is the CP.
             placement: Some(TaskSpecPlacement {
                 constraints: Some(vec![format!("node.id=={node_id}")]),
@@ -287,7 +297,15 @@ async fn fill_volume(swarm: &Swarm, spec: &CpDeploySpec) -> Result<(), SwarmErro
 
 /// Deploys (or updates) the CP service and waits until its task runs.
 pub async fn deploy(swarm: &Swarm, spec: &CpDeploySpec) -> Result<DeployedCp, SwarmError> {
-    overlay::ensure(swarm, &spec.network, &spec.subnet, spec.encrypted).await?;
+    overlay::ensure(swarm, &spec.network, &spec.subnet, spec.encrypted, false).await?;
+    overlay::ensure(
+        swarm,
+        &spec.quarantine_network,
+        &spec.quarantine_subnet,
+        spec.encrypted,
+        true,
+    )
+    .await?;
     fill_volume(swarm, spec).await?;
     let service = cp_service_spec(spec, swarm.node_id());
     let service_id = match swarm
@@ -413,6 +431,8 @@ mod tests {
             network: "clawker-overlay".into(),
             subnet: "10.241.0.0/24".into(),
             encrypted: false,
+            quarantine_network: "clawker-quarantine-overlay".into(),
+            quarantine_subnet: "10.241.2.0/24".into(),
             admin_port: 17443,
             engine_socket: "/run/clsw-n1.sock".into(),
             state_files: vec![],

@@ -5,7 +5,9 @@
 //! - this file: [`Swarm`], the handle (bollard plus a raw client for task
 //!   addresses), and the seam's read side and containment on it:
 //!   `Inspect` (an agent service's labels and its current task's overlay
-//!   address), `ContainmentOps` (service updates), `Inventory`;
+//!   address), `ContainmentOps` (service updates: quarantine moves the
+//!   service onto the internal quarantine overlay, stop/kill scale it to
+//!   zero; lock is unsupported, see [`lock_unreachable`]), `Inventory`;
 //! - [`task`]: tasks parsed from raw JSON, the current-task rule, facts;
 //! - [`raw`]: the raw `GET` (bollard's `Task` drops `NetworksAttachments`);
 //! - [`feed`]: the events feeder (no task events on Engine 20.10: poll the
@@ -34,7 +36,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated};
+use bollard::models::{
+    NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+};
 use bollard::query_parameters::{ListServicesOptions, UpdateServiceOptions};
 use futures::future::BoxFuture;
 
@@ -43,8 +47,8 @@ use self::task::{RawTask, ServiceView};
 use super::is_status;
 use crate::defaults::labels;
 use crate::runtime::{
-    AgentListing, ContainerFacts, ContainmentOps, Inspect, Inventory, ListScope, RuntimeError,
-    Stopped,
+    AgentListing, Change, ContainerFacts, ContainmentOps, Inspect, Inventory, ListScope,
+    NetworkRole, RuntimeError, Stopped,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,8 @@ pub struct Swarm {
     /// The agent overlay: a task's address on it is where clawkerd listens
     /// and where Register's peer address must come from.
     network: String,
+    /// The internal quarantine overlay `isolate` moves agents onto.
+    quarantine: String,
     /// The manager node this handle talks to.
     node_id: String,
     /// Its address in the swarm (where host-mode published ports are).
@@ -100,6 +106,7 @@ impl std::fmt::Debug for Swarm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Swarm")
             .field("network", &self.network)
+            .field("quarantine", &self.quarantine)
             .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
@@ -152,6 +159,7 @@ impl Swarm {
             raw: RawApi::new(raw_endpoint, &version),
             docker,
             network: network.to_owned(),
+            quarantine: crate::defaults::swarm::QUARANTINE_NETWORK.to_owned(),
             node_id: sw.node_id.unwrap_or_default(),
             node_addr: sw.node_addr.unwrap_or_default(),
         })
@@ -182,6 +190,19 @@ impl Swarm {
             network: network.to_owned(),
             ..self.clone()
         }
+    }
+
+    /// The same swarm, with `name` as the quarantine overlay.
+    pub fn with_quarantine(&self, name: &str) -> Self {
+        Self {
+            quarantine: name.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The quarantine overlay's name.
+    pub fn quarantine(&self) -> &str {
+        &self.quarantine
     }
 
     /// `GET /tasks` with filters (raw: with overlay addresses).
@@ -262,7 +283,7 @@ impl Swarm {
         let view = view(&svc).ok_or_else(|| SwarmError::NotFound(id.to_owned()))?;
         let tasks = self.tasks(&[("service", &[id])]).await?;
         let current = task::current(tasks.iter().filter(|t| t.service_id == id));
-        Ok(task::facts(&view, current, &self.network))
+        Ok(task::facts(&view, current, &self.network, &self.quarantine))
     }
 
     /// The current (running) task of service `id`, if any.
@@ -412,64 +433,145 @@ impl Inventory for Swarm {
     }
 }
 
+/// Why a lock cannot be installed on `task` (the CP runs on `cp_node`).
+/// A lock works from outside the agent, in its network namespace; in
+/// Swarm mode the CP cannot get there: on another node that namespace is
+/// out of reach of the manager's API altogether, and on the CP's own node
+/// the CP is itself a swarm service, in its own pid namespace (Engine
+/// 20.10 service specs have no pid mode) with no `nft` in its FROM-scratch
+/// image.
+pub fn lock_unreachable(task: &RawTask, cp_node: &str) -> String {
+    if task.node_id != cp_node {
+        format!(
+            "task {} runs on node {}, not on the CP's node {}: the CP cannot reach another node's network namespaces (quarantine, a service update, works on every node)",
+            task::short(&task.id),
+            task::short(&task.node_id),
+            task::short(cp_node)
+        )
+    } else {
+        format!(
+            "task {} runs on the CP's node, but the CP is a swarm service in its own pid namespace (service specs have no pid mode on Engine 20.10) with no nft in its image: it cannot enter the task's network namespace (quarantine, a service update, still applies)",
+            task::short(&task.id)
+        )
+    }
+}
+
+impl Swarm {
+    /// Network names for ids (or names) as a service spec stores them;
+    /// an unknown one stays as it is.
+    async fn network_names(&self, targets: &[String]) -> Vec<String> {
+        let mut names = Vec::new();
+        for target in targets {
+            let name = match self
+                .docker
+                .inspect_network(
+                    target,
+                    None::<bollard::query_parameters::InspectNetworkOptions>,
+                )
+                .await
+            {
+                Ok(n) => n.name.unwrap_or_else(|| target.clone()),
+                Err(_) => target.clone(),
+            };
+            names.push(name);
+        }
+        names.sort();
+        names
+    }
+
+    /// Replaces the task template's networks by `role`'s overlay alone. A
+    /// running container cannot leave a swarm network, so this is a
+    /// service update: swarm stops the task (stop-first: the moment egress
+    /// ends) and starts a new one on the target overlay only, at a new
+    /// address, where the session is dialled again.
+    async fn move_to(&self, id: &str, role: NetworkRole) -> Result<Change, RuntimeError> {
+        let target = match role {
+            NetworkRole::Agent => self.network.clone(),
+            NetworkRole::Quarantine => self.quarantine.clone(),
+        };
+        let Some(target_id) = self.network_id(&target).await? else {
+            return Err(RuntimeError::Unsupported(format!(
+                "the overlay {target} does not exist: `clawker cp deploy` creates it (and attaches the CP to it)"
+            )));
+        };
+        let is_target = |t: &str| t == target_id || t == target;
+        let mut left: Vec<String> = Vec::new();
+        let changed = self
+            .update_spec(id, |spec| {
+                let nets = spec
+                    .task_template
+                    .get_or_insert_with(Default::default)
+                    .networks
+                    .get_or_insert_with(Vec::new);
+                let targets: Vec<String> = nets.iter().filter_map(|n| n.target.clone()).collect();
+                if targets.len() == 1 && is_target(&targets[0]) {
+                    return false;
+                }
+                left = targets.into_iter().filter(|t| !is_target(t)).collect();
+                *nets = vec![NetworkAttachmentConfig {
+                    target: Some(target_id.clone()),
+                    ..Default::default()
+                }];
+                true
+            })
+            .await?;
+        if !changed {
+            return Ok(Change::already(format!("attached only to [{target}]")));
+        }
+        Ok(Change::applied(format!(
+            "service update: left [{}], joined {target} (swarm replaces the task)",
+            self.network_names(&left).await.join(", ")
+        )))
+    }
+}
+
 impl ContainmentOps for Swarm {
-    fn networks_of<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>> {
+    fn facts<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>> {
         Box::pin(async move {
-            let facts = self.facts(id).await?;
-            if facts.running {
-                return Ok(facts.networks);
+            let mut facts = self.facts(id).await?;
+            if !facts.running {
+                // No task: what the next one would join.
+                let svc = self.service(id).await?;
+                facts.networks = self.network_names(&spec_networks(svc.spec.as_ref())).await;
             }
-            // No task: what the next one would join.
-            let svc = self.service(id).await?;
-            let mut names = Vec::new();
-            for target in spec_networks(svc.spec.as_ref()) {
-                let name = match self
-                    .docker
-                    .inspect_network(
-                        &target,
-                        None::<bollard::query_parameters::InspectNetworkOptions>,
-                    )
-                    .await
-                {
-                    Ok(n) => n.name.unwrap_or(target),
-                    Err(_) => target,
-                };
-                names.push(name);
-            }
-            names.sort();
-            Ok(names)
+            Ok(facts)
         })
     }
 
-    /// Drops `network` from the task template: swarm replaces the task with
-    /// one that is not attached (a running container cannot leave a swarm
-    /// network on its own).
-    fn disconnect<'a>(
-        &'a self,
-        id: &'a str,
-        network: &'a str,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn quarantine_network(&self) -> String {
+        self.quarantine.clone()
+    }
+
+    fn quarantine<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        Box::pin(self.move_to(id, NetworkRole::Quarantine))
+    }
+
+    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        Box::pin(self.move_to(id, NetworkRole::Agent))
+    }
+
+    fn lock<'a>(&'a self, id: &'a str, _port: u16) -> BoxFuture<'a, Result<Change, RuntimeError>> {
         Box::pin(async move {
-            let Some(net_id) = self.network_id(network).await? else {
-                return Ok(()); // no such network: not attached to it either
-            };
-            self.update_spec(id, |spec| {
-                let Some(tt) = spec.task_template.as_mut() else {
-                    return false;
-                };
-                let Some(nets) = tt.networks.as_mut() else {
-                    return false;
-                };
-                let before = nets.len();
-                nets.retain(|n| {
-                    n.target
-                        .as_deref()
-                        .is_none_or(|t| t != net_id && t != network)
-                });
-                nets.len() != before
-            })
-            .await?;
-            Ok(())
+            match self.current_task(id).await? {
+                Some(t) => Err(RuntimeError::Unsupported(lock_unreachable(
+                    &t,
+                    &self.node_id,
+                ))),
+                None => {
+                    self.service(id).await?;
+                    Err(RuntimeError::NotRunning(id.to_owned()))
+                }
+            }
+        })
+    }
+
+    /// Nothing to undo: Swarm mode never installs a lock.
+    fn unlock<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        Box::pin(async move {
+            self.service(id).await?;
+            Ok(Change::already(
+                "not locked (Swarm mode cannot lock a task's network namespace)",
+            ))
         })
     }
 
@@ -531,6 +633,20 @@ fn spec_networks(spec: Option<&ServiceSpec>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_refusal_says_which_node_and_why() {
+        let t = RawTask {
+            id: "taskid0123456789".into(),
+            node_id: "workernode0123456".into(),
+            ..Default::default()
+        };
+        let other = lock_unreachable(&t, "managernode01234");
+        assert!(other.contains("runs on node workernode01"), "{other}");
+        assert!(other.contains("CP's node managernode0"), "{other}");
+        let same = lock_unreachable(&t, "workernode0123456");
+        assert!(same.contains("own pid namespace"), "{same}");
+    }
 
     #[test]
     fn ids_stay_one_path_segment() {

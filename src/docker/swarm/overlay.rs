@@ -73,12 +73,14 @@ pub async fn find(swarm: &Swarm, name: &str) -> Result<Option<Overlay>, SwarmErr
 }
 
 /// Creates the overlay (attachable, explicit subnet, gateway = first host,
-/// encrypted if asked and the kernel can) unless it exists; returns it.
+/// encrypted if asked and the kernel can; `internal`: no route out, for
+/// the quarantine overlay) unless it exists; returns it.
 pub async fn ensure(
     swarm: &Swarm,
     name: &str,
     subnet: &str,
     encrypted: bool,
+    internal: bool,
 ) -> Result<Overlay, SwarmError> {
     if encrypted {
         check_encryption(&KernelConfig::read_running()).map_err(SwarmError::Invalid)?;
@@ -98,6 +100,7 @@ pub async fn ensure(
         driver: Some("overlay".into()),
         scope: Some("swarm".into()),
         attachable: Some(true),
+        internal: Some(internal),
         ipam: Some(Ipam {
             config: Some(vec![IpamConfig {
                 subnet: Some(subnet.to_owned()),
@@ -111,7 +114,12 @@ pub async fn ensure(
             (labels::MANAGED.to_owned(), labels::MANAGED_VALUE.to_owned()),
             (
                 labels::PURPOSE.to_owned(),
-                labels::PURPOSE_NETWORK.to_owned(),
+                if internal {
+                    labels::PURPOSE_QUARANTINE
+                } else {
+                    labels::PURPOSE_NETWORK
+                }
+                .to_owned(),
             ),
         ])),
         ..Default::default()

@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, NetworkAttachmentConfig, SecretSpec, ServiceSpec,
-    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement,
-    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
+    EndpointSpec, EndpointSpecModeEnum, Limit, Mount, MountTmpfsOptions, MountType,
+    NetworkAttachmentConfig, SecretSpec, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum,
 };
 use bollard::query_parameters::ListSecretsOptions;
 use futures::future::BoxFuture;
@@ -42,7 +43,7 @@ use super::{Swarm, SwarmError, replicas};
 use crate::defaults::labels;
 use crate::docker::is_status;
 use crate::runtime::provision::{
-    AgentSpec, BootstrapBundle, MintBundle, Provision, ProvisionError,
+    AgentSpec, BootstrapBundle, Confinement, MintBundle, Provision, ProvisionError,
 };
 
 /// How long `run` waits for the first task to be running.
@@ -94,6 +95,74 @@ pub fn agent_labels(spec: &AgentSpec) -> HashMap<String, String> {
     l
 }
 
+/// A tmpfs mount from engine-style options (`rw,nosuid,size=512m,mode=1777`):
+/// a service spec on Engine 20.10 (API 1.41) carries only the size and the
+/// mode, so the flags (`nosuid`, `nodev`, `noexec`) are dropped.
+fn tmpfs_mount(target: &str, opts: &str) -> Mount {
+    let mut t = MountTmpfsOptions::default();
+    for o in opts.split(',') {
+        if let Some(v) = o.strip_prefix("size=") {
+            t.size_bytes = size_bytes(v);
+        } else if let Some(v) = o.strip_prefix("mode=") {
+            t.mode = i64::from_str_radix(v, 8).ok();
+        }
+    }
+    Mount {
+        target: Some(target.to_owned()),
+        typ: Some(MountType::TMPFS),
+        tmpfs_options: Some(t),
+        ..Default::default()
+    }
+}
+
+/// `16m` → 16777216 (k/m/g suffixes, powers of 1024); `None` if malformed.
+fn size_bytes(v: &str) -> Option<i64> {
+    let (num, shift) = match v.as_bytes().last()? {
+        b'k' | b'K' => (&v[..v.len() - 1], 10),
+        b'm' | b'M' => (&v[..v.len() - 1], 20),
+        b'g' | b'G' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    num.parse::<i64>().ok()?.checked_mul(1i64 << shift)
+}
+
+/// `c` on a task's container spec and resources. Everything maps but
+/// `no_new_privileges`: Engine 20.10 service specs have no such field
+/// (`Privileges.NoNewPrivileges` arrived with API 1.46), so a service's
+/// tasks run without it; the capability bounding set (everything dropped
+/// but what clawkerd needs) is what stops a privilege gain there.
+fn confine(cs: &mut TaskSpecContainerSpec, c: &Confinement) -> TaskSpecResources {
+    cs.capability_drop = Some(vec!["ALL".to_owned()]);
+    cs.capability_add = Some(c.caps.iter().map(|k| format!("CAP_{k}")).collect());
+    cs.read_only = Some(c.read_only_rootfs);
+    let mut mounts: Vec<Mount> = c
+        .volumes
+        .iter()
+        .map(|target| Mount {
+            target: Some(target.clone()),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        })
+        .collect();
+    mounts.extend(c.tmpfs.iter().map(|(t, o)| tmpfs_mount(t, o)));
+    mounts.extend(c.binds.iter().map(|(src, target)| Mount {
+        target: Some(target.clone()),
+        source: Some(src.clone()),
+        typ: Some(MountType::BIND),
+        read_only: Some(false),
+        ..Default::default()
+    }));
+    cs.mounts = (!mounts.is_empty()).then_some(mounts);
+    TaskSpecResources {
+        limits: Some(Limit {
+            nano_cpus: c.nano_cpus,
+            memory_bytes: c.memory_bytes,
+            pids: c.pids_limit,
+        }),
+        ..Default::default()
+    }
+}
+
 /// The service for an agent, with `replicas` tasks and no secrets yet.
 pub fn agent_service_spec(spec: &AgentSpec, replicas: i64) -> ServiceSpec {
     let labels = agent_labels(spec);
@@ -104,6 +173,16 @@ pub fn agent_service_spec(spec: &AgentSpec, replicas: i64) -> ServiceSpec {
             ..Default::default()
         })
         .collect();
+    let mut container = TaskSpecContainerSpec {
+        image: Some(spec.image.clone()),
+        labels: Some(labels.clone()),
+        // Args = CMD: the image's ENTRYPOINT (clawkerd) stays PID 1.
+        args: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        env: Some(spec.env.clone()),
+        stop_grace_period: Some(STOP_GRACE.as_nanos() as i64),
+        ..Default::default()
+    };
+    let resources = confine(&mut container, &spec.confinement);
     ServiceSpec {
         name: Some(service_name(&spec.name)),
         labels: Some(labels.clone()),
@@ -114,15 +193,8 @@ pub fn agent_service_spec(spec: &AgentSpec, replicas: i64) -> ServiceSpec {
             ..Default::default()
         }),
         task_template: Some(TaskSpec {
-            container_spec: Some(TaskSpecContainerSpec {
-                image: Some(spec.image.clone()),
-                labels: Some(labels),
-                // Args = CMD: the image's ENTRYPOINT (clawkerd) stays PID 1.
-                args: (!spec.command.is_empty()).then(|| spec.command.clone()),
-                env: Some(spec.env.clone()),
-                stop_grace_period: Some(STOP_GRACE.as_nanos() as i64),
-                ..Default::default()
-            }),
+            container_spec: Some(container),
+            resources: Some(resources),
             networks: Some(networks),
             placement: (!spec.placement.is_empty()).then(|| TaskSpecPlacement {
                 constraints: Some(spec.placement.clone()),
@@ -511,7 +583,50 @@ mod tests {
             extra_labels: HashMap::from([("dev.clawker.test".into(), "x".into())]),
             extra_networks: vec!["other".into()],
             placement: vec!["node.role==worker".into()],
+            confinement: Confinement {
+                caps: vec!["KILL".into()],
+                no_new_privileges: true,
+                pids_limit: Some(64),
+                memory_bytes: Some(1 << 30),
+                nano_cpus: None,
+                read_only_rootfs: true,
+                tmpfs: vec![("/tmp".into(), "rw,nosuid,size=16m,mode=1777".into())],
+                volumes: vec!["/var/lib/clawker".into()],
+                binds: vec![("/srv/w".into(), "/workspace".into())],
+            },
         }
+    }
+
+    #[test]
+    fn confinement_maps_onto_the_task_template() {
+        let s = agent_service_spec(&spec(), 0);
+        let tt = s.task_template.unwrap();
+        let cs = tt.container_spec.unwrap();
+        assert_eq!(cs.capability_drop.unwrap(), ["ALL"]);
+        assert_eq!(cs.capability_add.unwrap(), ["CAP_KILL"]);
+        assert_eq!(cs.read_only, Some(true));
+        let limits = tt.resources.unwrap().limits.unwrap();
+        assert_eq!(
+            (limits.pids, limits.memory_bytes, limits.nano_cpus),
+            (Some(64), Some(1 << 30), None)
+        );
+        let mounts = cs.mounts.unwrap();
+        let by_target = |t: &str| {
+            mounts
+                .iter()
+                .find(|m| m.target.as_deref() == Some(t))
+                .unwrap()
+        };
+        assert_eq!(by_target("/var/lib/clawker").typ, Some(MountType::VOLUME));
+        assert!(by_target("/var/lib/clawker").source.is_none(), "anonymous");
+        let tmp = by_target("/tmp");
+        assert_eq!(tmp.typ, Some(MountType::TMPFS));
+        let o = tmp.tmpfs_options.clone().unwrap();
+        assert_eq!((o.size_bytes, o.mode), (Some(16 << 20), Some(0o1777)));
+        assert_eq!(by_target("/workspace").source.as_deref(), Some("/srv/w"));
+        assert_eq!(size_bytes("512"), Some(512));
+        assert_eq!(size_bytes("x"), None);
+        assert_eq!(size_bytes(""), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use crate::runtime::ContainerFacts;
+use crate::runtime::{ContainerFacts, NetworkRole};
 
 /// One task, with just the fields the CP reads. Unknown fields are
 /// ignored; missing ones default (a malformed task is never a panic).
@@ -174,15 +174,33 @@ pub struct ServiceView {
 }
 
 /// The facts of an agent service: its labels, and the address, networks
-/// and running state of its current task. `pid` is 0: the task's PID is a
-/// PID on whatever node runs it, which the CP (in its own container,
-/// perhaps on another machine) cannot use.
-pub fn facts(service: &ServiceView, current: Option<&RawTask>, network: &str) -> ContainerFacts {
+/// and running state of its current task. The address is the one on the
+/// agent overlay or, failing that, on the quarantine overlay (a
+/// quarantined agent's session runs there). `pid` is 0: the task's PID is
+/// a PID on whatever node runs it, which the CP (in its own container,
+/// perhaps on another machine) cannot use; `gateway` is `None`: an
+/// overlay has no host side, the CP reaches it as one more task.
+pub fn facts(
+    service: &ServiceView,
+    current: Option<&RawTask>,
+    network: &str,
+    quarantine: &str,
+) -> ContainerFacts {
+    let endpoint = current.and_then(|t| {
+        [
+            (network, NetworkRole::Agent),
+            (quarantine, NetworkRole::Quarantine),
+        ]
+        .into_iter()
+        .find_map(|(name, role)| Some((t.address_on(name)?, role)))
+    });
     ContainerFacts {
         id: service.id.clone(),
         name: service.name.clone(),
         labels: service.labels.clone(),
-        ip: current.and_then(|t| t.address_on(network)),
+        ip: endpoint.map(|e| e.0),
+        ip_network: endpoint.map(|e| e.1),
+        gateway: None,
         networks: current.map(RawTask::network_names).unwrap_or_default(),
         running: current.is_some_and(|t| !t.container_id().is_empty()),
         pid: 0,
@@ -251,13 +269,18 @@ mod tests {
             name: "clawker.p.a".into(),
             labels: HashMap::from([("dev.clawker.agent".into(), "a".into())]),
         };
-        let f = facts(&svc, current(&tasks), "clawker-overlay");
+        let f = facts(&svc, current(&tasks), "clawker-overlay", "quarantine");
         assert_eq!(f.id, "svc1");
         assert_eq!(f.agent_label(), "a");
         assert_eq!(f.ip, Some("10.241.0.8".parse().unwrap()));
+        assert_eq!(f.ip_network, Some(NetworkRole::Agent));
         assert!(f.running);
         assert_eq!(f.pid, 0);
-        let idle = facts(&svc, None, "clawker-overlay");
+        let idle = facts(&svc, None, "clawker-overlay", "quarantine");
         assert!(!idle.running && idle.ip.is_none() && idle.networks.is_empty());
+        // Quarantined: only on the quarantine overlay, reached there.
+        let q = facts(&svc, current(&tasks), "clawker-overlay-x", "other");
+        assert_eq!(q.ip, Some("10.241.1.3".parse().unwrap()));
+        assert_eq!(q.ip_network, Some(NetworkRole::Quarantine));
     }
 }
