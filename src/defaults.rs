@@ -121,9 +121,21 @@ pub mod agent_paths {
 /// The capabilities clawkerd needs as PID 1 and nothing more: SETUID and
 /// SETGID to drop to the agent user (setgroups/setgid/setuid before exec),
 /// KILL to signal process groups owned by that user (timeouts, `docker
-/// stop` forwarding). `tests/containment_docker.rs` shows each one is
+/// stop` forwarding), CHOWN and FOWNER to keep owners, modes and mtimes
+/// when `clawker agent cp` unpacks a tree into the container (root sets
+/// them on files it does not own), DAC_READ_SEARCH to pack any file when
+/// `agent cp` copies out (like `docker cp`, which reads from outside).
+/// None survives the drop to the agent user (no ambient set,
+/// no-new-privileges). `tests/containment_docker.rs` shows each one is
 /// needed.
-pub const AGENT_CAPS: [&str; 3] = ["SETUID", "SETGID", "KILL"];
+pub const AGENT_CAPS: [&str; 6] = [
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "CHOWN",
+    "FOWNER",
+    "DAC_READ_SEARCH",
+];
 
 /// The default agent image (`scripts/build-agent-image.sh` builds it).
 pub const AGENT_IMAGE: &str = "clawker-agent:latest";

@@ -836,7 +836,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         spec.env = vec!["FOO=bar baz".into()];
         spec.hardening.workspace = Some(workspace.path().to_owned());
         let id = cp::agent::run(&docker, &world.material(), &spec).await.unwrap();
-        // The whole init plan runs with a read-only root and three caps.
+        // The whole init plan runs with a read-only root and six caps.
         init_outcome(&seen, &id).await.unwrap();
 
         let host = docker_cli(&[
@@ -849,7 +849,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         .unwrap();
         assert_eq!(
             host,
-            r#"["ALL"] ["SETUID","SETGID","KILL"] ["no-new-privileges"] 1024 4294967296 true"#
+            r#"["ALL"] ["SETUID","SETGID","KILL","CHOWN","FOWNER","DAC_READ_SEARCH"] ["no-new-privileges"] 1024 4294967296 true"#
         );
 
         let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Agent, 0).await;
@@ -877,9 +877,10 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
             "CapInh: 0000000000000000",
             "CapPrm: 0000000000000000",
             "CapEff: 0000000000000000",
-            // The bounding set: SETUID|SETGID|KILL and nothing else, so no
-            // exec (setuid binary, file capabilities) can ever grant more.
-            "CapBnd: 00000000000000e0",
+            // The bounding set: SETUID|SETGID|KILL|FOWNER|DAC_READ_SEARCH|
+            // CHOWN and nothing else, so no exec (setuid binary, file capabilities) can ever
+            // grant more.
+            "CapBnd: 00000000000000ed",
             "CapAmb: 0000000000000000",
             // And no exec can grant anything at all.
             "NoNewPrivs: 1",
@@ -897,7 +898,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
             assert!(lines.contains(&want), "missing {want:?} in {lines:?}");
         }
         // Root in the container (clawkerd and its root steps) holds exactly
-        // the three kept capabilities and cannot write the root either.
+        // the six kept capabilities and cannot write the root either.
         let (_, root, _) = sh(
             &live,
             &RunAs::root(),
@@ -906,7 +907,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         )
         .await
         .unwrap();
-        assert_eq!(root.lines().map(str::trim).collect::<Vec<_>>(), ["CapEff: 00000000000000e0", "rootfs-ro"]);
+        assert_eq!(root.lines().map(str::trim).collect::<Vec<_>>(), ["CapEff: 00000000000000ed", "rootfs-ro"]);
         // The workspace is the host directory, owned by the agent user.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(workspace.path().join("from-agent")).unwrap();
@@ -990,6 +991,31 @@ fn each_capability_clawkerd_keeps_is_needed() {
             .await
             .unwrap();
         assert_eq!(timed_out_survives(full, "b").await, "killed");
+        // CHOWN and FOWNER: what `agent cp` does to a file it unpacks as
+        // root (owner first, then mode and mtime on a file root no longer
+        // owns) fails without either; DAC_READ_SEARCH: packing a file only
+        // its owner may read (copying out) fails without it.
+        let keep_owner = "echo x > /tmp/f && chown 1001:1001 /tmp/f && chmod 600 /tmp/f && touch -d 2020-01-01 /tmp/f && cat /tmp/f >/dev/null && echo kept";
+        for (cap, name) in [
+            ("CHOWN", "nochown"),
+            ("FOWNER", "nofowner"),
+            ("DAC_READ_SEARCH", "nodacread"),
+        ] {
+            let id = cp::agent::run(&docker, &world.material(), &without(cap, name))
+                .await
+                .unwrap();
+            init_outcome(&seen, &id).await.unwrap();
+            let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Agent, 0).await;
+            let (code, out, _) = sh(&live, &RunAs::root(), keep_owner, 10).await.unwrap();
+            assert_ne!((code, out.trim()), (0, "kept"), "{cap}");
+        }
+        let full = cp::agent::run(&docker, &world.material(), &world.spec("withowner"))
+            .await
+            .unwrap();
+        init_outcome(&seen, &full).await.unwrap();
+        let live = wait_session_on(&cp1, &seen, &full, NetworkRole::Agent, 0).await;
+        let (code, out, err) = sh(&live, &RunAs::root(), keep_owner, 10).await.unwrap();
+        assert_eq!((code, out.trim()), (0, "kept"), "{err}");
         cp::stop(cp1).await;
     });
 }

@@ -163,7 +163,8 @@ pub struct RunArgs {
     #[arg(long, env = "CLAWKER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Keep this capability too (repeatable; all others are dropped except
-    /// SETUID, SETGID and KILL, which clawkerd needs).
+    /// SETUID, SETGID, KILL, CHOWN, FOWNER and DAC_READ_SEARCH, which
+    /// clawkerd needs).
     #[arg(long = "cap-add", value_name = "CAP")]
     pub cap_add: Vec<String>,
     /// Drop this capability from the kept set (repeatable).

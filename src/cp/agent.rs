@@ -318,9 +318,11 @@ fn confinement(h: &Hardening, workspace: Option<String>) -> Confinement {
         nano_cpus: h.nano_cpus,
         read_only_rootfs: h.read_only,
         tmpfs: vec![
+            // `exec` spelled out: Docker mounts a tmpfs noexec unless told
+            // otherwise, and agents build and run things in /tmp.
             (
                 "/tmp".into(),
-                format!("rw,nosuid,nodev,size={},mode=1777", h.tmp_size_bytes),
+                format!("rw,exec,nosuid,nodev,size={},mode=1777", h.tmp_size_bytes),
             ),
             (
                 "/run".into(),
