@@ -465,7 +465,7 @@ mod tests {
             .unwrap();
         assert_eq!(resolved, h, "the config defaults are the hardened defaults");
         assert!(env.is_empty());
-        assert_eq!(h.caps, vec!["SETUID", "SETGID", "KILL"]);
+        assert_eq!(h.caps, defaults::AGENT_CAPS);
         assert!(h.no_new_privileges && h.read_only);
         assert_eq!(h.pids_limit, Some(1024));
         assert_eq!(h.memory_bytes, Some(4 << 30));
