@@ -87,6 +87,7 @@ impl Env {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 }
