@@ -50,6 +50,7 @@ impl Cp {
         let deps = SessionDeps {
             resolver: Arc::new(Table(table)),
             registry: Arc::new(registry),
+            terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
             dial: clawker::session::dial::DialConfig::new(
                 &lg.ca_pem,
                 &lg.cp_cert_pem,
@@ -61,6 +62,7 @@ impl Cp {
                 max_register_attempts: 0,
                 ..SessionPolicy::default()
             },
+            certs: None,
         };
         let connected: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let mut sub = bus

@@ -53,13 +53,12 @@ async fn serve(dir: PathBuf) {
     std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
     std::fs::write(dir.join("cp.pem"), &cp.cert_pem).unwrap();
     std::fs::write(dir.join("cp.key"), &cp.key_pem).unwrap();
-    let boot = clawker::clawkerd::config::Bootstrap {
-        cert_pem: leaf.cert_pem.into_bytes(),
-        key_pem: leaf.key_pem.into_bytes(),
-        ca_pem: ca.cert_pem().as_bytes().to_vec(),
-        assertion: String::new(),
-    };
-    let cfg = clawker::clawkerd::listener::server_config(&boot).unwrap();
+    let current = clawker::clawkerd::leaf::CurrentLeaf::new(
+        clawker::clawkerd::leaf::Leaf::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())
+            .unwrap(),
+    );
+    let cfg =
+        clawker::clawkerd::listener::server_config(ca.cert_pem().as_bytes(), &current).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", tcp.local_addr().unwrap().port());

@@ -156,13 +156,15 @@ async fn serve(dir: PathBuf, range: std::ops::Range<usize>) {
     let (project, agent) = (ProjectSlug::new("p").unwrap(), AgentName::new("a").unwrap());
     for i in range {
         let leaf = ca.mint_agent(&project, &agent, &agent_id(i)).unwrap();
-        let boot = clawker::clawkerd::config::Bootstrap {
-            cert_pem: leaf.cert_pem.into_bytes(),
-            key_pem: leaf.key_pem.into_bytes(),
-            ca_pem: ca.cert_pem().as_bytes().to_vec(),
-            assertion: String::new(),
-        };
-        let cfg = clawker::clawkerd::listener::server_config(&boot).unwrap();
+        let current = clawker::clawkerd::leaf::CurrentLeaf::new(
+            clawker::clawkerd::leaf::Leaf::from_pem(
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+            )
+            .unwrap(),
+        );
+        let cfg =
+            clawker::clawkerd::listener::server_config(ca.cert_pem().as_bytes(), &current).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let tcp = tokio::net::TcpListener::bind(agent_addr(i))
             .await
