@@ -17,29 +17,63 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("pki", &["identity", "defaults"]),
     ("tls", &["identity", "pki"]),
+    // Bounds against hostile peers: the one truncation of peer strings,
+    // rate-limited logging, and what every listener enforces.
+    ("peer_text", &[]),
+    ("log_limit", &[]),
+    ("listen", &["log_limit", "peer_text"]),
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
     ("runtime", &["defaults"]),
     // The agent daemon: foundation only, never the CP.
-    ("clawkerd", &["identity", "pki", "proto", "tls", "defaults"]),
+    (
+        "clawkerd",
+        &[
+            "identity",
+            "pki",
+            "proto",
+            "tls",
+            "defaults",
+            "listen",
+            "log_limit",
+            "peer_text",
+        ],
+    ),
     // Services, written against the seams.
     (
         "session",
         &[
-            "defaults", "events", "identity", "proto", "registry", "runtime", "tls",
+            "defaults",
+            "events",
+            "identity",
+            "peer_text",
+            "proto",
+            "registry",
+            "runtime",
+            "tls",
         ],
     ),
     (
         "agent_api",
         &[
-            "defaults", "identity", "pki", "proto", "registry", "runtime", "tls",
+            "defaults",
+            "identity",
+            "listen",
+            "log_limit",
+            "peer_text",
+            "pki",
+            "proto",
+            "registry",
+            "runtime",
+            "tls",
         ],
     ),
     (
         "admin_api",
         &[
-            "defaults", "events", "identity", "pki", "proto", "registry", "session", "tls",
+            "defaults", "events", "identity", "listen", "pki", "proto", "registry", "session",
+            "tls",
         ],
     ),
     (
@@ -61,6 +95,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "docker",
             "events",
             "identity",
+            "listen",
             "pki",
             "policy",
             "proto",

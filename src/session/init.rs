@@ -331,7 +331,7 @@ async fn agent_ready(
             Some(response::Payload::Error(e)) => {
                 return Err(RunError::Remote {
                     code: e.code(),
-                    message: e.message,
+                    message: crate::peer_text::bound(e.message),
                 }
                 .into());
             }

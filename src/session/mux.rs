@@ -158,7 +158,11 @@ where
     let end = loop {
         match responses.next().await {
             None => break StreamEnd::Eof,
-            Some(Err(status)) => break StreamEnd::Error(status.to_string()),
+            // The status text is the peer's: bounded before it becomes
+            // `SessionBroken.reason`.
+            Some(Err(status)) => {
+                break StreamEnd::Error(crate::peer_text::bound(status.to_string()));
+            }
             Some(Ok(resp)) => {
                 let route = routes
                     .lock()
@@ -170,7 +174,7 @@ where
                     }
                     None => tracing::debug!(
                         event = "agentdial_unexpected_response",
-                        command_id = %resp.command_id,
+                        command_id = %crate::peer_text::bound(resp.command_id.as_str()),
                         payload = payload_name(&resp),
                         "discarding unsolicited response"
                     ),

@@ -186,6 +186,9 @@ impl Clawkerd {
             .env("CLAWKER_GROUP_FILE", &pki.group)
             .env("CLAWKER_READY_FILE", pki.scratch.join("ready"))
             .env("CLAWKER_LOG_FILE", "-")
+            // Tests count rejection lines; the ones about the rate limit
+            // set their own burst.
+            .env("CLAWKER_LOG_REJECT_BURST", "100000")
             .env_remove("CLAWKER_USER")
             .env_remove("CLAWKER_CP_TOKEN_URL")
             .env_remove("CLAWKER_CP_HYDRA_URL")

@@ -8,6 +8,8 @@
 //!   `Session` streams) and the command builders.
 //! - [`agent_api`]: the CP's agent listener (Register + token endpoint) on
 //!   loopback with a real redb file, and clients for it.
+//! - [`flood`]: a hostile agent's traffic from inside its network
+//!   namespace (idle TLS, slowloris, handshake storms).
 //! - Below: small helpers that fit none of them.
 //!
 //! Each test binary compiles this whole module and uses only part of it,
@@ -18,6 +20,7 @@
 pub mod agent_api;
 pub mod clawkerd;
 pub mod cp_client;
+pub mod flood;
 
 // A binary that uses none of a submodule's items would call its glob unused.
 #[allow(unused_imports)]
