@@ -7,7 +7,7 @@
 //! At most `2 × max_bytes` (plus one line) is ever on disk. If the rename
 //! fails, the file is truncated instead: the bound wins over history.
 //! Rejection lines are also rate-limited ([`crate::log_limit`]), so in a
-//! flood the file grows by a few hundred bytes a second, not kilobytes.
+//! flood the file grows by about one line per rejection kind a second.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
