@@ -11,6 +11,7 @@
 # Usage: scripts/flood.sh [IMAGE_TAG]
 #   IMAGE_TAG defaults to $CLAWKER_TEST_IMAGE, else clawker-agent:latest;
 #   the image is built from this tree first (CLAWKER_FLOOD_NO_BUILD=1 skips).
+#   CLAWKER_FLOOD_SECS sets the flood's minimum duration (default 60).
 # Takes /tmp/clawker-docker.lock for the Docker part (the engine is shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."

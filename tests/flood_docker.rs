@@ -1,11 +1,14 @@
 //! Listeners that survive a hostile agent, on a real Docker engine.
 //!
 //! A real CP process (`clawker cp serve`: its descriptors and memory are its
-//! own), real agent containers from the locally built image. The attacker's
-//! traffic is sent from inside the attacking agent's network namespace
-//! (`tests/common/flood.rs`), so it carries that agent's address. While
-//! `mallory` floods the agent listener (idle TLS connections, slowloris
-//! token requests) and `victim`'s clawkerd (a handshake storm):
+//! own), real agent containers from the locally built image. The attackers'
+//! traffic is sent from inside the attacking agents' network namespaces
+//! (`tests/common/flood.rs`), so it carries their addresses. While
+//! `mallory` floods the agent listener (idle TLS connections) and
+//! `victim`'s clawkerd (a handshake storm), and `eve` sends slowloris token
+//! requests (from a source of its own: from mallory's, the per-source cap
+//! would refuse nearly all of them while mallory's idle connections hold
+//! its slots, and the test would prove nothing about the request bounds):
 //!
 //! - `clawker status` keeps answering;
 //! - a new agent (`nova`) registers and completes init;
@@ -94,7 +97,13 @@ fn scale() -> Scale {
             idle_workers: 5000,
             slowloris_workers: 200,
             storm_workers: 2000,
-            min_flood: Duration::from_secs(60),
+            // `CLAWKER_FLOOD_SECS` shortens (or lengthens) the full run.
+            min_flood: Duration::from_secs(
+                std::env::var("CLAWKER_FLOOD_SECS")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(60),
+            ),
             attacker_pause: Duration::from_secs(1),
             // Default listener bounds; a short connect budget so the dial
             // failure happens within the run; the default redial period.
@@ -446,7 +455,7 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
 
     // ---- three agents: the attacker, its victim, and dora --------------
     let mut ids = HashMap::new();
-    for name in ["mallory", "victim", "dora"] {
+    for name in ["mallory", "eve", "victim", "dora"] {
         let id = clawker::cp::agent::run(&docker, &material, &env.spec(name))
             .await
             .unwrap();
@@ -467,6 +476,7 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
         }
     };
     let mallory = facts(ids["mallory"].clone()).await;
+    let eve = facts(ids["eve"].clone()).await;
     let victim = facts(ids["victim"].clone()).await;
     let dora = facts(ids["dora"].clone()).await;
     let victim_addr = SocketAddr::new(victim.ip.unwrap(), 7700);
@@ -475,9 +485,8 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
     // Idle baseline, after the agents settled.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle_rss, idle_fds) = cp_usage(cp_pid);
-    let victim_log_before = clawkerd_log_bytes(&ids["victim"]);
 
-    // ---- the flood, from mallory's network namespace ------------------
+    // ---- the flood, from mallory's and eve's network namespaces ---------
     let stop = CancellationToken::new();
     let (idle, slow, storm) = (
         Arc::new(FloodStats::default()),
@@ -486,28 +495,23 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
     );
     let ca = material.ca.cert_pem().as_bytes().to_vec();
     let attacker = {
-        let (stop, idle, slow, storm) = (stop.clone(), idle.clone(), slow.clone(), storm.clone());
-        let (iw, sw, hw, pause) = (
-            sc.idle_workers,
-            sc.slowloris_workers,
-            sc.storm_workers,
-            sc.attacker_pause,
-        );
+        let (stop, idle, storm) = (stop.clone(), idle.clone(), storm.clone());
+        let (iw, hw, pause) = (sc.idle_workers, sc.storm_workers, sc.attacker_pause);
+        let ca = ca.clone();
         flood::in_netns(mallory.pid, move || async move {
             let h2 = flood::attacker_tls(&ca, &[b"h2"]);
-            let h1 = flood::attacker_tls(&ca, &[b"http/1.1"]);
             tokio::join!(
                 flood::idle_tls(agent_api, iw, h2.clone(), pause, idle, stop.clone()),
-                flood::slowloris(
-                    agent_api,
-                    sw,
-                    h1,
-                    Duration::from_millis(500),
-                    slow,
-                    stop.clone()
-                ),
                 flood::handshake_storm(victim_addr, hw, h2, pause, storm, stop.clone()),
             );
+        })
+    };
+    let slow_attacker = {
+        let (stop, slow) = (stop.clone(), slow.clone());
+        let sw = sc.slowloris_workers;
+        flood::in_netns(eve.pid, move || async move {
+            let h1 = flood::attacker_tls(&ca, &[b"http/1.1"]);
+            flood::slowloris(agent_api, sw, h1, Duration::from_millis(500), slow, stop).await;
         })
     };
     let flood_started = Instant::now();
@@ -538,8 +542,11 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
             runs
         })
     };
-    // Let the flood build up.
+    // Let the flood build up (and the rate limiter's first burst pass: the
+    // log rate below is the sustained one).
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim_log_before = clawkerd_log_bytes(&ids["victim"]);
+    let log_window_start = Instant::now();
 
     // A new agent registers and completes init during the flood.
     let nova = clawker::cp::agent::run(&docker, &material, &env.spec("nova"))
@@ -603,12 +610,14 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
     }
     let flood_secs = flood_started.elapsed().as_secs_f64();
     let victim_log_during = clawkerd_log_bytes(&ids["victim"]);
+    let log_window = log_window_start.elapsed().as_secs_f64();
     let held_during = (
         idle.held_now.load(Ordering::Relaxed),
         slow.held_now.load(Ordering::Relaxed),
     );
     stop.cancel();
     attacker.join().unwrap();
+    slow_attacker.join().unwrap();
     sampling.cancel();
     let (max_rss, max_fds) = sampler.await.unwrap();
     let status_runs = status_probe.await.unwrap();
@@ -646,7 +655,7 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
         .max()
         .unwrap_or_default();
     let status_p50 = p50(status_runs.iter().map(|(_, d)| *d).collect());
-    let log_rate = (victim_log_during.saturating_sub(victim_log_before)) as f64 / flood_secs;
+    let log_rate = (victim_log_during.saturating_sub(victim_log_before)) as f64 / log_window;
 
     eprintln!(
         "flood ({}) over {flood_secs:.1}s",
@@ -685,8 +694,21 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
         cp_lines("log_suppressed")
     );
     eprintln!(
-        "  victim clawkerd log: {log_rate:.0} B/s during the flood, {rejection_lines} rejection lines, {suppressed} suppressed"
+        "  victim clawkerd log: {log_rate:.0} B/s sustained during the flood, {rejection_lines} rejection lines, {suppressed} suppressed"
     );
+    let mut by_event: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in &victim_lines {
+        *by_event
+            .entry(l["event"].as_str().unwrap_or("-").to_owned())
+            .or_default() += 1;
+    }
+    eprintln!("  victim clawkerd log lines by event: {by_event:?}");
+    if let Some(l) = victim_lines
+        .iter()
+        .find(|l| l["event"] == "tls_handshake_rejected")
+    {
+        eprintln!("  a rejection line ({} B): {l}", l.to_string().len());
+    }
     eprintln!("  nova registered and initialised {nova_init:?} after its start");
     eprintln!("  dora redialed {redialed_after:?} after it became reachable");
     for f in &failures {
@@ -697,8 +719,14 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
     }
 
     // The admin API kept answering (a user-facing check; the latency is
-    // reported above, the script holds it to the 1 s target).
+    // reported above; the script's full run holds it to the 1 s).
     assert!(!status_runs.is_empty());
+    if sc.full {
+        assert!(
+            status_max <= Duration::from_secs(1),
+            "clawker status took {status_max:?} during the flood"
+        );
+    }
     assert_eq!(
         status_ok,
         status_runs.len(),
