@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes` fields as `bytes::Bytes`: output chunks are cut from read
         // buffers and handed to the encoder without a copy.
         .bytes(".clawker.clawkerd.v1")
+        // …and on through the admin API's exec/cp/logs streams unchanged.
+        .bytes(".clawker.admin.v1")
         .file_descriptor_set_path(out_dir.join("clawker_descriptor.bin"))
         .compile_protos(
             &[

@@ -9,6 +9,26 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `exec`: the operator's way in, on a real engine (image
+//!   `$CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`): the whole CLI
+//!   process `clawker agent exec NAME -- true` against `docker exec NAME
+//!   true` (50 each, interleaved, process start included); the keystroke
+//!   echo round trip in a tty (`agent exec -it … cat` under a real pty,
+//!   against `docker exec -it`); `cat` of a 500 MB file through both.
+//! - `containment`: on a real engine, one agent that keeps connecting to
+//!   an HTTP server in a network namespace behind a veth pair (real
+//!   egress); `AgentUntrusted` → egress actually cut (the agent's first
+//!   failed connection, timed by its own clock) for `isolate` and for
+//!   `lock`, 20 runs each, and → the session re-established over the
+//!   quarantine address. Docker networks 10.222.30–31.0/24, namespace
+//!   10.252.30.0/30. Run under the Docker flock.
+//! - `rotation`: one real clawkerd on loopback, 200 leaf rotations over
+//!   one open session (`RenewCert` → CSR → sign → stage → `CertIssued` →
+//!   clawkerd persists and swaps → `Done` → promote), with real redb writes:
+//!   CSR received → `Done` received (the DESIGN target), and the whole
+//!   `RenewCert` round trip.
+//!
+//! The agent image is `CLAWKER_TEST_IMAGE` (default `clawker-agent:latest`).
 //!
 //! Under `cargo test --all-targets` this binary is only built and exits.
 
@@ -25,10 +45,16 @@ use clawker::session::command::run_to_completion;
 use clawker::session::mux::SessionMux;
 use futures::StreamExt;
 
+#[allow(dead_code)]
+#[path = "../tests/common/pty.rs"]
+mod pty;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions]`");
+        println!(
+            "system harness: run with `cargo bench --bench system [-- docker|exec|sessions|containment|rotation]`"
+        );
         return;
     }
     let only: Vec<&str> = args
@@ -43,11 +69,135 @@ fn main() {
     if want("docker") {
         actix::System::new().block_on(docker_section());
     }
+    if want("exec") {
+        exec_section();
+    }
     if want("sessions") {
         for n in [100usize, 1000] {
             actix::System::new().block_on(sessions_section(n));
         }
     }
+    if want("containment") {
+        actix::System::new().block_on(containment_section());
+    }
+    if want("rotation") {
+        actix::System::new().block_on(rotation_section(200));
+    }
+}
+
+fn image() -> String {
+    std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
+
+async fn rotation_section(n: usize) {
+    use clawker::events::{AgentRef, RotationReason};
+    use clawker::session::rotation::{CertRotation, RequestOutcome, RotationConfig, Rotator};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(clawker::pki::Ca::generate().unwrap());
+    let cp_client = ca.mint_cp_client().unwrap();
+    let id = "0123456789abcdef";
+    let leaf = ca
+        .mint_agent(
+            &ProjectSlug::new("p").unwrap(),
+            &AgentName::new("a").unwrap(),
+            id,
+        )
+        .unwrap();
+    let boot = dir.path().join("boot");
+    clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+    std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let group = dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\n").unwrap();
+    let log = dir.path().join("clawkerd.log");
+    let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+        .args(["sleep", "600"])
+        .env("CLAWKER_AGENT", "a")
+        .env("CLAWKER_PROJECT", "p")
+        .env("CLAWKER_USER", "root")
+        .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+        .env("CLAWKER_LISTEN_ADDR", "127.0.0.1:0")
+        .env("CLAWKER_PASSWD_FILE", &passwd)
+        .env("CLAWKER_GROUP_FILE", &group)
+        .env("CLAWKER_READY_FILE", dir.path().join("ready"))
+        .env("CLAWKER_LOG_FILE", &log)
+        .env("CLAWKERD_STATE_DIR", dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawkerd");
+    // The bound address, from clawkerd's `clawkerd_listener_started` line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr: SocketAddr = loop {
+        let found = std::fs::read_to_string(&log).ok().and_then(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "clawkerd_listener_started")
+                .and_then(|v| v["addr"].as_str()?.parse().ok())
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "clawkerd not listening");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let registry = clawker::registry::RegistryStore::open(&dir.path().join("r.redb")).unwrap();
+    registry
+        .add(clawker::registry::NewEntry {
+            agent_name: "a".into(),
+            project: "p".into(),
+            container_id: id.into(),
+            thumbprint: leaf.thumbprint(),
+            registered_at_unix: 1,
+            last_seen_unix: 0,
+        })
+        .unwrap();
+    let dial = clawker::session::dial::DialConfig::new(
+        ca.cert_pem().as_bytes(),
+        cp_client.cert_pem.as_bytes(),
+        cp_client.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let conn = clawker::session::dial::connect(addr, &dial)
+        .await
+        .expect("session");
+    let certs = CertRotation {
+        ca: ca.clone(),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig::default(),
+    };
+    let mut rotator = Rotator::new(
+        Some(Arc::new(certs)),
+        Arc::new(registry.clone()),
+        clawker::events::RecordingSink::default(),
+        AgentRef::new(id, "a", "p"),
+        true,
+        &conn.peer,
+    );
+    let (mut csr_to_done, mut round_trip) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        match rotator
+            .rotate_now(&conn.mux, RotationReason::Requested)
+            .await
+            .expect("rotation")
+        {
+            RequestOutcome::Rotated(r) => csr_to_done.push(r.csr_to_done),
+            RequestOutcome::AlreadyRotated => panic!("nothing else rotates here"),
+        }
+        round_trip.push(t.elapsed());
+    }
+    assert!(!conn.mux.is_closed(), "one session throughout");
+    println!("\n== leaf rotation over one open session (loopback, real clawkerd, real redb) ==");
+    report(
+        "CSR received → Done received (new leaf in use)",
+        &mut csr_to_done,
+    );
+    report("RenewCert sent → Done received", &mut round_trip);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// 1,000 sessions need more than the default 1,024 descriptors.
@@ -191,6 +341,8 @@ async fn docker_section() {
     let overrides = cp::config::Overrides {
         network: Some("clawker-bench".into()),
         subnet: Some("10.215.0.0/24".into()),
+        quarantine_network: Some("clawker-bench-q".into()),
+        quarantine_subnet: Some("10.215.1.0/24".into()),
         admin_addr: Some("127.0.0.1:0".parse().unwrap()),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
@@ -211,13 +363,16 @@ async fn docker_section() {
     let spec = |name: &str| RunSpec {
         agent: AgentName::new(name).unwrap(),
         project: ProjectSlug::new("bench").unwrap(),
-        image: "clawker-agent:latest".into(),
+        image: image(),
         network: cfg.network.clone(),
         agent_port: cfg.agent_port,
         command: vec![],
+        env: vec![],
+        hardening: Default::default(),
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()
@@ -321,9 +476,28 @@ async fn docker_section() {
     report("start event → InitCompleted (7 steps)", &mut completed);
 
     cp::agent::remove(&docker, &id).await.ok();
+    let q = running.engine.networks().quarantine.clone();
     cp::stop(running).await;
+    remove_quarantine(&q).await;
     let _ = Process::new("docker")
         .args(["network", "rm", "clawker-bench"])
+        .output();
+}
+
+/// Removes a quarantine network and its bridge's host guard.
+async fn remove_quarantine(name: &str) {
+    let id = Process::new("docker")
+        .args(["network", "inspect", "-f", "{{.Id}}", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if id.len() >= 12 {
+        let _ =
+            clawker::netns::unguard_bridge(&format!("br-{}", &id[..12]), Duration::from_secs(10))
+                .await;
+    }
+    let _ = Process::new("docker")
+        .args(["network", "rm", name])
         .output();
 }
 
@@ -385,6 +559,7 @@ async fn sessions_section(n: usize) {
             .env("CLAWKER_GROUP_FILE", &group)
             .env("CLAWKER_READY_FILE", boot.join("ready"))
             .env("CLAWKER_LOG_FILE", boot.join("log"))
+            .env("CLAWKERD_STATE_DIR", boot.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -419,6 +594,7 @@ async fn sessions_section(n: usize) {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     let connected_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     {
@@ -472,5 +648,566 @@ async fn sessions_section(n: usize) {
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
+    }
+}
+
+// ---- exec: the operator's way in -----------------------------------------
+
+fn exec_section() {
+    let image =
+        std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into());
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    actix::System::with_tokio_rt(runtime).block_on(async move {
+        let docker = clawker::docker::connect().await.expect("docker engine");
+        let state = tempfile::tempdir().expect("tempdir");
+        clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+        let net = "clawker-bench-exec";
+        let overrides = cp::config::Overrides {
+            network: Some(net.into()),
+            subnet: Some("10.224.200.0/24".into()),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let cfg =
+            cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+        let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+        let running = cp::start(&cfg).await.expect("cp");
+        let mut events = running.bus.subscribe_all().unwrap();
+        let spec = RunSpec {
+            agent: AgentName::new("ex").unwrap(),
+            project: ProjectSlug::new("bench").unwrap(),
+            image: image.clone(),
+            network: cfg.network.clone(),
+            agent_port: cfg.agent_port,
+            command: vec![],
+            env: vec![],
+            hardening: Default::default(),
+            extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-exec".to_owned())]),
+            extra_networks: vec![],
+            mint_for_container: None,
+            cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        };
+        let id = cp::agent::run(&docker, &material, &spec)
+            .await
+            .expect("run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(60), events.recv())
+                .await
+                .expect("events")
+                .expect("bus");
+            if e.name() == "agent.init.completed" && e.to_json()["container_id"] == id {
+                break;
+            }
+            assert!(Instant::now() < deadline, "init did not complete");
+        }
+        let admin = running.admin_api_addr.to_string();
+        let state_dir = state.path().to_owned();
+        let id2 = id.clone();
+        tokio::task::spawn_blocking(move || exec_measurements(&state_dir, &admin, &id2, &image))
+            .await
+            .expect("measurements");
+        cp::agent::remove(&docker, &id).await.ok();
+        cp::stop(running).await;
+        let _ = Process::new("docker").args(["network", "rm", net]).output();
+    });
+}
+
+/// The `clawker` binary of this build (release under `cargo bench`).
+fn clawker_cli(state_dir: &std::path::Path, admin: &str) -> Process {
+    let mut c = Process::new(env!("CARGO_BIN_EXE_clawker"));
+    c.arg("--state-dir")
+        .arg(state_dir)
+        .arg("--admin-addr")
+        .arg(admin);
+    c
+}
+
+fn exec_measurements(state_dir: &std::path::Path, admin: &str, id: &str, image: &str) {
+    let clawker = |args: &[&str]| {
+        let mut c = clawker_cli(state_dir, admin);
+        c.args(["agent", "exec", "ex", "--project", "bench"])
+            .args(args);
+        c
+    };
+    let docker = |args: &[&str]| {
+        let mut c = Process::new("docker");
+        c.arg("exec").args(args);
+        c
+    };
+    let status = |mut c: Process| {
+        let st = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("spawn");
+        assert!(st.success(), "{c:?}: {st}");
+    };
+    println!("\n== exec, whole CLI process, `true` (image {image}) ==");
+    for _ in 0..5 {
+        status(clawker(&["true"]));
+        status(docker(&[id, "true"]));
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let t = Instant::now();
+        status(clawker(&["true"]));
+        ours.push(t.elapsed());
+        let t = Instant::now();
+        status(docker(&[id, "true"]));
+        theirs.push(t.elapsed());
+    }
+    let (a, b) = (pct(&mut ours, 0.5), pct(&mut theirs, 0.5));
+    report("clawker agent exec NAME -- true", &mut ours);
+    report("docker exec NAME true", &mut theirs);
+    println!(
+        "{:<48} {:.1}x faster (median)",
+        "ratio",
+        b.as_secs_f64() / a.as_secs_f64()
+    );
+
+    println!("\n== keystroke echo round trip in a tty (500 keys) ==");
+    let mut ours = echo_round_trips(clawker(&["-it", "--", "cat"]), 500);
+    report("clawker agent exec -it NAME -- cat", &mut ours);
+    let mut theirs = echo_round_trips(docker(&["-it", id, "cat"]), 500);
+    report("docker exec -it NAME cat", &mut theirs);
+
+    println!("\n== cat of a 500 MB file (same container, best of 3) ==");
+    status(clawker(&[
+        "--",
+        "sh",
+        "-c",
+        "head -c 524288000 /dev/zero > /tmp/big",
+    ]));
+    for (name, mk) in [
+        ("clawker agent exec NAME -- cat /tmp/big", 0),
+        ("docker exec NAME cat /tmp/big", 1),
+    ] {
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let mut c = if mk == 0 {
+                clawker(&["--", "cat", "/tmp/big"])
+            } else {
+                docker(&[id, "cat", "/tmp/big"])
+            };
+            let t = Instant::now();
+            let bytes = drain_stdout(&mut c);
+            let dt = t.elapsed();
+            assert_eq!(bytes, 524_288_000, "{name}");
+            best = best.min(dt);
+        }
+        println!(
+            "{name:<48} {:>7.2} s  {:>7.0} MB/s",
+            best.as_secs_f64(),
+            524.288 / best.as_secs_f64()
+        );
+    }
+    status(clawker(&["--", "rm", "-f", "/tmp/big"]));
+}
+
+fn drain_stdout(c: &mut Process) -> usize {
+    use std::io::Read;
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0;
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes += n,
+        }
+    }
+    assert!(child.wait().expect("wait").success());
+    bytes
+}
+
+/// Runs `cmd` (an interactive `cat` with a tty) under a real pty and times
+/// each keystroke until its echo comes back through the remote terminal.
+fn echo_round_trips(mut cmd: Process, keys: usize) -> Vec<Duration> {
+    let pty = pty::Pty::open(24, 80).expect("pty");
+    let mut child = pty.spawn(&mut cmd).expect("spawn under pty");
+    // Ready when a first key echoes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains('#') {
+        pty.write(b"#").expect("type");
+        assert!(Instant::now() < deadline, "no echo: {seen:?}");
+        if let Ok(b) = pty.read_some(Duration::from_millis(200)) {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    // Settle: drain whatever the warm-up keys still echo.
+    while let Ok(b) = pty.read_some(Duration::from_millis(300)) {
+        if b.is_empty() {
+            break;
+        }
+    }
+    let mut v = Vec::with_capacity(keys);
+    for i in 0..keys {
+        let key = b'a' + (i % 26) as u8;
+        let t = Instant::now();
+        pty.write(&[key]).expect("type");
+        loop {
+            let b = pty.read_some(Duration::from_secs(5)).expect("read");
+            assert!(!b.is_empty(), "echo lost");
+            if b.contains(&key) {
+                break;
+            }
+        }
+        v.push(t.elapsed());
+        // cat has a line of its own to finish now and then.
+        if i % 64 == 63 {
+            pty.write(b"\r").expect("type");
+            while let Ok(b) = pty.read_some(Duration::from_millis(200)) {
+                if b.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    pty.write(b"\x04").ok(); // ^D at a line start: EOF for cat
+    pty.write(b"\r\x04").ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        let _ = pty.read_some(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    v
+}
+
+// ---- containment: AgentUntrusted → egress cut --------------------------------
+
+const CT_NETNS: &str = "clawker-bench-inet";
+const CT_VETH: &str = "cb-h0";
+const CT_INET: &str = "10.252.30.2";
+
+fn sh_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Process::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Removes everything the section creates (also what a crashed run left).
+async fn containment_teardown() {
+    let ids = Process::new("docker")
+        .args(["ps", "-aq", "--filter", "label=dev.clawker.test=bench-ct"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for id in ids.split_whitespace() {
+        let _ = Process::new("docker").args(["rm", "-f", "-v", id]).output();
+    }
+    remove_quarantine("clawker-bench-ctq").await;
+    let _ = Process::new("docker")
+        .args(["network", "rm", "clawker-bench-ct"])
+        .output();
+    let _ = Process::new("ip").args(["link", "del", CT_VETH]).output();
+    let _ = Process::new("ip").args(["netns", "del", CT_NETNS]).output();
+}
+
+/// "The internet": an HTTP server in a namespace behind a veth pair,
+/// routed via the host; counts the connections it accepted.
+fn containment_world() -> Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ip = |a: &[&str]| sh_ok("ip", a);
+    ip(&["netns", "add", CT_NETNS]);
+    ip(&[
+        "link", "add", CT_VETH, "type", "veth", "peer", "name", "cb-n0",
+    ]);
+    ip(&["link", "set", "cb-n0", "netns", CT_NETNS]);
+    ip(&["addr", "add", "10.252.30.1/30", "dev", CT_VETH]);
+    ip(&["link", "set", CT_VETH, "up"]);
+    ip(&[
+        "-n",
+        CT_NETNS,
+        "addr",
+        "add",
+        "10.252.30.2/30",
+        "dev",
+        "cb-n0",
+    ]);
+    ip(&["-n", CT_NETNS, "link", "set", "cb-n0", "up"]);
+    ip(&["-n", CT_NETNS, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n",
+        CT_NETNS,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.252.30.1",
+    ]);
+    let listener = std::thread::spawn(|| {
+        let f = std::fs::File::open(format!("/run/netns/{CT_NETNS}")).unwrap();
+        // SAFETY: setns on a thread of our own that ends right after.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        std::net::TcpListener::bind((CT_INET, 8080)).unwrap()
+    })
+    .join()
+    .unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\ninet-ok");
+            });
+        }
+    });
+    accepted
+}
+
+async fn containment_section() {
+    use clawker::events::{AgentRef, AgentUntrusted, ContainmentAction as A, UntrustedReason};
+    use clawker::policy::containment::{ContainmentConfig, Lift, Rule, TriggerKind};
+    use clawker::runtime::{Inspect, NetworkRole};
+    use clawker::session::command::{RunAs, shell};
+    use std::sync::atomic::Ordering;
+
+    containment_teardown().await;
+    let accepted = containment_world();
+    let docker = clawker::docker::connect().await.expect("docker engine");
+    let state = tempfile::tempdir().expect("tempdir");
+    clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+    let rule = |r, actions| Rule {
+        on: TriggerKind::Untrusted,
+        reasons: vec![r],
+        count: 1,
+        window_secs: 60,
+        actions,
+    };
+    let file = cp::config::FileConfig {
+        containment: Some(ContainmentConfig {
+            rules: vec![
+                rule(UntrustedReason::CertInvalid, vec![A::Alert, A::Isolate]),
+                rule(UntrustedReason::CertCnMismatch, vec![A::Alert, A::Lock]),
+            ],
+            ..ContainmentConfig::default()
+        }),
+        ..Default::default()
+    };
+    let overrides = cp::config::Overrides {
+        network: Some("clawker-bench-ct".into()),
+        subnet: Some("10.222.30.0/24".into()),
+        quarantine_network: Some("clawker-bench-ctq".into()),
+        quarantine_subnet: Some("10.222.31.0/24".into()),
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let cfg = cp::config::resolve(state.path().to_owned(), file, overrides).unwrap();
+    let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+    let running = cp::start(&cfg).await.expect("cp");
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    {
+        let mut sub = running.bus.subscribe_all().unwrap();
+        let s = seen.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                s.lock().unwrap().push((e.name().to_owned(), e.to_json()));
+            }
+        });
+    }
+    let spec = RunSpec {
+        agent: AgentName::new("cut").unwrap(),
+        project: ProjectSlug::new("bench").unwrap(),
+        image: image(),
+        network: cfg.network.clone(),
+        agent_port: cfg.agent_port,
+        command: vec![],
+        env: vec![],
+        hardening: Default::default(),
+        extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-ct".to_owned())]),
+        extra_networks: vec![],
+        mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+    };
+    let id = cp::agent::run(&docker, &material, &spec)
+        .await
+        .expect("run");
+    let rfc = |j: &serde_json::Value| {
+        time::OffsetDateTime::parse(
+            j["at"].as_str().unwrap_or_default(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| t.unix_timestamp_nanos())
+        .ok()
+    };
+    // A trusted session over `role`'s network, connected after `mark`;
+    // returns it and the SessionConnected time (ns since the epoch).
+    let session_on = |role: NetworkRole, mark: usize| {
+        let (running, seen, id) = (&running, &seen, &id);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let f = running.engine.inspect(id).await.unwrap();
+                if f.ip_network == Some(role) {
+                    let prefix = format!("{}:", f.ip.unwrap());
+                    let at = seen.lock().unwrap().iter().skip(mark).find_map(|(n, j)| {
+                        (n == "agent.session.connected"
+                            && j["container_id"] == *id
+                            && j["address"]
+                                .as_str()
+                                .is_some_and(|a| a.starts_with(&prefix)))
+                        .then(|| rfc(j))
+                        .flatten()
+                    });
+                    if let Some(at) = at
+                        && let Some(l) = running.sessions.live(id).await
+                        && l.trusted
+                        && !l.mux.is_closed()
+                    {
+                        return (l, at);
+                    }
+                }
+                assert!(Instant::now() < deadline, "no session on {role:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let mut seq = 0u32;
+    let mut run_sh = |live: &clawker::session::lifecycle::LiveSession, script: &str| {
+        seq += 1;
+        let (mux, id) = (live.mux.clone(), format!("bench-ct-{seq}"));
+        let cmd = shell(script, &RunAs::root(), 10, b"");
+        async move {
+            run_to_completion(&mux, &id, cmd, Duration::from_secs(20), 4096)
+                .await
+                .map(|d| d.stdout.text())
+        }
+    };
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128
+    };
+    // The probe: connect again and again, noting the agent's clock
+    // (adjtimex: the host's realtime clock, µs) before each attempt; the
+    // note of the first attempt that fails is the cut. An attempt that was
+    // mid-flight when a network vanished hangs rather than fails, so each
+    // is bounded (and its start, not its end, is what counts). Detached
+    // (setsid) so a session moving does not end it.
+    let probe = format!(
+        "rm -f /tmp/cut; setsid sh -c 'while t=$(adjtimex); printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | timeout -s KILL 2 nc {CT_INET} 8080 2>/dev/null | grep -q inet-ok; do :; done; echo \"$t\" > /tmp/cut' </dev/null >/dev/null 2>&1 &"
+    );
+    let parse_cut = |text: &str| -> Option<i128> {
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(k)?.trim().parse::<i128>().ok())
+        };
+        Some(field("time.tv_sec:")? * 1_000_000_000 + field("time.tv_usec:")? * 1000)
+    };
+
+    wait_until(|| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(n, j)| n == "agent.init.completed" && j["container_id"] == id)
+    })
+    .await;
+    let (mut cut_isolate, mut cut_lock, mut redial, mut period) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..40 {
+        let lock = round % 2 == 1;
+        let (live, _) = session_on(NetworkRole::Agent, 0).await;
+        run_sh(&live, &probe).await.expect("start probe");
+        // Let the probe loop run a while (and measure its period).
+        let (a0, t_probe) = (accepted.load(Ordering::SeqCst), Instant::now());
+        while accepted.load(Ordering::SeqCst) < a0 + 20 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        period.push(t_probe.elapsed() / 20);
+        let mark = seen.lock().unwrap().len();
+        let t0 = now_ns();
+        running.bus.publish(AgentUntrusted {
+            agent: AgentRef::new(id.as_str(), "cut", "bench"),
+            reason: if lock {
+                UntrustedReason::CertCnMismatch
+            } else {
+                UntrustedReason::CertInvalid
+            },
+            detail: "bench".into(),
+            at: clawker::events::now(),
+        });
+        let live = if lock {
+            live
+        } else {
+            let (l, at) = session_on(NetworkRole::Quarantine, mark).await;
+            redial.push(Duration::from_nanos((at - t0).max(0) as u64));
+            l
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let cut_at = loop {
+            let out = run_sh(&live, "cat /tmp/cut 2>/dev/null; true")
+                .await
+                .unwrap_or_default();
+            if let Some(t) = parse_cut(&out) {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "egress never cut");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let d = Duration::from_nanos((cut_at - t0).max(0) as u64);
+        if lock {
+            cut_lock.push(d)
+        } else {
+            cut_isolate.push(d)
+        }
+        let lift = if lock { Lift::Unlock } else { Lift::Release };
+        let mark = seen.lock().unwrap().len();
+        running
+            .containment
+            .lift(&id, lift, &running.bus)
+            .await
+            .expect("lift");
+        if !lock {
+            session_on(NetworkRole::Agent, mark).await;
+        }
+    }
+    println!(
+        "\n== containment: AgentUntrusted → egress cut (first failed connection, agent clock) =="
+    );
+    report("isolate (quarantine): egress cut", &mut cut_isolate);
+    report("lock (netns nftables): egress cut", &mut cut_lock);
+    report("isolate: session re-established (quarantine)", &mut redial);
+    report("probe period (one connection attempt)", &mut period);
+
+    cp::agent::remove(&docker, &id).await.ok();
+    let (net, q) = (cfg.network.clone(), cfg.quarantine_network.clone());
+    cp::stop(running).await;
+    remove_quarantine(&q).await;
+    let _ = Process::new("docker")
+        .args(["network", "rm", &net])
+        .output();
+    containment_teardown().await;
+}
+
+async fn wait_until<F: Fn() -> bool>(f: F) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

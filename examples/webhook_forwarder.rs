@@ -1,20 +1,32 @@
-//! Forward selected CP events to a webhook as JSON POSTs (the logic is
-//! `clawker::policy::webhook`; this is a thin main).
+//! A policy program outside the CP: forward selected events of a running
+//! CP to a webhook as JSON POSTs (`{"name", "at", "event"}`, the audit log's
+//! record), retrying failed posts with backoff.
+//!
+//! It subscribes through the admin API's `WatchEvents` with the CLI
+//! certificate and reconnects with jittered backoff when the CP restarts
+//! ([`EventWatch`]); events published while it was disconnected are not
+//! replayed (the bus keeps no history; the audit log has them).
 //!
 //! ```text
-//! cargo run --example webhook_forwarder                              # built-in loopback receiver prints the POSTs
-//! cargo run --example webhook_forwarder -- http://127.0.0.1:9000/hook
+//! cargo run --example webhook_forwarder                                  # a loopback receiver prints the POSTs
+//! cargo run --example webhook_forwarder -- --url http://127.0.0.1:9000/hook [--event agent.exec.]…
 //! ```
 //!
-//! It starts its own bus and publishes a few synthetic events; in the CP
-//! the daemon adds `WebhookForwarder::spec(bus, cfg)` to its `policy`
-//! supervisor instead.
+//! Default selection: `agent.untrusted`, `policy.` (containment steps) and
+//! `agent.exec.` (operator commands in agents). State dir and admin
+//! address as for `clawker` (`--state-dir`/`$CLAWKER_STATE_DIR`,
+//! `--admin-addr`/`$CLAWKER_ADMIN_ADDR`), falling back to the demo's
+//! `target/demo-state` when only it holds CLI credentials.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use clawker::events::{self, AgentRef, AgentTrusted, AgentUntrusted, UntrustedReason};
-use clawker::policy::webhook::{WebhookConfig, WebhookForwarder};
-use clawker_actors::{Supervisor, SupervisorSpec};
+use anyhow::Context;
+use clawker::admin_api::watch::{EventWatch, WatchItem};
+use clawker::policy::audit::AuditRecord;
+use clawker::policy::webhook::{self, WebhookConfig};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// A minimal loopback receiver: prints each request body.
 async fn receiver() -> std::io::Result<String> {
@@ -46,6 +58,9 @@ async fn receiver() -> std::io::Result<String> {
                         break;
                     }
                 }
+                if got == buf.len() {
+                    break;
+                }
             }
             let _ = s
                 .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
@@ -55,43 +70,106 @@ async fn receiver() -> std::io::Result<String> {
     Ok(url)
 }
 
-fn main() {
-    let arg = std::env::args().nth(1);
-    actix::System::new().block_on(async move {
-        let url = match arg {
+struct Options {
+    state_dir: PathBuf,
+    admin_addr: SocketAddr,
+    url: Option<String>,
+    events: Vec<String>,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut args = std::env::args().skip(1);
+    let mut state_dir = None;
+    let mut admin_addr = std::env::var("CLAWKER_ADMIN_ADDR").ok();
+    let mut url = None;
+    let mut events = Vec::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--state-dir" => state_dir = args.next().map(PathBuf::from),
+            "--admin-addr" => admin_addr = args.next(),
+            "--url" => url = args.next(),
+            "--event" => events.extend(args.next()),
+            other => anyhow::bail!(
+                "unknown argument {other:?} (usage: [--url URL] [--event PREFIX]… [--state-dir DIR] [--admin-addr IP:PORT])"
+            ),
+        }
+    }
+    if events.is_empty() {
+        events = vec![
+            "agent.untrusted".into(),
+            "policy.".into(),
+            "agent.exec.".into(),
+        ];
+    }
+    let state_dir = state_dir.unwrap_or_else(|| {
+        let usual = clawker::config::default_state_dir();
+        let creds = |d: &PathBuf| clawker::pki::AuthPaths::new(d).cli_cert().exists();
+        let demo = PathBuf::from("target/demo-state");
+        if !creds(&usual) && std::env::var_os("CLAWKER_STATE_DIR").is_none() && creds(&demo) {
+            eprintln!("using the demo's state dir {}", demo.display());
+            demo
+        } else {
+            usual
+        }
+    });
+    let admin_addr = admin_addr
+        .unwrap_or_else(|| clawker::defaults::ADMIN_ADDR.to_string())
+        .parse()
+        .context("--admin-addr: want IP:PORT")?;
+    Ok(Options {
+        state_dir,
+        admin_addr,
+        url,
+        events,
+    })
+}
+
+/// A streamed event as the webhook gets it (the audit log's record).
+fn record(ev: &clawker::proto::admin::v1::Event) -> AuditRecord {
+    let at = OffsetDateTime::from_unix_timestamp_nanos(ev.time_unix_nanos.into())
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default();
+    AuditRecord {
+        name: ev.name.clone(),
+        at,
+        event: serde_json::from_str(&ev.json).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = options()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let url = match opts.url {
             Some(u) => u,
-            None => match receiver().await {
-                Ok(u) => u,
-                Err(e) => {
-                    eprintln!("cannot start the loopback receiver: {e}");
-                    return;
-                }
-            },
+            None => receiver().await.context("starting the loopback receiver")?,
         };
-        println!("forwarding agent.untrusted and policy.* events to {url}");
-        let bus = events::start_bus();
         let cfg = WebhookConfig {
-            url,
-            events: vec!["agent.untrusted".into(), "policy.*".into()],
+            url: url.clone(),
+            events: Vec::new(), // the CP filters by prefix already
             ..WebhookConfig::default()
         };
-        let sup = Supervisor::start(
-            SupervisorSpec::new("policy").child(WebhookForwarder::spec(bus.clone(), cfg)),
+        println!(
+            "forwarding {:?} from {} to {url}",
+            opts.events, opts.admin_addr
         );
-        while bus.stats().subscribers == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut watch = EventWatch::new(opts.state_dir, opts.admin_addr, opts.events);
+        loop {
+            match watch.next().await? {
+                WatchItem::Connected(_) => println!("connected to the control plane"),
+                WatchItem::Event(ev) => {
+                    let name = ev.name.clone();
+                    if !webhook::deliver(&cfg, &record(&ev)).await {
+                        eprintln!("{name}: not delivered (see the log)");
+                    }
+                }
+                WatchItem::Disconnected(why) => {
+                    println!("control plane gone ({why}); reconnecting")
+                }
+            }
         }
-        bus.publish(AgentTrusted {
-            agent: AgentRef::new("c-trusted", "dev", "example"),
-            at: events::now(),
-        }); // not selected: not forwarded
-        bus.publish(AgentUntrusted {
-            agent: AgentRef::new("c-bad", "dev", "example"),
-            reason: UntrustedReason::CertInvalid,
-            detail: "synthetic event from the example".into(),
-            at: events::now(),
-        });
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        sup.shutdown();
-    });
+    })
 }

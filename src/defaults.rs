@@ -18,6 +18,7 @@ pub mod labels {
     pub const PURPOSE: &str = "dev.clawker.purpose";
     pub const PURPOSE_AGENT: &str = "agent";
     pub const PURPOSE_NETWORK: &str = "network";
+    pub const PURPOSE_QUARANTINE: &str = "quarantine";
 }
 
 /// The bridge network the CP and every agent share.
@@ -25,6 +26,11 @@ pub const NETWORK: &str = "clawker-net";
 /// Its subnet when the CP creates it (an explicit subnet, never Docker's
 /// pick, so it cannot collide with a test network or the host's LAN).
 pub const SUBNET: &str = "10.213.0.0/24";
+
+/// The internal network `isolate` moves an agent onto.
+pub const QUARANTINE_NETWORK: &str = "clawker-quarantine";
+/// Its subnet when the CP creates it.
+pub const QUARANTINE_SUBNET: &str = "10.213.1.0/24";
 
 /// The port clawkerd listens on inside every agent container.
 pub const CLAWKERD_PORT: u16 = 7700;
@@ -59,6 +65,44 @@ pub mod agent_user {
     pub const NAME: &str = "claude";
     pub const HOME: &str = "/home/claude";
 }
+
+/// Where things live inside an agent container started by `clawker agent
+/// run` (its root filesystem is read-only by default).
+pub mod agent_paths {
+    /// clawkerd's persistent state: an anonymous volume, so it survives
+    /// container restarts and goes with `clawker agent rm`. Holds
+    /// `bootstrap/` (the bundle, 0700), `log/` (0700) and whatever else
+    /// clawkerd must keep across restarts (init marker, rotated leaves).
+    pub const STATE_DIR: &str = "/var/lib/clawker";
+    /// The bootstrap bundle (`CLAWKER_BOOTSTRAP_DIR`).
+    pub const BOOTSTRAP_DIR: &str = "/var/lib/clawker/bootstrap";
+    /// clawkerd's log (`CLAWKER_LOG_FILE`).
+    pub const LOG_FILE: &str = "/var/lib/clawker/log/clawkerd.log";
+    /// The per-boot ready marker (`CLAWKER_READY_FILE`), on the `/run`
+    /// tmpfs.
+    pub const READY_FILE: &str = "/run/clawker/ready";
+    /// Where `--workspace DIR` is bind-mounted, read-write.
+    pub const WORKSPACE: &str = "/workspace";
+}
+
+/// The capabilities clawkerd needs as PID 1 and nothing more: SETUID and
+/// SETGID to drop to the agent user (setgroups/setgid/setuid before exec),
+/// KILL to signal process groups owned by that user (timeouts, `docker
+/// stop` forwarding), CHOWN and FOWNER to keep owners, modes and mtimes
+/// when `clawker agent cp` unpacks a tree into the container (root sets
+/// them on files it does not own), DAC_READ_SEARCH to pack any file when
+/// `agent cp` copies out (like `docker cp`, which reads from outside).
+/// None survives the drop to the agent user (no ambient set,
+/// no-new-privileges). `tests/containment_docker.rs` shows each one is
+/// needed.
+pub const AGENT_CAPS: [&str; 6] = [
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "CHOWN",
+    "FOWNER",
+    "DAC_READ_SEARCH",
+];
 
 /// The default agent image (`scripts/build-agent-image.sh` builds it).
 pub const AGENT_IMAGE: &str = "clawker-agent:latest";

@@ -20,11 +20,17 @@
 //!   supervision tree) on loopback for the CLI, with its client.
 //! - [`cli`]: the `clawker` command line.
 //! - [`clawkerd`]: the agent daemon (PID 1 in every agent container).
+//! - [`archive`]: tar streams for `agent cp` (pack; unpack that never
+//!   leaves its destination), shared by clawkerd and the CLI.
+//! - [`netns`]: the kernel edge: nftables rules and netlink requests the
+//!   CP applies inside a container's network namespace (lock, agent-port
+//!   guard) and on the host (the quarantine bridge guard).
 //! - [`policy`]: subscriber actors that act on bus events: containment of
 //!   untrusted agents, the audit log, metrics and health endpoints.
 
 pub mod admin_api;
 pub mod agent_api;
+pub mod archive;
 pub mod clawkerd;
 pub mod cli;
 pub mod config;
@@ -32,9 +38,13 @@ pub mod cp;
 pub mod defaults;
 pub mod docker;
 pub mod events;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod identity;
 pub mod listen;
 pub mod log_limit;
+pub mod netns;
 pub mod peer_text;
 pub mod pki;
 pub mod policy;

@@ -22,6 +22,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("peer_text", &[]),
     ("log_limit", &[]),
     ("listen", &["log_limit", "peer_text"]),
+    ("archive", &[]),
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
@@ -30,6 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "clawkerd",
         &[
+            "archive",
             "identity",
             "pki",
             "proto",
@@ -48,6 +50,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "events",
             "identity",
             "peer_text",
+            "pki",
             "proto",
             "registry",
             "runtime",
@@ -69,11 +72,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "tls",
         ],
     ),
+    // The admin API fronts the operator's containment actions (release,
+    // unlock), so it may name the policy service.
     (
         "admin_api",
         &[
-            "defaults", "events", "identity", "listen", "pki", "proto", "registry", "session",
-            "tls",
+            "defaults", "events", "identity", "listen", "pki", "policy", "proto", "registry",
+            "session", "tls",
         ],
     ),
     (
@@ -82,8 +87,31 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "defaults", "events", "identity", "proto", "registry", "runtime", "session",
         ],
     ),
-    // The Docker edge implements the runtime seam; nothing below names it.
-    ("docker", &["defaults", "events", "runtime", "identity"]),
+    // The fuzz targets' bodies (feature `fuzzing`, never shipped).
+    (
+        "fuzz_harness",
+        &[
+            "agent_api",
+            "cp",
+            "defaults",
+            "docker",
+            "events",
+            "pki",
+            "proto",
+            "registry",
+            "session",
+            "tls",
+        ],
+    ),
+    // The kernel edge: rules in network namespaces and on the host. It
+    // knows no container runtime (it takes pids, addresses, bridge names).
+    ("netns", &[]),
+    // The Docker edge implements the runtime seam (with the kernel edge for
+    // what a container's namespace needs); nothing below names either.
+    (
+        "docker",
+        &["defaults", "events", "runtime", "identity", "netns"],
+    ),
     // Wiring: the one place the parts meet.
     (
         "cp",
@@ -96,6 +124,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "events",
             "identity",
             "listen",
+            "netns",
             "pki",
             "policy",
             "proto",
@@ -110,12 +139,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "admin_api",
             "agent_api",
+            "archive",
             "config",
             "cp",
             "defaults",
             "docker",
             "events",
             "identity",
+            "netns",
             "pki",
             "policy",
             "proto",

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use clawker::cp::{self, CpConfig, agent::RunSpec};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::AuthMaterial;
+use clawker::runtime::{Inspect, NetworkRole};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -32,14 +33,27 @@ struct Env {
     cfg: CpConfig,
 }
 
+fn docker_cli(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 impl Env {
     fn new(n: u8) -> Self {
         let state = tempfile::tempdir().unwrap();
         let net = format!("clawker-e2e-{n}");
+        let quarantine = format!("clawker-e2e-{n}-q");
         let file = cp::config::FileConfig::default();
         let overrides = cp::config::Overrides {
             network: Some(net.clone()),
             subnet: Some(format!("10.214.{n}.0/24")),
+            quarantine_network: Some(quarantine.clone()),
+            quarantine_subnet: Some(format!("10.222.{}.0/24", 100 + n)),
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
@@ -48,7 +62,7 @@ impl Env {
         AuthMaterial::ensure(state.path()).unwrap();
         let env = Self {
             label: format!("e2e-{n}-{}", std::process::id()),
-            networks: vec![net],
+            networks: vec![net, quarantine],
             state,
             cfg,
         };
@@ -72,10 +86,25 @@ impl Env {
                 .collect();
             if !ids.is_empty() {
                 let _ = std::process::Command::new("docker")
-                    .arg("rm")
-                    .arg("-f")
+                    .args(["rm", "-f", "-v"])
                     .args(&ids)
                     .output();
+            }
+        }
+        // The quarantine bridge's host guard goes with its network.
+        if let Some(id) = docker_cli(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{.Id}}",
+            &self.cfg.quarantine_network,
+        ]) {
+            let bridge = format!("br-{}", &id[..12.min(id.len())]);
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+                let _ = rt.block_on(clawker::netns::unguard_bridge(
+                    &bridge,
+                    Duration::from_secs(10),
+                ));
             }
         }
         for n in &self.networks {
@@ -93,9 +122,12 @@ impl Env {
             network: self.cfg.network.clone(),
             agent_port: self.cfg.agent_port,
             command: vec![],
+            env: vec![],
+            hardening: Default::default(),
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: self.cfg.agent_cert_ttl,
         }
     }
 
@@ -217,7 +249,7 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
-        cp::boot_dial(&docker, &cp2.sessions).await;
+        cp::boot_dial(&cp2).await;
         wait_for(&seen2, &id, "agent.init.completed", 1, 60).await;
         assert_eq!(count_for(&seen2, &id, "agent.registered"), 0);
         let view = cp2.bus.snapshot().await.unwrap();
@@ -291,25 +323,82 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             0,
             "init withheld from untrusted"
         );
-        let facts = clawker::docker::engine::inspect_on(&docker, &id, &env.cfg.network)
-            .await
-            .unwrap();
+        // Quarantined: on the internal quarantine network only.
+        let facts = cp1.engine.inspect(&id).await.unwrap();
         assert_eq!(
             facts.networks,
-            vec![env.cfg.network.clone()],
-            "isolated to clawker-net only"
+            vec![env.cfg.quarantine_network.clone()],
+            "moved onto the quarantine network, off every other"
         );
+        assert_eq!(facts.ip_network, Some(NetworkRole::Quarantine));
         assert!(facts.running);
-        // The CP keeps its session to contain the agent.
-        let live = cp1.sessions.live(&id).await;
-        assert!(live.is_some_and(|l| !l.trusted && !l.mux.is_closed()));
+        // The CP re-established its session over the quarantine address
+        // and still runs commands there.
+        let q_addr = format!("{}:", facts.ip.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let live = loop {
+            if let Some(l) = cp1.sessions.live(&id).await
+                && !l.mux.is_closed()
+                && seen.lock().unwrap().iter().any(|(n, j)| {
+                    n == "agent.session.connected"
+                        && j["container_id"] == id
+                        && j["address"]
+                            .as_str()
+                            .is_some_and(|a| a.starts_with(&q_addr))
+                })
+            {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no session over the quarantine address; saw {:?}",
+                names_for(&seen, &id)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            !live.trusted,
+            "still untrusted: the CP keeps the session to contain it"
+        );
+        let shell = clawker::session::command::shell(
+            "echo contained",
+            &clawker::session::command::RunAs::root(),
+            10,
+            b"",
+        );
+        let done = clawker::session::command::run_to_completion(
+            &live.mux,
+            "e2e-after-isolate",
+            shell,
+            Duration::from_secs(15),
+            4096,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (done.exit_code, done.stdout.text().as_str()),
+            (0, "contained")
+        );
+        // Release is refused for an agent its session does not trust.
+        let refused = cp1
+            .containment
+            .lift(&id, clawker::policy::containment::Lift::Release, &cp1.bus)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                clawker::policy::containment::LiftError::Untrusted(_)
+            ),
+            "{refused}"
+        );
         eprintln!("untrusted after {untrusted_at:?}, containment applied after {applied_at:?}");
 
         // CP restart: contained again (idempotently).
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
-        cp::boot_dial(&docker, &cp2.sessions).await;
+        cp::boot_dial(&cp2).await;
         wait_for(&seen2, &id, "policy.containment.applied", 2, 60).await;
         let outcomes: Vec<String> = seen2
             .lock()
@@ -325,9 +414,11 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             })
             .collect();
         assert!(
-            outcomes.iter().any(|o| o.starts_with("isolate:")),
-            "{outcomes:?}"
+            outcomes.iter().any(|o| o == "isolate:already_applied"),
+            "re-contained idempotently: {outcomes:?}"
         );
+        let facts = cp2.engine.inspect(&id).await.unwrap();
+        assert_eq!(facts.networks, vec![env.cfg.quarantine_network.clone()]);
         cp::stop(cp2).await;
     });
 }

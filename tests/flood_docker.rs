@@ -32,9 +32,10 @@
 //! build without these bounds the same way and checks nothing: the
 //! "before" column.
 //!
-//! A missing engine is a failure, not a skip. Uses network
-//! `clawker-flood-e2e` (10.223.1.0/24); removes its containers and network
-//! on drop.
+//! A missing engine is a failure, not a skip. Uses networks
+//! `clawker-flood-e2e` (10.223.1.0/24) and `clawker-flood-e2e-q` (the CP's
+//! quarantine network, 10.223.2.0/24); removes its containers, networks and
+//! the quarantine bridge's host guard on drop.
 
 mod common;
 
@@ -56,6 +57,10 @@ use tokio_util::sync::CancellationToken;
 
 const NETWORK: &str = "clawker-flood-e2e";
 const SUBNET: &str = "10.223.1.0/24";
+/// The CP's quarantine network (nobody is quarantined here, but `cp serve`
+/// ensures it at start).
+const QUARANTINE_NETWORK: &str = "clawker-flood-e2e-q";
+const QUARANTINE_SUBNET: &str = "10.223.2.0/24";
 const AGENT_PORT: u16 = 7444;
 
 fn image() -> String {
@@ -192,7 +197,31 @@ impl Env {
             args.extend(ids);
             sh("docker", &args);
         }
+        // The quarantine bridge's host guard goes with its network.
+        let (ok, id) = sh(
+            "docker",
+            &["network", "inspect", "-f", "{{.Id}}", QUARANTINE_NETWORK],
+        );
+        let id = id.trim();
+        if ok && !id.is_empty() {
+            let bridge = format!("br-{}", &id[..12.min(id.len())]);
+            // Its own thread and runtime: this also runs on drop, inside
+            // the test's runtime.
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    let _ = rt.block_on(clawker::netns::unguard_bridge(
+                        &bridge,
+                        Duration::from_secs(10),
+                    ));
+                }
+            })
+            .join();
+        }
         sh("docker", &["network", "rm", NETWORK]);
+        sh("docker", &["network", "rm", QUARANTINE_NETWORK]);
     }
 
     fn spec(&self, name: &str) -> RunSpec {
@@ -203,12 +232,15 @@ impl Env {
             network: NETWORK.into(),
             agent_port: AGENT_PORT,
             command: vec![],
+            env: vec![],
+            hardening: Default::default(),
             extra_labels: HashMap::from([
                 ("dev.clawker.test".to_owned(), self.label.clone()),
                 ("dev.clawker.test.flood".to_owned(), "1".to_owned()),
             ]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: clawker::cp::config::DEFAULT_AGENT_CERT_TTL,
         }
     }
 }
@@ -417,6 +449,12 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
         .arg(&cfg_path)
         .args(["--network", NETWORK, "--subnet", SUBNET])
         .args([
+            "--quarantine-network",
+            QUARANTINE_NETWORK,
+            "--quarantine-subnet",
+            QUARANTINE_SUBNET,
+        ])
+        .args([
             "--metrics-addr",
             &metrics.to_string(),
             "--log-format",
@@ -467,10 +505,15 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
             .unwrap();
     }
     let mut failures = Vec::new();
+    let networks = clawker::docker::engine::AgentNetworks {
+        agent: NETWORK.into(),
+        quarantine: QUARANTINE_NETWORK.into(),
+        quarantine_subnet: QUARANTINE_SUBNET.into(),
+    };
     let facts = |id: String| {
-        let docker = docker.clone();
+        let (docker, networks) = (docker.clone(), networks.clone());
         async move {
-            clawker::docker::engine::inspect_on(&docker, &id, NETWORK)
+            clawker::docker::engine::inspect_on(&docker, &id, &networks)
                 .await
                 .unwrap()
         }

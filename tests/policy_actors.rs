@@ -14,12 +14,14 @@ use clawker::events::{
 };
 use clawker::identity::Thumbprint;
 use clawker::policy::audit::{AuditActor, AuditConfig, read_last};
-use clawker::policy::containment::{ContainmentActor, ContainmentConfig, Rule, TriggerKind};
+use clawker::policy::containment::{
+    Containment, ContainmentActor, ContainmentConfig, Rule, TriggerKind,
+};
 use clawker::policy::health::{Readiness, serve_metrics};
 use clawker::policy::metrics::{self as m, Metrics, MetricsActor, RefreshMetrics};
 use clawker::policy::webhook::{WebhookConfig, WebhookForwarder};
 use clawker::runtime::memory::MemoryOps;
-use clawker::session::commands::NoSessions;
+use clawker::session::control::NoSessions;
 use clawker_actors::{ChildExit, ExitReason, Supervisor, SupervisorSpec};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +37,7 @@ fn untrusted(id: &str, reason: UntrustedReason) -> AgentUntrusted {
 fn trusted(i: usize) -> AgentTrusted {
     AgentTrusted {
         agent: AgentRef::new(format!("c{i}"), "dev", "web"),
+        rotations: 0,
         at: events::now(),
     }
 }
@@ -189,6 +192,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
                 peer_cn: "clawker.web.dev".into(),
                 peer_thumbprint: Thumbprint([1; 32]),
                 chain_verified: true,
+                leaf_not_after: None,
                 at: events::now(),
             });
         }
@@ -217,6 +221,16 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
             detail: String::new(),
             at: events::now(),
         });
+        bus.publish(events::CertRotated {
+            agent: AgentRef::new("c1", "dev", "web"),
+            old: Thumbprint([1; 32]),
+            new: Thumbprint([2; 32]),
+            not_after: events::now(),
+            reason: events::RotationReason::HalfLife,
+            rotations: 1,
+            duration: Duration::from_millis(4),
+            at: events::now(),
+        });
         metrics.record_child_exit(&ChildExit {
             supervisor: "sessions".into(),
             name: "session".into(),
@@ -238,6 +252,13 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         assert_eq!(v(m::REGISTRATIONS, &[("result", "failed")]), 1.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "cert_invalid")]), 2.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "register_failed")]), 1.0);
+        assert_eq!(
+            v(
+                m::CERT_ROTATIONS,
+                &[("reason", "half_life"), ("result", "ok")]
+            ),
+            1.0
+        );
         assert_eq!(v(m::SESSIONS, &[("status", "connected")]), 2.0);
         assert_eq!(v(m::SESSIONS, &[("status", "failed")]), 1.0);
         assert_eq!(v(m::SESSIONS, &[("status", "broken")]), 0.0);
@@ -415,12 +436,15 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
             actions: vec![ContainmentAction::Kill],
         });
         let mut applied = bus.subscribe::<ContainmentApplied>().unwrap();
-        let _sup = Supervisor::start(SupervisorSpec::new("policy").child(ContainmentActor::spec(
-            bus.clone(),
+        let core = Arc::new(Containment::new(
             cfg,
             Arc::new(ops.clone()),
             Arc::new(NoSessions),
-        )));
+            7700,
+        ));
+        let _sup = Supervisor::start(
+            SupervisorSpec::new("policy").child(ContainmentActor::spec(bus.clone(), core)),
+        );
         wait_until("containment subscribed", Duration::from_secs(5), || {
             bus.stats().subscribers == 4
         })
@@ -441,7 +465,11 @@ fn containment_actor_contains_untrusted_and_repeated_session_failures_into_the_w
                 (ContainmentAction::Isolate, ContainmentOutcome::Applied)
             ]
         );
-        assert_eq!(ops.networks("bad").unwrap(), vec!["clawker-net"]);
+        assert_eq!(
+            ops.networks("bad").unwrap(),
+            vec![MemoryOps::QUARANTINE],
+            "isolated = quarantined, off every other network"
+        );
 
         let failed = || SessionFailed {
             agent: AgentRef::new("flaky", "dev", "web"),

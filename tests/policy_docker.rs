@@ -1,10 +1,12 @@
-//! Containment against the REAL Docker engine: a container from
-//! `clawker-agent:latest` attached to a kept network and a second one.
-//! Dry run changes nothing; `isolate` leaves only the kept network (and is
-//! a no-op success the second time); `kill` stops it (then
-//! `already_stopped`). Also measures AgentUntrusted → ContainmentApplied.
+//! Containment against the REAL Docker engine: a container from the agent
+//! image (`CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`) attached to
+//! an agent network and a second one. Dry run changes nothing; `isolate`
+//! moves it onto the quarantine network only (internal, its bridge guarded
+//! on the host) and is a no-op success the second time; `kill` stops it
+//! (then `already_stopped`). The whole proof with sessions and traffic is
+//! `tests/containment_docker.rs`.
 //!
-//! Networks use explicit subnets in 10.231.0.0/16; everything is removed
+//! Networks use explicit subnets in 10.222.0.0/16; everything is removed
 //! by a Drop guard, even when an assertion fails.
 
 use std::process::Command;
@@ -12,16 +14,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawker::docker::Engine;
+use clawker::docker::engine::AgentNetworks;
 use clawker::events::{
     self, AgentRef, AgentUntrusted, ContainmentAction as A, ContainmentApplied,
     ContainmentOutcome as O, UntrustedReason,
 };
-use clawker::policy::containment::{ContainmentActor, ContainmentConfig, Rule, TriggerKind};
+use clawker::policy::containment::{
+    Containment, ContainmentActor, ContainmentConfig, Rule, TriggerKind,
+};
 use clawker::runtime::ContainmentOps;
-use clawker::session::commands::NoSessions;
+use clawker::session::control::NoSessions;
 use clawker_actors::{Supervisor, SupervisorSpec};
 
-const IMAGE: &str = "clawker-agent:latest";
+fn image() -> String {
+    std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
 
 fn docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
@@ -38,37 +45,57 @@ fn docker(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Removes the container and networks it names, whatever happens.
+/// Removes the container, the networks it names and the host guard of the
+/// quarantine bridge, whatever happens.
 struct Cleanup {
     container: String,
     networks: Vec<String>,
+    quarantine: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = docker(&["rm", "-f", &self.container]);
-        for n in &self.networks {
+        let _ = docker(&["rm", "-f", "-v", &self.container]);
+        if let Ok(id) = docker(&["network", "inspect", "-f", "{{.Id}}", &self.quarantine]) {
+            let bridge = format!("br-{}", &id[..12.min(id.len())]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = rt.block_on(clawker::netns::unguard_bridge(
+                &bridge,
+                Duration::from_secs(10),
+            ));
+        }
+        for n in self.networks.iter().chain([&self.quarantine]) {
             let _ = docker(&["network", "rm", n]);
         }
     }
 }
 
-/// Creates `keep` and `other` networks and a sleeping agent container on both.
-fn setup(tag: &str, octet: u8) -> Option<(Cleanup, String, String)> {
-    if docker(&["image", "inspect", IMAGE]).is_err() {
-        eprintln!("skipping: {IMAGE} missing (scripts/build-agent-image.sh)");
-        return None;
-    }
+/// The networks of one test: agent, other, quarantine.
+struct Nets {
+    agent: String,
+    quarantine: String,
+    quarantine_subnet: String,
+}
+
+/// Creates the agent and another network and a sleeping agent container
+/// on both; the quarantine network is left to `isolate` to create.
+fn setup(tag: &str, octet: u8) -> (Cleanup, String, Nets) {
+    docker(&["image", "inspect", &image()])
+        .unwrap_or_else(|e| panic!("{e}: build it with scripts/build-agent-image.sh"));
     let pid = std::process::id();
-    let keep = format!("clawker-pol-keep-{tag}-{pid}");
+    let agent = format!("clawker-pol-agent-{tag}-{pid}");
     let other = format!("clawker-pol-other-{tag}-{pid}");
+    let quarantine = format!("clawker-pol-q-{tag}-{pid}");
     let name = format!("clawker-pol-{tag}-{pid}");
     let guard = Cleanup {
         container: name.clone(),
-        networks: vec![keep.clone(), other.clone()],
+        networks: vec![agent.clone(), other.clone()],
+        quarantine: quarantine.clone(),
     };
-    let subnet = |o: u8| format!("10.231.{o}.0/24");
-    docker(&["network", "create", "--subnet", &subnet(octet), &keep]).unwrap();
+    let subnet = |o: u8| format!("10.222.{o}.0/24");
+    docker(&["network", "create", "--subnet", &subnet(octet), &agent]).unwrap();
     docker(&["network", "create", "--subnet", &subnet(octet + 1), &other]).unwrap();
     docker(&[
         "run",
@@ -76,16 +103,28 @@ fn setup(tag: &str, octet: u8) -> Option<(Cleanup, String, String)> {
         "--name",
         &name,
         "--network",
-        &keep,
+        &agent,
         "--entrypoint",
         "/bin/sh",
-        IMAGE,
+        &image(),
         "-c",
         "sleep 60",
     ])
     .unwrap();
     docker(&["network", "connect", &other, &name]).unwrap();
-    Some((guard, name, keep))
+    let nets = Nets {
+        agent,
+        quarantine,
+        quarantine_subnet: subnet(octet + 2),
+    };
+    (guard, name, nets)
+}
+
+async fn engine(nets: &Nets) -> Arc<dyn ContainmentOps> {
+    Arc::new(Engine::new(
+        clawker::docker::connect().await.unwrap(),
+        AgentNetworks::new(&nets.agent).with_quarantine(&nets.quarantine, &nets.quarantine_subnet),
+    ))
 }
 
 fn untrusted(id: &str) -> AgentUntrusted {
@@ -97,10 +136,9 @@ fn untrusted(id: &str) -> AgentUntrusted {
     }
 }
 
-fn config(keep: &str, dry_run: bool, actions: Vec<A>) -> ContainmentConfig {
+fn config(dry_run: bool, actions: Vec<A>) -> ContainmentConfig {
     ContainmentConfig {
         dry_run,
-        keep_network: keep.to_owned(),
         rules: vec![Rule {
             on: TriggerKind::Untrusted,
             reasons: vec![],
@@ -124,12 +162,10 @@ async fn contain(
 ) -> Vec<(Vec<ContainmentApplied>, Duration)> {
     let bus = events::start_bus();
     let mut applied = bus.subscribe::<ContainmentApplied>().unwrap();
-    let sup = Supervisor::start(SupervisorSpec::new("policy").child(ContainmentActor::spec(
-        bus.clone(),
-        cfg,
-        ops,
-        Arc::new(NoSessions),
-    )));
+    let core = Arc::new(Containment::new(cfg, ops, Arc::new(NoSessions), 7700));
+    let sup = Supervisor::start(
+        SupervisorSpec::new("policy").child(ContainmentActor::spec(bus.clone(), core)),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while bus.stats().subscribers < 4 {
         assert!(Instant::now() < deadline, "containment never subscribed");
@@ -171,22 +207,16 @@ fn running(name: &str) -> bool {
 }
 
 #[test]
-fn real_engine_dry_run_isolate_and_kill() {
-    let Some((_guard, name, keep)) = setup("ladder", 41) else {
-        return;
-    };
+fn real_engine_dry_run_quarantine_and_kill() {
+    let (_guard, name, nets) = setup("ladder", 41);
     let id = docker(&["inspect", "-f", "{{.Id}}", &name]).unwrap();
     assert_eq!(networks(&name).len(), 2);
     actix::System::new().block_on(async {
-        let ops: Arc<dyn ContainmentOps> =
-            Arc::new(Engine::new(
-                clawker::docker::connect().await.unwrap(),
-                clawker::defaults::NETWORK,
-            ));
+        let ops = engine(&nets).await;
 
         // Dry run: every step reported, nothing changes.
         let dry = contain(
-            config(&keep, true, vec![A::Alert, A::Isolate, A::Kill]),
+            config(true, vec![A::Alert, A::Isolate, A::Kill]),
             ops.clone(),
             &id,
             1,
@@ -195,18 +225,31 @@ fn real_engine_dry_run_isolate_and_kill() {
         .await;
         let (evs, _) = &dry[0];
         assert!(evs.iter().all(|e| e.outcome == O::DryRun), "{evs:?}");
-        assert!(evs[1].detail.contains("would disconnect"), "{}", evs[1].detail);
+        assert!(evs[1].detail.contains("would move from"), "{}", evs[1].detail);
         assert_eq!(networks(&name).len(), 2, "dry run changed nothing");
         assert!(running(&name));
 
-        // Isolate, twice (a CP restart re-publishes AgentUntrusted).
-        let iso = contain(config(&keep, false, vec![A::Isolate]), ops.clone(), &id, 3, 1).await;
+        // Isolate, thrice (a CP restart re-publishes AgentUntrusted).
+        let iso = contain(config(false, vec![A::Isolate]), ops.clone(), &id, 3, 1).await;
         assert_eq!(iso[0].0[0].outcome, O::Applied, "{:?}", iso[0].0);
-        assert_eq!(networks(&name), vec![keep.clone()]);
+        assert_eq!(networks(&name), vec![nets.quarantine.clone()]);
         for (evs, _) in &iso[1..] {
             assert_eq!(evs[0].outcome, O::AlreadyApplied, "{evs:?}");
         }
-        assert_eq!(networks(&name), vec![keep.clone()]);
+        assert_eq!(networks(&name), vec![nets.quarantine.clone()]);
+        // The quarantine network is internal and its bridge guarded.
+        assert_eq!(
+            docker(&["network", "inspect", "-f", "{{.Internal}}", &nets.quarantine]).unwrap(),
+            "true"
+        );
+        let qid = docker(&["network", "inspect", "-f", "{{.Id}}", &nets.quarantine]).unwrap();
+        let bridge = format!("br-{}", &qid[..12]);
+        assert!(
+            clawker::netns::bridge_guarded(&bridge, Duration::from_secs(10))
+                .await
+                .unwrap(),
+            "{bridge} guarded on the host"
+        );
         eprintln!(
             "AgentUntrusted -> ContainmentApplied(isolate) on the real engine: applied {:?}, already_applied {:?} / {:?}",
             iso[0].1, iso[1].1, iso[2].1
@@ -214,17 +257,19 @@ fn real_engine_dry_run_isolate_and_kill() {
         assert!(running(&name), "isolate does not stop the container");
 
         // Kill, twice.
-        let kill = contain(config(&keep, false, vec![A::Kill]), ops.clone(), &id, 2, 1).await;
+        let kill = contain(config(false, vec![A::Kill]), ops.clone(), &id, 2, 1).await;
         assert_eq!(kill[0].0[0].outcome, O::Applied, "{:?}", kill[0].0);
         assert!(!running(&name));
         assert_eq!(kill[1].0[0].outcome, O::AlreadyStopped, "{:?}", kill[1].0);
-        // stop on a dead container is already_stopped too.
-        let stop = contain(config(&keep, false, vec![A::Stop]), ops.clone(), &id, 1, 1).await;
+        // stop on a dead container is already_stopped too; so is lock
+        // (no namespace to lock).
+        let stop = contain(config(false, vec![A::Stop, A::Lock]), ops.clone(), &id, 1, 2).await;
         assert_eq!(stop[0].0[0].outcome, O::AlreadyStopped);
+        assert_eq!(stop[0].0[1].outcome, O::AlreadyStopped, "{:?}", stop[0].0);
 
         // A container that does not exist.
         let gone = contain(
-            config(&keep, false, vec![A::Isolate, A::Kill]),
+            config(false, vec![A::Isolate, A::Kill]),
             ops,
             "0000deadbeef0000",
             1,
@@ -237,15 +282,10 @@ fn real_engine_dry_run_isolate_and_kill() {
 
 #[test]
 fn real_engine_stop_stops_a_running_container() {
-    let Some((_guard, name, keep)) = setup("stop", 43) else {
-        return;
-    };
+    let (_guard, name, nets) = setup("stop", 45);
     actix::System::new().block_on(async {
-        let ops: Arc<dyn ContainmentOps> = Arc::new(Engine::new(
-            clawker::docker::connect().await.unwrap(),
-            clawker::defaults::NETWORK,
-        ));
-        let mut cfg = config(&keep, false, vec![A::Stop]);
+        let ops = engine(&nets).await;
+        let mut cfg = config(false, vec![A::Stop]);
         cfg.stop_timeout_secs = 1; // sh ignores SIGTERM as PID 1
         let r = contain(cfg, ops, &name, 1, 1).await;
         assert_eq!(r[0].0[0].outcome, O::Applied, "{:?}", r[0].0);

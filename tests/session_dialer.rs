@@ -112,6 +112,7 @@ fn setup(bus: &Bus, register: bool) -> Setup {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     Setup {
         pki,

@@ -99,6 +99,7 @@ impl Harness {
             .unwrap(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
+            certs: None,
         }
     }
 
@@ -126,6 +127,7 @@ impl Harness {
             self.pki.container_id.clone(),
             self.deps(),
             tx,
+            Default::default(),
         ));
         (task, rx)
     }

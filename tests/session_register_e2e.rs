@@ -130,9 +130,15 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
             .unwrap(),
             sink: sink.clone(),
             policy,
+            certs: None,
         };
         let (tx, _live) = tokio::sync::watch::channel(None);
-        let first = tokio::spawn(lifecycle::run(pki.container_id.clone(), deps.clone(), tx));
+        let first = tokio::spawn(lifecycle::run(
+            pki.container_id.clone(),
+            deps.clone(),
+            tx,
+            Default::default(),
+        ));
         wait_for(&sink, "agent.registered", 1).await;
         assert_eq!(
             sink.of("agent.registered")[0]["ok"],
@@ -172,7 +178,12 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
             ..deps
         };
         let (tx, _live) = tokio::sync::watch::channel(None);
-        let second = tokio::spawn(lifecycle::run(pki.container_id.clone(), deps2, tx));
+        let second = tokio::spawn(lifecycle::run(
+            pki.container_id.clone(),
+            deps2,
+            tx,
+            Default::default(),
+        ));
         wait_for(&sink2, "agent.init.completed", 1).await;
         assert!(sink2.of("agent.registered").is_empty());
         assert_eq!(sink2.of("agent.trusted").len(), 1);

@@ -161,6 +161,93 @@ impl AdminClient {
         Ok(res.into_inner())
     }
 
+    /// `Exec`: `requests` must start with an `ExecStart` frame.
+    pub async fn exec(
+        &self,
+        requests: impl tonic::IntoStreamingRequest<Message = pb::ExecRequest>,
+    ) -> Result<Streaming<pb::ExecResponse>, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .exec(requests)
+            .await
+            .map_err(rpc("Exec"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `CopyFrom`: the tar stream of a path in the container.
+    pub async fn copy_from(
+        &self,
+        req: pb::CopyFromRequest,
+    ) -> Result<Streaming<pb::CopyFromResponse>, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .copy_from(req)
+            .await
+            .map_err(rpc("CopyFrom"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `CopyTo`: `requests` must start with a `CopyToStart` frame.
+    pub async fn copy_to(
+        &self,
+        requests: impl tonic::IntoStreamingRequest<Message = pb::CopyToRequest>,
+    ) -> Result<Streaming<pb::CopyToResponse>, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .copy_to(requests)
+            .await
+            .map_err(rpc("CopyTo"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `Logs`: the user command's output.
+    pub async fn logs(
+        &self,
+        req: pb::LogsRequest,
+    ) -> Result<Streaming<pb::LogsResponse>, ClientError> {
+        let res = self.admin.clone().logs(req).await.map_err(rpc("Logs"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `ReleaseAgent`: back from quarantine to the agent network.
+    pub async fn release_agent(
+        &self,
+        agent: &str,
+        project: &str,
+    ) -> Result<pb::ReleaseAgentResult, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .release_agent(pb::ReleaseAgentRequest {
+                agent_name: agent.to_owned(),
+                project: project.to_owned(),
+            })
+            .await
+            .map_err(rpc("ReleaseAgent"))?;
+        Ok(res.into_inner())
+    }
+
+    /// `UnlockAgent`: remove the namespace lock.
+    pub async fn unlock_agent(
+        &self,
+        agent: &str,
+        project: &str,
+    ) -> Result<pb::UnlockAgentResult, ClientError> {
+        let res = self
+            .admin
+            .clone()
+            .unlock_agent(pb::UnlockAgentRequest {
+                agent_name: agent.to_owned(),
+                project: project.to_owned(),
+            })
+            .await
+            .map_err(rpc("UnlockAgent"))?;
+        Ok(res.into_inner())
+    }
+
     /// `grpc.health.v1.Health/Check` for `service` (`""` = whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, ClientError> {
         let res = self

@@ -12,6 +12,11 @@
 //!   so `grpcurl` works.
 //! - [`client`]: the CLI side: dial with the CLI client certificate,
 //!   verify the CP's server certificate against the CA.
+//! - [`access`], [`exec`], [`transfer`]: the operator's way into an agent
+//!   (`Exec`, `CopyFrom`, `CopyTo`, `Logs`) over its session: target,
+//!   trust/containment gate, user, audit events; the relays.
+//! - [`watch`]: a `WatchEvents` subscription that survives CP restarts,
+//!   for policy programs outside the CP.
 //!
 //! Who may call: only a peer presenting a certificate that chains to our CA,
 //! carries the ClientAuth EKU and has Subject CN `clawker-cli`. The check
@@ -21,9 +26,13 @@
 //! reach a handler. The reference additionally requires an OAuth2 `admin`
 //! scope; on a loopback listener the CLI certificate is the credential.
 
+pub mod access;
 pub mod client;
+pub mod exec;
 pub mod server;
 pub mod service;
+pub mod transfer;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::Path;

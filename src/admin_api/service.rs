@@ -11,10 +11,17 @@
 //!   name prefix (see [`EventStream`] for what happens to slow clients and
 //!   when the client goes away);
 //! - `GetSupervisionTree` → [`TreeSource::tree`], as JSON plus the
-//!   indented text rendering.
+//!   indented text rendering;
+//! - `Exec`, `CopyFrom`, `CopyTo`, `Logs` → an agent's live session
+//!   ([`LiveSessions`]), gated and audited ([`super::access`]), relayed in
+//!   [`super::exec`] and [`super::transfer`].
+//! - `ReleaseAgent`, `UnlockAgent` → [`Containment::lift`] (the containment
+//!   core the policy actor also runs its ladders on, so a lift waits for a
+//!   ladder running on the same container), publishing on the bus.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use clawker_actors::{AuditSubscription, SupervisorError, SupervisorHandle, TreeNode};
@@ -24,7 +31,12 @@ use time::OffsetDateTime;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
+use super::access::LiveSessions;
+use super::exec::ExecStream;
+use super::transfer::{CopyFromStream, CopyToStream, LogsStream};
 use crate::events::Bus;
+use crate::identity::{self, AgentName, ProjectSlug};
+use crate::policy::containment::{Containment, Lift, LiftError};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
 use crate::registry::{Entry, RegistryStore};
@@ -81,10 +93,18 @@ pub struct AdminApi {
     agents: Arc<dyn AgentDirectory>,
     bus: Bus,
     tree: Arc<dyn TreeSource>,
+    /// Release and unlock act through it; `None` answers UNIMPLEMENTED.
+    containment: Option<Arc<Containment>>,
     /// Ends every open `WatchEvents` stream when cancelled. tonic's
     /// graceful shutdown waits for in-flight streams, and an event stream
     /// never finishes on its own, so without this a shutdown would hang.
     stop_streams: CancellationToken,
+    /// The agents' sessions, for the operator RPCs (none: they answer
+    /// UNAVAILABLE).
+    sessions: Option<Arc<dyn LiveSessions>>,
+    /// Numbers operator command ids (unique per CP process; the session
+    /// only needs them unique among its own in-flight commands).
+    seq: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AdminApi {
@@ -99,7 +119,72 @@ impl AdminApi {
             agents,
             bus,
             tree,
+            containment: None,
             stop_streams: CancellationToken::new(),
+            sessions: None,
+            seq: Arc::default(),
+        }
+    }
+
+    /// Gives the operator RPCs (`Exec`, `CopyFrom`, `CopyTo`, `Logs`) the
+    /// agents' sessions.
+    pub fn with_sessions(mut self, sessions: Arc<dyn LiveSessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    pub(super) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    pub(super) fn sessions(&self) -> Option<&Arc<dyn LiveSessions>> {
+        self.sessions.as_ref()
+    }
+
+    /// `<kind>-<target, cut>-<n>`: readable in clawkerd's logs.
+    pub(super) fn next_exec_id(&self, kind: &str, target: &str) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let t: String = target
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(24)
+            .collect();
+        format!("{kind}-{t}-{n}")
+    }
+
+    /// Enables `ReleaseAgent` and `UnlockAgent`.
+    pub fn with_containment(mut self, core: Arc<Containment>) -> Self {
+        self.containment = Some(core);
+        self
+    }
+
+    /// Shared body of ReleaseAgent and UnlockAgent.
+    async fn lift(
+        &self,
+        agent: &str,
+        project: &str,
+        lift: Lift,
+    ) -> Result<(String, String, String), Status> {
+        let Some(core) = &self.containment else {
+            return Err(Status::unimplemented(
+                "containment is not running in this control plane",
+            ));
+        };
+        let agent = AgentName::new(agent).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let project =
+            ProjectSlug::new(project).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = identity::canonical_cn(&project, &agent);
+        match core.lift(&name, lift, &self.bus).await {
+            Ok(ev) => Ok((
+                ev.agent.container_id,
+                ev.outcome.as_str().to_owned(),
+                ev.detail,
+            )),
+            Err(e @ LiftError::NotFound(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (LiftError::Untrusted(_) | LiftError::NoSession(_))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ LiftError::Runtime { .. }) => Err(Status::unavailable(e.to_string())),
         }
     }
 
@@ -201,6 +286,67 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::GetSupervisionTreeResult {
             json,
             rendered: tree.render(),
+        }))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<ExecStream>, Status> {
+        super::exec::exec(self, req).await
+    }
+
+    type CopyFromStream = CopyFromStream;
+
+    async fn copy_from(
+        &self,
+        req: Request<pb::CopyFromRequest>,
+    ) -> Result<Response<CopyFromStream>, Status> {
+        super::transfer::copy_from(self, req).await
+    }
+
+    type CopyToStream = CopyToStream;
+
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<pb::CopyToRequest>>,
+    ) -> Result<Response<CopyToStream>, Status> {
+        super::transfer::copy_to(self, req).await
+    }
+
+    type LogsStream = LogsStream;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<LogsStream>, Status> {
+        super::transfer::logs(self, req).await
+    }
+
+    async fn release_agent(
+        &self,
+        req: Request<pb::ReleaseAgentRequest>,
+    ) -> Result<Response<pb::ReleaseAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Release).await?;
+        Ok(Response::new(pb::ReleaseAgentResult {
+            container_id,
+            outcome,
+            detail,
+        }))
+    }
+
+    async fn unlock_agent(
+        &self,
+        req: Request<pb::UnlockAgentRequest>,
+    ) -> Result<Response<pb::UnlockAgentResult>, Status> {
+        let r = req.into_inner();
+        let (container_id, outcome, detail) =
+            self.lift(&r.agent_name, &r.project, Lift::Unlock).await?;
+        Ok(Response::new(pb::UnlockAgentResult {
+            container_id,
+            outcome,
+            detail,
         }))
     }
 }

@@ -3,7 +3,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = clawker::cli::Cli::parse();
     match clawker::cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Exit codes are 0..=255; a remote status is passed on as is.
+        Ok(code) => std::process::ExitCode::from((code & 0xff) as u8),
         Err(e) => {
             eprintln!("clawker: {e:#}");
             std::process::ExitCode::FAILURE

@@ -48,12 +48,17 @@ pub mod env {
     /// flight before the listener closes it; default 60. The CP's Session
     /// stream is a request in flight for as long as it lives.
     pub const IDLE_TIMEOUT_SECS: &str = "CLAWKER_IDLE_TIMEOUT_SECS";
+    /// clawkerd's writable state directory (rotated leaf, init marker);
+    /// default `/var/lib/clawker`. It lives in the container's own
+    /// filesystem, so it survives `docker restart`.
+    pub const STATE_DIR: &str = "CLAWKERD_STATE_DIR";
 }
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:7700";
 pub const DEFAULT_USER: &str = "claude";
 pub const DEFAULT_READY_FILE: &str = "/var/run/clawker/ready";
 pub const DEFAULT_LOG_FILE: &str = "/var/log/clawker/clawkerd.log";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/clawker";
 
 /// A boot failure with its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,7 @@ pub struct Config {
     pub passwd_file: PathBuf,
     pub group_file: PathBuf,
     pub ready_file: PathBuf,
+    pub state_dir: PathBuf,
     /// The user command (container CMD): clawkerd's args, minus a leading `--`.
     pub user_argv: Vec<String>,
     /// The listener's bounds ([`crate::listen::ListenerLimits::CLAWKERD`],
@@ -173,6 +179,7 @@ impl Config {
             passwd_file: var_or(env::PASSWD_FILE, "/etc/passwd").into(),
             group_file: var_or(env::GROUP_FILE, "/etc/group").into(),
             ready_file: var_or(env::READY_FILE, DEFAULT_READY_FILE).into(),
+            state_dir: var_or(env::STATE_DIR, DEFAULT_STATE_DIR).into(),
             user_argv,
             limits,
         })
@@ -264,6 +271,7 @@ mod tests {
             passwd_file: "/etc/passwd".into(),
             group_file: "/etc/group".into(),
             ready_file: DEFAULT_READY_FILE.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
             user_argv: vec![],
             limits: crate::listen::ListenerLimits::CLAWKERD,
         };

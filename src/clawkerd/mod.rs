@@ -10,20 +10,36 @@
 //! - [`listener`]: TLS 1.3 accept loop and the CP-only client verifier.
 //! - [`logfile`]: the size-bounded log file.
 //! - [`session`]: one `Session` stream — receive loop, dispatch, teardown.
+//! - [`control`]: what the session keeps per running command (stdin,
+//!   signals, resize, flow credit routed without blocking).
+//! - [`flow`]: per-command flow control (`FlowGrant`/`StdinConsumed`).
 //! - [`pipeline`]: one `ShellCommand` — stages, pipes, stdin, output,
 //!   timeout, the single terminal response.
+//! - [`pty`]: one `PtyCommand` — a program under a pseudo-terminal.
+//! - [`logs`]: the user command's output teed into a bounded ring; `Logs`.
+//! - [`copy`]: `CopyFrom`/`CopyTo`, tar streams out of and into the
+//!   container.
 //! - [`spawn`]: the user command (`AgentReady`), privilege drop.
 //! - [`reaper`]: the only code that waits for children.
 //! - [`register`]: the one-shot Register coordinator (token + AgentService).
+//! - [`leaf`]: the current leaf (served, presented, persisted, swapped).
+//! - [`renew`]: leaf renewal at half-life and on the CP's request.
 //!
 //! This file is the boot sequence and the main wait loop (reference §3, §8).
 
 pub mod config;
+pub mod control;
+pub mod copy;
+pub mod flow;
+pub mod leaf;
 pub mod listener;
 pub mod logfile;
+pub mod logs;
 pub mod pipeline;
+pub mod pty;
 pub mod reaper;
 pub mod register;
+pub mod renew;
 pub mod session;
 pub mod spawn;
 pub mod users;
@@ -41,6 +57,9 @@ use spawn::MainState;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long we wait for orphans before exiting.
 const ORPHAN_DRAIN: Duration = Duration::from_secs(5);
+/// How long the output tee may take to pass the user command's last
+/// output on after it exited (a background process may hold the pipe).
+const OUTPUT_TAIL_GRACE: Duration = Duration::from_secs(1);
 
 /// Signals forwarded to the user command's process group once it runs.
 /// Not SIGPIPE (unlike the reference): clawkerd itself gets SIGPIPE whenever
@@ -175,10 +194,23 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         tracing::error!(event = "bootstrap_read_failed", error = %e);
         BootError::Config(format!("read bootstrap: {e}"))
     })?;
-    let tls_cfg = listener::server_config(&bootstrap).map_err(|e| {
+    let listener_failed = |e: listener::ServerConfigError| {
         tracing::error!(event = "clawkerd_listener_start_failed", error = %e);
         BootError::Config(format!("start clawkerd listener: {e}"))
-    })?;
+    };
+    let (boot_leaf, source) =
+        leaf::at_boot(&bootstrap, &cfg.state_dir).map_err(|e| listener_failed(e.into()))?;
+    tracing::info!(
+        event = "leaf_loaded",
+        source = ?source,
+        thumbprint = %boot_leaf.thumbprint(),
+        not_after = boot_leaf.not_after,
+        "agent leaf"
+    );
+    let current = leaf::CurrentLeaf::new(boot_leaf);
+    let tls_cfg = listener::server_config(&bootstrap.ca_pem, &current).map_err(listener_failed)?;
+    let renewer = renew::Renewer::new(current.clone(), &bootstrap.ca_pem, cfg.state_dir.clone())
+        .map_err(|e| listener_failed(listener::ServerConfigError::Leaf(e.into())))?;
     let listener = listener::Listener::bind(cfg.listen_addr, tls_cfg, cfg.limits, cfg.cp_ip())
         .await
         .map_err(|e| {
@@ -200,12 +232,15 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         agent: cfg.agent.clone(),
         project: cfg.project.clone(),
         bootstrap,
+        leaf: current.clone(),
     });
+    let output = logs::OutputLog::new(logs::LOG_CAPACITY);
     let user_command = spawn::UserCommand::new(
         cfg.user_argv.clone(),
         Some(user),
         cfg.ready_file.clone(),
         reaper.clone(),
+        output.clone(),
     );
     let shutdown = CancellationToken::new();
     let shared = Arc::new(session::Shared::new(
@@ -214,6 +249,8 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         user_command.clone(),
         shutdown.clone(),
     ));
+    shared.set_renewer(renewer.clone());
+    tokio::spawn(renewer.run(shutdown.clone()));
 
     // Signals first, so nothing arriving during startup is lost.
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::channel::<i32>(32);
@@ -305,6 +342,8 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         }
     };
 
+    // The user command's last words reach `docker logs` (and followers).
+    output.wait_closed(OUTPUT_TAIL_GRACE).await;
     // Teardown (reference §8.2): stop serving and end every session (which
     // kills and reaps its commands), then drain orphans, then exit.
     tracing::info!(event = "clawkerd_listener_stopping");

@@ -39,6 +39,8 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::control::CommandControl;
+use super::flow::{Credit, StdinAcks};
 use super::reaper::{ExitStatus, Reaper, Signalled};
 use super::session::Outbound;
 use crate::proto::clawkerd::v1::{
@@ -75,6 +77,7 @@ pub struct Control {
     pids: Arc<Vec<i32>>,
     cancel: CancellationToken,
     reaper: Reaper,
+    credit: Option<Arc<Credit>>,
 }
 
 impl Drop for Control {
@@ -85,9 +88,13 @@ impl Drop for Control {
     }
 }
 
-impl Control {
+impl CommandControl for Control {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Queues stdin bytes; never blocks.
-    pub fn stdin(&mut self, id: &str, data: Bytes) {
+    fn stdin(&mut self, id: &str, data: Bytes) {
         if self.stdin_closed {
             tracing::warn!(event = "session_stdin_after_close", command_id = id);
             return;
@@ -107,7 +114,7 @@ impl Control {
     }
 
     /// Closes stage 0's stdin after everything queued before it. Idempotent.
-    pub fn close_stdin(&mut self) {
+    fn close_stdin(&mut self) {
         if !self.stdin_closed {
             self.stdin_closed = true;
             let _ = self.stdin.send(StdinMsg::Close);
@@ -115,7 +122,7 @@ impl Control {
     }
 
     /// Sends `signo` to every stage's process group.
-    pub fn signal(&self, id: &str, signo: i32) {
+    fn signal(&self, id: &str, signo: i32) {
         for (i, &pid) in self.pids.iter().enumerate() {
             match self.reaper.signal_group(pid, signo) {
                 Signalled::Sent => {}
@@ -135,20 +142,26 @@ impl Control {
             }
         }
     }
+
+    fn grant(&self, bytes: u64) {
+        if let Some(c) = &self.credit {
+            c.grant(bytes);
+        }
+    }
 }
 
 /// The first I/O problem of a command; it becomes the terminal IO_ERROR.
 #[derive(Default)]
-struct Problems(Mutex<Option<String>>);
+pub(super) struct Problems(Mutex<Option<String>>);
 
 impl Problems {
-    fn record(&self, msg: String) {
+    pub(super) fn record(&self, msg: String) {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(msg);
         }
     }
-    fn take(&self) -> Option<String> {
+    pub(super) fn take(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -158,21 +171,49 @@ impl Problems {
 pub struct Rejected {
     pub code: ErrorCode,
     pub message: String,
+    /// The OS error behind a SPAWN_FAILED (ENOENT, EACCES, …), else 0.
+    pub os_errno: i32,
+}
+
+impl Rejected {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::InvalidRequest,
+            message: message.into(),
+            os_errno: 0,
+        }
+    }
+
+    pub fn spawn_failed(message: impl Into<String>, os_errno: i32) -> Self {
+        Self {
+            code: ErrorCode::SpawnFailed,
+            message: message.into(),
+            os_errno,
+        }
+    }
+
+    /// The single `Error` response answering the command.
+    pub fn response(&self, id: &str) -> Response {
+        Response {
+            command_id: id.to_owned(),
+            payload: Some(Payload::Error(pb::Error {
+                code: self.code as i32,
+                message: self.message.clone(),
+                os_errno: self.os_errno,
+            })),
+        }
+    }
 }
 
 /// Validates a ShellCommand (reference §6.1, steps 1–2).
 pub fn validate(shell: &ShellCommand) -> Result<(), Rejected> {
     if shell.stages.is_empty() {
-        return Err(Rejected {
-            code: ErrorCode::InvalidRequest,
-            message: "shell: stages must not be empty".into(),
-        });
+        return Err(Rejected::invalid("shell: stages must not be empty"));
     }
     if let Some(i) = shell.stages.iter().position(|s| s.argv.is_empty()) {
-        return Err(Rejected {
-            code: ErrorCode::InvalidRequest,
-            message: format!("shell: stage[{i}] argv must not be empty"),
-        });
+        return Err(Rejected::invalid(format!(
+            "shell: stage[{i}] argv must not be empty"
+        )));
     }
     Ok(())
 }
@@ -223,6 +264,7 @@ pub struct Running {
     cancel: CancellationToken,
     reaper: Reaper,
     started_at: Instant,
+    credit: Option<Arc<Credit>>,
     #[cfg(feature = "test-hooks")]
     panic_for_tests: bool,
 }
@@ -233,6 +275,9 @@ pub struct SpawnCtx<'a> {
     /// clawkerd's PATH at boot, for program resolution.
     pub path_var: &'a str,
     pub generation: u64,
+    /// Flow control, when the CP granted credit before the command: the
+    /// output credit, and where `StdinConsumed` goes.
+    pub flow: Option<(Arc<Credit>, Outbound)>,
     /// Test seam: make the worker panic after `Started` (see session.rs).
     #[cfg(feature = "test-hooks")]
     pub panic_for_tests: bool,
@@ -284,34 +329,39 @@ pub fn spawn(
 ) -> Result<(Control, Running), Rejected> {
     let started_at = Instant::now();
     let n = shell.stages.len();
-    let fail = |message: String| Rejected {
-        code: ErrorCode::SpawnFailed,
-        message,
+    let fail = |message: String| Rejected::spawn_failed(message, 0);
+    let fail_os = |message: String, e: &io::Error| {
+        Rejected::spawn_failed(message, e.raw_os_error().unwrap_or(0))
     };
     for (i, st) in shell.stages.iter().enumerate() {
         audit_started(id, i, st, shell.timeout_seconds);
     }
 
-    let (stdin_r, stdin_w) = io::pipe().map_err(|e| fail(format!("stage[0] StdinPipe: {e}")))?;
+    let (stdin_r, stdin_w) =
+        io::pipe().map_err(|e| fail_os(format!("stage[0] StdinPipe: {e}"), &e))?;
     let mut next_stdin: Option<Stdio> = Some(stdin_r.into());
     let mut pids = Vec::with_capacity(n);
     let mut exits = Vec::with_capacity(n);
     let mut stderrs = Vec::with_capacity(n);
     let mut stdout_r = None;
 
-    let result: Result<(), String> = (|| {
+    // Errors carry the OS errno: SPAWN_FAILED reports it (exit 127/126).
+    let result: Result<(), (String, i32)> = (|| {
+        let os = |e: &io::Error| e.raw_os_error().unwrap_or(0);
         for (i, st) in shell.stages.iter().enumerate() {
             let last = i + 1 == n;
             let (out_r, out_w) = io::pipe().map_err(|e| {
-                if last {
+                let msg = if last {
                     format!("final stage StdoutPipe: {e}")
                 } else {
                     format!("stage[{i}] StdoutPipe: {e}")
-                }
+                };
+                (msg, os(&e))
             })?;
-            let (err_r, err_w) = io::pipe().map_err(|e| format!("stage[{i}] StderrPipe: {e}"))?;
+            let (err_r, err_w) =
+                io::pipe().map_err(|e| (format!("stage[{i}] StderrPipe: {e}"), os(&e)))?;
             let program = resolve_program(&st.argv[0], ctx.path_var)
-                .map_err(|e| format!("stage[{i}] start: {e}"))?;
+                .map_err(|e| (format!("stage[{i}] start: {e}"), libc::ENOENT))?;
             let mut cmd = Command::new(&program);
             cmd.arg0(&st.argv[0])
                 .args(&st.argv[1..])
@@ -331,7 +381,7 @@ pub fn spawn(
             let (pid, exit) = ctx
                 .reaper
                 .spawn(&mut cmd)
-                .map_err(|e| format!("stage[{i}] start: {e}"))?;
+                .map_err(|e| (format!("stage[{i}] start: {e}"), os(&e)))?;
             // `cmd` holds our copies of the child's pipe ends; drop them now
             // so EOF propagates when the children close theirs.
             drop(cmd);
@@ -347,7 +397,7 @@ pub fn spawn(
         Ok(())
     })();
 
-    if let Err(message) = result {
+    if let Err((message, errno)) = result {
         // Kill and reap what did start (the reference leaves zombies).
         for &pid in &pids {
             ctx.reaper.signal_group(pid, libc::SIGKILL);
@@ -356,7 +406,7 @@ pub fn spawn(
             let _ = join_all(exits).await;
         });
         audit_done(id, started_at, -1, false, "spawn_failed");
-        return Err(fail(message));
+        return Err(Rejected::spawn_failed(message, errno));
     }
 
     let to_rx = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd);
@@ -401,12 +451,17 @@ pub fn spawn(
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
     let problems = Arc::new(Problems::default());
+    let (credit, acks) = match ctx.flow {
+        Some((credit, out)) => (Some(credit), Some(StdinAcks::new(id, out))),
+        None => (None, None),
+    };
     let stdin_task = tokio::spawn(stdin_writer(
         stdin_w,
         shell.initial_stdin,
         stdin_rx,
         pending.clone(),
         problems.clone(),
+        acks,
     ));
     let cancel = CancellationToken::new();
     let control = Control {
@@ -418,6 +473,7 @@ pub fn spawn(
         pids: pids.clone(),
         cancel: cancel.clone(),
         reaper: ctx.reaper.clone(),
+        credit: credit.clone(),
     };
     let running = Running {
         id: id.to_owned(),
@@ -431,6 +487,7 @@ pub fn spawn(
         cancel,
         reaper: ctx.reaper.clone(),
         started_at,
+        credit,
         #[cfg(feature = "test-hooks")]
         panic_for_tests: ctx.panic_for_tests,
     };
@@ -445,6 +502,7 @@ async fn stdin_writer(
     mut rx: mpsc::UnboundedReceiver<StdinMsg>,
     pending: Arc<AtomicUsize>,
     problems: Arc<Problems>,
+    mut acks: Option<StdinAcks>,
 ) {
     let broken = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
     if !initial.is_empty()
@@ -466,9 +524,15 @@ async fn stdin_writer(
                     }
                     return;
                 }
+                if let Some(a) = acks.as_mut() {
+                    a.consumed(d.len(), rx.is_empty()).await;
+                }
             }
-            StdinMsg::Close => return,
+            StdinMsg::Close => break,
         }
+    }
+    if let Some(a) = acks.as_mut() {
+        a.flush().await;
     }
 }
 
@@ -508,7 +572,7 @@ fn chunk(buf: &[u8]) -> Vec<u8> {
 
 /// Sends unless the session is tearing down (then output is dropped, as
 /// the reference does). Returns false once nothing can be delivered.
-async fn emit(out: &Outbound, cancel: &CancellationToken, resp: Response) -> bool {
+pub(super) async fn emit(out: &Outbound, cancel: &CancellationToken, resp: Response) -> bool {
     tokio::select! {
         r = out.send(Ok(resp)) => r.is_ok(),
         _ = cancel.cancelled() => false,
@@ -522,19 +586,48 @@ async fn drain(
     out: &Outbound,
     exited: &CancellationToken,
     cancel: &CancellationToken,
+    credit: Option<&Credit>,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut deliver = true;
     loop {
+        // Flow-controlled: read only as much as the CP can take. While the
+        // credit is zero the child's pipe fills and the child blocks.
+        // (Once every stage exited, the tail is read regardless: bounded by
+        // what the pipe holds.)
+        let taken = match credit {
+            Some(c) if deliver => tokio::select! {
+                n = c.take(CHUNK_SIZE) => n,
+                _ = exited.cancelled() => 0,
+                _ = cancel.cancelled() => return Ok(()),
+            },
+            _ => 0,
+        };
+        let allowed = if taken > 0 { taken } else { CHUNK_SIZE };
+        let give_back = |used: usize| {
+            if let Some(c) = credit {
+                c.give_back(taken.saturating_sub(used));
+            }
+        };
         let n = tokio::select! {
             biased;
-            r = rx.read(&mut buf) => match r {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r = rx.read(&mut buf[..allowed]) => match r {
+                Ok(0) => {
+                    give_back(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    give_back(n);
+                    n
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    give_back(0);
+                    continue;
+                }
                 Err(e) => return Err(format!("{}: {e}", stream.error_prefix())),
             },
             _ = exited.cancelled() => {
+                give_back(0);
                 // Every stage is gone but something (a background
                 // grandchild) still holds the pipe: take what is already
                 // buffered, without waiting for an EOF that may never come.
@@ -577,6 +670,7 @@ impl Running {
             cancel,
             reaper,
             started_at,
+            credit,
             #[cfg(feature = "test-hooks")]
             panic_for_tests,
         } = self;
@@ -619,13 +713,27 @@ impl Running {
         };
         let drains = {
             let (id, out, exited, cancel) = (&id, &out, &exited, &cancel);
-            let mut all = vec![drain(stdout, Stream::Stdout, id, out, exited, cancel)];
-            all.extend(
-                stderrs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, rx)| drain(rx, Stream::Stderr(i as u32), id, out, exited, cancel)),
-            );
+            let credit = credit.as_deref();
+            let mut all = vec![drain(
+                stdout,
+                Stream::Stdout,
+                id,
+                out,
+                exited,
+                cancel,
+                credit,
+            )];
+            all.extend(stderrs.into_iter().enumerate().map(|(i, rx)| {
+                drain(
+                    rx,
+                    Stream::Stderr(i as u32),
+                    id,
+                    out,
+                    exited,
+                    cancel,
+                    credit,
+                )
+            }));
             join_all(all)
         };
         tokio::pin!(waits, drains);

@@ -26,6 +26,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::config::{Bootstrap, env};
+use super::leaf::CurrentLeaf;
 use crate::identity::CONTROL_PLANE_CN;
 use crate::proto::agent::v1::{RegisterRequest, agent_service_client::AgentServiceClient};
 use crate::tls;
@@ -46,6 +47,8 @@ pub struct RegisterConfig {
     pub agent: String,
     pub project: String,
     pub bootstrap: Bootstrap,
+    /// The leaf presented to AgentService: the current one, rotated or not.
+    pub leaf: std::sync::Arc<CurrentLeaf>,
 }
 
 /// Why a register attempt failed. The Display is the exact
@@ -359,9 +362,10 @@ async fn register(
     token: &str,
     roots: Arc<rustls::RootCertStore>,
 ) -> Result<(), RegisterError> {
+    let leaf = c.leaf.load();
     let cfg = (|| {
-        let certs = tls::load_certs("cert.pem", &c.bootstrap.cert_pem)?;
-        let key = tls::load_key("key.pem", &c.bootstrap.key_pem)?;
+        let certs = tls::load_certs("cert.pem", &leaf.cert_pem)?;
+        let key = tls::load_key("key.pem", &leaf.key_pem)?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls::TlsError::Rustls {

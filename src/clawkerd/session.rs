@@ -25,11 +25,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, Streaming};
 
+use super::control::CommandControl;
+use super::flow::{self, Credit, StdinAcks};
 use super::listener::PeerIdentity;
-use super::pipeline::{self, Control, SpawnCtx, error_response};
+use super::pipeline::{self, Rejected, SpawnCtx, error_response};
 use super::reaper::Reaper;
 use super::register::Coordinator;
+use super::renew::{Attached, Renewer};
 use super::spawn::{ReadyOutcome, UserCommand};
+use super::{copy, logs, pty};
 use crate::proto::clawkerd::v1::{
     self as pb, Command, ErrorCode, Response, clawkerd_service_server::ClawkerdService,
     command::Payload as Cmd, response::Payload as Resp,
@@ -43,6 +47,10 @@ pub const OUTBOUND_QUEUE: usize = 64;
 
 /// How long teardown waits for killed commands to be reaped and answer.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `FlowGrant`s waiting for their command (sent before it). Bounded: a
+/// grant for an id that never starts must not grow the session.
+const MAX_PENDING_GRANTS: usize = 64;
 
 /// Test seams, read once at boot from the environment. They only ever
 /// cause a panic inside one session or one command worker — exactly what
@@ -83,6 +91,8 @@ pub struct Shared {
     #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
+    /// Leaf renewal; set once at boot (absent: `RenewCert` is refused).
+    renewer: std::sync::OnceLock<Arc<Renewer>>,
 }
 
 impl Shared {
@@ -102,7 +112,13 @@ impl Shared {
             #[cfg(feature = "test-hooks")]
             hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
+            renewer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the leaf renewer (once, at boot).
+    pub fn set_renewer(&self, renewer: Arc<Renewer>) {
+        let _ = self.renewer.set(renewer);
     }
 }
 
@@ -120,9 +136,9 @@ impl ClawkerdSvc {
 
 /// Running commands of one session, by id. Shared with the workers so they
 /// can remove themselves right before their terminal response.
-type Commands = Arc<Mutex<HashMap<String, Control>>>;
+type Commands = Arc<Mutex<HashMap<String, Box<dyn CommandControl>>>>;
 
-fn lock(c: &Commands) -> std::sync::MutexGuard<'_, HashMap<String, Control>> {
+fn lock(c: &Commands) -> std::sync::MutexGuard<'_, HashMap<String, Box<dyn CommandControl>>> {
     c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -154,6 +170,8 @@ impl ClawkerdService for ClawkerdSvc {
             shared: self.shared.clone(),
             out: tx.clone(),
             commands: Arc::new(Mutex::new(HashMap::new())),
+            grants: Mutex::new(HashMap::new()),
+            _renewal: self.shared.renewer.get().map(|r| r.attach(&tx)),
         };
         let inbound = request.into_inner();
         let driver = tokio::spawn(session.run(inbound));
@@ -192,6 +210,10 @@ struct Session {
     shared: Arc<Shared>,
     out: Outbound,
     commands: Commands,
+    /// Output credit granted to ids that have not started yet.
+    grants: Mutex<HashMap<String, u64>>,
+    /// This session is where unsolicited renewal CSRs may go while it lives.
+    _renewal: Option<Attached>,
 }
 
 impl Drop for Session {
@@ -199,7 +221,8 @@ impl Drop for Session {
     /// every control cancels its command (workers keep their own handle on
     /// the map, so it would not be dropped with the session otherwise).
     fn drop(&mut self) {
-        let controls: Vec<Control> = lock(&self.commands).drain().map(|(_, c)| c).collect();
+        let controls: Vec<Box<dyn CommandControl>> =
+            lock(&self.commands).drain().map(|(_, c)| c).collect();
         drop(controls);
     }
 }
@@ -232,7 +255,8 @@ impl Session {
     /// Cancels and waits for every running command: killed, reaped, and
     /// its worker finished, so nothing outlives the session.
     async fn teardown(&self) {
-        let controls: Vec<Control> = lock(&self.commands).drain().map(|(_, c)| c).collect();
+        let controls: Vec<Box<dyn CommandControl>> =
+            lock(&self.commands).drain().map(|(_, c)| c).collect();
         if controls.is_empty() {
             return;
         }
@@ -303,7 +327,7 @@ impl Session {
             Cmd::CloseStdin(_) => {
                 let found = lock(&self.commands)
                     .get_mut(&id)
-                    .map(Control::close_stdin)
+                    .map(|c| c.close_stdin())
                     .is_some();
                 if !found {
                     self.send(error_response(
@@ -410,14 +434,66 @@ impl Session {
                     self.shared.user_command.publish_failure(e);
                 }
             }
-            Cmd::AgentInitialized(_)
-            | Cmd::RenewCert(_)
-            | Cmd::CertIssued(_)
-            | Cmd::Pty(_)
-            | Cmd::Resize(_)
-            | Cmd::Logs(_)
-            | Cmd::CopyFrom(_)
-            | Cmd::CopyTo(_) => {
+            Cmd::Pty(p) => self.pty(id, p).await,
+            Cmd::Resize(r) => {
+                let rows = u16::try_from(r.rows).unwrap_or(u16::MAX);
+                let cols = u16::try_from(r.cols).unwrap_or(u16::MAX);
+                let result = lock(&self.commands)
+                    .get(&id)
+                    .map(|c| c.resize(&id, rows, cols));
+                match result {
+                    Some(Ok(())) => {}
+                    Some(Err(msg)) => {
+                        self.send(error_response(&id, ErrorCode::InvalidRequest, msg))
+                            .await
+                    }
+                    None => {
+                        self.send(error_response(
+                            &id,
+                            ErrorCode::UnknownCommandId,
+                            "resize: no running command with that id",
+                        ))
+                        .await
+                    }
+                }
+            }
+            Cmd::Logs(l) => self.logs(id, l).await,
+            Cmd::CopyFrom(c) => self.copy_from(id, c).await,
+            Cmd::CopyTo(c) => self.copy_to(id, c).await,
+            Cmd::FlowGrant(g) => self.flow_grant(id, g.output_bytes).await,
+            Cmd::RenewCert(r) => match self.shared.renewer.get() {
+                // Own task: a rotation waits for the CP's CertIssued, which
+                // this receive loop must stay free to deliver.
+                Some(renewer) => {
+                    let (renewer, out) = (renewer.clone(), self.out.clone());
+                    let seen = renewer.leaf().generation();
+                    tokio::spawn(async move { renewer.requested(id, &r.reason, out, seen).await });
+                }
+                None => {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::InvalidRequest,
+                        "unsupported command",
+                    ))
+                    .await;
+                }
+            },
+            Cmd::CertIssued(issued) => {
+                let delivered = self
+                    .shared
+                    .renewer
+                    .get()
+                    .is_some_and(|r| r.deliver(&id, issued));
+                if !delivered {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "cert_issued: no renewal waiting on that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::AgentInitialized(_) => {
                 self.send(error_response(
                     &id,
                     ErrorCode::InvalidRequest,
@@ -428,69 +504,111 @@ impl Session {
         }
     }
 
-    async fn shell(&self, id: String, shell: pb::ShellCommand) {
-        if let Err(r) = pipeline::validate(&shell) {
-            self.send(error_response(&id, r.code, r.message)).await;
+    async fn reject(&self, id: &str, r: Rejected) {
+        self.send(r.response(id)).await;
+    }
+
+    /// Refuses an id that is already running; true if it is free.
+    async fn id_free(&self, id: &str, what: &str) -> bool {
+        if lock(&self.commands).contains_key(id) {
+            self.send(error_response(
+                id,
+                ErrorCode::InvalidRequest,
+                format!("{what}: command_id already in use"),
+            ))
+            .await;
+            return false;
+        }
+        true
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.shared.generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The output credit granted to `id` before it started, if any: the
+    /// command is flow-controlled exactly when there is one.
+    fn take_grant(&self, id: &str) -> Option<Arc<Credit>> {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants.remove(id).map(Credit::new)
+    }
+
+    async fn flow_grant(&self, id: String, bytes: u64) {
+        if let Some(c) = lock(&self.commands).get(&id) {
+            c.grant(bytes);
             return;
         }
-        if lock(&self.commands).contains_key(&id) {
+        let full = {
+            let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+            if grants.len() >= MAX_PENDING_GRANTS && !grants.contains_key(&id) {
+                true
+            } else {
+                *grants.entry(id.clone()).or_default() += bytes;
+                false
+            }
+        };
+        if full {
             self.send(error_response(
                 &id,
                 ErrorCode::InvalidRequest,
-                "shell: command_id already in use",
+                format!(
+                    "flow_grant: more than {MAX_PENDING_GRANTS} grants waiting for their commands"
+                ),
             ))
             .await;
-            return;
         }
-        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed);
-        let ctx = SpawnCtx {
-            reaper: &self.shared.reaper,
-            path_var: &self.shared.path_var,
-            generation,
-            #[cfg(feature = "test-hooks")]
-            panic_for_tests: self.shared.hooks.panic_worker_on.as_deref() == Some(id.as_str()),
-        };
-        let (control, running) = match pipeline::spawn(&id, shell, ctx) {
-            Ok(x) => x,
-            Err(r) => {
-                self.send(error_response(&id, r.code, r.message)).await;
-                return;
-            }
-        };
-        lock(&self.commands).insert(id.clone(), control);
-        // Enqueued here, before the worker exists, so `Started` precedes
-        // every other response for this id.
+    }
+
+    /// Registers a started command and enqueues, in order, the flow
+    /// control acceptance (if it was granted credit) and `Started` — both
+    /// before its worker exists, so they precede every other response.
+    async fn begin(&self, id: &str, control: Box<dyn CommandControl>, flow_controlled: bool) {
+        lock(&self.commands).insert(id.to_owned(), control);
+        if flow_controlled {
+            self.send(flow::consumed(id, 0)).await;
+        }
         self.send(Response {
-            command_id: id.clone(),
+            command_id: id.to_owned(),
             payload: Some(Resp::Started(pb::Started {})),
         })
         .await;
+    }
 
-        let terminal_sent = Arc::new(AtomicBool::new(false));
-        let commands = self.commands.clone();
-        let remove = {
-            let (commands, id) = (commands.clone(), id.clone());
-            move || {
-                let mut cmds = lock(&commands);
-                if cmds.get(&id).is_some_and(|c| c.generation == generation) {
-                    cmds.remove(&id);
-                }
+    /// What a worker calls right before its terminal response: the id is
+    /// free again (unless a newer command already took it).
+    fn remover(&self, id: &str, generation: u64) -> impl FnOnce() + Send + 'static {
+        let (commands, id) = (self.commands.clone(), id.to_owned());
+        move || {
+            let mut cmds = lock(&commands);
+            if cmds.get(&id).is_some_and(|c| c.generation() == generation) {
+                cmds.remove(&id);
             }
-        };
-        let worker = tokio::spawn(running.run(self.out.clone(), terminal_sent.clone(), remove));
+        }
+    }
+
+    /// Runs a command's worker and contains its panic: the command is
+    /// removed (its control's drop kills what it started) and, unless the
+    /// worker already answered, the CP gets one `Error{IO_ERROR}`.
+    fn supervise<F>(&self, id: String, generation: u64, task: &'static str, worker: F)
+    where
+        F: FnOnce(Outbound, Arc<AtomicBool>) -> tokio::task::JoinHandle<()>,
+    {
+        let terminal_sent = Arc::new(AtomicBool::new(false));
+        let handle = worker(self.out.clone(), terminal_sent.clone());
         let out = self.out.clone();
+        let commands = self.commands.clone();
         tokio::spawn(async move {
-            let Err(e) = worker.await else { return };
+            let Err(e) = handle.await else { return };
             let panic = if e.is_panic() {
                 panic_text(e.into_panic())
             } else {
                 "cancelled".into()
             };
-            tracing::error!(event = "task_panic", task = "shell_command_worker", command_id = %id, panic = %panic);
-            eprintln!("clawkerd: task_panic task=shell_command_worker panic={panic}");
+            tracing::error!(event = "task_panic", task, command_id = %id, panic = %panic);
+            eprintln!("clawkerd: task_panic task={task} panic={panic}");
             {
                 let mut cmds = lock(&commands);
-                if cmds.get(&id).is_some_and(|c| c.generation == generation) {
+                if cmds.get(&id).is_some_and(|c| c.generation() == generation) {
                     // Dropping the control cancels; the worker's kill guard
                     // already killed the groups while unwinding.
                     cmds.remove(&id);
@@ -501,11 +619,123 @@ impl Session {
                     .send(Ok(error_response(
                         &id,
                         ErrorCode::IoError,
-                        format!("shell: worker panicked: {panic}"),
+                        format!("{task}: worker panicked: {panic}"),
                     )))
                     .await;
             }
             pipeline::audit_done(&id, Instant::now(), -1, false, "incomplete");
+        });
+    }
+
+    async fn shell(&self, id: String, shell: pb::ShellCommand) {
+        let credit = self.take_grant(&id);
+        if let Err(r) = pipeline::validate(&shell) {
+            return self.reject(&id, r).await;
+        }
+        if !self.id_free(&id, "shell").await {
+            return;
+        }
+        let generation = self.next_generation();
+        let ctx = SpawnCtx {
+            reaper: &self.shared.reaper,
+            path_var: &self.shared.path_var,
+            generation,
+            flow: credit.clone().map(|c| (c, self.out.clone())),
+            #[cfg(feature = "test-hooks")]
+            panic_for_tests: self.shared.hooks.panic_worker_on.as_deref() == Some(id.as_str()),
+        };
+        let (control, running) = match pipeline::spawn(&id, shell, ctx) {
+            Ok(x) => x,
+            Err(r) => return self.reject(&id, r).await,
+        };
+        self.begin(&id, Box::new(control), credit.is_some()).await;
+        let finish = self.remover(&id, generation);
+        self.supervise(id, generation, "shell_command_worker", |out, sent| {
+            tokio::spawn(running.run(out, sent, finish))
+        });
+    }
+
+    async fn pty(&self, id: String, cmd: pb::PtyCommand) {
+        let credit = self.take_grant(&id);
+        if !self.id_free(&id, "pty").await {
+            return;
+        }
+        let generation = self.next_generation();
+        let ctx = pty::PtyCtx {
+            reaper: &self.shared.reaper,
+            path_var: &self.shared.path_var,
+            generation,
+            flow: credit.clone().map(|c| (c, self.out.clone())),
+        };
+        let (control, running) = match pty::spawn(&id, cmd, ctx) {
+            Ok(x) => x,
+            Err(r) => return self.reject(&id, r).await,
+        };
+        self.begin(&id, Box::new(control), credit.is_some()).await;
+        let finish = self.remover(&id, generation);
+        self.supervise(id, generation, "pty_command_worker", |out, sent| {
+            tokio::spawn(running.run(out, sent, finish))
+        });
+    }
+
+    async fn logs(&self, id: String, req: pb::Logs) {
+        let credit = self.take_grant(&id);
+        let output = self.shared.user_command.output().clone();
+        if !output.is_captured() {
+            return self
+                .send(error_response(
+                    &id,
+                    ErrorCode::NotFound,
+                    "logs: the user command writes to a terminal; its output is not captured (see docker logs)",
+                ))
+                .await;
+        }
+        if !self.id_free(&id, "logs").await {
+            return;
+        }
+        let generation = self.next_generation();
+        let (control, running) = logs::start(&id, &req, output, generation, credit.clone());
+        self.begin(&id, Box::new(control), credit.is_some()).await;
+        let finish = self.remover(&id, generation);
+        self.supervise(id, generation, "logs_worker", |out, sent| {
+            tokio::spawn(running.run(out, sent, finish))
+        });
+    }
+
+    async fn copy_from(&self, id: String, req: pb::CopyFrom) {
+        let credit = self.take_grant(&id);
+        if !self.id_free(&id, "copy_from").await {
+            return;
+        }
+        let generation = self.next_generation();
+        let (control, running) = match copy::copy_from(&id, &req, generation, credit.clone()) {
+            Ok(x) => x,
+            Err(r) => return self.reject(&id, r).await,
+        };
+        self.begin(&id, Box::new(control), credit.is_some()).await;
+        let finish = self.remover(&id, generation);
+        self.supervise(id, generation, "copy_from_worker", |out, sent| {
+            tokio::spawn(running.run(out, sent, finish))
+        });
+    }
+
+    async fn copy_to(&self, id: String, req: pb::CopyTo) {
+        let credit = self.take_grant(&id);
+        if !self.id_free(&id, "copy_to").await {
+            return;
+        }
+        let generation = self.next_generation();
+        let acks = credit
+            .as_ref()
+            .map(|_| StdinAcks::new(&id, self.out.clone()));
+        let (control, running) = match copy::copy_to(&id, &req, generation, acks) {
+            Ok(x) => x,
+            Err(r) => return self.reject(&id, r).await,
+        };
+        self.begin(&id, Box::new(control), credit.is_some()).await;
+        let finish = self.remover(&id, generation);
+        self.supervise(id, generation, "copy_to_worker", |out, sent| {
+            tokio::spawn(running.run(out, sent, finish))
         });
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, watch};
 
+use super::logs::OutputLog;
 use super::pipeline::{ProgramNotFound, resolve_program};
 use super::reaper::{ExitStatus, Reaper};
 use super::users::ResolvedUser;
@@ -59,6 +60,8 @@ pub struct UserCommand {
     path_var: String,
     attempt: Mutex<Option<Result<(), SpawnError>>>,
     state: watch::Sender<MainState>,
+    /// Where the command's output is teed for `Logs` (see [`super::logs`]).
+    output: Arc<OutputLog>,
 }
 
 impl UserCommand {
@@ -67,6 +70,7 @@ impl UserCommand {
         user: Option<ResolvedUser>,
         ready_file: PathBuf,
         reaper: Reaper,
+        output: Arc<OutputLog>,
     ) -> Arc<Self> {
         let (state, _) = watch::channel(MainState::NotSpawned);
         Arc::new(Self {
@@ -77,7 +81,13 @@ impl UserCommand {
             path_var: std::env::var("PATH").unwrap_or_default(),
             attempt: Mutex::new(None),
             state,
+            output,
         })
+    }
+
+    /// The captured output of the command.
+    pub fn output(&self) -> &Arc<OutputLog> {
+        &self.output
     }
 
     pub fn watch(&self) -> watch::Receiver<MainState> {
@@ -110,6 +120,20 @@ impl UserCommand {
         let interactive = stdin_is_tty();
         let mut cmd = Command::new(&program);
         cmd.arg0(&argv[0]).args(&argv[1..]).process_group(0);
+        // Off a terminal, tee the output (docker logs + the Logs ring); on
+        // one, the command keeps the terminal and nothing is captured.
+        let tee = if interactive {
+            None
+        } else {
+            let spawn_err = |e: std::io::Error| SpawnError::Spawn {
+                program: program.clone(),
+                detail: format!("output pipe: {e}"),
+            };
+            let (out_r, out_w) = std::io::pipe().map_err(spawn_err)?;
+            let (err_r, err_w) = std::io::pipe().map_err(spawn_err)?;
+            cmd.stdout(out_w).stderr(err_w);
+            Some((out_r, err_r))
+        };
         if let Some(u) = &self.user {
             for (k, v) in user_env(u) {
                 cmd.env(k, v);
@@ -141,6 +165,12 @@ impl UserCommand {
             program: program.clone(),
             detail: e.to_string(),
         })?;
+        // Our copies of the write ends go, so the tee sees EOF once the
+        // command and everything it started are gone.
+        drop(cmd);
+        if let Some((out_r, err_r)) = tee {
+            self.output.tee(out_r.into(), err_r.into());
+        }
         tracing::info!(
             event = "spawn_started",
             pid,
@@ -210,6 +240,11 @@ fn stdin_is_tty() -> bool {
 
 fn touch_ready(path: &std::path::Path) {
     use std::os::unix::fs::OpenOptionsExt;
+    // The marker's directory may be on a fresh tmpfs (`/run` in a
+    // read-only agent container).
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let r = std::fs::OpenOptions::new()
         .create(true)
         .write(true)

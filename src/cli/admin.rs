@@ -245,6 +245,8 @@ fn worldview_table(view: &Value) -> String {
                 },
                 trust,
                 init.trim_end().to_owned(),
+                or_dash(str_at(a, &["leaf_not_after"])).to_owned(),
+                a["rotations"].as_u64().unwrap_or(0).to_string(),
             ]
         })
         .collect();
@@ -257,6 +259,8 @@ fn worldview_table(view: &Value) -> String {
             "REGISTERED",
             "TRUST",
             "INIT",
+            "LEAF EXPIRES",
+            "ROTATIONS",
         ],
         &rows,
     );
@@ -376,7 +380,8 @@ mod tests {
                 "c1": {"container_id": "c1", "agent": "dev", "project": "web",
                        "session_status": "connected", "registered": true,
                        "trust": {"trusted": true},
-                       "init": {"status": "running", "step": "git", "step_index": 2, "step_count": 7}},
+                       "init": {"status": "running", "step": "git", "step_index": 2, "step_count": 7},
+                       "leaf_not_after": "2030-01-01T00:00:10Z", "rotations": 12},
                 "c2": {"container_id": "c2", "agent": "x", "project": "",
                        "session_status": "failed", "registered": false,
                        "trust": {"trusted": false, "reason": "cert_invalid"},
@@ -385,6 +390,8 @@ mod tests {
         });
         let t = worldview_table(&view);
         assert!(t.contains("running 3/7 git"), "{t}");
+        assert!(t.contains("LEAF EXPIRES"), "{t}");
+        assert!(t.contains("2030-01-01T00:00:10Z  12"), "{t}");
         assert!(t.contains("untrusted:cert_invalid"), "{t}");
         assert!(t.ends_with("2 agent(s), 0 container(s) known\n"), "{t}");
         assert_eq!(session_counts(&view), "connected=1 failed=1");

@@ -1,4 +1,4 @@
-//! `clawker cp serve` and `clawker agent run|stop|rm`.
+//! `clawker cp serve` and `clawker agent run|stop|rm|release|unlock`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// Subnet used when the network has to be created.
     #[arg(long, env = "CLAWKER_SUBNET")]
     pub subnet: Option<String>,
+    /// The internal network `isolate` moves agents onto.
+    #[arg(long, env = "CLAWKER_QUARANTINE_NETWORK")]
+    pub quarantine_network: Option<String>,
+    /// Its subnet when it has to be created.
+    #[arg(long, env = "CLAWKER_QUARANTINE_SUBNET")]
+    pub quarantine_subnet: Option<String>,
     /// AgentService + token endpoint port (on the network's gateway).
     #[arg(long, env = "CLAWKER_AGENT_PORT")]
     pub agent_port: Option<u16>,
@@ -36,6 +42,10 @@ pub struct ServeArgs {
     /// Run init (and so release the user command) for untrusted agents too.
     #[arg(long, env = "CLAWKER_INIT_UNTRUSTED")]
     pub init_untrusted: Option<bool>,
+    /// Lifetime of agent leaves signed on rotation (e.g. `24h`, `10s`);
+    /// overrides cp.toml `agent_cert_ttl`.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// `pretty` (default on a TTY) or `json`.
     #[arg(long, env = "CLAWKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -44,11 +54,24 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
     /// Create and start an agent container; show its init progress.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Stop an agent container (its identity row is kept).
     Stop(NameArgs),
     /// Remove an agent container (its identity row is evicted by the CP).
     Rm(NameArgs),
+    /// Run a command in an agent over its session (like `docker exec`).
+    Exec(super::operator::ExecArgs),
+    /// An interactive shell in an agent (`exec -it NAME -- /bin/sh`).
+    Shell(super::operator::ShellArgs),
+    /// Copy files between the host and an agent (like `docker cp`).
+    Cp(super::operator::CpArgs),
+    /// The agent's user command output (like `docker logs`).
+    Logs(super::operator::LogsArgs),
+    /// Move a quarantined agent back to clawker-net (only an agent its
+    /// current session trusts; nothing releases on its own).
+    Release(NameArgs),
+    /// Remove an agent's network-namespace lock (same rule as release).
+    Unlock(NameArgs),
 }
 
 #[derive(Debug, Args)]
@@ -69,23 +92,77 @@ pub struct RunArgs {
     pub network: String,
     #[arg(long, default_value_t = crate::defaults::AGENT_PORT)]
     pub agent_port: u16,
+    /// The CP's TOML config: its `[agent]` section gives the defaults
+    /// below, `agent_cert_ttl` the leaf's lifetime (default:
+    /// <state>/cp.toml if present).
+    #[arg(long, env = "CLAWKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Keep this capability too (repeatable; all others are dropped except
+    /// SETUID, SETGID, KILL, CHOWN, FOWNER and DAC_READ_SEARCH, which
+    /// clawkerd needs).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop this capability from the kept set (repeatable).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// no-new-privileges (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub no_new_privileges: Option<bool>,
+    /// Max processes (default 1024; 0 = no limit).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<i64>,
+    /// Memory limit, e.g. 512m, 4g (default 4g; 0 = no limit).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU limit in cores (default none).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+    /// Read-only root filesystem (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub read_only: Option<bool>,
+    /// Size of the /tmp tmpfs (default 512m).
+    #[arg(long, value_name = "SIZE")]
+    pub tmp_size: Option<String>,
+    /// Host directory bind-mounted read-write at /workspace (handed to the
+    /// agent user, uid 1001).
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Environment variable K=V for the agent (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    pub env: Vec<String>,
     /// Do not wait for init; return once the container started.
     #[arg(long)]
     pub no_wait: bool,
     /// How long to wait for init.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Demos and tests only: mint the agent's certificate for this other
+    /// container id, so the agent comes up untrusted (an impostor).
+    #[arg(long, hide = true, value_name = "CONTAINER_ID")]
+    pub leaf_for_container: Option<String>,
+    /// Lifetime of the agent's leaf (e.g. `24h`); overrides cp.toml.
+    #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
     /// The user command (after `--`); default: the image's CMD.
     #[arg(last = true)]
     pub command: Vec<String>,
 }
 
-pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
-    let (path, must_exist) = match &args.config {
-        Some(p) => (p.clone(), true),
+/// The CP's config file: `--config`/`CLAWKER_CONFIG` (must exist), else
+/// `<state>/cp.toml` if present.
+fn load_file_config(
+    state_dir: &Path,
+    explicit: Option<&Path>,
+) -> anyhow::Result<config::FileConfig> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p.to_owned(), true),
         None => (state_dir.join("cp.toml"), false),
     };
-    let file = config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)?;
+    config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)
+}
+
+pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
+    let file = load_file_config(state_dir, args.config.as_deref())?;
     init_logging(args.log_format.as_deref().or(file.log_format.as_deref()))?;
     let admin_addr = admin_addr
         .parse()
@@ -93,11 +170,14 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
     let overrides = config::Overrides {
         network: args.network,
         subnet: args.subnet,
+        quarantine_network: args.quarantine_network,
+        quarantine_subnet: args.quarantine_subnet,
         agent_port: args.agent_port,
         admin_addr: Some(admin_addr),
         metrics_addr: args.metrics_addr,
         clawkerd_port: args.clawkerd_port,
         init_untrusted: args.init_untrusted,
+        agent_cert_ttl: args.agent_cert_ttl,
     };
     let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
     cp::serve(cfg)
@@ -143,11 +223,52 @@ pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> any
             cp::agent::remove(&docker, &id).await?;
             println!("removed {}", cp::agent::container_name(&project, &agent));
         }
-        AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, args).await?,
+        AgentCommand::Release(n) => lift(state_dir, admin_addr, &n, true).await?,
+        AgentCommand::Unlock(n) => lift(state_dir, admin_addr, &n, false).await?,
+        AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, *args).await?,
+        AgentCommand::Exec(_)
+        | AgentCommand::Shell(_)
+        | AgentCommand::Cp(_)
+        | AgentCommand::Logs(_) => bail!("internal: operator commands are dispatched by cli::run"),
     }
     Ok(())
 }
 
+/// `agent release|unlock`: one admin RPC; a refused or failed lift is an
+/// error (non-zero exit) with the CP's reason.
+async fn lift(
+    state_dir: &Path,
+    admin_addr: &str,
+    n: &NameArgs,
+    release: bool,
+) -> anyhow::Result<()> {
+    let (agent, project) = names(&n.name, &n.project)?;
+    let addr = admin_addr
+        .parse()
+        .with_context(|| format!("--admin-addr {admin_addr:?}"))?;
+    let client = crate::admin_api::client::AdminClient::connect(state_dir, addr).await?;
+    let (verb, outcome, detail) = if release {
+        let r = client
+            .release_agent(agent.as_str(), project.as_str())
+            .await?;
+        ("release", r.outcome, r.detail)
+    } else {
+        let r = client
+            .unlock_agent(agent.as_str(), project.as_str())
+            .await?;
+        ("unlock", r.outcome, r.detail)
+    };
+    let name = cp::agent::container_name(&project, &agent);
+    match outcome.as_str() {
+        "applied" | "already_applied" => {
+            println!("{verb} {name}: {outcome} ({detail})");
+            Ok(())
+        }
+        _ => bail!("{verb} {name}: {outcome}: {detail}"),
+    }
+}
+
+/// `[agent]` from the config file (`--config`, else `<state>/cp.toml`).
 async fn run(
     state_dir: &Path,
     admin_addr: &str,
@@ -155,6 +276,29 @@ async fn run(
     args: RunArgs,
 ) -> anyhow::Result<()> {
     let (agent, project) = names(&args.name, &args.project)?;
+    let overrides = cp::agent::AgentOverrides {
+        cap_add: args.cap_add.clone(),
+        cap_drop: args.cap_drop.clone(),
+        no_new_privileges: args.no_new_privileges,
+        pids_limit: args.pids_limit,
+        memory: args.memory.clone(),
+        cpus: args.cpus,
+        read_only: args.read_only,
+        tmp_size: args.tmp_size.clone(),
+        workspace: args.workspace.clone(),
+        env: args.env.clone(),
+    };
+    let file = load_file_config(state_dir, args.config.as_deref())?;
+    let (hardening, env) = file
+        .agent
+        .clone()
+        .unwrap_or_default()
+        .resolve(&overrides)
+        .context("agent confinement ([agent] in cp.toml, or the flags)")?;
+    let cert_ttl = match args.agent_cert_ttl {
+        Some(t) => config::check_agent_cert_ttl(t)?,
+        None => file.agent_cert_ttl()?,
+    };
     let material = crate::pki::AuthMaterial::load(state_dir).with_context(|| {
         format!(
             "loading auth material from {} (run `clawker ca init` first)",
@@ -183,9 +327,12 @@ async fn run(
         network: args.network,
         agent_port: args.agent_port,
         command: args.command,
+        env,
+        hardening,
         extra_labels: Default::default(),
         extra_networks: Vec::new(),
-        mint_for_container: None,
+        mint_for_container: args.leaf_for_container,
+        cert_ttl,
     };
     let id = cp::agent::run(docker, &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);

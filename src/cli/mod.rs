@@ -5,10 +5,14 @@
 //!   admin API (`agents`, `events`, `worldview`, `tree`, `status`);
 //! - [`audit`]: reading the tail of the audit log for `events` without
 //!   `--follow` (the admin API keeps no history).
+//! - [`operator`]: `agent exec|shell|cp|logs` over the admin API, with
+//!   [`terminal`] for raw mode and the window size.
 
 mod admin;
 pub mod audit;
 mod cp;
+pub mod operator;
+pub mod terminal;
 
 use std::path::PathBuf;
 
@@ -95,6 +99,11 @@ pub enum CaCommand {
     /// Create the CA, CP and CLI certificates and the CLI signing key.
     /// Idempotent: existing material is kept.
     Init,
+    /// Re-issue the CP's server and client certificates and the CLI's
+    /// client certificate under the same CA (fresh keys, one more year).
+    /// Agents keep working: clawkerd pins the CA and the CP's name, not a
+    /// certificate. Restart the CP afterwards to serve the new ones.
+    Renew,
     /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem,
     /// ca.pem, and the single-use token-endpoint assertion assertion.jwt).
     MintAgent {
@@ -123,13 +132,21 @@ impl Cli {
     }
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit code is 0 unless the command reports one
+/// (`agent exec` passes the remote command's on).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let state_dir = cli.state_dir();
     let command = match cli.command {
-        Command::Ca(ca) => return run_ca(&state_dir, ca),
+        Command::Ca(ca) => return run_ca(&state_dir, ca).map(|()| 0),
         Command::Cp(cp::CpCommand::Serve(args)) => {
-            return cp::serve(&state_dir, &cli.admin_addr, args);
+            return cp::serve(&state_dir, &cli.admin_addr, args).map(|()| 0);
         }
+        Command::Agent(
+            a @ (cp::AgentCommand::Exec(_)
+            | cp::AgentCommand::Shell(_)
+            | cp::AgentCommand::Cp(_)
+            | cp::AgentCommand::Logs(_)),
+        ) => return run_operator(&state_dir, &cli.admin_addr, a),
         other => other,
     };
     // Only `events` without --follow works offline; everything else talks
@@ -150,7 +167,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
         {
-            Ok(())
+            Ok(0)
+        }
+        other => other.map(|()| 0),
+    }
+}
+
+/// `agent exec|shell|cp|logs`: no Docker connection, nothing but the admin
+/// API (the whole process is on the measured path of `agent exec`).
+fn run_operator(
+    state_dir: &std::path::Path,
+    admin_addr: &str,
+    cmd: cp::AgentCommand,
+) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let res = rt.block_on(async {
+        match cmd {
+            cp::AgentCommand::Exec(a) => operator::exec(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Shell(a) => operator::shell(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Cp(a) => operator::cp(state_dir, admin_addr, a).await,
+            cp::AgentCommand::Logs(a) => operator::logs(state_dir, admin_addr, a).await,
+            _ => anyhow::bail!("internal: not an operator command"),
+        }
+    });
+    // Do not wait for a stdin read that may never return.
+    rt.shutdown_background();
+    match res {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(0)
         }
         other => other,
     }
@@ -173,6 +223,25 @@ fn run_ca(state_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
                 }
                 println!("auth material in {}", material.paths.root.display());
             }
+        }
+        CaCommand::Renew => {
+            let renewed = pki::AuthMaterial::renew(state_dir).with_context(|| {
+                format!(
+                    "renewing certificates in {} (run `clawker ca init` first)",
+                    state_dir.display()
+                )
+            })?;
+            for r in &renewed {
+                println!(
+                    "renewed {} ({}), valid until {}",
+                    r.name,
+                    r.path.display(),
+                    r.not_after
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                );
+            }
+            println!("restart the CP (`clawker cp serve`) to use the new certificates");
         }
         CaCommand::MintAgent {
             project,

@@ -23,10 +23,87 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    /// A value of the right type that makes no sense (a zero cap, a
-    /// negative timeout, a key in the wrong section).
-    #[error("config: {key}: {reason}")]
-    Invalid { key: String, reason: String },
+    /// A value that parsed but is out of range or malformed (a zero cap, a
+    /// negative timeout, a key in the wrong section, an unknown unit).
+    #[error("{key}: {detail}")]
+    Invalid { key: String, detail: String },
+}
+
+/// A duration in the config file: whole seconds (`86400`) or a number with
+/// a unit (`"90s"`, `"15m"`, `"24h"`, `"30d"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    pub fn parse(&self) -> Result<Duration, String> {
+        match self {
+            Self::Seconds(s) => Ok(Duration::from_secs(*s)),
+            Self::Text(t) => parse_duration(t),
+        }
+    }
+}
+
+/// `"10"`, `"10s"`, `"15m"`, `"24h"`, `"30d"` → a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number of seconds or e.g. \"24h\""))?;
+    let secs = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?}: too large"))
+}
+
+/// Bounds of `agent_cert_ttl`: a leaf must live long enough to be renewed
+/// at half its life, and not so long that rotation stops mattering.
+pub const AGENT_CERT_TTL_MIN: Duration = Duration::from_secs(2);
+pub const AGENT_CERT_TTL_MAX: Duration = Duration::from_secs(366 * 86_400);
+
+/// Checks a configured `agent_cert_ttl`.
+pub fn check_agent_cert_ttl(ttl: Duration) -> Result<Duration, ConfigError> {
+    if !(AGENT_CERT_TTL_MIN..=AGENT_CERT_TTL_MAX).contains(&ttl) {
+        return Err(ConfigError::Invalid {
+            key: "agent_cert_ttl".into(),
+            detail: format!(
+                "{}s is outside {}s..={}s",
+                ttl.as_secs(),
+                AGENT_CERT_TTL_MIN.as_secs(),
+                AGENT_CERT_TTL_MAX.as_secs()
+            ),
+        });
+    }
+    Ok(ttl)
+}
+
+fn duration_key(
+    key: &'static str,
+    v: Option<&DurationValue>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|detail| ConfigError::Invalid {
+            key: key.into(),
+            detail,
+        }),
+    }
 }
 
 /// The TOML file (every key optional).
@@ -35,6 +112,10 @@ pub enum ConfigError {
 pub struct FileConfig {
     pub network: Option<String>,
     pub subnet: Option<String>,
+    /// The internal network `isolate` moves agents onto.
+    pub quarantine_network: Option<String>,
+    /// Its subnet when the CP creates it.
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
@@ -53,6 +134,15 @@ pub struct FileConfig {
     pub admin_listener: Option<ListenerSection>,
     /// `[sessions]`: dial budget and the redial reconciler.
     pub sessions: Option<SessionsSection>,
+    /// `[agent]`: how `clawker agent run` confines new agent containers
+    /// (read by the CLI, not the daemon).
+    pub agent: Option<super::agent::AgentDefaults>,
+    /// Lifetime of agent leaves (minted by `agent run`, signed on
+    /// rotation). Default 24 h; seconds allowed (tests).
+    pub agent_cert_ttl: Option<DurationValue>,
+    /// How long after its expiry a leaf that matches its row is still
+    /// renewed on reconnect. Default 30 days.
+    pub agent_cert_stale_after: Option<DurationValue>,
 }
 
 /// `[agent_listener]` / `[admin_listener]`: every key optional, defaults in
@@ -96,7 +186,7 @@ fn secs(
             .filter(|d| !d.is_zero())
             .ok_or_else(|| ConfigError::Invalid {
                 key: format!("{section}.{key}"),
-                reason: format!("{s} is not a positive number of seconds"),
+                detail: format!("{s} is not a positive number of seconds"),
             }),
     }
 }
@@ -112,7 +202,7 @@ fn count<T: Copy + PartialOrd + Default + std::fmt::Display>(
         Some(n) if n > T::default() => Ok(n),
         Some(n) => Err(ConfigError::Invalid {
             key: format!("{section}.{key}"),
-            reason: format!("{n} must be at least 1"),
+            detail: format!("{n} must be at least 1"),
         }),
     }
 }
@@ -235,7 +325,7 @@ fn admin_listener(s: Option<ListenerSection>) -> Result<ListenerLimits, ConfigEr
         if set {
             return Err(ConfigError::Invalid {
                 key: format!("admin_listener.{key}"),
-                reason: "only [agent_listener] has this bound".into(),
+                detail: "only [agent_listener] has this bound".into(),
             });
         }
     }
@@ -260,6 +350,22 @@ fn sessions(s: Option<SessionsSection>) -> Result<SessionsConfig, ConfigError> {
         )?,
     })
 }
+
+impl FileConfig {
+    /// `agent_cert_ttl` (default 24 h), checked.
+    pub fn agent_cert_ttl(&self) -> Result<Duration, ConfigError> {
+        check_agent_cert_ttl(duration_key(
+            "agent_cert_ttl",
+            self.agent_cert_ttl.as_ref(),
+            DEFAULT_AGENT_CERT_TTL,
+        )?)
+    }
+}
+
+/// Default `agent_cert_ttl`.
+pub const DEFAULT_AGENT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default `agent_cert_stale_after`.
+pub const DEFAULT_AGENT_CERT_STALE_AFTER: Duration = Duration::from_secs(30 * 86_400);
 
 impl FileConfig {
     /// Reads the file; a missing file at the default location is fine, a
@@ -290,6 +396,8 @@ pub struct CpConfig {
     pub state_dir: PathBuf,
     pub network: String,
     pub subnet: String,
+    pub quarantine_network: String,
+    pub quarantine_subnet: String,
     pub agent_port: u16,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -300,6 +408,8 @@ pub struct CpConfig {
     pub agent_listener: AgentListenerConfig,
     pub admin_listener: ListenerLimits,
     pub sessions: SessionsConfig,
+    pub agent_cert_ttl: Duration,
+    pub agent_cert_stale_after: Duration,
 }
 
 impl CpConfig {
@@ -313,11 +423,14 @@ impl CpConfig {
 pub struct Overrides {
     pub network: Option<String>,
     pub subnet: Option<String>,
+    pub quarantine_network: Option<String>,
+    pub quarantine_subnet: Option<String>,
     pub agent_port: Option<u16>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub clawkerd_port: Option<u16>,
     pub init_untrusted: Option<bool>,
+    pub agent_cert_ttl: Option<Duration>,
 }
 
 /// file < env/flags < nothing else; defaults fill the rest.
@@ -326,6 +439,15 @@ pub fn resolve(
     file: FileConfig,
     o: Overrides,
 ) -> Result<CpConfig, ConfigError> {
+    let agent_cert_ttl = match o.agent_cert_ttl {
+        Some(t) => check_agent_cert_ttl(t)?,
+        None => file.agent_cert_ttl()?,
+    };
+    let agent_cert_stale_after = duration_key(
+        "agent_cert_stale_after",
+        file.agent_cert_stale_after.as_ref(),
+        DEFAULT_AGENT_CERT_STALE_AFTER,
+    )?;
     Ok(CpConfig {
         state_dir,
         network: o
@@ -336,6 +458,14 @@ pub fn resolve(
             .subnet
             .or(file.subnet)
             .unwrap_or_else(|| defaults::SUBNET.into()),
+        quarantine_network: o
+            .quarantine_network
+            .or(file.quarantine_network)
+            .unwrap_or_else(|| defaults::QUARANTINE_NETWORK.into()),
+        quarantine_subnet: o
+            .quarantine_subnet
+            .or(file.quarantine_subnet)
+            .unwrap_or_else(|| defaults::QUARANTINE_SUBNET.into()),
         agent_port: o
             .agent_port
             .or(file.agent_port)
@@ -353,6 +483,8 @@ pub fn resolve(
             .or(file.clawkerd_port)
             .unwrap_or(defaults::CLAWKERD_PORT),
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
+        agent_cert_ttl,
+        agent_cert_stale_after,
         containment: file.containment.unwrap_or_default(),
         audit: file.audit.unwrap_or_default(),
         agent_listener: agent_listener(file.agent_listener)?,
@@ -380,6 +512,10 @@ mod tests {
         assert_eq!(c.subnet, "10.9.0.0/24");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7443");
         assert!(!c.init_untrusted);
+        assert_eq!(
+            (c.quarantine_network.as_str(), c.quarantine_subnet.as_str()),
+            ("clawker-quarantine", "10.213.1.0/24")
+        );
     }
 
     #[test]
@@ -441,11 +577,59 @@ mod tests {
         ] {
             let file: FileConfig = toml::from_str(text).unwrap();
             let e = resolve("/s".into(), file, Overrides::default()).unwrap_err();
-            assert!(
-                e.to_string().starts_with(&format!("config: {key}: ")),
-                "{e}"
-            );
+            assert!(e.to_string().starts_with(&format!("{key}: ")), "{e}");
         }
+    }
+
+    #[test]
+    fn cert_lifetimes_parse_with_units_or_seconds_and_are_bounded() {
+        let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(d.agent_cert_ttl, Duration::from_secs(86_400));
+        assert_eq!(d.agent_cert_stale_after, Duration::from_secs(30 * 86_400));
+        let file: FileConfig =
+            toml::from_str("agent_cert_ttl = \"10s\"\nagent_cert_stale_after = \"2d\"").unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert_eq!(c.agent_cert_ttl, Duration::from_secs(10));
+        assert_eq!(c.agent_cert_stale_after, Duration::from_secs(2 * 86_400));
+        let file: FileConfig = toml::from_str("agent_cert_ttl = 3600").unwrap();
+        assert_eq!(file.agent_cert_ttl().unwrap(), Duration::from_secs(3600));
+        // A flag (or env) beats the file.
+        let o = Overrides {
+            agent_cert_ttl: Some(Duration::from_secs(60)),
+            ..Overrides::default()
+        };
+        let file: FileConfig = toml::from_str("agent_cert_ttl = \"1h\"").unwrap();
+        assert_eq!(
+            resolve("/s".into(), file, o).unwrap().agent_cert_ttl,
+            Duration::from_secs(60)
+        );
+        for (text, want) in [
+            (
+                "agent_cert_ttl = \"1s\"",
+                "agent_cert_ttl: 1s is outside 2s..=",
+            ),
+            (
+                "agent_cert_ttl = \"10y\"",
+                "agent_cert_ttl: \"10y\": unknown unit",
+            ),
+            (
+                "agent_cert_ttl = \"soon\"",
+                "agent_cert_ttl: \"soon\": expected a number",
+            ),
+            (
+                "agent_cert_stale_after = \"-1d\"",
+                "agent_cert_stale_after: \"-1d\"",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = resolve("/s".into(), file, Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration(" 7 ").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Docker events → session actions (reference `cp-session.md` §10.3–10.4):
-//! dial agents on `start|restart|unpause`, stop their session at once on
+//! dial agents on `start|restart|unpause` (and guard their agent port: a
+//! started container has a fresh network namespace), stop their session at once on
 //! `die|stop|kill|oom|destroy` (no broken/reconnect churn for a container
 //! that is gone), evict the identity row on `destroy` only.
 //!
@@ -12,28 +13,67 @@ use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec};
 
 use crate::defaults::labels;
+use crate::docker::Engine;
 use crate::events::{Bus, DockerAction, DockerEvent, DockerEventOccurred};
 use crate::registry::Registry;
 use crate::session::Sessions;
 
+/// Installs the agent-port guard (clawkerd's port open to the CP's
+/// addresses only) in a container's network namespace. Fire and forget:
+/// it never delays the dial (the session is already allowed), runs its
+/// `nft` on a dedicated thread, and a failure is logged (the mTLS
+/// handshake still refuses every peer but the CP).
+#[derive(Clone)]
+pub struct PortGuard {
+    pub engine: Arc<Engine>,
+    pub port: u16,
+}
+
+impl PortGuard {
+    pub fn spawn(&self, container_id: &str) {
+        let (engine, port, id) = (self.engine.clone(), self.port, container_id.to_owned());
+        tokio::spawn(async move {
+            match engine.guard_agent_port(&id, port).await {
+                Ok(c) => {
+                    tracing::debug!(event = "agent_port_guarded", container_id = %id, changed = c.changed, detail = %c.detail)
+                }
+                Err(e) => {
+                    tracing::warn!(event = "agent_port_guard_failed", container_id = %id, error = %e, "agent port left to the TLS handshake alone")
+                }
+            }
+        });
+    }
+}
+
 pub struct DockerDispatch {
     sessions: Sessions,
     registry: Registry,
+    port_guard: PortGuard,
 }
 
 impl DockerDispatch {
-    pub fn spec(bus: Bus, sessions: Sessions, registry: Registry) -> ChildSpec {
+    pub fn spec(
+        bus: Bus,
+        sessions: Sessions,
+        registry: Registry,
+        port_guard: PortGuard,
+    ) -> ChildSpec {
         ChildSpec::worker("docker-dispatch", move |link: ChildLink| {
             let sub = bus
                 .subscribe::<DockerEventOccurred>()
                 .map_err(|e| format!("subscribe docker events: {e}"))?;
-            let (sessions, registry) = (sessions.clone(), registry.clone());
+            let (sessions, registry, port_guard) =
+                (sessions.clone(), registry.clone(), port_guard.clone());
             Ok(DockerDispatch::create(move |ctx| {
                 link.attach(ctx);
                 ctx.add_stream(futures::stream::unfold(sub, |mut s| async move {
                     s.recv().await.map(|e| (e, s))
                 }));
-                DockerDispatch { sessions, registry }
+                DockerDispatch {
+                    sessions,
+                    registry,
+                    port_guard,
+                }
             }))
         })
     }
@@ -72,12 +112,16 @@ impl StreamHandler<Arc<DockerEventOccurred>> for DockerDispatch {
     fn handle(&mut self, ev: Arc<DockerEventOccurred>, ctx: &mut Context<Self>) {
         let sessions = self.sessions.clone();
         let registry = self.registry.clone();
+        let port_guard = self.port_guard.clone();
         // `wait`: one event at a time, so a start and the die right after
         // it reach the sessions supervisor in that order.
         let work = async move {
             match decide(&ev.event) {
                 Action::Nothing => {}
-                Action::Dial(id) => sessions.dial(&id).await,
+                Action::Dial(id) => {
+                    port_guard.spawn(&id);
+                    sessions.dial(&id).await;
+                }
                 Action::Stop(id) => sessions.stop(&id).await,
                 Action::StopAndEvict(id) => {
                     sessions.stop(&id).await;

@@ -3,7 +3,8 @@
 //! Wiring, in start order (this function is the one place where the parts
 //! meet; each part only knows its own narrow inputs):
 //!
-//! 1. auth material, Docker engine, `clawker-net` (created if missing);
+//! 1. auth material, Docker engine, `clawker-net` and `clawker-quarantine`
+//!    (created if missing; the quarantine bridge guarded on the host);
 //! 2. infrastructure that every actor holds a handle to and that never
 //!    crashes on bad input (errors are values): the event bus and the
 //!    registry actor. They are started before the tree and live for the
@@ -20,6 +21,7 @@
 //!    spurious SessionBroken), then the servers, the bus and the registry.
 
 pub mod agent;
+pub mod certs;
 pub mod config;
 pub mod dispatch;
 pub mod feeder;
@@ -35,15 +37,16 @@ use tokio_util::sync::CancellationToken;
 
 use clawker_actors::Backoff;
 
+use crate::docker::engine::AgentNetworks;
 use crate::docker::{self, Docker, Engine, lister};
 use crate::events::{self, Bus};
 use crate::pki::AuthPaths;
 use crate::registry::{Registry, RegistryStore};
 use crate::session::Sessions;
 use crate::session::actor::sessions_spec;
-use crate::session::commands::LiveCommands;
 use crate::session::dial::DialConfig;
 use crate::session::lifecycle::{RuntimeResolver, SessionDeps, SessionPolicy};
+use crate::session::rotation::{CertRotation, RotationConfig};
 
 pub use config::CpConfig;
 
@@ -58,8 +61,13 @@ pub struct RunningCp {
     pub sessions: Sessions,
     pub agent_api_addr: SocketAddr,
     pub gateway: std::net::IpAddr,
+    pub clawkerd_port: u16,
     pub shutdown: CancellationToken,
     pub docker: Docker,
+    /// The runtime seam the CP acts through (containment, port guard).
+    pub engine: Arc<Engine>,
+    /// The containment core (ladders and operator lifts).
+    pub containment: Arc<crate::policy::containment::Containment>,
 }
 
 /// Starts everything on the current actix system. Must run inside one.
@@ -80,13 +88,52 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         &read(paths.cp_client_key())?,
     )
     .context("CP client identity")?;
+    // The CA key signs agents' renewal CSRs (leaf rotation). It is read
+    // into this process's memory only and never leaves it: no API returns
+    // it and no container receives it (DESIGN §13, ARCHITECTURE "pki").
+    let ca = crate::pki::AuthMaterial::load(&cfg.state_dir)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (run `clawker ca init` first)",
+                cfg.state_dir.display()
+            )
+        })?
+        .ca;
 
     let docker = docker::connect().await?;
     let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
         .await
         .with_context(|| format!("ensuring network {}", cfg.network))?;
     tracing::info!(network = %net.name, subnet = %net.subnet, gateway = %net.gateway, "clawker-net ready");
-    let engine = Arc::new(Engine::new(docker.clone(), &cfg.network));
+    let quarantine = docker::network::ensure_quarantine(
+        &docker,
+        &cfg.quarantine_network,
+        &cfg.quarantine_subnet,
+    )
+    .await
+    .with_context(|| format!("ensuring network {}", cfg.quarantine_network))?;
+    // The bridge is a dead end before any agent is moved onto it. Without
+    // root or nft this fails; the CP still serves, and `isolate` reports
+    // the same error per agent (it re-guards before every move).
+    match crate::netns::guard_bridge(&quarantine.bridge, Duration::from_secs(10)).await {
+        Ok(()) => tracing::info!(
+            network = %quarantine.name,
+            subnet = %quarantine.subnet,
+            bridge = %quarantine.bridge,
+            "quarantine network ready and guarded"
+        ),
+        Err(e) => tracing::error!(
+            network = %quarantine.name,
+            bridge = %quarantine.bridge,
+            error = %e,
+            "cannot guard the quarantine bridge on the host; isolate will fail until this is fixed"
+        ),
+    }
+    let engine = Arc::new(Engine::new(
+        docker.clone(),
+        AgentNetworks::new(&cfg.network)
+            .with_quarantine(&cfg.quarantine_network, &cfg.quarantine_subnet),
+    ));
 
     let bus = events::start_bus();
     let registry = Registry::start(
@@ -129,6 +176,15 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         ..SessionPolicy::default()
     };
     policy.establish.total = cfg.sessions.connect_budget;
+    let rotation = CertRotation {
+        ca: Arc::new(ca),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig {
+            agent_cert_ttl: cfg.agent_cert_ttl,
+            stale_after: cfg.agent_cert_stale_after,
+            ..RotationConfig::default()
+        },
+    };
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
             containers: engine.clone(),
@@ -138,6 +194,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         dial,
         sink: bus.clone(),
         policy,
+        certs: Some(Arc::new(rotation)),
     };
 
     // `sessions` is a child of the root, which may restart it: the
@@ -146,13 +203,23 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let root_slot: Arc<std::sync::OnceLock<SupervisorHandle>> = Arc::default();
     let sessions = Sessions::via_root(root_slot.clone(), deps.clone());
     let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let policy = policy_spec(cfg, &bus, &engine, &sessions, &metrics);
+    let containment = Arc::new(crate::policy::containment::Containment::new(
+        cfg.containment.clone(),
+        engine.clone(),
+        Arc::new(sessions.clone()),
+        cfg.clawkerd_port,
+    ));
+    let port_guard = dispatch::PortGuard {
+        engine: engine.clone(),
+        port: cfg.clawkerd_port,
+    };
+    let policy = policy_spec(cfg, &bus, &containment, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
         .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
         .child(feeder::FeederActor::spec_with(docker.clone(), bus.clone(), feeder_up.clone()))
-        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone()))
+        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone(), port_guard))
         .child(redial::Redial::spec(docker.clone(), sessions.clone(), cfg.sessions.redial_interval))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
@@ -166,7 +233,9 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         Arc::new(registry.reader().clone()),
         bus.clone(),
         Arc::new(root.clone()),
-    );
+    )
+    .with_sessions(Arc::new(sessions.clone()))
+    .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
     let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
@@ -177,6 +246,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     )
     .await
     .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+    // The CP's own certificates: warn 30 days before they expire.
+    tokio::spawn(certs::watch(paths.clone(), bus.clone(), shutdown.clone()));
     // Readiness follows the Docker events stream.
     {
         let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());
@@ -198,8 +269,11 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         sessions,
         agent_api_addr: api.local_addr,
         gateway: net.gateway,
+        clawkerd_port: cfg.clawkerd_port,
         shutdown,
         docker,
+        engine,
+        containment,
     })
 }
 
@@ -239,22 +313,17 @@ fn fit_listener_caps(
 fn policy_spec(
     cfg: &CpConfig,
     bus: &Bus,
-    engine: &Arc<Engine>,
-    sessions: &Sessions,
+    core: &Arc<crate::policy::containment::Containment>,
     metrics: &crate::policy::metrics::Metrics,
 ) -> SupervisorSpec {
     use crate::policy::{audit, containment, metrics as m};
-    let mut keep = cfg.containment.clone();
-    keep.keep_network = cfg.network.clone();
     let mut spec = SupervisorSpec::new("policy")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(20, Duration::from_secs(60))
         .on_exit(m::record_child_exit)
         .child(containment::ContainmentActor::spec(
             bus.clone(),
-            keep,
-            engine.clone(),
-            Arc::new(LiveCommands::new(sessions.clone())),
+            core.clone(),
         ))
         .child(m::MetricsActor::spec(
             bus.clone(),
@@ -332,14 +401,20 @@ pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
 }
 
 /// Boot dial (reference §1): the feeder's first reconcile may run before
-/// the dial subscriber exists, so dial every running agent explicitly.
-pub async fn boot_dial(docker: &Docker, sessions: &Sessions) {
+/// the dial subscriber exists, so dial every running agent explicitly (and
+/// guard its agent port, as on every start).
+pub async fn boot_dial(cp: &RunningCp) {
     let mut backoff = STARTUP_RETRY.retry();
     for attempt in 1..=3 {
-        match lister::list_agents(docker, lister::Scope::Running).await {
+        match lister::list_agents(&cp.docker, lister::Scope::Running).await {
             Ok(list) => {
                 for c in list {
-                    sessions.dial(&c.id).await;
+                    cp.sessions.dial(&c.id).await;
+                    dispatch::PortGuard {
+                        engine: cp.engine.clone(),
+                        port: cp.clawkerd_port,
+                    }
+                    .spawn(&c.id);
                 }
                 return;
             }
@@ -396,7 +471,7 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
             "control plane up"
         );
         reap_orphans(&cp.docker, &cp.registry, &cp.bus).await;
-        boot_dial(&cp.docker, &cp.sessions).await;
+        boot_dial(&cp).await;
         wait_for_signal().await;
         tracing::info!("shutting down");
         stop(cp).await;

@@ -1,4 +1,7 @@
-//! The `clawker-net` bridge shared by the CP and every agent.
+//! The two bridges the CP reaches agents on: `clawker-net`, shared by the
+//! CP and every trusted agent, and `clawker-quarantine`, where `isolate`
+//! puts an agent (`internal: true`, no inter-container traffic, guarded on
+//! the host by `netns::host_guard`). Both with explicit subnets.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,6 +12,11 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use super::{DockerError, is_status};
 use crate::defaults::labels;
 
+/// Docker's bridge driver option naming the host interface.
+const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
+/// Docker's bridge driver option for traffic between its containers.
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
 /// The network as the CP needs it: its id and gateway (the host address
 /// containers reach the CP on).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +25,11 @@ pub struct ClawkerNet {
     pub name: String,
     pub subnet: String,
     pub gateway: IpAddr,
+    /// `internal: true`: Docker forwards nothing in or out.
+    pub internal: bool,
+    /// The bridge interface on the host: `br-` + the first 12 hex digits
+    /// of the id, unless the network names its bridge.
+    pub bridge: String,
 }
 
 /// Looks the network up; `Ok(None)` when it does not exist.
@@ -42,20 +55,59 @@ pub async fn find(docker: &Docker, name: &str) -> Result<Option<ClawkerNet>, Doc
         .as_deref()
         .and_then(|g| g.parse().ok())
         .ok_or_else(|| DockerError::Invalid(format!("network {name} has no IPv4 gateway")))?;
+    let id = net.id.unwrap_or_default();
+    let bridge = net
+        .options
+        .as_ref()
+        .and_then(|o| o.get(BRIDGE_NAME_OPTION).cloned())
+        .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
     Ok(Some(ClawkerNet {
-        id: net.id.unwrap_or_default(),
+        id,
         name: name.to_owned(),
         subnet: cfg.subnet.unwrap_or_default(),
         gateway,
+        internal: net.internal.unwrap_or(false),
+        bridge,
     }))
 }
 
-/// Creates the bridge with an explicit subnet (and gateway = first host)
-/// unless it exists; returns it either way.
+/// Creates the agent bridge with an explicit subnet (and gateway = first
+/// host) unless it exists; returns it either way.
 pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> Result<ClawkerNet, DockerError> {
     if let Some(n) = find(docker, name).await? {
         return Ok(n);
     }
+    create(docker, name, subnet, false).await
+}
+
+/// Creates the quarantine bridge unless it exists: `internal: true` (Docker
+/// forwards nothing in or out) and inter-container traffic off (two
+/// quarantined agents cannot talk to each other). An existing network of
+/// that name that is not internal is refused: it would contain nothing.
+pub async fn ensure_quarantine(
+    docker: &Docker,
+    name: &str,
+    subnet: &str,
+) -> Result<ClawkerNet, DockerError> {
+    let net = match find(docker, name).await? {
+        Some(n) => n,
+        None => create(docker, name, subnet, true).await?,
+    };
+    if !net.internal {
+        return Err(DockerError::Invalid(format!(
+            "network {name} exists but is not internal, so it cannot quarantine anything: \
+             remove it (`docker network rm {name}`) or set another quarantine_network"
+        )));
+    }
+    Ok(net)
+}
+
+async fn create(
+    docker: &Docker,
+    name: &str,
+    subnet: &str,
+    quarantine: bool,
+) -> Result<ClawkerNet, DockerError> {
     let gateway = first_host(subnet).ok_or_else(|| {
         DockerError::Invalid(format!("invalid subnet {subnet:?} (want a.b.c.d/nn)"))
     })?;
@@ -70,11 +122,17 @@ pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> Result<Clawker
             }]),
             ..Default::default()
         }),
+        internal: quarantine.then_some(true),
+        options: quarantine.then(|| HashMap::from([(ICC_OPTION.to_owned(), "false".to_owned())])),
         labels: Some(HashMap::from([
             (labels::MANAGED.to_owned(), labels::MANAGED_VALUE.to_owned()),
             (
                 labels::PURPOSE.to_owned(),
-                labels::PURPOSE_NETWORK.to_owned(),
+                if quarantine {
+                    labels::PURPOSE_QUARANTINE.to_owned()
+                } else {
+                    labels::PURPOSE_NETWORK.to_owned()
+                },
             ),
         ])),
         ..Default::default()

@@ -1,6 +1,8 @@
 //! Agent containers on the engine: create one with the clawker labels on the
-//! agent network, copy its bootstrap bundle in between create and start (so
-//! clawkerd finds it as PID 1), start it; find, stop and remove one by name.
+//! agent network and its [`Confinement`] (capabilities, limits, read-only
+//! root, mounts), copy its bootstrap bundle in between create and start (so
+//! clawkerd finds it as PID 1), start it; find, stop and remove one by name
+//! (with its anonymous volumes).
 //!
 //! What goes into the bundle (certificates, the assertion) is decided above
 //! this module: [`run`] asks for it through a callback once the container id
@@ -9,7 +11,7 @@
 use std::collections::HashMap;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkConnectRequest};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, NetworkConnectRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, RemoveContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
@@ -36,6 +38,66 @@ pub struct AgentContainerSpec {
     pub extra_labels: HashMap<String, String>,
     /// Further networks to attach before start (besides the agent network).
     pub extra_networks: Vec<String>,
+    /// Where the bootstrap tar is unpacked: a path on one of
+    /// `confinement.volumes` (a read-only root takes no upload).
+    pub bundle_dir: String,
+    pub confinement: Confinement,
+}
+
+/// How an agent container is confined, as plain values (decided above this
+/// module: `cp::agent` turns `[agent]` config and flags into these).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Confinement {
+    /// Capabilities kept: every other one is dropped (`cap_drop: ALL`).
+    pub caps: Vec<String>,
+    pub no_new_privileges: bool,
+    pub pids_limit: Option<i64>,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub read_only_rootfs: bool,
+    /// tmpfs mounts: container path → mount options.
+    pub tmpfs: Vec<(String, String)>,
+    /// Anonymous volumes at these paths: they outlive restarts and are
+    /// removed with the container.
+    pub volumes: Vec<String>,
+    /// Read-write bind mounts: (host path, container path).
+    pub binds: Vec<(String, String)>,
+}
+
+impl Confinement {
+    fn host_config(&self, network: &str) -> HostConfig {
+        let mut mounts: Vec<Mount> = self
+            .volumes
+            .iter()
+            .map(|target| Mount {
+                target: Some(target.clone()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            })
+            .collect();
+        mounts.extend(self.binds.iter().map(|(src, target)| Mount {
+            target: Some(target.clone()),
+            source: Some(src.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(false),
+            ..Default::default()
+        }));
+        HostConfig {
+            network_mode: Some(network.to_owned()),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(self.caps.clone()),
+            security_opt: self
+                .no_new_privileges
+                .then(|| vec!["no-new-privileges".to_owned()]),
+            pids_limit: self.pids_limit,
+            memory: self.memory_bytes,
+            nano_cpus: self.nano_cpus,
+            readonly_rootfs: Some(self.read_only_rootfs),
+            tmpfs: (!self.tmpfs.is_empty()).then(|| self.tmpfs.iter().cloned().collect()),
+            mounts: (!mounts.is_empty()).then_some(mounts),
+            ..Default::default()
+        }
+    }
 }
 
 /// Why provisioning failed, in words a user can act on.
@@ -53,6 +115,8 @@ pub enum ProvisionError {
     NoSuchAgent(String),
     #[error("preparing the bootstrap bundle: {0}")]
     Bundle(String),
+    #[error("{0}")]
+    InvalidSpec(String),
     #[error("connecting to network {network}: {source}")]
     Connect {
         network: String,
@@ -76,7 +140,8 @@ pub async fn gateway(docker: &Docker, net: &str) -> Result<std::net::IpAddr, Pro
         .ok_or_else(|| ProvisionError::NetworkMissing(net.to_owned()))
 }
 
-/// Creates the container, uploads the tar `bundle(id)` returns at `/`,
+/// Creates the container, uploads the tar `bundle(id)` returns at
+/// `spec.bundle_dir`,
 /// attaches the extra networks and starts it; returns its id. On any
 /// failure after create the container is removed: never a half-provisioned
 /// container left behind.
@@ -115,10 +180,7 @@ where
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
         env: Some(spec.env.clone()),
         labels: Some(labels),
-        host_config: Some(HostConfig {
-            network_mode: Some(spec.network.clone()),
-            ..Default::default()
-        }),
+        host_config: Some(spec.confinement.host_config(&spec.network)),
         ..Default::default()
     };
     let created = docker
@@ -147,7 +209,7 @@ where
             .upload_to_container(
                 &id,
                 Some(UploadToContainerOptions {
-                    path: "/".into(),
+                    path: spec.bundle_dir.clone(),
                     ..Default::default()
                 }),
                 bollard::body_full(tar.into()),
@@ -202,13 +264,15 @@ pub async fn stop(docker: &Docker, id: &str) -> Result<(), ProvisionError> {
     Ok(())
 }
 
-/// `docker rm -f`.
+/// `docker rm -f -v`: the container and its anonymous volumes (the state
+/// dir and the agent's home).
 pub async fn remove(docker: &Docker, id: &str) -> Result<(), ProvisionError> {
     docker
         .remove_container(
             id,
             Some(RemoveContainerOptions {
                 force: true,
+                v: true,
                 ..Default::default()
             }),
         )

@@ -21,6 +21,13 @@ use super::lister::{self, AgentContainer, Scope};
 use crate::defaults::labels;
 use crate::events::{DockerAction, DockerEvent, DockerObject};
 
+/// One event as the engine streams it (JSON), as the domain's
+/// [`DockerEvent`]. The feeder gets the message already decoded by the
+/// client library; this is the same path from raw bytes (fuzzing).
+pub fn parse_event_json(json: &[u8]) -> Result<DockerEvent, serde_json::Error> {
+    serde_json::from_slice::<EventMessage>(json).map(parse_message)
+}
+
 /// The engine's message as the domain's [`DockerEvent`].
 fn parse_message(m: EventMessage) -> DockerEvent {
     let actor = m.actor.unwrap_or_default();

@@ -98,6 +98,19 @@ macro_rules! domain_event {
             }
         }
     };
+    // Container-scoped, but a pure notification: no projection.
+    ($ty:ident, $name:literal, notice) => {
+        bus_event!($ty, $name);
+        impl DomainEvent for $ty {
+            const NAME: &'static str = $name;
+            fn at(&self) -> OffsetDateTime {
+                self.at
+            }
+            fn container_id(&self) -> Option<&str> {
+                Some(&self.agent.container_id)
+            }
+        }
+    };
     ($ty:ident, $name:literal, none) => {
         bus_event!($ty, $name);
         impl DomainEvent for $ty {
@@ -166,6 +179,9 @@ pub struct SessionConnected {
     /// Whether the peer's leaf chained to our CA (recorded, never enforced:
     /// the CP keeps the session either way).
     pub chain_verified: bool,
+    /// The peer leaf's `notAfter` (absent when the leaf does not parse).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub leaf_not_after: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -224,6 +240,9 @@ pub enum UntrustedReason {
     CertInvalid,
     CertCnMismatch,
     RegisterFailed,
+    /// Ours: the leaf matches its row but expired longer ago than the
+    /// configured staleness bound (`agent_cert_stale_after`).
+    CertExpired,
 }
 
 impl UntrustedReason {
@@ -233,6 +252,7 @@ impl UntrustedReason {
             Self::CertInvalid => "cert_invalid",
             Self::CertCnMismatch => "cert_cn_mismatch",
             Self::RegisterFailed => "register_failed",
+            Self::CertExpired => "cert_expired",
         }
     }
 
@@ -242,6 +262,7 @@ impl UntrustedReason {
             Self::CertInvalid,
             Self::CertCnMismatch,
             Self::RegisterFailed,
+            Self::CertExpired,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -267,10 +288,98 @@ domain_event!(AgentUntrusted, "agent.untrusted", container);
 pub struct AgentTrusted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    /// How often the trusted identity's leaf has been rotated (registry).
+    #[serde(default)]
+    pub rotations: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentTrusted, "agent.trusted", container);
+
+// ---- certificate axis ---------------------------------------------------
+
+/// Why a leaf was rotated (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// clawkerd renewed on its own at half its leaf's lifetime.
+    HalfLife,
+    /// The CP asked (`RenewCert`).
+    Requested,
+    /// The session's leaf had expired (trusted because it otherwise matched
+    /// its row, then rotated at once).
+    Expired,
+}
+
+impl RotationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HalfLife => "half_life",
+            Self::Requested => "requested",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::HalfLife, Self::Requested, Self::Expired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// Ours: the agent's leaf was replaced over its open session; the old
+/// thumbprint no longer matches its registry row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotated {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    #[serde(with = "hex32")]
+    pub old: Thumbprint,
+    #[serde(with = "hex32")]
+    pub new: Thumbprint,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    pub reason: RotationReason,
+    /// Completed rotations of this container's leaf, this one included.
+    pub rotations: u32,
+    /// CSR received → clawkerd's `Done` (new leaf in use), on the CP.
+    #[serde(rename = "duration_ms", with = "millis")]
+    pub duration: std::time::Duration,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotated, "agent.cert.rotated", container);
+
+/// Ours: a rotation attempt failed; the current leaf (and the trust it
+/// earned) stays, and the attempt is retried with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotationFailed {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub reason: RotationReason,
+    /// What failed (our text; peer strings are truncated).
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotationFailed, "agent.cert.rotation_failed", container);
+
+/// Ours: one of the CP's own certificates expires soon (or has expired):
+/// run `clawker ca renew`, then restart the CP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpCertExpiring {
+    /// `server certificate`, `CP client certificate`, `CLI client
+    /// certificate` or `CA certificate`.
+    pub cert: String,
+    pub path: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Whole days left (negative: expired that long ago).
+    pub days_left: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CpCertExpiring, "cp.cert.expiring", none);
 
 // ---- init axis ----------------------------------------------------------
 
@@ -386,9 +495,11 @@ domain_event!(InitFailed, "agent.init.failed", container);
 pub enum ContainmentAction {
     /// Structured log line + this event; changes nothing.
     Alert,
-    /// Disconnect from every Docker network except the kept one.
+    /// Onto the quarantine network (internal, guarded on the host), off
+    /// every other network.
     Isolate,
-    /// Drop-all-egress firewall inside the container, over the session.
+    /// Only the CP's session passes, enforced in the container's network
+    /// namespace from outside.
     Lock,
     /// `docker stop`.
     Stop,
@@ -396,7 +507,30 @@ pub enum ContainmentAction {
     Kill,
 }
 
+/// A restriction containment puts on an agent (and may lift again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Restriction {
+    /// On the quarantine network only (`isolate`).
+    Quarantine,
+    /// Egress firewalled from inside (`lock`).
+    Lock,
+}
+
 impl ContainmentAction {
+    /// What an applied step of this action does to the agent's
+    /// restrictions: imposes (`true`) or lifts (`false`) one. `stop` and
+    /// `kill` end the container instead (no session, nothing to refuse);
+    /// `alert` changes nothing. A lifting action (`release`, `unlock`)
+    /// maps to `Some((restriction, false))` here and every reader of
+    /// [`worldview::AgentView::restrictions`] follows.
+    pub fn effect(self) -> Option<(Restriction, bool)> {
+        match self {
+            Self::Isolate => Some((Restriction::Quarantine, true)),
+            Self::Lock => Some((Restriction::Lock, true)),
+            Self::Alert | Self::Stop | Self::Kill => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Alert => "alert",
@@ -419,8 +553,9 @@ pub enum ContainmentOutcome {
     AlreadyApplied,
     /// stop/kill on a container that is not running.
     AlreadyStopped,
-    /// The step cannot work on this container (e.g. no iptables/nft, no
-    /// NET_ADMIN, no open session); `detail` says why.
+    /// The step cannot work on this host or container (e.g. no `nft`, a
+    /// CP that is not root, a container on the host's network); `detail`
+    /// says why.
     Unsupported,
     /// The container no longer exists.
     NotFound,
@@ -459,6 +594,130 @@ pub struct ContainmentApplied {
     pub at: OffsetDateTime,
 }
 domain_event!(ContainmentApplied, "policy.containment.applied", container);
+
+// ---- operator axis ------------------------------------------------------
+
+/// What an operator did over an agent's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecKind {
+    /// `clawker agent exec` / `shell`.
+    Exec,
+    /// `clawker agent cp NAME:PATH …` (out of the container).
+    CopyFrom,
+    /// `clawker agent cp … NAME:PATH` (into the container).
+    CopyTo,
+    /// `clawker agent logs`.
+    Logs,
+}
+
+impl ExecKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::CopyFrom => "copy_from",
+            Self::CopyTo => "copy_to",
+            Self::Logs => "logs",
+        }
+    }
+}
+
+/// Ours: an operator command started in an agent (admin API `Exec`, `cp`,
+/// `logs`). `operator` is the SHA-256 thumbprint of the CLI certificate
+/// that asked; `argv` is truncated (see `admin_api`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStarted {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub exec_id: String,
+    pub kind: ExecKind,
+    pub operator: String,
+    pub argv: Vec<String>,
+    pub user: String,
+    pub tty: bool,
+    /// Started past a refusal (`--force`; see `agent.exec.forced`).
+    pub forced: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ExecStarted, "agent.exec.started", notice);
+
+/// Ours: an operator command ended (exit code, or why not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecFinished {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub exec_id: String,
+    pub kind: ExecKind,
+    pub operator: String,
+    pub argv: Vec<String>,
+    pub user: String,
+    pub tty: bool,
+    /// `None` when it did not run to its own exit (`error` says why).
+    pub exit_code: Option<i32>,
+    pub error: String,
+    #[serde(rename = "duration_ms", with = "millis")]
+    pub duration: std::time::Duration,
+    /// Bytes from the operator into the agent (stdin, a copied-in tar).
+    pub bytes_in: u64,
+    /// Bytes from the agent to the operator (output, a copied-out tar).
+    pub bytes_out: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ExecFinished, "agent.exec.finished", notice);
+
+/// Ours: an operator command refused because the agent is untrusted,
+/// quarantined or locked (`reasons`, e.g. `untrusted:cert_invalid`,
+/// `quarantined`, `locked`) and `--force` was not given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRefused {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub kind: ExecKind,
+    pub operator: String,
+    pub argv: Vec<String>,
+    pub reasons: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ExecRefused, "agent.exec.refused", notice);
+
+/// Ours: an operator forced a command past those refusal reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecForced {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub exec_id: String,
+    pub kind: ExecKind,
+    pub operator: String,
+    pub argv: Vec<String>,
+    pub reasons: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(ExecForced, "agent.exec.forced", notice);
+/// Ours: an operator lifted a containment step (`clawker agent release`
+/// lifts `isolate`, `clawker agent unlock` lifts `lock`). Nothing else
+/// ever lifts containment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainmentReleased {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    /// The action lifted: `isolate` or `lock`.
+    pub action: ContainmentAction,
+    /// `applied`, `already_applied` (it was not in force), `not_found`,
+    /// `failed`, …
+    pub outcome: ContainmentOutcome,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(
+    ContainmentReleased,
+    "policy.containment.released",
+    container
+);
 
 // ---- misc ---------------------------------------------------------------
 
@@ -550,6 +809,9 @@ decoded!(
     AgentRegistered,
     AgentUntrusted,
     AgentTrusted,
+    CertRotated,
+    CertRotationFailed,
+    CpCertExpiring,
     InitStarted,
     InitStepStarted,
     InitStepCompleted,
@@ -557,6 +819,11 @@ decoded!(
     InitCompleted,
     InitFailed,
     ContainmentApplied,
+    ExecStarted,
+    ExecFinished,
+    ExecRefused,
+    ExecForced,
+    ContainmentReleased,
     ReapDegraded,
     DockerEventOccurred,
 );
@@ -623,6 +890,8 @@ pub fn start_bus() -> Bus {
         .project::<AgentRegistered>()
         .project::<AgentUntrusted>()
         .project::<AgentTrusted>()
+        .project::<CertRotated>()
+        .project::<CertRotationFailed>()
         .project::<InitStarted>()
         .project::<InitStepStarted>()
         .project::<InitStepCompleted>()
@@ -630,6 +899,7 @@ pub fn start_bus() -> Bus {
         .project::<InitCompleted>()
         .project::<InitFailed>()
         .project::<ContainmentApplied>()
+        .project::<ContainmentReleased>()
         .project::<DockerEventOccurred>()
         .start()
 }

@@ -106,6 +106,11 @@ pub struct AgentView {
     pub trust_history: Vec<Trust>,
     pub thumbprint: String,
     pub chain_verified: bool,
+    /// `notAfter` of the leaf in use (from the session, then each rotation).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub leaf_not_after: Option<OffsetDateTime>,
+    /// Completed rotations of the agent's leaf (durable, from the registry).
+    pub rotations: u32,
     pub attempts: u32,
     /// Session-axis error.
     pub last_error: String,
@@ -117,7 +122,8 @@ pub struct AgentView {
     pub containment: Vec<ContainmentRecord>,
 }
 
-/// One containment step, as the worldview keeps it.
+/// One containment step, as the worldview keeps it (an operator's release
+/// or unlock is a record with trigger [`RELEASED_TRIGGER`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContainmentRecord {
     pub trigger: String,
@@ -128,7 +134,36 @@ pub struct ContainmentRecord {
     pub at: OffsetDateTime,
 }
 
+/// Restrictions in effect on an agent, from its containment records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    pub quarantined: bool,
+    pub locked: bool,
+}
+
 impl AgentView {
+    /// Which restrictions are in effect: the records in order, each
+    /// applied (or already applied) step imposing or lifting one as
+    /// [`ContainmentAction::effect`] says. Failed, unsupported and dry-run
+    /// steps change nothing.
+    pub fn restrictions(&self) -> Restrictions {
+        let mut r = Restrictions::default();
+        for rec in &self.containment {
+            if !matches!(
+                rec.outcome,
+                ContainmentOutcome::Applied | ContainmentOutcome::AlreadyApplied
+            ) {
+                continue;
+            }
+            match rec.action.effect() {
+                Some((Restriction::Quarantine, on)) => r.quarantined = on,
+                Some((Restriction::Lock, on)) => r.locked = on,
+                None => {}
+            }
+        }
+        r
+    }
+
     fn new(container_id: &str) -> Self {
         Self {
             container_id: container_id.to_owned(),
@@ -144,6 +179,8 @@ impl AgentView {
             trust_history: Vec::new(),
             thumbprint: String::new(),
             chain_verified: false,
+            leaf_not_after: None,
+            rotations: 0,
             attempts: 0,
             last_error: String::new(),
             updated_at: None,
@@ -221,6 +258,7 @@ impl Project for SessionConnected {
         a.attempts = self.attempts;
         a.thumbprint = self.peer_thumbprint.to_hex();
         a.chain_verified = self.chain_verified;
+        a.leaf_not_after = self.leaf_not_after;
         a.last_error.clear();
         a.updated_at = Some(self.at);
     }
@@ -278,6 +316,7 @@ impl Project for AgentTrusted {
         let a = v.agent(&self.agent.container_id);
         a.set_identity(&self.agent, None);
         a.registered = true;
+        a.rotations = a.rotations.max(self.rotations);
         a.set_trust(Trust {
             trusted: true,
             reason: None,
@@ -285,6 +324,23 @@ impl Project for AgentTrusted {
             at: Some(self.at),
         });
         a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for CertRotated {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.thumbprint = self.new.to_hex();
+        a.leaf_not_after = Some(self.not_after);
+        a.rotations = self.rotations;
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for CertRotationFailed {
+    fn project(&self, v: &mut Worldview) {
+        v.agent(&self.agent.container_id).updated_at = Some(self.at);
     }
 }
 
@@ -379,6 +435,28 @@ impl Project for ContainmentApplied {
     }
 }
 
+/// The `trigger` of a [`ContainmentRecord`] for an operator's lift.
+pub const RELEASED_TRIGGER: &str = "released_by_operator";
+
+impl Project for ContainmentReleased {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.containment.push(ContainmentRecord {
+            trigger: RELEASED_TRIGGER.to_owned(),
+            action: self.action,
+            outcome: self.outcome,
+            detail: self.detail.clone(),
+            at: self.at,
+        });
+        if a.containment.len() > CONTAINMENT_HISTORY {
+            let excess = a.containment.len() - CONTAINMENT_HISTORY;
+            a.containment.drain(..excess);
+        }
+        a.updated_at = Some(self.at);
+    }
+}
+
 /// Engine attributes that are not labels.
 const ENGINE_ATTRS: [&str; 6] = [
     "image",
@@ -450,6 +528,7 @@ mod tests {
             peer_cn: "clawker.web.dev".into(),
             peer_thumbprint: Thumbprint([7; 32]),
             chain_verified: true,
+            leaf_not_after: Some(t(at + 86_400)),
             at: t(at),
         }
     }
@@ -488,6 +567,7 @@ mod tests {
         // A later session matches.
         v.apply_event(&AgentTrusted {
             agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
             at: t(2),
         });
         let a = &v.agents["c1"];
@@ -498,6 +578,40 @@ mod tests {
             a.trust_history[0].reason,
             Some(UntrustedReason::CertThumbprintMismatch)
         );
+    }
+
+    #[test]
+    fn rotation_updates_leaf_expiry_thumbprint_and_count() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        assert_eq!(v.agents["c1"].leaf_not_after, Some(t(86_400)));
+        v.apply_event(&AgentTrusted {
+            agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 3,
+            at: t(1),
+        });
+        assert_eq!(
+            v.agents["c1"].rotations, 3,
+            "durable count after a CP restart"
+        );
+        v.apply_event(&CertRotated {
+            agent: AgentRef::new("c1", String::new(), String::new()),
+            old: Thumbprint([7; 32]),
+            new: Thumbprint([8; 32]),
+            not_after: t(100),
+            reason: RotationReason::HalfLife,
+            rotations: 4,
+            duration: std::time::Duration::from_millis(3),
+            at: t(50),
+        });
+        let a = &v.agents["c1"];
+        assert_eq!(a.rotations, 4);
+        assert_eq!(a.leaf_not_after, Some(t(100)));
+        assert_eq!(a.thumbprint, Thumbprint([8; 32]).to_hex());
+        assert_eq!(a.agent, "dev", "identity kept");
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["agents"]["c1"]["leaf_not_after"], "2023-11-14T22:15:00Z");
+        assert_eq!(j["agents"]["c1"]["rotations"], 4);
     }
 
     #[test]

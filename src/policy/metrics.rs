@@ -13,6 +13,13 @@
 //! | `clawker_supervisor_restarts_total`      | counter   | `supervisor`, `child` | [`record_child_exit`]        |
 //! | `clawker_supervisor_child_exits_total`   | counter   | `supervisor`, `reason` | [`record_child_exit`]       |
 //! | `clawker_containment_actions_total`      | counter   | `action`, `outcome` | `ContainmentApplied`           |
+//! | `clawker_exec_total`                     | counter   | `kind`, `result` (ok/nonzero/failed) | `ExecFinished` |
+//! | `clawker_exec_duration_seconds`          | histogram | `kind`              | `ExecFinished`                 |
+//! | `clawker_exec_bytes_total`               | counter   | `kind`, `direction` (in/out) | `ExecFinished`        |
+//! | `clawker_exec_refused_total`             | counter   | `kind`              | `ExecRefused`                  |
+//! | `clawker_exec_forced_total`              | counter   | `kind`              | `ExecForced`                   |
+//! | `clawker_cert_rotations_total`           | counter   | `reason`, `result` (ok/failed) | `CertRotated`/`CertRotationFailed` |
+//! | `clawker_cert_rotation_seconds`          | histogram |                     | `CertRotated` (CSR → `Done`)   |
 //!
 //! Why a recorder object and not only the global one: tests (and several
 //! CPs in one process) each get their own [`Metrics`], recorded into via
@@ -40,8 +47,8 @@ use metrics_exporter_prometheus::{
 
 use crate::events::worldview::SessionStatus;
 use crate::events::{
-    AgentRegistered, AgentUntrusted, Bus, ContainmentApplied, InitStepCompleted, InitStepFailed,
-    Worldview,
+    AgentRegistered, AgentUntrusted, Bus, CertRotated, CertRotationFailed, ContainmentApplied,
+    ExecFinished, ExecForced, ExecRefused, InitStepCompleted, InitStepFailed, Worldview,
 };
 
 pub const SESSIONS: &str = "clawker_sessions";
@@ -53,6 +60,13 @@ pub const BUS_DROPPED: &str = "clawker_bus_dropped_total";
 pub const SUPERVISOR_RESTARTS: &str = "clawker_supervisor_restarts_total";
 pub const SUPERVISOR_EXITS: &str = "clawker_supervisor_child_exits_total";
 pub const CONTAINMENT_ACTIONS: &str = "clawker_containment_actions_total";
+pub const EXEC_TOTAL: &str = "clawker_exec_total";
+pub const EXEC_DURATION: &str = "clawker_exec_duration_seconds";
+pub const EXEC_BYTES: &str = "clawker_exec_bytes_total";
+pub const EXEC_REFUSED: &str = "clawker_exec_refused_total";
+pub const EXEC_FORCED: &str = "clawker_exec_forced_total";
+pub const CERT_ROTATIONS: &str = "clawker_cert_rotations_total";
+pub const CERT_ROTATION_DURATION: &str = "clawker_cert_rotation_seconds";
 
 /// Init steps range from milliseconds (idempotent shell steps) to minutes
 /// (post-init scripts).
@@ -146,6 +160,9 @@ impl Metrics {
         let builder = PrometheusBuilder::new();
         let builder = builder
             .set_buckets_for_metric(Matcher::Full(INIT_STEP_DURATION.into()), &STEP_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(EXEC_DURATION.into()), &STEP_BUCKETS)
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -165,6 +182,27 @@ impl Metrics {
             metrics::describe_counter!(
                 CONTAINMENT_ACTIONS,
                 "Containment steps by action and outcome"
+            );
+            metrics::describe_counter!(
+                EXEC_TOTAL,
+                "Operator commands in agents, by kind and result"
+            );
+            metrics::describe_histogram!(
+                EXEC_DURATION,
+                Unit::Seconds,
+                "Operator command wall time"
+            );
+            metrics::describe_counter!(EXEC_BYTES, "Bytes moved by operator commands");
+            metrics::describe_counter!(
+                EXEC_REFUSED,
+                "Operator commands refused (untrusted/contained agent)"
+            );
+            metrics::describe_counter!(EXEC_FORCED, "Operator commands forced past a refusal");
+            metrics::describe_counter!(CERT_ROTATIONS, "Agent leaf rotations by reason and result");
+            metrics::describe_histogram!(
+                CERT_ROTATION_DURATION,
+                Unit::Seconds,
+                "Leaf rotation, CSR received to the new leaf in use"
             );
         });
         m
@@ -233,9 +271,35 @@ impl Metrics {
             } else if let Some(s) = e.downcast_ref::<InitStepFailed>() {
                 metrics::histogram!(INIT_STEP_DURATION, "step" => s.step.clone(), "result" => "failed")
                     .record(s.duration.as_secs_f64());
+            } else if let Some(r) = e.downcast_ref::<CertRotated>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "ok")
+                    .increment(1);
+                if !r.duration.is_zero() {
+                    metrics::histogram!(CERT_ROTATION_DURATION).record(r.duration.as_secs_f64());
+                }
+            } else if let Some(r) = e.downcast_ref::<CertRotationFailed>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "failed")
+                    .increment(1);
             } else if let Some(c) = e.downcast_ref::<ContainmentApplied>() {
                 metrics::counter!(CONTAINMENT_ACTIONS, "action" => c.action.as_str(), "outcome" => c.outcome.as_str())
                     .increment(1);
+            } else if let Some(x) = e.downcast_ref::<ExecFinished>() {
+                let kind = x.kind.as_str();
+                let result = match x.exit_code {
+                    Some(0) => "ok",
+                    Some(_) => "nonzero",
+                    None => "failed",
+                };
+                metrics::counter!(EXEC_TOTAL, "kind" => kind, "result" => result).increment(1);
+                metrics::histogram!(EXEC_DURATION, "kind" => kind).record(x.duration.as_secs_f64());
+                metrics::counter!(EXEC_BYTES, "kind" => kind, "direction" => "in")
+                    .increment(x.bytes_in);
+                metrics::counter!(EXEC_BYTES, "kind" => kind, "direction" => "out")
+                    .increment(x.bytes_out);
+            } else if let Some(x) = e.downcast_ref::<ExecRefused>() {
+                metrics::counter!(EXEC_REFUSED, "kind" => x.kind.as_str()).increment(1);
+            } else if let Some(x) = e.downcast_ref::<ExecForced>() {
+                metrics::counter!(EXEC_FORCED, "kind" => x.kind.as_str()).increment(1);
             }
         });
     }
@@ -383,6 +447,60 @@ impl Handler<ChildExited> for MetricsActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_events_feed_the_exec_counters_and_histogram() {
+        use crate::events::{AgentRef, ExecFinished, ExecForced, ExecKind, ExecRefused, now};
+        let m = Metrics::new();
+        let agent = AgentRef::new("c1", "dev", "p");
+        let finished = |exit_code, kind| ExecFinished {
+            agent: agent.clone(),
+            exec_id: "x".into(),
+            kind,
+            operator: "ab".into(),
+            argv: vec!["true".into()],
+            user: "claude".into(),
+            tty: false,
+            exit_code,
+            error: String::new(),
+            duration: std::time::Duration::from_millis(3),
+            bytes_in: 5,
+            bytes_out: 7,
+            at: now(),
+        };
+        m.observe_event(&finished(Some(0), ExecKind::Exec));
+        m.observe_event(&finished(Some(2), ExecKind::Exec));
+        m.observe_event(&finished(None, ExecKind::CopyTo));
+        m.observe_event(&ExecRefused {
+            agent: agent.clone(),
+            kind: ExecKind::Exec,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["locked".into()],
+            at: now(),
+        });
+        m.observe_event(&ExecForced {
+            agent,
+            exec_id: "y".into(),
+            kind: ExecKind::CopyFrom,
+            operator: "ab".into(),
+            argv: vec![],
+            reasons: vec!["quarantined".into()],
+            at: now(),
+        });
+        let text = m.render();
+        for line in [
+            "clawker_exec_total{kind=\"exec\",result=\"ok\"} 1",
+            "clawker_exec_total{kind=\"exec\",result=\"nonzero\"} 1",
+            "clawker_exec_total{kind=\"copy_to\",result=\"failed\"} 1",
+            "clawker_exec_bytes_total{kind=\"exec\",direction=\"out\"} 14",
+            "clawker_exec_refused_total{kind=\"exec\"} 1",
+            "clawker_exec_forced_total{kind=\"copy_from\"} 1",
+            "clawker_exec_duration_seconds_count{kind=\"exec\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
 
     #[test]
     fn recorder_already_set_keeps_the_metrics_crate_text() {

@@ -7,8 +7,8 @@
 //!
 //! - [`containment`]: trigger → action ladder (alert, isolate, lock, stop,
 //!   kill) for untrusted or failing agents; the runtime behind
-//!   [`crate::runtime::ContainmentOps`], in-container commands behind
-//!   [`crate::session::commands::SessionCommands`]. Publishes
+//!   [`crate::runtime::ContainmentOps`], sessions through
+//!   [`crate::session::control`]. Publishes
 //!   `ContainmentApplied`.
 //! - [`audit`]: every event as one JSON line in an append-only, rotated
 //!   log written on a dedicated thread; [`audit::read_last`] reads it back.

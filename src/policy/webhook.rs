@@ -134,34 +134,40 @@ pub async fn post_json(
         .map_err(|_| WebhookError::Timeout(timeout))?
 }
 
+/// POSTs one audit record (`{"name", "at", "event"}`), retrying with
+/// backoff up to `cfg.max_attempts`; whether it was delivered.
+pub async fn deliver(cfg: &WebhookConfig, record: &AuditRecord) -> bool {
+    let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+    let Ok(body) = serde_json::to_value(record) else {
+        return false;
+    };
+    let name = record.name.as_str();
+    let mut backoff = RETRY.retry();
+    for attempt in 1..=cfg.max_attempts.max(1) {
+        match post_json(&cfg.url, &body, timeout).await {
+            Ok(()) => return true,
+            Err(err) if attempt < cfg.max_attempts.max(1) => {
+                tracing::debug!(event = "webhook_retry", name, attempt, error = %err);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(err) => {
+                tracing::warn!(event = "webhook_dropped", name, attempts = attempt, error = %err, "event not delivered to webhook");
+            }
+        }
+    }
+    false
+}
+
 /// Reads `sub` until it ends, POSTing selected events. Returns how many
 /// were delivered.
 pub async fn forward(mut sub: AuditSubscription, cfg: WebhookConfig) -> u64 {
-    let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let mut delivered = 0;
     while let Some(e) = sub.recv().await {
         if !cfg.selects(e.name()) {
             continue;
         }
-        let body = match serde_json::to_value(AuditRecord::of(&*e)) {
-            Ok(b) => b,
-            Err(_) => continue,
-        };
-        let mut backoff = RETRY.retry();
-        for attempt in 1..=cfg.max_attempts.max(1) {
-            match post_json(&cfg.url, &body, timeout).await {
-                Ok(()) => {
-                    delivered += 1;
-                    break;
-                }
-                Err(err) if attempt < cfg.max_attempts.max(1) => {
-                    tracing::debug!(event = "webhook_retry", name = e.name(), attempt, error = %err);
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(err) => {
-                    tracing::warn!(event = "webhook_dropped", name = e.name(), attempts = attempt, error = %err, "event not delivered to webhook");
-                }
-            }
+        if deliver(&cfg, &AuditRecord::of(&*e)).await {
+            delivered += 1;
         }
     }
     delivered

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 
+use super::leaf::{self, LeafState, PendingLeaf, Promotion};
 use super::store::{Entry, NewEntry, RegistryError, RegistryStore};
 use crate::identity::{self, Thumbprint};
 
@@ -29,15 +30,26 @@ use crate::identity::{self, Thumbprint};
 pub struct Index {
     by_thumbprint: HashMap<[u8; 32], Arc<Entry>>,
     by_container: HashMap<String, Arc<Entry>>,
+    /// Leaf rotation state by container id (absent: never rotated).
+    leaf: HashMap<String, LeafState>,
 }
 
 impl Index {
-    fn from_entries(entries: Vec<Entry>) -> Self {
+    fn from_entries(entries: Vec<Entry>, leaf: HashMap<String, LeafState>) -> Self {
         let mut index = Self::default();
         for e in entries {
             index.insert(Arc::new(e));
         }
+        index.leaf = leaf;
         index
+    }
+
+    /// A promoted row: its old thumbprint leaves the index.
+    fn rotate(&mut self, p: &Promotion) {
+        self.by_thumbprint.remove(&p.old.0);
+        self.insert(Arc::new(p.entry.clone()));
+        self.leaf
+            .insert(p.entry.container_id.clone(), p.state.clone());
     }
 
     fn insert(&mut self, e: Arc<Entry>) {
@@ -49,6 +61,7 @@ impl Index {
         if let Some(e) = self.by_container.remove(container_id) {
             self.by_thumbprint.remove(&e.thumbprint.0);
         }
+        self.leaf.remove(container_id);
     }
 }
 
@@ -91,6 +104,16 @@ impl RegistryReader {
             .get(container_id)
             .cloned()
             .ok_or(RegistryError::UnknownAgent)
+    }
+
+    /// The container's leaf rotation state (default: never rotated).
+    pub fn leaf_state(&self, container_id: &str) -> LeafState {
+        self.index
+            .load()
+            .leaf
+            .get(container_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every row, sorted by (project, agent name).
@@ -139,6 +162,25 @@ pub struct SpendJti {
     /// The assertion's `exp`: the row may be pruned after it.
     pub exp: i64,
     pub now: i64,
+}
+
+/// Stages a freshly signed leaf for a container (see [`super::leaf`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<LeafState, RegistryError>")]
+pub struct StageLeaf {
+    pub container_id: String,
+    /// The thumbprint of the session that asked; the row must still name it.
+    pub current: Thumbprint,
+    pub pending: PendingLeaf,
+}
+
+/// Makes a staged leaf the row's identity; the old thumbprint is retired.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Promotion, RegistryError>")]
+pub struct PromoteLeaf {
+    pub container_id: String,
+    pub new: Thumbprint,
+    pub now_unix: i64,
 }
 
 /// Number of recorded JTIs (diagnostics, tests).
@@ -253,6 +295,33 @@ impl Handler<SpendJti> for RegistryActor {
     }
 }
 
+impl Handler<StageLeaf> for RegistryActor {
+    type Result = Reply<LeafState>;
+
+    fn handle(&mut self, msg: StageLeaf, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.container_id.clone();
+        self.write(
+            move |s| leaf::stage(s.database(), &msg.container_id, &msg.current, msg.pending),
+            move |act, state| {
+                act.publish(|idx| {
+                    idx.leaf.insert(id, state.clone());
+                })
+            },
+        )
+    }
+}
+
+impl Handler<PromoteLeaf> for RegistryActor {
+    type Result = Reply<Promotion>;
+
+    fn handle(&mut self, msg: PromoteLeaf, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| leaf::promote(s.database(), &msg.container_id, &msg.new, msg.now_unix),
+            |act, p| act.publish(|idx| idx.rotate(p)),
+        )
+    }
+}
+
 impl Handler<CountSpentJtis> for RegistryActor {
     type Result = Reply<u64>;
 
@@ -298,6 +367,7 @@ impl Registry {
     pub fn start(store: RegistryStore) -> Result<Self, RegistryError> {
         let index = Arc::new(ArcSwap::from_pointee(Index::from_entries(
             store.snapshot()?,
+            leaf::all_states(store.database())?,
         )));
         let reader = RegistryReader {
             index: index.clone(),
@@ -391,6 +461,41 @@ impl Registry {
         .await?
     }
 
+    /// Stages a signed leaf; durable (and visible to `leaf_state`) on return.
+    pub async fn stage_leaf(
+        &self,
+        container_id: &str,
+        current: Thumbprint,
+        pending: PendingLeaf,
+    ) -> Result<LeafState, RegistryError> {
+        self.ask(StageLeaf {
+            container_id: container_id.to_owned(),
+            current,
+            pending,
+        })
+        .await?
+    }
+
+    /// Promotes a staged leaf; the new thumbprint matches (and the old one
+    /// no longer does) the moment this returns.
+    pub async fn promote_leaf(
+        &self,
+        container_id: &str,
+        new: Thumbprint,
+        now_unix: i64,
+    ) -> Result<Promotion, RegistryError> {
+        self.ask(PromoteLeaf {
+            container_id: container_id.to_owned(),
+            new,
+            now_unix,
+        })
+        .await?
+    }
+
+    pub fn leaf_state(&self, container_id: &str) -> LeafState {
+        self.reader.leaf_state(container_id)
+    }
+
     pub async fn spent_jti_count(&self) -> Result<u64, RegistryError> {
         self.ask(CountSpentJtis).await?
     }
@@ -462,6 +567,49 @@ mod tests {
 
         let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
         assert_eq!(reg.snapshot(), vec![e]);
+    }
+
+    #[actix::test]
+    async fn promotion_swaps_the_indexed_thumbprint_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.redb");
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        reg.add(new_entry("dev", "c1", 1)).await.unwrap();
+        let pending = PendingLeaf {
+            thumbprint: Thumbprint([2; 32]),
+            not_after_unix: 1_700_000_100,
+            reason: "half_life".into(),
+            staged_at_unix: 1_700_000_000,
+        };
+        reg.stage_leaf("c1", Thumbprint([1; 32]), pending)
+            .await
+            .unwrap();
+        assert!(reg.leaf_state("c1").pending.is_some());
+        assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_ok());
+        let p = reg
+            .promote_leaf("c1", Thumbprint([2; 32]), 1_700_000_001)
+            .await
+            .unwrap();
+        assert_eq!(p.old, Thumbprint([1; 32]));
+        assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_err());
+        assert_eq!(
+            reg.lookup(&Thumbprint([2; 32]), "clawker.p.dev")
+                .unwrap()
+                .container_id,
+            "c1"
+        );
+        assert_eq!(reg.leaf_state("c1").rotations, 1);
+        reg.shutdown().await;
+        // The index rebuilt from the file agrees.
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        assert_eq!(reg.leaf_state("c1").rotations, 1);
+        assert_eq!(
+            reg.lookup_by_container_id("c1").unwrap().thumbprint,
+            Thumbprint([2; 32])
+        );
+        assert!(reg.evict_by_container_id("c1").await.unwrap());
+        assert_eq!(reg.leaf_state("c1"), LeafState::default());
+        reg.shutdown().await;
     }
 
     #[test]

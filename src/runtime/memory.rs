@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped};
+use super::{Change, ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped};
 
 /// The doubles never panic while holding a lock, but a poisoned lock must
 /// not turn into a second panic in test output.
@@ -72,8 +72,10 @@ impl Inspect for StaticInspector {
     }
 }
 
-/// Containers with networks and a running flag, and a log of every
-/// mutating call that changed something.
+/// Containers with networks, a running flag and a lock flag, and a log of
+/// every mutating call that changed something. Quarantine moves a
+/// container onto [`MemoryOps::QUARANTINE`] only; release back onto
+/// [`MemoryOps::AGENT_NET`].
 #[derive(Clone, Default)]
 pub struct MemoryOps {
     state: Arc<Mutex<MemoryState>>,
@@ -81,28 +83,48 @@ pub struct MemoryOps {
 
 #[derive(Default)]
 struct MemoryState {
-    containers: HashMap<String, (Vec<String>, bool)>,
+    containers: HashMap<String, Container>,
     calls: Vec<String>,
 }
 
+struct Container {
+    networks: Vec<String>,
+    running: bool,
+    locked: bool,
+}
+
 impl MemoryOps {
-    /// Adds a running container attached to `networks`.
+    pub const QUARANTINE: &'static str = "clawker-quarantine";
+    pub const AGENT_NET: &'static str = "clawker-net";
+
+    /// Adds a running, unlocked container attached to `networks`.
     pub fn add(&self, id: &str, networks: &[&str]) {
         lock(&self.state).containers.insert(
             id.to_owned(),
-            (networks.iter().map(|n| (*n).to_owned()).collect(), true),
+            Container {
+                networks: networks.iter().map(|n| (*n).to_owned()).collect(),
+                running: true,
+                locked: false,
+            },
         );
     }
 
     pub fn networks(&self, id: &str) -> Option<Vec<String>> {
-        lock(&self.state).containers.get(id).map(|c| c.0.clone())
+        lock(&self.state)
+            .containers
+            .get(id)
+            .map(|c| c.networks.clone())
     }
 
     pub fn running(&self, id: &str) -> Option<bool> {
-        lock(&self.state).containers.get(id).map(|c| c.1)
+        lock(&self.state).containers.get(id).map(|c| c.running)
     }
 
-    /// Mutating calls that changed something, e.g. `disconnect c1 net-b`.
+    pub fn locked(&self, id: &str) -> Option<bool> {
+        lock(&self.state).containers.get(id).map(|c| c.locked)
+    }
+
+    /// Mutating calls that changed something, e.g. `quarantine c1`.
     pub fn calls(&self) -> Vec<String> {
         lock(&self.state).calls.clone()
     }
@@ -110,7 +132,7 @@ impl MemoryOps {
     fn with<R>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut (Vec<String>, bool), &mut Vec<String>) -> R,
+        f: impl FnOnce(&mut Container, &mut Vec<String>) -> R,
     ) -> Result<R, RuntimeError> {
         let mut s = lock(&self.state);
         let MemoryState { containers, calls } = &mut *s;
@@ -120,11 +142,25 @@ impl MemoryOps {
         Ok(f(c, calls))
     }
 
+    /// Moves `id` onto `to` only; `verb` is logged when that changed it.
+    fn move_to(&self, id: &str, to: &str, verb: &str) -> Result<Change, RuntimeError> {
+        self.with(id, |c, calls| {
+            if c.networks == [to] {
+                Change::already(format!("attached only to [{to}]"))
+            } else {
+                let left = std::mem::replace(&mut c.networks, vec![to.to_owned()]);
+                calls.push(format!("{verb} {id}"));
+                Change::applied(format!("left [{}], joined {to}", left.join(", ")))
+            }
+        })
+    }
+
     /// Stop and kill are the same here: the running flag goes down once.
     fn halt(&self, id: &str, verb: &str) -> Result<Stopped, RuntimeError> {
         self.with(id, |c, calls| {
-            if c.1 {
-                c.1 = false;
+            if c.running {
+                c.running = false;
+                c.locked = false; // a stopped container's namespace is gone
                 calls.push(format!("{verb} {id}"));
                 Stopped::Now
             } else {
@@ -132,25 +168,62 @@ impl MemoryOps {
             }
         })
     }
+
+    fn set_lock(&self, id: &str, on: bool) -> Result<Change, RuntimeError> {
+        self.with(id, |c, calls| {
+            if !c.running {
+                return Err(RuntimeError::NotRunning(id.to_owned()));
+            }
+            if c.locked == on {
+                return Ok(Change::already(if on {
+                    "already locked"
+                } else {
+                    "not locked"
+                }));
+            }
+            c.locked = on;
+            calls.push(format!("{} {id}", if on { "lock" } else { "unlock" }));
+            Ok(Change::applied(if on { "locked" } else { "unlocked" }))
+        })?
+    }
 }
 
 impl ContainmentOps for MemoryOps {
-    fn networks_of<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>> {
-        let r = self.with(id, |c, _| c.0.clone());
+    fn facts<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>> {
+        let r = self.with(id, |c, _| {
+            let mut networks = c.networks.clone();
+            networks.sort();
+            ContainerFacts {
+                id: id.to_owned(),
+                networks,
+                running: c.running,
+                ..ContainerFacts::default()
+            }
+        });
         Box::pin(async move { r })
     }
 
-    fn disconnect<'a>(
-        &'a self,
-        id: &'a str,
-        network: &'a str,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
-        let r = self.with(id, |c, calls| {
-            if let Some(pos) = c.0.iter().position(|n| n == network) {
-                c.0.remove(pos);
-                calls.push(format!("disconnect {id} {network}"));
-            }
-        });
+    fn quarantine_network(&self) -> String {
+        Self::QUARANTINE.to_owned()
+    }
+
+    fn quarantine<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        let r = self.move_to(id, Self::QUARANTINE, "quarantine");
+        Box::pin(async move { r })
+    }
+
+    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        let r = self.move_to(id, Self::AGENT_NET, "release");
+        Box::pin(async move { r })
+    }
+
+    fn lock<'a>(&'a self, id: &'a str, _: u16) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        let r = self.set_lock(id, true);
+        Box::pin(async move { r })
+    }
+
+    fn unlock<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        let r = self.set_lock(id, false);
         Box::pin(async move { r })
     }
 

@@ -26,16 +26,31 @@ pub struct ContainerFacts {
     /// The container's name, without Docker's leading `/`.
     pub name: String,
     pub labels: HashMap<String, String>,
-    /// The container's address on the agent network (`clawker-net`), if
-    /// attached: where clawkerd listens and where Register's peer IP must
-    /// come from.
+    /// The container's address on the agent network (`clawker-net`) or,
+    /// while it is quarantined, on the quarantine network: where clawkerd
+    /// listens and where Register's peer IP must come from.
     pub ip: Option<IpAddr>,
+    /// Which network `ip` is on.
+    pub ip_network: Option<NetworkRole>,
+    /// The host's address on that network (the bridge gateway): where the
+    /// CP's session comes from, as the container sees it.
+    pub gateway: Option<IpAddr>,
     /// Every attached network's name, sorted.
     pub networks: Vec<String>,
     pub running: bool,
     /// The container's init process id on this host (0 when not running);
     /// the way into its network namespace.
     pub pid: u32,
+}
+
+/// The two networks the CP reaches agents on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkRole {
+    /// The agent network (`clawker-net`): where trusted agents live.
+    Agent,
+    /// The quarantine network (`clawker-quarantine`, internal): where
+    /// `isolate` puts an agent.
+    Quarantine,
 }
 
 impl ContainerFacts {
@@ -50,6 +65,7 @@ impl ContainerFacts {
             id: id.to_owned(),
             labels,
             ip: Some(ip),
+            ip_network: Some(NetworkRole::Agent),
             running: true,
             ..Self::default()
         }
@@ -78,19 +94,33 @@ pub enum RuntimeError {
     /// The container does not exist (an expected outcome, not a fault).
     #[error("container {0} not found")]
     NotFound(String),
+    /// The operation needs a running container (e.g. its network
+    /// namespace) and this one is not running.
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    /// This runtime or host cannot do it at all (no nft, the CP not root,
+    /// a container sharing the host's network namespace); `.0` says why.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// The runtime did not answer in time.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
     /// The runtime answered with an error, or could not be reached.
     #[error("docker: {0}")]
     Api(String),
+    /// Installing or reading network rules failed.
+    #[error("netfilter: {0}")]
+    Netfilter(String),
 }
 
 impl RuntimeError {
     /// A fault that may pass (engine down, timeout), as opposed to a
     /// definite answer such as "no such container".
     pub fn is_transient(&self) -> bool {
-        !matches!(self, RuntimeError::NotFound(_))
+        !matches!(
+            self,
+            RuntimeError::NotFound(_) | RuntimeError::NotRunning(_) | RuntimeError::Unsupported(_)
+        )
     }
 }
 
@@ -109,16 +139,49 @@ pub enum Stopped {
     Already,
 }
 
-/// The runtime operations containment needs, and nothing more.
+/// What a containment operation did, in words for the event's `detail`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `false`: the container was already in the target state.
+    pub changed: bool,
+    pub detail: String,
+}
+
+impl Change {
+    pub fn applied(detail: impl Into<String>) -> Self {
+        Self {
+            changed: true,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn already(detail: impl Into<String>) -> Self {
+        Self {
+            changed: false,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The runtime operations containment needs, and nothing more. Every
+/// operation is idempotent: applied twice, the second reports
+/// `changed: false`.
 pub trait ContainmentOps: Send + Sync + 'static {
-    /// Names of the networks the container is attached to.
-    fn networks_of<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>>;
-    /// Disconnect; disconnecting a network it is not on is `Ok`.
-    fn disconnect<'a>(
-        &'a self,
-        id: &'a str,
-        network: &'a str,
-    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// A container by id or name, looked up afresh.
+    fn facts<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>>;
+    /// The name of the quarantine network (for dry-run details).
+    fn quarantine_network(&self) -> String;
+    /// Moves the container onto the quarantine network (internal, guarded
+    /// on the host) and off every other network. A lock in force is
+    /// re-pointed at the CP's address on the new network.
+    fn quarantine<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>>;
+    /// The reverse: onto the agent network, off the quarantine network.
+    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>>;
+    /// Locks the container's network namespace to the CP's session with
+    /// clawkerd on `port` (see `netns::lock`).
+    fn lock<'a>(&'a self, id: &'a str, port: u16) -> BoxFuture<'a, Result<Change, RuntimeError>>;
+    /// Removes the lock.
+    fn unlock<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Change, RuntimeError>>;
     /// `docker stop` with a grace period before SIGKILL.
     fn stop<'a>(
         &'a self,

@@ -34,6 +34,8 @@ pub struct SessionActor {
     deps: SessionDeps<Bus>,
     task: Option<tokio::task::AbortHandle>,
     live: watch::Receiver<Option<LiveSession>>,
+    /// Rung by [`NetworkMoved`]; the lifecycle task listens while holding.
+    moved: Arc<tokio::sync::Notify>,
 }
 
 impl SessionActor {
@@ -51,6 +53,7 @@ impl SessionActor {
                     deps,
                     task: None,
                     live,
+                    moved: Arc::default(),
                 }
             }))
         })
@@ -69,6 +72,7 @@ impl Actor for SessionActor {
             self.container_id.clone(),
             self.deps.clone(),
             tx,
+            self.moved.clone(),
         ));
         self.task = Some(handle.abort_handle());
         ctx.spawn(
@@ -108,6 +112,19 @@ impl Handler<GetLive> for SessionActor {
     type Result = Option<LiveSession>;
     fn handle(&mut self, _: GetLive, _: &mut Context<Self>) -> Self::Result {
         self.live.borrow().clone()
+    }
+}
+
+/// The container was moved between networks (quarantine, release): the
+/// session re-dials if its address changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NetworkMoved;
+
+impl Handler<NetworkMoved> for SessionActor {
+    type Result = ();
+    fn handle(&mut self, _: NetworkMoved, _: &mut Context<Self>) {
+        self.moved.notify_one();
     }
 }
 
@@ -244,6 +261,18 @@ impl Sessions {
             .child::<SessionActor>(container_id)
             .await?;
         addr.send(GetLive).await.ok().flatten()
+    }
+
+    /// Tells a container's session that the container moved between
+    /// networks, so it re-establishes over the new address at once
+    /// (instead of after the keepalive notices the old path is gone).
+    pub async fn network_moved(&self, container_id: &str) {
+        let Some(sup) = self.supervisor().await else {
+            return;
+        };
+        if let Some(addr) = sup.child::<SessionActor>(container_id).await {
+            let _ = addr.send(NetworkMoved).await;
+        }
     }
 
     /// Container ids with a session actor (running or restarting), sorted.

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use clawker_actors::Backoff;
 
-use crate::events::{self, AgentRef, Publish, UntrustedReason, failed_reason};
+use crate::events::{self, AgentRef, Publish, RotationReason, UntrustedReason, failed_reason};
 use crate::runtime::{Inspect, RuntimeError};
 
 use super::classify::{self, Classification, RegistryLookup};
@@ -22,6 +22,7 @@ use super::dial::{self, DialConfig};
 use super::init::{self, InitConfig};
 use super::mux::SessionMux;
 use super::register;
+use super::rotation::{self, CertRotation, Expiry, Rotator};
 
 /// What the session needs to know about its container, re-read on every
 /// attempt of the slow phase.
@@ -151,6 +152,10 @@ pub struct SessionDeps<P: Publish> {
     pub dial: DialConfig,
     pub sink: P,
     pub policy: SessionPolicy,
+    /// Leaf rotation (the CA and the registry's leaf writes); `None`
+    /// disables it: CSRs are refused and expired leaves stay
+    /// `cert_invalid`.
+    pub certs: Option<Arc<CertRotation>>,
 }
 
 impl<P: Publish> Clone for SessionDeps<P> {
@@ -161,6 +166,7 @@ impl<P: Publish> Clone for SessionDeps<P> {
             dial: self.dial.clone(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
+            certs: self.certs.clone(),
         }
     }
 }
@@ -288,12 +294,23 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
     }
 }
 
+/// `SessionBroken.reason` when the session is re-established because the
+/// container's address moved (quarantine or release).
+pub const REASON_ADDRESS_MOVED: &str = "container address moved";
+
 /// Runs the session until it ends for good (container gone, no address,
 /// connect budget exhausted). Returns the terminal `SessionFailed` reason.
+///
+/// `moved` is rung when someone moved the container between networks
+/// (containment's quarantine and release): the held session then checks
+/// the container's address and, if it changed, drops the connection (whose
+/// path is gone, though nothing would notice until the keepalive times
+/// out) and dials the new address at once.
 pub async fn run<P: Publish>(
     container_id: String,
     deps: SessionDeps<P>,
     live: watch::Sender<Option<LiveSession>>,
+    moved: Arc<tokio::sync::Notify>,
 ) -> String {
     let mut register_rounds = 0u32;
     let mut cycle = 0u32;
@@ -331,27 +348,72 @@ pub async fn run<P: Publish>(
             peer_cn: conn.peer.cn.clone(),
             peer_thumbprint: conn.peer.thumbprint,
             chain_verified: conn.peer.chain_verified,
+            leaf_not_after: conn
+                .peer
+                .not_after
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
             at: events::now(),
         });
         tracing::info!(event = "agentdial_session_connected", container_id = %container_id, cycle, attempts, peer_cn = %conn.peer.cn, "session connected");
 
-        let trusted = verdict(&who, &conn, &deps, &mut register_rounds).await;
+        let Verdict { trusted, rotate } =
+            verdict(&who, &target, &conn, &deps, &mut register_rounds).await;
 
         let _ = live.send(Some(LiveSession {
             mux: conn.mux.clone(),
             agent: who.clone(),
             trusted,
         }));
-        if trusted || deps.policy.init_untrusted {
-            init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
-        } else {
-            tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
-        }
+        let init = async {
+            if trusted || deps.policy.init_untrusted {
+                init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
+            } else {
+                tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
+            }
+        };
 
-        // Hold: the mux drains unsolicited responses until the stream ends.
-        let end = conn.mux.closed().await;
+        // Hold, from the verdict on (concurrently with init, so an expired
+        // leaf is rotated at once): serve leaf rotations until the stream
+        // ends, or until the container's address moves (containment's
+        // quarantine and release), which ends this connection at once.
+        let rotator = Rotator::new(
+            deps.certs.clone(),
+            deps.registry.clone(),
+            deps.sink.clone(),
+            who.clone(),
+            trusted,
+            &conn.peer,
+        );
+        let held = async {
+            let ((), end) = tokio::join!(init, rotation::hold(rotator, &conn.mux, rotate));
+            end
+        };
+        let address_moved = async {
+            loop {
+                moved.notified().await;
+                match deps.resolver.resolve(&container_id).await {
+                    Ok(t) if t.running && t.addr == Some(addr) => continue,
+                    // Moved, or cannot tell: re-establish (which re-checks).
+                    _ => break,
+                }
+            }
+        };
+        let end = tokio::select! {
+            end = held => Some(end),
+            () = address_moved => None,
+        };
         let _ = live.send(None);
         drop(conn);
+        let Some(end) = end else {
+            deps.sink.publish(events::SessionBroken {
+                agent: who,
+                address,
+                reason: REASON_ADDRESS_MOVED.to_owned(),
+                at: events::now(),
+            });
+            tracing::info!(event = "agentdial_session_moved", container_id = %container_id, "container address moved; re-establishing");
+            continue;
+        };
         // A stream usually ends because the container stopped. Give Docker
         // a moment to say so, and end quietly rather than publishing
         // SessionBroken and churning through reconnects for a container
@@ -383,13 +445,20 @@ pub async fn run<P: Publish>(
     }
 }
 
+/// The outcome of [`verdict`]: trust, and whether to rotate at once.
+struct Verdict {
+    trusted: bool,
+    rotate: Option<RotationReason>,
+}
+
 /// Decides trust for this session and publishes the agent-axis events.
 async fn verdict<P: Publish>(
     who: &AgentRef,
+    target: &ResolvedTarget,
     conn: &dial::Connection,
     deps: &SessionDeps<P>,
     register_rounds: &mut u32,
-) -> bool {
+) -> Verdict {
     let container_id = who.container_id.as_str();
     let untrusted = |reason: UntrustedReason, detail: String| {
         tracing::warn!(event = "agent_untrusted", container_id, reason = reason.as_str(), detail = %detail, "agent untrusted");
@@ -399,34 +468,69 @@ async fn verdict<P: Publish>(
             detail,
             at: events::now(),
         });
-        false
+        Verdict {
+            trusted: false,
+            rotate: None,
+        }
     };
-    let trusted = || {
+    let trusted = |rotate: Option<RotationReason>| {
         deps.sink.publish(events::AgentTrusted {
             agent: who.clone(),
+            rotations: deps.registry.leaf_state(container_id).rotations,
             at: events::now(),
         });
-        true
+        Verdict {
+            trusted: true,
+            rotate,
+        }
     };
-    if !conn.peer.chain_verified {
-        let detail = format!(
+    let chain_detail = || {
+        format!(
             "chain verify: {}",
             conn.peer.chain_error.as_deref().unwrap_or("unknown")
-        );
-        return untrusted(UntrustedReason::CertInvalid, detail);
+        )
+    };
+    // An expired leaf of our CA is judged against its row (DESIGN §13);
+    // anything else that fails the chain is cert_invalid, as always.
+    let certs = deps.certs.as_ref();
+    let expired = !conn.peer.chain_verified && conn.peer.expired_only && certs.is_some();
+    if !conn.peer.chain_verified && !expired {
+        return untrusted(UntrustedReason::CertInvalid, chain_detail());
     }
-    match classify::classify(
+    let also_expired = |d: &str| {
+        if expired {
+            format!(
+                "{d}{}{}",
+                if d.is_empty() { "" } else { "; " },
+                chain_detail()
+            )
+        } else {
+            d.to_owned()
+        }
+    };
+    let entry = match classify::classify(
         deps.registry.as_ref(),
         container_id,
         &conn.peer.cn,
         &conn.peer.thumbprint,
     ) {
-        Classification::Match(_) => trusted(),
-        Classification::ThumbprintMismatch => {
-            untrusted(UntrustedReason::CertThumbprintMismatch, String::new())
+        Classification::Match(entry) => entry,
+        Classification::PendingMatch(entry, pending) => {
+            promote_pending(who, deps, &pending).await.unwrap_or(entry)
         }
-        Classification::CnMismatch => untrusted(UntrustedReason::CertCnMismatch, String::new()),
-        Classification::NotQueried(d) => untrusted(UntrustedReason::CertInvalid, d),
+        Classification::ThumbprintMismatch => {
+            return untrusted(UntrustedReason::CertThumbprintMismatch, also_expired(""));
+        }
+        Classification::CnMismatch => {
+            return untrusted(UntrustedReason::CertCnMismatch, also_expired(""));
+        }
+        Classification::NotQueried(d) => return untrusted(UntrustedReason::CertInvalid, d),
+        Classification::Miss if expired => {
+            return untrusted(
+                UntrustedReason::CertInvalid,
+                also_expired("no registry row, and an expired leaf cannot Register"),
+            );
+        }
         Classification::Miss => {
             let result = if *register_rounds >= deps.policy.max_register_attempts {
                 Err(register::RegisterFailure::Exhausted(
@@ -442,7 +546,7 @@ async fn verdict<P: Publish>(
                 )
                 .await
             };
-            match result {
+            return match result {
                 Ok(()) => {
                     tracing::info!(event = "agent_registered", container_id, "agent registered");
                     deps.sink.publish(events::AgentRegistered {
@@ -451,7 +555,7 @@ async fn verdict<P: Publish>(
                         reason: String::new(),
                         at: events::now(),
                     });
-                    trusted()
+                    trusted(None)
                 }
                 Err(failure) => {
                     let reason = failure.to_string();
@@ -464,7 +568,98 @@ async fn verdict<P: Publish>(
                     });
                     untrusted(UntrustedReason::RegisterFailed, reason)
                 }
+            };
+        }
+    };
+    if !expired {
+        return trusted(None);
+    }
+    // An expired leaf of ours, matching its row: within the staleness bound,
+    // and when the runtime's facts agree with the row, trust it and rotate
+    // at once. (The address agrees by construction: we dialed the one the
+    // runtime reports for this container.)
+    let Some(certs) = certs else {
+        return untrusted(UntrustedReason::CertInvalid, chain_detail());
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let not_after = conn.peer.not_after.unwrap_or(i64::MIN);
+    match rotation::assess_expiry(now, not_after, certs.config.stale_after) {
+        Expiry::Stale { expired_for } => untrusted(
+            UntrustedReason::CertExpired,
+            format!(
+                "leaf expired {}s ago, past the {}s staleness bound",
+                expired_for.as_secs(),
+                certs.config.stale_after.as_secs()
+            ),
+        ),
+        Expiry::Valid | Expiry::Renewable { .. } => {
+            let leaf_container = classify::leaf_container_id(&conn.peer.leaf_der);
+            if leaf_container.as_deref() != Some(container_id) {
+                return untrusted(
+                    UntrustedReason::CertInvalid,
+                    also_expired("expired leaf: its SAN names another container"),
+                );
             }
+            if target.agent != entry.agent_name || target.project != entry.project {
+                return untrusted(
+                    UntrustedReason::CertInvalid,
+                    also_expired(
+                        "expired leaf: the container's labels disagree with its registry row",
+                    ),
+                );
+            }
+            tracing::info!(
+                event = "agent_expired_leaf_trusted",
+                container_id,
+                not_after,
+                "expired leaf matches its row; trusting it and rotating at once"
+            );
+            trusted(Some(RotationReason::Expired))
+        }
+    }
+}
+
+/// Promotes a staged leaf the agent turned out to be using (its rotation's
+/// `Done` never reached us). Returns the row as promoted.
+async fn promote_pending<P: Publish>(
+    who: &AgentRef,
+    deps: &SessionDeps<P>,
+    pending: &crate::registry::PendingLeaf,
+) -> Option<crate::registry::Entry> {
+    let certs = deps.certs.as_ref()?;
+    let reason = RotationReason::parse(&pending.reason).unwrap_or(RotationReason::HalfLife);
+    let now = time::OffsetDateTime::now_utc();
+    match certs
+        .rows
+        .promote(&who.container_id, pending.thumbprint, now.unix_timestamp())
+        .await
+    {
+        Ok(p) => {
+            tracing::info!(event = "agent_cert_promoted_on_reconnect", container_id = %who.container_id, "agent presented its staged leaf; promoted");
+            deps.sink.publish(events::CertRotated {
+                agent: who.clone(),
+                old: p.old,
+                new: pending.thumbprint,
+                not_after: time::OffsetDateTime::from_unix_timestamp(pending.not_after_unix)
+                    .unwrap_or(now),
+                reason,
+                rotations: p.state.rotations,
+                duration: Duration::ZERO,
+                at: events::now(),
+            });
+            Some(p.entry)
+        }
+        Err(e) => {
+            // The leaf is ours and names this row: trust stays; the next
+            // session promotes it.
+            tracing::warn!(event = "agent_cert_promote_failed", container_id = %who.container_id, error = %e, "promoting the staged leaf failed");
+            deps.sink.publish(events::CertRotationFailed {
+                agent: who.clone(),
+                reason,
+                detail: e.to_string(),
+                at: events::now(),
+            });
+            None
         }
     }
 }

@@ -3,11 +3,15 @@
 //! - [`dial`]: one attempt — TCP + permissive mTLS + Hello/HelloAck;
 //! - [`mux`]: routes Responses by command id (one reader per stream);
 //! - [`command`]: one shell command run to completion over the mux (init
-//!   steps, containment, benchmarks all use it);
-//! - [`commands`]: the seam other actors run commands through;
+//!   steps and benchmarks use it);
+//! - [`stream`]: a streaming, flow-controlled command (operator exec, cp,
+//!   logs);
+//! - [`control`]: the seam containment reaches sessions through (trust
+//!   verdict, "the container moved");
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
 //! - [`init`]: the 7-step init plan and its executor;
+//! - [`rotation`]: leaf rotation over the open session (the hold phase);
 //! - [`lifecycle`]: the whole life of one session, reconnects included;
 //! - [`actor`]: `SessionActor` per container, the `sessions` supervisor
 //!   and [`Sessions`], the front door (dial, stop, live session).
@@ -15,11 +19,13 @@
 pub mod actor;
 pub mod classify;
 pub mod command;
-pub mod commands;
+pub mod control;
 pub mod dial;
 pub mod init;
 pub mod lifecycle;
 pub mod mux;
 pub mod register;
+pub mod rotation;
+pub mod stream;
 
 pub use actor::Sessions;

@@ -185,6 +185,8 @@ impl Clawkerd {
             .env("CLAWKER_PASSWD_FILE", &pki.passwd)
             .env("CLAWKER_GROUP_FILE", &pki.group)
             .env("CLAWKER_READY_FILE", pki.scratch.join("ready"))
+            // Never the host's /var/lib/clawker: each test's own state dir.
+            .env("CLAWKERD_STATE_DIR", pki.dir.path().join("clawkerd-state"))
             .env("CLAWKER_LOG_FILE", "-")
             // Tests count rejection lines; the ones about the rate limit
             // set their own burst.

@@ -242,6 +242,16 @@ impl Session {
         Outcome::from(responses)
     }
 
+    /// Sends one command (no stdin) and collects its outcome.
+    pub async fn run_cmd(&mut self, id: &str, payload: Cmd) -> Outcome {
+        self.send(cmd(id, payload)).await;
+        let responses = self
+            .collect(id, Duration::from_secs(60))
+            .await
+            .expect("collect");
+        Outcome::from(responses)
+    }
+
     /// Asserts that nothing arrives for `id` within `wait`.
     pub async fn expect_silence(&mut self, id: &str, wait: Duration) {
         if let Ok(r) = self.next_for(id, wait).await {

@@ -10,6 +10,9 @@
 //!   loopback with a real redb file, and clients for it.
 //! - [`flood`]: a hostile agent's traffic from inside its network
 //!   namespace (idle TLS, slowloris, handshake storms).
+//! - [`pty`]: a real pseudo-terminal to drive the CLI as a person would.
+//! - [`docker_env`]: one Docker e2e test's state dir, network, image,
+//!   labels (removed on drop) and event recording.
 //! - Below: small helpers that fit none of them.
 //!
 //! Each test binary compiles this whole module and uses only part of it,
@@ -20,7 +23,9 @@
 pub mod agent_api;
 pub mod clawkerd;
 pub mod cp_client;
+pub mod docker_env;
 pub mod flood;
+pub mod pty;
 
 // A binary that uses none of a submodule's items would call its glob unused.
 #[allow(unused_imports)]
@@ -29,6 +34,10 @@ pub use agent_api::*;
 pub use clawkerd::*;
 #[allow(unused_imports)]
 pub use cp_client::*;
+#[allow(unused_imports)]
+pub use docker_env::*;
+#[allow(unused_imports)]
+pub use pty::*;
 
 use std::path::Path;
 

@@ -9,37 +9,24 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec, Restart};
 
-use super::config::{ContainmentConfig, Trigger};
+use super::config::Trigger;
 use super::ladder::Containment;
 use crate::events::{AgentRef, AgentUntrusted, InitFailed, SessionFailed};
-use crate::runtime::ContainmentOps;
-use crate::session::commands::SessionCommands;
 
 /// The containment actor: subscribes to its triggers on the bus and runs
 /// ladders. Runs as a supervised worker ([`ContainmentActor::spec`]).
 pub struct ContainmentActor {
     core: Arc<Containment>,
     bus: crate::events::Bus,
-    /// One lock per container: ladders for it run in trigger order.
-    serial: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Recent SessionFailed instants per container.
     failures: HashMap<String, VecDeque<Instant>>,
 }
 
 impl ContainmentActor {
     /// Child spec for the policy supervisor (permanent worker named
-    /// `containment`). Each (re)start subscribes afresh.
-    pub fn spec(
-        bus: crate::events::Bus,
-        config: ContainmentConfig,
-        ops: Arc<dyn ContainmentOps>,
-        sessions: Arc<dyn SessionCommands>,
-    ) -> ChildSpec {
-        let core = Arc::new(Containment {
-            config,
-            ops,
-            sessions,
-        });
+    /// `containment`). Each (re)start subscribes afresh; `core` outlives
+    /// restarts (the admin API shares it for release and unlock).
+    pub fn spec(bus: crate::events::Bus, core: Arc<Containment>) -> ChildSpec {
         ChildSpec::worker("containment", move |link: ChildLink| {
             let core = core.clone();
             let bus = bus.clone();
@@ -52,7 +39,6 @@ impl ContainmentActor {
                 ContainmentActor {
                     core,
                     bus,
-                    serial: HashMap::new(),
                     failures: HashMap::new(),
                 }
             }))
@@ -79,7 +65,7 @@ impl Actor for ContainmentActor {
             event = "containment_started",
             enabled = c.enabled,
             dry_run = c.dry_run,
-            keep_network = %c.keep_network,
+            quarantine_network = %self.core.ops.quarantine_network(),
             rules = c.rules.len(),
             "containment policy active"
         );
@@ -91,21 +77,14 @@ impl ContainmentActor {
         if !self.core.config.enabled || self.core.config.ladder(trigger).is_empty() {
             return;
         }
-        let lock = self
-            .serial
-            .entry(target.container_id.clone())
-            .or_default()
-            .clone();
         let core = self.core.clone();
         let publish = self.bus.clone();
         // ctx.spawn: the ladder belongs to this actor; a restart cancels it
         // between steps rather than leaving an orphan acting on old config.
+        // The core serialises ladders per container (in trigger order).
         ctx.spawn(wrap_future(async move {
-            let _turn = lock.lock().await;
             core.run(&target, trigger, &publish).await;
         }));
-        // Keep the serial map small: forget locks nobody holds.
-        self.serial.retain(|_, l| Arc::strong_count(l) > 1);
     }
 }
 

@@ -60,13 +60,8 @@ pub struct ContainmentConfig {
     pub enabled: bool,
     /// Log and publish `dry_run` outcomes, change nothing.
     pub dry_run: bool,
-    /// The network `isolate` keeps (the one the CP reaches clawkerd on).
-    pub keep_network: String,
-    /// Address (IP or CIDR) the `lock` firewall still lets the agent reach,
-    /// e.g. the CP's address on `clawker-net` for the agent API. Replies on
-    /// connections the CP opened (the session) are always allowed.
-    pub lock_allow: Option<String>,
-    /// Bound on the lock command over the session.
+    /// Bound on one `lock` (entering the namespace, `nft`, conntrack flush,
+    /// socket kill).
     pub lock_timeout_secs: u32,
     /// Grace period `stop` gives the container before SIGKILL.
     pub stop_timeout_secs: u32,
@@ -78,8 +73,6 @@ impl Default for ContainmentConfig {
         Self {
             enabled: true,
             dry_run: false,
-            keep_network: crate::defaults::NETWORK.to_owned(),
-            lock_allow: None,
             lock_timeout_secs: 15,
             stop_timeout_secs: 10,
             rules: vec![Rule {

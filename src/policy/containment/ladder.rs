@@ -1,60 +1,103 @@
 //! Running one ladder: each action in order, each idempotent, each reported
-//! as one `policy.containment.applied`.
+//! as one `policy.containment.applied`; and the operator's way back
+//! (`release`, `unlock`), reported as `policy.containment.released`.
+//!
+//! Everything that touches one container — ladders and operator lifts —
+//! takes that container's turn first, so they run one at a time in the
+//! order they arrived.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::config::{ContainmentConfig, Trigger};
 use crate::events::{
-    self, AgentRef, ContainmentAction, ContainmentApplied, ContainmentOutcome, Publish,
+    self, AgentRef, ContainmentAction, ContainmentApplied, ContainmentOutcome, ContainmentReleased,
+    Publish,
 };
-use crate::runtime::{ContainmentOps, RuntimeError, Stopped};
-use crate::session::command::RunAs;
-use crate::session::commands::{SessionCommandError, SessionCommands};
+use crate::runtime::{Change, ContainerFacts, ContainmentOps, RuntimeError, Stopped};
+use crate::session::control::SessionControl;
 
-/// Exit code of [`LOCK_SCRIPT`] when the lock is already in place.
-pub const LOCK_ALREADY: i32 = 3;
+/// An operator lifting one containment step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lift {
+    /// `clawker agent release`: back from quarantine to the agent network.
+    Release,
+    /// `clawker agent unlock`: remove the namespace lock.
+    Unlock,
+}
 
-/// Installs the drop-all-egress lock: loopback, replies on established
-/// connections (the CP's session is one the CP opened *into* the
-/// container) and `$CLAWKER_LOCK_ALLOW` (if set) stay open; everything else
-/// leaving the container is dropped. iptables first, nft as a fallback.
-/// Needs root *and* `CAP_NET_ADMIN`; without either it exits non-zero with
-/// the tool's own error on stderr. Idempotent: exits [`LOCK_ALREADY`] when
-/// the chain/table is already hooked.
-pub const LOCK_SCRIPT: &str = r#"ALLOW="${CLAWKER_LOCK_ALLOW:-}"
-if command -v iptables >/dev/null 2>&1; then
-  if iptables -C OUTPUT -j CLAWKER-LOCK 2>/dev/null; then exit 3; fi
-  iptables -N CLAWKER-LOCK 2>/dev/null || iptables -F CLAWKER-LOCK || exit $?
-  iptables -A CLAWKER-LOCK -o lo -j ACCEPT || exit $?
-  iptables -A CLAWKER-LOCK -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT || exit $?
-  if [ -n "$ALLOW" ]; then iptables -A CLAWKER-LOCK -d "$ALLOW" -j ACCEPT || exit $?; fi
-  iptables -A CLAWKER-LOCK -j DROP || exit $?
-  iptables -I OUTPUT 1 -j CLAWKER-LOCK || exit $?
-  exit 0
-elif command -v nft >/dev/null 2>&1; then
-  if nft list table inet clawker_lock >/dev/null 2>&1; then exit 3; fi
-  RULES="add table inet clawker_lock
-add chain inet clawker_lock out { type filter hook output priority 0; policy drop; }
-add rule inet clawker_lock out oif lo accept
-add rule inet clawker_lock out ct state established,related accept"
-  if [ -n "$ALLOW" ]; then RULES="$RULES
-add rule inet clawker_lock out ip daddr $ALLOW accept"; fi
-  printf '%s\n' "$RULES" | nft -f - || exit $?
-  exit 0
-else
-  echo "neither iptables nor nft is installed in the container" >&2
-  exit 127
-fi"#;
+impl Lift {
+    /// The action this lifts (the event's `action`).
+    pub fn action(self) -> ContainmentAction {
+        match self {
+            Lift::Release => ContainmentAction::Isolate,
+            Lift::Unlock => ContainmentAction::Lock,
+        }
+    }
+}
 
-/// Everything a ladder run needs; shared by the actor's tasks.
+/// Why a lift was refused before anything changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LiftError {
+    #[error("no agent container {0}")]
+    NotFound(String),
+    #[error(
+        "{0} is untrusted on its current session: lifting its containment would be undone by \
+         its next session; remove it (`clawker agent rm`) or make it trusted again first"
+    )]
+    Untrusted(String),
+    #[error(
+        "{0} has no open session, so the CP cannot confirm it is trusted; retry once the \
+         session is up (`clawker worldview`)"
+    )]
+    NoSession(String),
+    #[error("looking up {container}: {source}")]
+    Runtime {
+        container: String,
+        source: RuntimeError,
+    },
+}
+
+/// Everything a ladder run needs; shared by the actor's tasks and the
+/// admin API.
 pub struct Containment {
     pub config: ContainmentConfig,
     pub ops: Arc<dyn ContainmentOps>,
-    pub sessions: Arc<dyn SessionCommands>,
+    pub sessions: Arc<dyn SessionControl>,
+    /// clawkerd's port: what `lock` keeps open to the CP.
+    pub clawkerd_port: u16,
+    /// One turn per container (ladders and lifts, in arrival order).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Containment {
+    pub fn new(
+        config: ContainmentConfig,
+        ops: Arc<dyn ContainmentOps>,
+        sessions: Arc<dyn SessionControl>,
+        clawkerd_port: u16,
+    ) -> Self {
+        Self {
+            config,
+            ops,
+            sessions,
+            clawkerd_port,
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for `id`'s turn. The map only holds containers someone is
+    /// acting on (entries nobody holds are dropped on the next call).
+    async fn turn(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            turns.retain(|_, t| Arc::strong_count(t) > 1);
+            turns.entry(id.to_owned()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
     /// Runs the ladder for `trigger`, publishing one event per step, and
     /// returns the events (in order).
     pub async fn run<P: Publish>(
@@ -67,6 +110,7 @@ impl Containment {
         if !self.config.enabled {
             return out;
         }
+        let _turn = self.turn(&target.container_id).await;
         for action in self.config.ladder(trigger) {
             let (outcome, detail) = self.step(&target.container_id, action).await;
             let ev = ContainmentApplied {
@@ -94,66 +138,46 @@ impl Containment {
                 "alert raised".into(),
             ),
             ContainmentAction::Isolate => {
-                let keep = &self.config.keep_network;
-                let nets = match self.ops.networks_of(id).await {
-                    Ok(n) => n,
-                    Err(e) => return ops_failure(e),
-                };
-                let extra: Vec<&String> = nets.iter().filter(|n| *n != keep).collect();
-                if extra.is_empty() {
-                    return (
-                        O::AlreadyApplied,
-                        format!("attached only to [{}]", nets.join(", ")),
-                    );
-                }
-                let list = extra
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 if dry {
-                    return (
-                        O::DryRun,
-                        format!("would disconnect from [{list}], keep {keep}"),
-                    );
+                    return match self.ops.facts(id).await {
+                        Ok(f) => (
+                            O::DryRun,
+                            format!(
+                                "would move from [{}] to {}",
+                                f.networks.join(", "),
+                                self.ops.quarantine_network()
+                            ),
+                        ),
+                        Err(e) => ops_failure(e),
+                    };
                 }
-                for net in &extra {
-                    if let Err(e) = self.ops.disconnect(id, net).await {
-                        let (o, d) = ops_failure(e);
-                        return (o, format!("disconnect {net}: {d}"));
+                match self.ops.quarantine(id).await {
+                    Ok(c) => {
+                        if c.changed {
+                            // The session's path is gone with the old
+                            // network: re-dial over the quarantine address.
+                            self.sessions.network_moved(id).await;
+                        }
+                        change_outcome(c)
                     }
+                    Err(e) => ops_failure(e),
                 }
-                (
-                    O::Applied,
-                    format!("disconnected from [{list}], kept {keep}"),
-                )
             }
             ContainmentAction::Lock => {
                 if dry {
                     return (
                         O::DryRun,
-                        "would install the egress lock over the session".into(),
+                        format!(
+                            "would lock the network namespace to the CP's session on :{}",
+                            self.clawkerd_port
+                        ),
                     );
                 }
-                let mut who = RunAs::root();
-                if let Some(a) = &self.config.lock_allow {
-                    who.env.insert("CLAWKER_LOCK_ALLOW".to_owned(), a.clone());
-                }
-                let timeout = Duration::from_secs(u64::from(self.config.lock_timeout_secs.max(1)));
-                match self.sessions.run(id, LOCK_SCRIPT, who, timeout).await {
-                    Ok(o) if o.exit_code == 0 => (O::Applied, "egress lock installed".into()),
-                    Ok(o) if o.exit_code == LOCK_ALREADY => {
-                        (O::AlreadyApplied, "egress lock already installed".into())
-                    }
-                    Ok(o) => (
-                        O::Unsupported,
-                        format!(
-                            "lock command failed (needs root, CAP_NET_ADMIN and iptables or nft): exit_code={}; stderr: {}",
-                            o.exit_code, o.stderr
-                        ),
-                    ),
-                    Err(e @ SessionCommandError::NoSession) => (O::Unsupported, e.to_string()),
-                    Err(e) => (O::Failed, e.to_string()),
+                let bound = Duration::from_secs(u64::from(self.config.lock_timeout_secs.max(1)));
+                match tokio::time::timeout(bound, self.ops.lock(id, self.clawkerd_port)).await {
+                    Ok(Ok(c)) => change_outcome(c),
+                    Ok(Err(e)) => ops_failure(e),
+                    Err(_) => (O::Failed, format!("lock did not finish within {bound:?}")),
                 }
             }
             ContainmentAction::Stop | ContainmentAction::Kill => {
@@ -175,13 +199,92 @@ impl Containment {
             }
         }
     }
+
+    /// An operator lifts one step for `container` (id or name). Refused,
+    /// with nothing changed, unless the agent's current session trusts it:
+    /// an untrusted agent would be contained again by its next session
+    /// (release itself makes the session re-dial). Publishes and returns
+    /// one `policy.containment.released` for every attempt that got that
+    /// far (`failed` included). Nothing ever lifts containment on its own.
+    pub async fn lift<P: Publish>(
+        &self,
+        container: &str,
+        lift: Lift,
+        publish: &P,
+    ) -> Result<ContainmentReleased, LiftError> {
+        let facts: ContainerFacts = match self.ops.facts(container).await {
+            Ok(f) => f,
+            Err(RuntimeError::NotFound(_)) => return Err(LiftError::NotFound(container.into())),
+            Err(source) => {
+                return Err(LiftError::Runtime {
+                    container: container.into(),
+                    source,
+                });
+            }
+        };
+        let id = facts.id.clone();
+        let who = AgentRef::new(id.as_str(), facts.agent_label(), facts.project_label());
+        let _turn = self.turn(&id).await;
+        match self.sessions.trusted(&id).await {
+            Some(true) => {}
+            Some(false) => return Err(LiftError::Untrusted(container.into())),
+            None => return Err(LiftError::NoSession(container.into())),
+        }
+        let r = match lift {
+            Lift::Release => self.ops.release(&id).await,
+            Lift::Unlock => self.ops.unlock(&id).await,
+        };
+        let (outcome, detail) = match r {
+            Ok(c) => {
+                if lift == Lift::Release && c.changed {
+                    self.sessions.network_moved(&id).await;
+                }
+                change_outcome(c)
+            }
+            Err(e) => ops_failure(e),
+        };
+        let ev = ContainmentReleased {
+            agent: who,
+            action: lift.action(),
+            outcome,
+            detail,
+            at: events::now(),
+        };
+        tracing::warn!(
+            event = "containment_released",
+            container_id = %ev.agent.container_id,
+            agent = %ev.agent.name,
+            project = %ev.agent.project,
+            action = ev.action.as_str(),
+            outcome = ev.outcome.as_str(),
+            detail = %ev.detail,
+            "operator lifted a containment step"
+        );
+        publish.publish(ev.clone());
+        Ok(ev)
+    }
+}
+
+fn change_outcome(c: Change) -> (ContainmentOutcome, String) {
+    let o = if c.changed {
+        ContainmentOutcome::Applied
+    } else {
+        ContainmentOutcome::AlreadyApplied
+    };
+    (o, c.detail)
 }
 
 fn ops_failure(e: RuntimeError) -> (ContainmentOutcome, String) {
-    match e {
-        RuntimeError::NotFound(_) => (ContainmentOutcome::NotFound, e.to_string()),
-        _ => (ContainmentOutcome::Failed, e.to_string()),
-    }
+    use ContainmentOutcome as O;
+    let o = match e {
+        RuntimeError::NotFound(_) => O::NotFound,
+        // No namespace to act on; a restart starts a new session, which
+        // re-runs the ladder.
+        RuntimeError::NotRunning(_) => O::AlreadyStopped,
+        RuntimeError::Unsupported(_) => O::Unsupported,
+        _ => O::Failed,
+    };
+    (o, e.to_string())
 }
 
 fn log_step(ev: &ContainmentApplied) {
@@ -223,9 +326,6 @@ fn log_step(ev: &ContainmentApplied) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, VecDeque};
-    use std::sync::Mutex;
-
     use futures::future::BoxFuture;
 
     use super::*;
@@ -233,42 +333,34 @@ mod tests {
     use crate::events::UntrustedReason;
     use crate::policy::containment::config::{Rule, TriggerKind};
     use crate::runtime::memory::MemoryOps;
-    use crate::session::commands::CommandOutput;
     use ContainmentAction as A;
     use ContainmentOutcome as O;
 
-    /// (container id, env) of every command run.
-    type Seen = (String, HashMap<String, String>);
-
-    /// Scripted session: answers every command with the next result.
+    /// A session side that answers `trusted` with a fixed verdict and
+    /// records every "moved" notice.
     #[derive(Clone, Default)]
-    struct ScriptedSessions {
-        answers: Arc<Mutex<VecDeque<Result<CommandOutput, SessionCommandError>>>>,
-        seen: Arc<Mutex<Vec<Seen>>>,
+    struct FakeSessions {
+        trusted: Arc<Mutex<Option<bool>>>,
+        moved: Arc<Mutex<Vec<String>>>,
     }
 
-    impl ScriptedSessions {
-        fn answer(&self, r: Result<CommandOutput, SessionCommandError>) {
-            self.answers.lock().unwrap().push_back(r);
+    impl FakeSessions {
+        fn set_trusted(&self, v: Option<bool>) {
+            *self.trusted.lock().unwrap() = v;
+        }
+        fn moved(&self) -> Vec<String> {
+            self.moved.lock().unwrap().clone()
         }
     }
 
-    impl SessionCommands for ScriptedSessions {
-        fn run<'a>(
-            &'a self,
-            id: &'a str,
-            _: &'a str,
-            who: RunAs,
-            _: Duration,
-        ) -> BoxFuture<'a, Result<CommandOutput, SessionCommandError>> {
-            self.seen.lock().unwrap().push((id.to_owned(), who.env));
-            let r = self
-                .answers
-                .lock()
-                .unwrap()
-                .pop_front()
-                .unwrap_or(Err(SessionCommandError::NoSession));
-            Box::pin(async move { r })
+    impl SessionControl for FakeSessions {
+        fn trusted<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<bool>> {
+            let v = *self.trusted.lock().unwrap();
+            Box::pin(async move { v })
+        }
+        fn network_moved<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+            self.moved.lock().unwrap().push(id.to_owned());
+            Box::pin(async {})
         }
     }
 
@@ -279,13 +371,12 @@ mod tests {
     fn setup(
         actions: Vec<ContainmentAction>,
         dry_run: bool,
-    ) -> (Containment, MemoryOps, ScriptedSessions) {
+    ) -> (Containment, MemoryOps, FakeSessions) {
         let ops = MemoryOps::default();
         ops.add("c1", &["clawker-net", "bridge", "corp-lan"]);
-        let sessions = ScriptedSessions::default();
+        let sessions = FakeSessions::default();
         let config = ContainmentConfig {
             dry_run,
-            lock_allow: Some("10.9.0.1".into()),
             rules: vec![Rule {
                 on: TriggerKind::Untrusted,
                 reasons: vec![],
@@ -295,11 +386,12 @@ mod tests {
             }],
             ..ContainmentConfig::default()
         };
-        let c = Containment {
+        let c = Containment::new(
             config,
-            ops: Arc::new(ops.clone()),
-            sessions: Arc::new(sessions.clone()),
-        };
+            Arc::new(ops.clone()),
+            Arc::new(sessions.clone()),
+            7700,
+        );
         (c, ops, sessions)
     }
 
@@ -317,6 +409,7 @@ mod tests {
             UntrustedReason::CertInvalid,
             UntrustedReason::CertCnMismatch,
             UntrustedReason::RegisterFailed,
+            UntrustedReason::CertExpired,
         ] {
             assert_eq!(c.ladder(Trigger::Untrusted(r)), vec![A::Alert, A::Isolate]);
         }
@@ -326,14 +419,12 @@ mod tests {
                 .is_empty()
         );
         assert!(!c.dry_run);
-        assert_eq!(c.keep_network, "clawker-net");
     }
 
     #[test]
     fn trigger_mapping_from_toml_by_reason_and_threshold() {
         let c: ContainmentConfig = toml::from_str(
             r#"
-            keep_network = "cp-net"
             [[rules]]
             on = "untrusted"
             reasons = ["cert_invalid", "register_failed"]
@@ -352,7 +443,6 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.keep_network, "cp-net");
         assert!(c.enabled, "defaults fill the rest");
         assert_eq!(
             c.ladder(Trigger::Untrusted(UntrustedReason::CertInvalid)),
@@ -377,26 +467,31 @@ mod tests {
             Some((3, Duration::from_secs(30)))
         );
         assert!(toml::from_str::<ContainmentConfig>("bogus = 1").is_err());
+        // Gone with the in-container lock script and the keep-one-network
+        // isolate: an old config says so instead of being half-applied.
+        assert!(toml::from_str::<ContainmentConfig>("keep_network = \"x\"").is_err());
+        assert!(toml::from_str::<ContainmentConfig>("lock_allow = \"10.0.0.1\"").is_err());
     }
 
     #[tokio::test]
-    async fn isolate_keeps_only_the_kept_network_and_is_idempotent() {
-        let (c, ops, _) = setup(vec![A::Alert, A::Isolate], false);
+    async fn isolate_quarantines_tells_the_session_once_and_is_idempotent() {
+        let (c, ops, sessions) = setup(vec![A::Alert, A::Isolate], false);
         let sink = RecordingSink::default();
         let first = c.run(&target("c1"), MISMATCH, &sink).await;
         assert_eq!(
             outcomes(&first),
             vec![(A::Alert, O::Applied), (A::Isolate, O::Applied)]
         );
-        assert_eq!(ops.networks("c1").unwrap(), vec!["clawker-net"]);
+        assert_eq!(ops.networks("c1").unwrap(), vec![MemoryOps::QUARANTINE]);
         assert_eq!(first[1].trigger, "untrusted:cert_thumbprint_mismatch");
         assert!(
-            first[1].detail.contains("bridge, corp-lan"),
+            first[1].detail.contains("clawker-net, bridge, corp-lan"),
             "{}",
             first[1].detail
         );
+        assert_eq!(sessions.moved(), vec!["c1"], "the session re-dials");
         // A CP restart re-publishes AgentUntrusted: the ladder runs again
-        // and isolate is a no-op success, with no further Docker calls.
+        // and isolate is a no-op success; the session is left alone.
         let calls = ops.calls().len();
         let again = c.run(&target("c1"), MISMATCH, &sink).await;
         assert_eq!(
@@ -404,6 +499,7 @@ mod tests {
             vec![(A::Alert, O::Applied), (A::Isolate, O::AlreadyApplied)]
         );
         assert_eq!(ops.calls().len(), calls);
+        assert_eq!(sessions.moved().len(), 1);
         let published = sink.of("policy.containment.applied");
         assert_eq!(published.len(), 4);
         assert_eq!(published[3]["outcome"], "already_applied");
@@ -418,14 +514,18 @@ mod tests {
         assert!(evs.iter().all(|e| e.outcome == O::DryRun), "{evs:?}");
         assert_eq!(evs.len(), 5);
         assert!(
-            evs[1].detail.contains("would disconnect"),
+            evs[1]
+                .detail
+                .contains("would move from [bridge, clawker-net, corp-lan] to clawker-quarantine"),
             "{}",
             evs[1].detail
         );
+        assert!(evs[2].detail.contains(":7700"), "{}", evs[2].detail);
         assert!(ops.calls().is_empty());
         assert_eq!(ops.networks("c1").unwrap().len(), 3);
         assert_eq!(ops.running("c1"), Some(true));
-        assert!(sessions.seen.lock().unwrap().is_empty(), "no command ran");
+        assert_eq!(ops.locked("c1"), Some(false));
+        assert!(sessions.moved().is_empty());
         assert_eq!(sink.of("policy.containment.applied").len(), 5);
     }
 
@@ -449,52 +549,69 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lock_reports_applied_already_and_unsupported_with_exit_code_and_stderr() {
-        let (c, _, sessions) = setup(vec![A::Lock], false);
+    async fn lock_goes_through_the_runtime_is_idempotent_and_needs_a_running_container() {
+        let (c, ops, sessions) = setup(vec![A::Lock], false);
         let sink = RecordingSink::default();
-        sessions.answer(Ok(CommandOutput {
-            exit_code: 0,
-            stderr: String::new(),
-        }));
-        sessions.answer(Ok(CommandOutput {
-            exit_code: LOCK_ALREADY,
-            stderr: String::new(),
-        }));
-        sessions.answer(Ok(CommandOutput {
-            exit_code: 127,
-            stderr: "neither iptables nor nft is installed in the container".into(),
-        }));
-        sessions.answer(Err(SessionCommandError::Timeout(Duration::from_secs(1))));
-        let mut got = Vec::new();
-        for _ in 0..5 {
-            got.extend(c.run(&target("c1"), MISMATCH, &sink).await);
-        }
-        assert_eq!(
-            got.iter().map(|e| e.outcome).collect::<Vec<_>>(),
-            vec![
-                O::Applied,
-                O::AlreadyApplied,
-                O::Unsupported,
-                O::Failed,
-                O::Unsupported
-            ]
-        );
-        assert!(got[2].detail.contains("exit_code=127"), "{}", got[2].detail);
+        let first = c.run(&target("c1"), MISMATCH, &sink).await;
+        let again = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(outcomes(&first), vec![(A::Lock, O::Applied)]);
+        assert_eq!(outcomes(&again), vec![(A::Lock, O::AlreadyApplied)]);
+        assert_eq!(ops.locked("c1"), Some(true));
+        assert!(sessions.moved().is_empty(), "a lock moves nothing");
+        ops.kill("c1").await.unwrap();
+        let stopped = c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(outcomes(&stopped), vec![(A::Lock, O::AlreadyStopped)]);
         assert!(
-            got[2].detail.contains("iptables nor nft"),
+            stopped[0].detail.contains("not running"),
             "{}",
-            got[2].detail
+            stopped[0].detail
         );
-        assert!(
-            got[4].detail.contains("no open session"),
-            "{}",
-            got[4].detail
-        );
-        let seen = sessions.seen.lock().unwrap();
+    }
+
+    #[tokio::test]
+    async fn release_and_unlock_need_a_trusting_session_and_publish_what_they_did() {
+        let (c, ops, sessions) = setup(vec![A::Isolate, A::Lock], false);
+        let sink = RecordingSink::default();
+        c.run(&target("c1"), MISMATCH, &sink).await;
+        assert_eq!(ops.locked("c1"), Some(true));
+        // Refused before anything changes: untrusted, or no session.
+        sessions.set_trusted(Some(false));
+        assert!(matches!(
+            c.lift("c1", Lift::Release, &sink).await,
+            Err(LiftError::Untrusted(_))
+        ));
+        sessions.set_trusted(None);
+        assert!(matches!(
+            c.lift("c1", Lift::Unlock, &sink).await,
+            Err(LiftError::NoSession(_))
+        ));
+        assert!(matches!(
+            c.lift("nope", Lift::Release, &sink).await,
+            Err(LiftError::NotFound(_))
+        ));
+        assert_eq!(ops.networks("c1").unwrap(), vec![MemoryOps::QUARANTINE]);
+        assert!(sink.of("policy.containment.released").is_empty());
+        // Trusted again: release and unlock apply, once.
+        sessions.set_trusted(Some(true));
+        let moved_before = sessions.moved().len();
+        let r = c.lift("c1", Lift::Release, &sink).await.unwrap();
+        assert_eq!((r.action, r.outcome), (A::Isolate, O::Applied));
+        assert_eq!(ops.networks("c1").unwrap(), vec![MemoryOps::AGENT_NET]);
         assert_eq!(
-            seen[0].1.get("CLAWKER_LOCK_ALLOW").map(String::as_str),
-            Some("10.9.0.1")
+            sessions.moved().len(),
+            moved_before + 1,
+            "the session re-dials"
         );
+        let u = c.lift("c1", Lift::Unlock, &sink).await.unwrap();
+        assert_eq!((u.action, u.outcome), (A::Lock, O::Applied));
+        assert_eq!(ops.locked("c1"), Some(false));
+        let again = c.lift("c1", Lift::Release, &sink).await.unwrap();
+        assert_eq!(again.outcome, O::AlreadyApplied);
+        let released = sink.of("policy.containment.released");
+        assert_eq!(released.len(), 3);
+        assert_eq!(released[0]["action"], "isolate");
+        assert_eq!(released[1]["action"], "lock");
+        assert_eq!(released[0]["agent"], "", "MemoryOps facts carry no labels");
     }
 
     #[tokio::test]

@@ -6,30 +6,37 @@
 //! still reach a bad agent. The dialer publishes `AgentUntrusted`; this
 //! actor maps triggers to an ordered **ladder** of actions and runs it:
 //!
-//! | action    | what it does                                                    |
-//! |-----------|-----------------------------------------------------------------|
-//! | `alert`   | structured `warn!` + event, changes nothing                     |
-//! | `isolate` | disconnect from every Docker network except the kept one        |
-//! | `lock`    | over the open session, as root: drop all egress except the CP   |
-//! | `stop`    | `docker stop`                                                   |
-//! | `kill`    | `docker kill`                                                   |
+//! | action    | what it does                                                     |
+//! |-----------|------------------------------------------------------------------|
+//! | `alert`   | structured `warn!` + event, changes nothing                      |
+//! | `isolate` | onto the quarantine network (internal, host-guarded), off all others; the session re-dials there |
+//! | `lock`    | from outside, in the container's network namespace: only the CP's session passes, conntrack flushed, other TCP connections destroyed |
+//! | `stop`    | `docker stop`                                                    |
+//! | `kill`    | `docker kill`                                                    |
 //!
 //! Every step is idempotent (isolate on an isolated container is
 //! `already_applied`, kill on a dead one `already_stopped`) and publishes one
-//! [`ContainmentApplied`]. Idempotency is what makes containment survive a CP
-//! restart without spam: every new session re-publishes `AgentUntrusted`,
-//! the ladder runs again, and steps already in force report so instead of
-//! acting twice.
+//! [`ContainmentApplied`](crate::events::ContainmentApplied). Idempotency is
+//! what makes containment survive a CP restart and a container restart
+//! without spam: every new session re-publishes `AgentUntrusted`, the
+//! ladder runs again, steps still in force report so, and a lock lost with
+//! the old network namespace is installed again.
+//!
+//! Nothing lifts containment on its own: `clawker agent release|unlock`
+//! (the admin API → [`Containment::lift`]) does, for an agent its current
+//! session trusts, publishing `policy.containment.released`.
 //!
 //! Side effects sit behind two narrow seams so the ladder is testable
 //! without an engine or a session: [`ContainmentOps`](crate::runtime::ContainmentOps)
-//! (the container runtime) and [`SessionCommands`](crate::session::commands::SessionCommands)
-//! (run a root shell command over the agent's session). Ladders for one
-//! container run one at a time, in trigger order; different containers are
-//! contained concurrently.
+//! (the container runtime, which also owns the namespace rules) and
+//! [`SessionControl`](crate::session::control::SessionControl) (trust
+//! verdict, "the container moved"). Ladders and lifts for one container run
+//! one at a time, in arrival order; different containers are contained
+//! concurrently.
 //!
 //! - [`config`]: the policy (`[containment]` in cp.toml) and trigger → ladder;
-//! - [`ladder`]: running one ladder, step by step, and the lock script;
+//! - [`ladder`]: [`Containment`]: running one ladder step by step, and
+//!   lifting a step;
 //! - [`actor`]: the supervised subscriber that fires ladders.
 
 pub mod actor;
@@ -38,4 +45,4 @@ pub mod ladder;
 
 pub use actor::ContainmentActor;
 pub use config::{ContainmentConfig, Rule, Trigger, TriggerKind};
-pub use ladder::{Containment, LOCK_ALREADY, LOCK_SCRIPT};
+pub use ladder::{Containment, Lift, LiftError};
