@@ -473,7 +473,10 @@ async fn docker_section() {
         cp::agent::remove(&docker, &id).await.expect("rm");
     }
     report("start event → SessionConnected", &mut connected);
-    report("start event → InitCompleted (7 steps)", &mut completed);
+    report(
+        "start event → InitCompleted (init + boot, 9 steps)",
+        &mut completed,
+    );
 
     cp::agent::remove(&docker, &id).await.ok();
     let q = running.engine.networks().quarantine.clone();
@@ -586,6 +589,7 @@ async fn sessions_section(n: usize) {
     let deps = SessionDeps {
         resolver: Arc::new(Table(table.clone())),
         registry: Arc::new(registry),
+        terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
         dial: clawker::session::dial::DialConfig::new(
             ca.cert_pem().as_bytes(),
             cp_client.cert_pem.as_bytes(),

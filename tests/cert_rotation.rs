@@ -156,6 +156,7 @@ impl Harness {
         SessionDeps {
             resolver: Arc::new(self.resolver.clone()),
             registry: Arc::new(self.registry.clone()),
+            terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
             dial: self.dial(client),
             sink: sink.clone(),
             policy: self.policy.clone(),

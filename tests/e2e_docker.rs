@@ -245,12 +245,24 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
         assert_eq!(count_for(&seen, &id, "agent.registered"), 1);
         assert!(count_for(&seen, &id, "agent.trusted") >= 2);
 
-        // CP restart: the boot dial finds the running agent; Match, no Register.
+        // CP restart: the boot dial finds the running agent; Match, no
+        // Register, and no step runs (its command is running).
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
         cp::boot_dial(&cp2).await;
-        wait_for(&seen2, &id, "agent.init.completed", 1, 60).await;
+        wait_for(&seen2, &id, "agent.plan.decided", 1, 60).await;
+        let decided = seen2
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| n == "agent.plan.decided" && j["container_id"] == id)
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(decided["plans"], serde_json::json!([]), "{decided}");
+        assert_eq!(decided["skipped"], "cmd_running");
+        assert_eq!(count_for(&seen2, &id, "agent.init.started"), 0);
         assert_eq!(count_for(&seen2, &id, "agent.registered"), 0);
         let view = cp2.bus.snapshot().await.unwrap();
         assert!(

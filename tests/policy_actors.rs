@@ -206,6 +206,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         for ms in [3u64, 40, 700] {
             bus.publish(InitStepCompleted {
                 agent: AgentRef::new("c1", "dev", "web"),
+                plan: clawker::events::Plan::Init,
                 step: "git".into(),
                 step_index: 2,
                 duration: Duration::from_millis(ms),

@@ -49,8 +49,8 @@ pub mod env {
     /// stream is a request in flight for as long as it lives.
     pub const IDLE_TIMEOUT_SECS: &str = "CLAWKER_IDLE_TIMEOUT_SECS";
     /// clawkerd's writable state directory (rotated leaf, init marker);
-    /// default `/var/lib/clawker`. It lives in the container's own
-    /// filesystem, so it survives `docker restart`.
+    /// default `/var/lib/clawker`, in the container's writable layer, so
+    /// it survives `docker stop`/`start` and goes with `docker rm`.
     pub const STATE_DIR: &str = "CLAWKERD_STATE_DIR";
 }
 
@@ -59,6 +59,9 @@ pub const DEFAULT_USER: &str = "claude";
 pub const DEFAULT_READY_FILE: &str = "/var/run/clawker/ready";
 pub const DEFAULT_LOG_FILE: &str = "/var/log/clawker/clawkerd.log";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/clawker";
+/// The init marker's file name inside the state dir (reference
+/// `head-lifecycle.md` §1.2: `/var/lib/clawker/agent-initialized`).
+pub const INIT_MARKER: &str = "agent-initialized";
 
 /// A boot failure with its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,7 @@ pub struct Config {
     pub passwd_file: PathBuf,
     pub group_file: PathBuf,
     pub ready_file: PathBuf,
+    /// Writable state directory ([`env::STATE_DIR`]).
     pub state_dir: PathBuf,
     /// The user command (container CMD): clawkerd's args, minus a leading `--`.
     pub user_argv: Vec<String>,

@@ -21,7 +21,9 @@
 //!   container.
 //! - [`spawn`]: the user command (`AgentReady`), privilege drop.
 //! - [`reaper`]: the only code that waits for children.
-//! - [`register`]: the one-shot Register coordinator (token + AgentService).
+//! - [`register`]: the Register coordinator (token + AgentService).
+//! - [`lifecycle`]: the one-time init marker and the exit request of a
+//!   failed init or boot step.
 //! - [`leaf`]: the current leaf (served, presented, persisted, swapped).
 //! - [`renew`]: leaf renewal at half-life and on the CP's request.
 //!
@@ -32,6 +34,7 @@ pub mod control;
 pub mod copy;
 pub mod flow;
 pub mod leaf;
+pub mod lifecycle;
 pub mod listener;
 pub mod logfile;
 pub mod logs;
@@ -243,11 +246,14 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         output.clone(),
     );
     let shutdown = CancellationToken::new();
+    let exit = lifecycle::ExitRequest::new();
     let shared = Arc::new(session::Shared::new(
         reaper.clone(),
         coordinator,
         user_command.clone(),
         shutdown.clone(),
+        lifecycle::InitMarker::in_dir(&cfg.state_dir),
+        exit.clone(),
     ));
     shared.set_renewer(renewer.clone());
     tokio::spawn(renewer.run(shutdown.clone()));
@@ -273,6 +279,9 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
     tracing::info!(event = "daemon_idle");
 
     let mut main_state = user_command.watch();
+    let mut exit_requests = exit.subscribe();
+    // A failed `exit_on_non_zero` step: clawkerd ends with its code.
+    let mut requested: Option<i32> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut server_done = false;
     let code = loop {
@@ -280,7 +289,7 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         match &state {
             MainState::Exited { status, .. } => {
                 tracing::info!(event = "main_child_exited", exit_code = status.shell_code());
-                break status.shell_code();
+                break requested.unwrap_or(status.shell_code());
             }
             MainState::Failed(e) => {
                 tracing::info!(event = "main_child_exited", error = %e);
@@ -316,6 +325,20 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
                 }
             }
             _ = main_state.changed() => {}
+            Ok(()) = exit_requests.changed(), if requested.is_none() => {
+                let Some(code) = *exit_requests.borrow_and_update() else { continue };
+                tracing::info!(event = "command_requested_exit", exit_code = code);
+                requested = Some(code);
+                match running {
+                    // Not during init or boot (the command starts last),
+                    // but if it runs: stop it first, then exit with `code`.
+                    Some(pid) => {
+                        spawn::forward(&reaper, pid, libc::SIGTERM);
+                        kill_at.get_or_insert(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                    }
+                    None => break code,
+                }
+            }
             r = &mut server, if !server_done => {
                 server_done = true;
                 let err = match r {

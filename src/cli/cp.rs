@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// overrides cp.toml `agent_cert_ttl`.
     #[arg(long, env = "CLAWKER_AGENT_CERT_TTL", value_parser = config::parse_duration)]
     pub agent_cert_ttl: Option<Duration>,
+    /// Leave a container running when an init or boot step fails (default:
+    /// end it with the step's exit code).
+    #[arg(long, env = "CLAWKER_KEEP_ON_INIT_FAILURE")]
+    pub keep_on_init_failure: Option<bool>,
     /// `pretty` (default on a TTY) or `json`.
     #[arg(long, env = "CLAWKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -178,6 +182,7 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
         clawkerd_port: args.clawkerd_port,
         init_untrusted: args.init_untrusted,
         agent_cert_ttl: args.agent_cert_ttl,
+        keep_on_init_failure: args.keep_on_init_failure,
     };
     let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
     cp::serve(cfg)
@@ -360,6 +365,9 @@ async fn run(
     );
     bar.set_prefix(name.clone());
     bar.set_message("connecting");
+    // The step that failed, from `agent.init.step.failed` (which precedes
+    // `agent.init.failed`): its exit code and what it wrote to stderr.
+    let mut failed_step: Option<crate::events::InitStepFailed> = None;
     let outcome = tokio::time::timeout(Duration::from_secs(args.timeout_secs), async {
         use crate::events::Decoded;
         while let Some(ev) = stream.next().await {
@@ -378,14 +386,26 @@ async fn run(
                     bar.set_message("registered");
                     say(format!("{name}: registered"));
                 }
+                Decoded::PlanDecided(e) if e.plans.is_empty() && e.skipped == crate::events::plan_skipped::CMD_RUNNING => {
+                    bar.finish_with_message("already running");
+                    say(format!("{name}: already running (nothing to run)"));
+                    return Ok(());
+                }
                 Decoded::InitStarted(e) => bar.set_length(u64::from(e.step_count)),
                 Decoded::InitStepStarted(e) => {
-                    let msg = format!("step {}/{} {}", e.step_index + 1, e.step_count, e.step);
+                    let msg = format!(
+                        "step {}/{} {} ({})",
+                        e.step_index + 1,
+                        e.step_count,
+                        e.step,
+                        e.plan.as_str()
+                    );
                     bar.set_length(u64::from(e.step_count));
                     bar.set_position(u64::from(e.step_index));
                     bar.set_message(msg.clone());
                     say(format!("{name}: {msg}"));
                 }
+                Decoded::InitStepFailed(e) => failed_step = Some(e),
                 Decoded::InitCompleted(e) => {
                     bar.set_position(bar.length().unwrap_or(0));
                     bar.finish_with_message("ready");
@@ -394,13 +414,8 @@ async fn run(
                     return Ok(());
                 }
                 Decoded::InitFailed(e) => {
-                    bar.abandon_with_message("init failed");
-                    bail!(
-                        "init failed at step {:?}: {:?} ({:?})",
-                        e.failed_step,
-                        e.reason.as_str(),
-                        e.detail
-                    );
+                    bar.abandon_with_message(format!("{} failed", e.plan.as_str()));
+                    return Err(step_failed(&e, failed_step.as_ref()));
                 }
                 Decoded::AgentUntrusted(e) => {
                     bar.abandon_with_message("untrusted");
@@ -426,5 +441,92 @@ async fn run(
             "init did not finish within {}s (see `clawker events`)",
             args.timeout_secs
         ),
+    }
+}
+
+/// `agent run`'s error for a failed init or boot step: the step's stderr
+/// (as the CP captured it) goes to our stderr, and the process exits with
+/// the step's exit code (1 when it had none, e.g. a timeout).
+fn step_failed(
+    e: &crate::events::InitFailed,
+    step: Option<&crate::events::InitStepFailed>,
+) -> anyhow::Error {
+    let output = step.map(|s| s.output.as_str()).unwrap_or("");
+    if !output.is_empty() {
+        eprintln!(
+            "--- {} step {:?} output ---",
+            e.plan.as_str(),
+            e.failed_step
+        );
+        eprintln!("{output}");
+        eprintln!("---");
+    }
+    let code = u8::try_from(e.exit_code)
+        .ok()
+        .filter(|c| *c != 0)
+        .unwrap_or(1);
+    crate::cli::ExitWith {
+        code,
+        message: format!(
+            "{} step {:?} failed: {} ({}); exit code {}",
+            e.plan.as_str(),
+            e.failed_step,
+            e.reason.as_str(),
+            e.detail,
+            e.exit_code
+        ),
+    }
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{AgentRef, InitFailed, InitFailureReason, InitStepFailed, Plan};
+
+    fn failed(exit_code: i32) -> InitFailed {
+        InitFailed {
+            agent: AgentRef::new("c", "a", ""),
+            plan: Plan::Boot,
+            failed_step: "pre-run".into(),
+            reason: InitFailureReason::ExitCode,
+            detail: format!("exit_code={exit_code}"),
+            exit_code,
+            duration: Duration::from_millis(3),
+            at: crate::events::now(),
+        }
+    }
+
+    #[test]
+    fn a_failed_step_becomes_the_exit_code() {
+        let step = InitStepFailed {
+            agent: AgentRef::new("c", "a", ""),
+            plan: Plan::Boot,
+            step: "pre-run".into(),
+            step_index: 1,
+            duration: Duration::from_millis(3),
+            exit_code: 3,
+            reason: InitFailureReason::ExitCode,
+            detail: "exit_code=3".into(),
+            output: "boom".into(),
+            at: crate::events::now(),
+        };
+        let e = step_failed(&failed(3), Some(&step));
+        let x = e.downcast_ref::<crate::cli::ExitWith>().unwrap();
+        assert_eq!(x.code, 3);
+        assert!(
+            x.message
+                .starts_with("boot step \"pre-run\" failed: exit_code"),
+            "{}",
+            x.message
+        );
+        for (code, want) in [(-1, 1), (0, 1), (255, 255), (300, 1)] {
+            let e = step_failed(&failed(code), None);
+            assert_eq!(
+                e.downcast_ref::<crate::cli::ExitWith>().unwrap().code,
+                want,
+                "{code}"
+            );
+        }
     }
 }

@@ -124,6 +124,16 @@ pub enum CaCommand {
     },
 }
 
+/// A command that failed with a process exit code of its own (e.g. `agent
+/// run` exits with the code of the init or boot step that failed). The
+/// binary prints the message and exits with `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitWith {
+    pub code: u8,
+    pub message: String,
+}
+
 impl Cli {
     fn state_dir(&self) -> PathBuf {
         self.state_dir

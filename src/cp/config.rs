@@ -123,6 +123,13 @@ pub struct FileConfig {
     /// Run the init plan (and so release the user command) for untrusted
     /// agents too. Default false.
     pub init_untrusted: Option<bool>,
+    /// Leave a container running (without its command) when one of its
+    /// init or boot steps fails, instead of ending it with the step's exit
+    /// code. Default false.
+    pub keep_on_init_failure: Option<bool>,
+    /// `[hooks]`: `post_init` (once per container) and `pre_run` (every
+    /// start), shell scripts run as the agent user.
+    pub hooks: Option<crate::session::plan::Hooks>,
     pub log_format: Option<String>,
     /// `[containment]`: the containment policy (default: isolate untrusted).
     pub containment: Option<crate::policy::containment::ContainmentConfig>,
@@ -403,6 +410,8 @@ pub struct CpConfig {
     pub metrics_addr: SocketAddr,
     pub clawkerd_port: u16,
     pub init_untrusted: bool,
+    pub keep_on_init_failure: bool,
+    pub hooks: crate::session::plan::Hooks,
     pub containment: crate::policy::containment::ContainmentConfig,
     pub audit: crate::policy::audit::AuditConfig,
     pub agent_listener: AgentListenerConfig,
@@ -431,6 +440,7 @@ pub struct Overrides {
     pub clawkerd_port: Option<u16>,
     pub init_untrusted: Option<bool>,
     pub agent_cert_ttl: Option<Duration>,
+    pub keep_on_init_failure: Option<bool>,
 }
 
 /// file < env/flags < nothing else; defaults fill the rest.
@@ -485,6 +495,11 @@ pub fn resolve(
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
         agent_cert_ttl,
         agent_cert_stale_after,
+        keep_on_init_failure: o
+            .keep_on_init_failure
+            .or(file.keep_on_init_failure)
+            .unwrap_or(false),
+        hooks: file.hooks.unwrap_or_default(),
         containment: file.containment.unwrap_or_default(),
         audit: file.audit.unwrap_or_default(),
         agent_listener: agent_listener(file.agent_listener)?,
@@ -630,6 +645,25 @@ mod tests {
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration(" 7 ").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn hooks_and_keep_on_init_failure_come_from_the_file() {
+        let file: FileConfig = toml::from_str(
+            "keep_on_init_failure = true\n[hooks]\npost_init = \"echo once\"\npre_run = \"echo every\"",
+        )
+        .unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert!(c.keep_on_init_failure);
+        assert_eq!(c.hooks.post_init.as_deref(), Some("echo once"));
+        assert_eq!(c.hooks.pre_run.as_deref(), Some("echo every"));
+        let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert!(
+            !d.keep_on_init_failure,
+            "a failed step ends the container by default"
+        );
+        assert_eq!(d.hooks, crate::session::plan::Hooks::default());
+        assert!(toml::from_str::<FileConfig>("[hooks]\npre_runn = \"x\"").is_err());
     }
 
     #[test]

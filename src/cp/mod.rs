@@ -185,12 +185,15 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
             ..RotationConfig::default()
         },
     };
+    policy.init.hooks = cfg.hooks.clone();
+    policy.init.keep_on_failure = cfg.keep_on_init_failure;
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
             containers: engine.clone(),
             clawkerd_port: cfg.clawkerd_port,
         }),
         registry: Arc::new(registry.clone()),
+        terminate: engine.clone(),
         dial,
         sink: bus.clone(),
         policy,

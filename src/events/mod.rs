@@ -383,6 +383,58 @@ domain_event!(CpCertExpiring, "cp.cert.expiring", none);
 
 // ---- init axis ----------------------------------------------------------
 
+/// Which plan a step belongs to (reference `head-lifecycle.md` §1.4): the
+/// one-time `init` plan (ends by writing the container's init marker) or
+/// the every-start `boot` plan (ends by starting the user command).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    /// Events from a CP that predates the split carry no plan: their one
+    /// plan was init (ending with AgentReady).
+    #[default]
+    Init,
+    Boot,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Init => "init",
+            Self::Boot => "boot",
+        }
+    }
+}
+
+/// Ours: what the CP decided to run on this session, from clawkerd's
+/// `HelloAck` (reference `head-lifecycle.md` §1.3) and the trust verdict.
+/// Published once per session, before any step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDecided {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    /// The container's init marker exists (init completed once).
+    pub initialized: bool,
+    /// clawkerd has started the user command.
+    pub cmd_running: bool,
+    /// The plans that run, in order; empty when nothing runs.
+    pub plans: Vec<Plan>,
+    /// Why less than the full sequence runs, when it does: `""`,
+    /// `cmd_running` (a reconnect: nothing runs), `init_bypassed` (the
+    /// command runs but the marker is missing: nothing runs), `untrusted`
+    /// (withheld from an untrusted agent).
+    pub skipped: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(PlanDecided, "agent.plan.decided", container);
+
+/// `PlanDecided.skipped` vocabulary.
+pub mod plan_skipped {
+    pub const CMD_RUNNING: &str = "cmd_running";
+    pub const INIT_BYPASSED: &str = "init_bypassed";
+    pub const UNTRUSTED: &str = "untrusted";
+}
+
 /// Why an init step failed (exact wire strings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -410,10 +462,15 @@ impl InitFailureReason {
     }
 }
 
+/// The start sequence of one session: the plans it runs (init then boot on
+/// a fresh container, boot alone after a restart), as one run of steps, so
+/// `agent.init.completed` always means "the user command was released".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStarted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plans: Vec<Plan>,
     pub step_count: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
@@ -424,6 +481,8 @@ domain_event!(InitStarted, "agent.init.started", container);
 pub struct InitStepStarted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     pub step_count: u32,
@@ -436,6 +495,8 @@ domain_event!(InitStepStarted, "agent.init.step.started", container);
 pub struct InitStepCompleted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     #[serde(rename = "duration_ms", with = "millis")]
@@ -450,6 +511,8 @@ domain_event!(InitStepCompleted, "agent.init.step.completed", container);
 pub struct InitStepFailed {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     #[serde(rename = "duration_ms", with = "millis")]
@@ -457,6 +520,10 @@ pub struct InitStepFailed {
     pub exit_code: i32,
     pub reason: InitFailureReason,
     pub detail: String,
+    /// What the step wrote to stderr (the first 4 KiB, trimmed), for the
+    /// operator (`agent run` prints it).
+    #[serde(default)]
+    pub output: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -466,6 +533,8 @@ domain_event!(InitStepFailed, "agent.init.step.failed", container);
 pub struct InitCompleted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plans: Vec<Plan>,
     #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     #[serde(with = "time::serde::rfc3339")]
@@ -477,15 +546,67 @@ domain_event!(InitCompleted, "agent.init.completed", container);
 pub struct InitFailed {
     #[serde(flatten)]
     pub agent: AgentRef,
+    /// The plan of the failed step.
+    #[serde(default)]
+    pub plan: Plan,
     pub failed_step: String,
     pub reason: InitFailureReason,
     pub detail: String,
+    /// The failed step's exit code (−1 when it did not exit: timeout,
+    /// spawn failure, transport).
+    #[serde(default = "no_exit_code")]
+    pub exit_code: i32,
     #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitFailed, "agent.init.failed", container);
+
+fn no_exit_code() -> i32 {
+    -1
+}
+
+/// How a container that failed an init or boot step was ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminatedBy {
+    /// clawkerd (PID 1) exited with the step's exit code by itself.
+    SelfExit,
+    /// It did not within the grace period (or could not: the step did not
+    /// end in an exit code), and the CP killed the container.
+    CpKill,
+    /// The CP's kill failed; `detail` says why. The container may live on.
+    KillFailed,
+}
+
+impl TerminatedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SelfExit => "self_exit",
+            Self::CpKill => "cp_kill",
+            Self::KillFailed => "kill_failed",
+        }
+    }
+}
+
+/// Ours: a container was ended because one of its init or boot steps
+/// failed (unless `keep_on_init_failure`). The reference only logs this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTerminated {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub plan: Plan,
+    pub step: String,
+    /// The step's exit code (the container's, on a self-exit of a step that
+    /// exited 0–255).
+    pub exit_code: i32,
+    pub by: TerminatedBy,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(AgentTerminated, "agent.terminated", container);
 
 // ---- policy axis --------------------------------------------------------
 
@@ -818,6 +939,8 @@ decoded!(
     InitStepFailed,
     InitCompleted,
     InitFailed,
+    PlanDecided,
+    AgentTerminated,
     ContainmentApplied,
     ExecStarted,
     ExecFinished,
@@ -898,6 +1021,8 @@ pub fn start_bus() -> Bus {
         .project::<InitStepFailed>()
         .project::<InitCompleted>()
         .project::<InitFailed>()
+        .project::<PlanDecided>()
+        .project::<AgentTerminated>()
         .project::<ContainmentApplied>()
         .project::<ContainmentReleased>()
         .project::<DockerEventOccurred>()

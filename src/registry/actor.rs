@@ -21,6 +21,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 
+use super::grants::{IssueOutcome, IssueRequest, LiveToken};
 use super::leaf::{self, LeafState, PendingLeaf, Promotion};
 use super::store::{Entry, NewEntry, RegistryError, RegistryStore};
 use crate::identity::{self, Thumbprint};
@@ -188,6 +189,27 @@ pub struct PromoteLeaf {
 #[rtype(result = "Result<u64, RegistryError>")]
 pub struct CountSpentJtis;
 
+/// Spends an assertion's JTI and records its token in one transaction, or
+/// reissues an unredeemed grant ([`super::grants::issue`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<IssueOutcome, RegistryError>")]
+pub struct IssueToken(pub IssueRequest);
+
+/// A Register succeeded with a token of this grant ([`super::grants::redeem`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, RegistryError>")]
+pub struct RedeemGrant {
+    pub jti: String,
+    pub now: i64,
+}
+
+/// Every token still valid at `now` (the token endpoint loads them at start).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<LiveToken>, RegistryError>")]
+pub struct LiveTokens {
+    pub now: i64,
+}
+
 /// Releases the redb file and stops the actor. Answered after the file is
 /// closed, so the same path can be reopened (CP restart in one process).
 #[derive(Debug, Message)]
@@ -330,6 +352,39 @@ impl Handler<CountSpentJtis> for RegistryActor {
     }
 }
 
+impl Handler<IssueToken> for RegistryActor {
+    type Result = Reply<IssueOutcome>;
+
+    fn handle(&mut self, msg: IssueToken, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::issue(s.database(), &msg.0),
+            |_, _| {},
+        )
+    }
+}
+
+impl Handler<RedeemGrant> for RegistryActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: RedeemGrant, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::redeem(s.database(), &msg.jti, msg.now),
+            |_, _| {},
+        )
+    }
+}
+
+impl Handler<LiveTokens> for RegistryActor {
+    type Result = Reply<Vec<LiveToken>>;
+
+    fn handle(&mut self, msg: LiveTokens, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::live_tokens(s.database(), msg.now),
+            |_, _| {},
+        )
+    }
+}
+
 impl Handler<Shutdown> for RegistryActor {
     type Result = ();
 
@@ -347,6 +402,10 @@ impl Handler<Shutdown> for RegistryActor {
 pub struct Registry {
     addr: Addr<RegistryActor>,
     reader: RegistryReader,
+    /// Test seam: the next `add` fails with this error instead of writing
+    /// (a CP that dies between spending a JTI and committing the row).
+    #[cfg(feature = "test-hooks")]
+    add_fault: Arc<std::sync::Mutex<Option<RegistryError>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -403,7 +462,19 @@ impl Registry {
                 RegistryError::Unavailable("registry thread exited during startup".into())
             })?
         };
-        Ok(Self { addr, reader })
+        Ok(Self {
+            addr,
+            reader,
+            #[cfg(feature = "test-hooks")]
+            add_fault: Arc::default(),
+        })
+    }
+
+    /// Test seam (feature `test-hooks`): the next [`Registry::add`] fails
+    /// with `error` and writes nothing.
+    #[cfg(feature = "test-hooks")]
+    pub fn fail_next_add(&self, error: RegistryError) {
+        *self.add_fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
     pub fn reader(&self) -> &RegistryReader {
@@ -443,6 +514,15 @@ impl Registry {
             new.registered_at_unix != 0,
             "agentregistry: Add called with zero RegisteredAt"
         );
+        #[cfg(feature = "test-hooks")]
+        if let Some(e) = self
+            .add_fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
         self.ask(Add(new)).await?
     }
 
@@ -498,6 +578,26 @@ impl Registry {
 
     pub async fn spent_jti_count(&self) -> Result<u64, RegistryError> {
         self.ask(CountSpentJtis).await?
+    }
+
+    /// Spends a JTI and records its token durably (or reissues an
+    /// unredeemed grant); see [`super::grants`].
+    pub async fn issue_token(&self, req: IssueRequest) -> Result<IssueOutcome, RegistryError> {
+        self.ask(IssueToken(req)).await?
+    }
+
+    /// Marks a grant redeemed; `Ok(false)` if unknown or already redeemed.
+    pub async fn redeem_grant(&self, jti: &str, now: i64) -> Result<bool, RegistryError> {
+        self.ask(RedeemGrant {
+            jti: jti.to_owned(),
+            now,
+        })
+        .await?
+    }
+
+    /// Every issued token still valid at `now`.
+    pub async fn live_tokens(&self, now: i64) -> Result<Vec<LiveToken>, RegistryError> {
+        self.ask(LiveTokens { now }).await?
     }
 
     /// Closes the redb file and stops the actor; reads keep answering from

@@ -8,6 +8,7 @@ pub mod store;
 
 pub use store::{Entry, RegistryError, RegistryStore, SCHEMA_VERSION};
 pub mod actor;
+pub mod grants;
 pub mod jti;
 pub mod leaf;
 

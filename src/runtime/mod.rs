@@ -163,6 +163,15 @@ impl Change {
     }
 }
 
+/// Ending a container for good: what the session needs when an init or
+/// boot step failed and clawkerd did not exit by itself (reference
+/// `head-lifecycle.md` §3.2, the CP's kill backstop).
+pub trait Terminate: Send + Sync + 'static {
+    /// `docker kill` (SIGKILL); a container that is not running is
+    /// `Stopped::Already`.
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
+}
+
 /// The runtime operations containment needs, and nothing more. Every
 /// operation is idempotent: applied twice, the second reports
 /// `changed: false`.

@@ -1,6 +1,9 @@
-//! The life of one agent's session (reference `cp-session.md` §5–9):
-//! resolve → dial (with retries) → Hello → classify → maybe Register →
-//! init → hold → on break, reconnect.
+//! The life of one agent's session (reference `cp-session.md` §5–9,
+//! `head-lifecycle.md` §1): resolve → dial (with retries) → Hello →
+//! classify → maybe Register → the plans the `HelloAck` calls for (init
+//! once per container, boot on every start, nothing on a reconnect) →
+//! hold → on break, reconnect. A failed step ends the container
+//! ([`super::terminate`]) unless configured otherwise.
 //!
 //! This is plain async code; the session actor runs it as a task and owns
 //! its lifetime (aborting it is how a session is stopped, which is why a
@@ -14,15 +17,19 @@ use tokio::sync::watch;
 
 use clawker_actors::Backoff;
 
-use crate::events::{self, AgentRef, Publish, RotationReason, UntrustedReason, failed_reason};
-use crate::runtime::{Inspect, RuntimeError};
+use crate::events::{
+    self, AgentRef, Publish, RotationReason, UntrustedReason, failed_reason, plan_skipped,
+};
+use crate::runtime::{Inspect, RuntimeError, Terminate};
 
 use super::classify::{self, Classification, RegistryLookup};
 use super::dial::{self, DialConfig};
-use super::init::{self, InitConfig};
+use super::init::{self, InitConfig, InitOutcome};
 use super::mux::SessionMux;
+use super::plan;
 use super::register;
 use super::rotation::{self, CertRotation, Expiry, Rotator};
+use super::terminate::{self, Termination};
 
 /// What the session needs to know about its container, re-read on every
 /// attempt of the slow phase.
@@ -122,8 +129,17 @@ pub struct SessionPolicy {
     pub establish: EstablishConfig,
     pub init: InitConfig,
     pub register_timeout: Duration,
-    /// Register rounds per session actor (the reference retried forever).
+    /// Register rounds per session, i.e. per established stream (the
+    /// reference retried forever). A later session (container restart,
+    /// the next reconnect) starts again from zero, so a transient fault
+    /// never bricks an agent.
     pub max_register_attempts: u32,
+    /// Pause before the second round of a session; doubles per round.
+    /// Only retryable failures get another round.
+    pub register_retry_backoff: Duration,
+    /// How long clawkerd gets to end its container by itself after a
+    /// failed step, before the CP kills it.
+    pub terminate_grace: Duration,
     /// Run init for agents that are not trusted (default off: the
     /// reference ran it for everyone, releasing an untrusted user command).
     pub init_untrusted: bool,
@@ -139,6 +155,8 @@ impl Default for SessionPolicy {
             init: InitConfig::default(),
             register_timeout: register::REGISTER_REQUIRED_TIMEOUT,
             max_register_attempts: 3,
+            register_retry_backoff: Duration::from_secs(1),
+            terminate_grace: terminate::DEFAULT_GRACE,
             init_untrusted: false,
             break_grace: Duration::from_millis(150),
         }
@@ -149,6 +167,8 @@ impl Default for SessionPolicy {
 pub struct SessionDeps<P: Publish> {
     pub resolver: Arc<dyn ContainerResolver>,
     pub registry: Arc<dyn RegistryLookup>,
+    /// Kills a container whose start step failed and that did not exit.
+    pub terminate: Arc<dyn Terminate>,
     pub dial: DialConfig,
     pub sink: P,
     pub policy: SessionPolicy,
@@ -163,6 +183,7 @@ impl<P: Publish> Clone for SessionDeps<P> {
         Self {
             resolver: self.resolver.clone(),
             registry: self.registry.clone(),
+            terminate: self.terminate.clone(),
             dial: self.dial.clone(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
@@ -312,7 +333,6 @@ pub async fn run<P: Publish>(
     live: watch::Sender<Option<LiveSession>>,
     moved: Arc<tokio::sync::Notify>,
 ) -> String {
-    let mut register_rounds = 0u32;
     let mut cycle = 0u32;
     loop {
         cycle += 1;
@@ -356,21 +376,14 @@ pub async fn run<P: Publish>(
         });
         tracing::info!(event = "agentdial_session_connected", container_id = %container_id, cycle, attempts, peer_cn = %conn.peer.cn, "session connected");
 
-        let Verdict { trusted, rotate } =
-            verdict(&who, &target, &conn, &deps, &mut register_rounds).await;
+        let Verdict { trusted, rotate } = verdict(&who, &target, &conn, &deps).await;
 
         let _ = live.send(Some(LiveSession {
             mux: conn.mux.clone(),
             agent: who.clone(),
             trusted,
         }));
-        let init = async {
-            if trusted || deps.policy.init_untrusted {
-                init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
-            } else {
-                tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
-            }
-        };
+        let init = start_sequence(&who, &conn, trusted, &deps);
 
         // Hold, from the verdict on (concurrently with init, so an expired
         // leaf is rotated at once): serve leaf rotations until the stream
@@ -451,13 +464,104 @@ struct Verdict {
     rotate: Option<RotationReason>,
 }
 
+/// Decides from the `HelloAck` (and trust) what runs on this session, runs
+/// it, and ends the container if a step failed.
+async fn start_sequence<P: Publish>(
+    who: &AgentRef,
+    conn: &dial::Connection,
+    trusted: bool,
+    deps: &SessionDeps<P>,
+) {
+    let container_id = who.container_id.as_str();
+    let ack = &conn.hello;
+    let decision = plan::decide(ack);
+    let allowed = trusted || deps.policy.init_untrusted;
+    let steps = if allowed {
+        plan::compose(decision, &deps.policy.init.hooks)
+    } else {
+        Vec::new()
+    };
+    let skipped = if decision.init_bypassed {
+        plan_skipped::INIT_BYPASSED
+    } else if !decision.boot {
+        plan_skipped::CMD_RUNNING
+    } else if !allowed {
+        plan_skipped::UNTRUSTED
+    } else {
+        ""
+    };
+    let plans = plan::plans_of(&steps);
+    let plan_names: Vec<&str> = plans.iter().map(|p| p.as_str()).collect();
+    tracing::info!(
+        event = "agent_plan_decided",
+        container_id,
+        initialized = ack.initialized,
+        cmd_running = ack.cmd_running,
+        plans = ?plan_names,
+        skipped,
+        "start plans decided"
+    );
+    match skipped {
+        plan_skipped::INIT_BYPASSED => tracing::warn!(
+            event = "agent_init_bypassed",
+            container_id,
+            "the user command runs but the init marker is missing; nothing runs"
+        ),
+        plan_skipped::UNTRUSTED => tracing::warn!(
+            event = "agent_init_withheld",
+            container_id,
+            "init withheld from an untrusted agent (the user command stays unreleased)"
+        ),
+        _ => {}
+    }
+    deps.sink.publish(events::PlanDecided {
+        agent: who.clone(),
+        initialized: ack.initialized,
+        cmd_running: ack.cmd_running,
+        plans,
+        skipped: skipped.to_owned(),
+        at: events::now(),
+    });
+    if steps.is_empty() {
+        return;
+    }
+    let outcome = init::run(&conn.mux, who, &deps.sink, deps.policy.init.clone(), steps).await;
+    let InitOutcome::Failed {
+        plan,
+        step,
+        failure,
+    } = outcome
+    else {
+        return;
+    };
+    // A broken transport is the session's problem (it reconnects), not the
+    // step's; `keep_on_init_failure` keeps the container for inspection.
+    if deps.policy.init.keep_on_failure
+        || failure.reason == events::InitFailureReason::TransportError
+    {
+        return;
+    }
+    // Its own task: the container's `die` aborts this session's task.
+    tokio::spawn(terminate::end_container(
+        Termination {
+            agent: who.clone(),
+            plan,
+            step,
+            failure,
+        },
+        deps.resolver.clone(),
+        deps.terminate.clone(),
+        deps.sink.clone(),
+        deps.policy.terminate_grace,
+    ));
+}
+
 /// Decides trust for this session and publishes the agent-axis events.
 async fn verdict<P: Publish>(
     who: &AgentRef,
     target: &ResolvedTarget,
     conn: &dial::Connection,
     deps: &SessionDeps<P>,
-    register_rounds: &mut u32,
 ) -> Verdict {
     let container_id = who.container_id.as_str();
     let untrusted = |reason: UntrustedReason, detail: String| {
@@ -532,21 +636,7 @@ async fn verdict<P: Publish>(
             );
         }
         Classification::Miss => {
-            let result = if *register_rounds >= deps.policy.max_register_attempts {
-                Err(register::RegisterFailure::Exhausted(
-                    deps.policy.max_register_attempts,
-                ))
-            } else {
-                *register_rounds += 1;
-                register::drive(
-                    &conn.mux,
-                    deps.registry.as_ref(),
-                    container_id,
-                    deps.policy.register_timeout,
-                )
-                .await
-            };
-            return match result {
+            return match register_rounds(container_id, conn, deps).await {
                 Ok(()) => {
                     tracing::info!(event = "agent_registered", container_id, "agent registered");
                     deps.sink.publish(events::AgentRegistered {
@@ -661,5 +751,47 @@ async fn promote_pending<P: Publish>(
             });
             None
         }
+    }
+}
+
+/// Up to `max_register_attempts` Register rounds on this session, with a
+/// doubling pause, as long as the failure is retryable.
+async fn register_rounds<P: Publish>(
+    container_id: &str,
+    conn: &dial::Connection,
+    deps: &SessionDeps<P>,
+) -> Result<(), register::RegisterFailure> {
+    let max = deps.policy.max_register_attempts;
+    if max == 0 {
+        return Err(register::RegisterFailure::Exhausted(0));
+    }
+    let mut pause = deps.policy.register_retry_backoff;
+    let mut round = 1;
+    loop {
+        let result = register::drive(
+            &conn.mux,
+            deps.registry.as_ref(),
+            container_id,
+            deps.policy.register_timeout,
+        )
+        .await;
+        let failure = match result {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
+        if round >= max || !failure.retryable() {
+            return Err(failure);
+        }
+        tracing::info!(
+            event = "agent_register_retry",
+            container_id,
+            round,
+            retry_in_ms = pause.as_millis() as u64,
+            reason = %failure,
+            "register failed transiently; retrying on this session"
+        );
+        tokio::time::sleep(pause).await;
+        pause = pause.saturating_mul(2);
+        round += 1;
     }
 }
