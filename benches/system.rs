@@ -9,6 +9,14 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `startup` (not in the default set: it needs root and builds a private
+//!   swarm): start → InitCompleted in engine mode (an in-process CP on the
+//!   main engine) beside Swarm mode (the CP service on a one-node private
+//!   swarm, `scripts/swarm-cluster/`), the same N agent starts each, one
+//!   after another, in one run. "start" is the runtime's own start time
+//!   (engine: the container `start` event; swarm: the moment the manager
+//!   recorded the task running), so both numbers cover dial, Register and
+//!   init; the `agent run` call → InitCompleted is reported too.
 //! - `exec`: the operator's way in, on a real engine (image
 //!   `$CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`): the whole CLI
 //!   process `clawker agent exec NAME -- true` against `docker exec NAME
@@ -48,6 +56,9 @@ use futures::StreamExt;
 #[allow(dead_code)]
 #[path = "../tests/common/pty.rs"]
 mod pty;
+#[allow(dead_code)]
+#[path = "../tests/common/swarm.rs"]
+mod swarm_support;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -64,6 +75,9 @@ fn main() {
         .map(String::as_str)
         .collect();
     let want = |s: &str| only.is_empty() || only.contains(&s);
+    if only.contains(&"startup") {
+        actix::System::new().block_on(startup_section());
+    }
     raise_fd_limit();
     println!("machine: {} cores, {}", num_cpus(), mem_total());
     if want("docker") {
@@ -373,6 +387,7 @@ async fn docker_section() {
         extra_networks: vec![],
         mint_for_container: None,
         cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()
@@ -479,12 +494,161 @@ async fn docker_section() {
     );
 
     cp::agent::remove(&docker, &id).await.ok();
-    let q = running.engine.networks().quarantine.clone();
+    let q = cfg.quarantine_network.clone();
     cp::stop(running).await;
     remove_quarantine(&q).await;
     let _ = Process::new("docker")
         .args(["network", "rm", "clawker-bench"])
         .output();
+}
+
+fn nanos_now() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn bench_image() -> String {
+    std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
+
+fn run_spec(name: &str, network: &str) -> RunSpec {
+    RunSpec {
+        agent: AgentName::new(name).unwrap(),
+        project: ProjectSlug::new("bench").unwrap(),
+        image: bench_image(),
+        network: network.into(),
+        agent_port: clawker::defaults::AGENT_PORT,
+        command: vec![],
+        extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
+        extra_networks: vec![],
+        env: vec![],
+        hardening: Default::default(),
+        mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
+    }
+}
+
+/// (start → InitCompleted, call → InitCompleted) from event records.
+fn startup_sample(
+    recs: &[(String, serde_json::Value)],
+    id: &str,
+    call: i128,
+) -> Option<(Duration, Duration)> {
+    let done = recs
+        .iter()
+        .find(|(n, j)| n == "agent.init.completed" && j["container_id"] == id)
+        .and_then(|(_, j)| swarm_support::at_nanos(j))?;
+    let start = recs
+        .iter()
+        .find(|(n, j)| {
+            n == "docker.event"
+                && j["actor_id"] == id
+                && j["action"] == "start"
+                && j["synthetic"] == false
+        })
+        .and_then(|(_, j)| j["time_nanos"].as_i64().map(i128::from))?;
+    let d = |from: i128| Duration::from_nanos((done - from).max(0) as u64);
+    Some((d(start), d(call)))
+}
+
+async fn startup_section() {
+    let n: usize = std::env::var("CLAWKER_BENCH_STARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    println!("\n== start → InitCompleted, engine vs swarm ({n} starts each, one at a time) ==");
+
+    // Engine mode: an in-process CP on the main engine.
+    let docker = clawker::docker::connect().await.expect("docker engine");
+    let state = tempfile::tempdir().expect("tempdir");
+    clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+    let overrides = cp::config::Overrides {
+        network: Some("clawker-bench-startup".into()),
+        subnet: Some("10.241.200.0/24".into()),
+        quarantine_network: Some("clawker-bench-startup-q".into()),
+        quarantine_subnet: Some("10.241.201.0/24".into()),
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let cfg = cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+    let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+    let running = cp::start(&cfg).await.expect("cp");
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    {
+        let mut sub = running.bus.subscribe_all().unwrap();
+        let s = seen.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                s.lock().unwrap().push((e.name().to_owned(), e.to_json()));
+            }
+        });
+    }
+    let (mut e_start, mut e_call) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let call = nanos_now();
+        let id = cp::agent::run(
+            &docker,
+            &material,
+            &run_spec(&format!("e{i}"), &cfg.network),
+        )
+        .await
+        .expect("run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sample = loop {
+            if let Some(s) = startup_sample(&seen.lock().unwrap(), &id, call) {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine agent {i}: no InitCompleted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        e_start.push(sample.0);
+        e_call.push(sample.1);
+        cp::agent::remove(&docker, &id).await.expect("rm");
+    }
+    cp::stop(running).await;
+    let _ = Process::new("docker")
+        .args(["network", "rm", "clawker-bench-startup"])
+        .output();
+    remove_quarantine("clawker-bench-startup-q").await;
+
+    // Swarm mode: the CP service on a one-node private swarm.
+    let cluster = swarm_support::Cluster::up(1);
+    let scp = swarm_support::SwarmCp::deploy(&cluster).await;
+    let material = scp.material();
+    let (mut s_start, mut s_call) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let call = nanos_now();
+        let id = cp::agent::run(
+            &scp.swarm,
+            &material,
+            &run_spec(&format!("s{i}"), swarm_support::OVERLAY),
+        )
+        .await
+        .expect("run");
+        let recs = scp
+            .wait("InitCompleted", 60, |r| {
+                startup_sample(r, &id, call).is_some()
+            })
+            .await;
+        let sample = startup_sample(&recs, &id, call).unwrap();
+        s_start.push(sample.0);
+        s_call.push(sample.1);
+        cp::agent::remove(&scp.swarm, &id).await.expect("rm");
+    }
+    drop(scp);
+    drop(cluster);
+
+    report("engine: start event → InitCompleted", &mut e_start);
+    report("swarm:  task running → InitCompleted", &mut s_start);
+    report("engine: `agent run` call → InitCompleted", &mut e_call);
+    report("swarm:  `agent run` call → InitCompleted", &mut s_call);
 }
 
 /// Removes a quarantine network and its bridge's host guard.
@@ -696,6 +860,7 @@ fn exec_section() {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+            placement: vec![],
         };
         let id = cp::agent::run(&docker, &material, &spec)
             .await
@@ -985,7 +1150,7 @@ fn containment_world() -> Arc<std::sync::atomic::AtomicUsize> {
 async fn containment_section() {
     use clawker::events::{AgentRef, AgentUntrusted, ContainmentAction as A, UntrustedReason};
     use clawker::policy::containment::{ContainmentConfig, Lift, Rule, TriggerKind};
-    use clawker::runtime::{Inspect, NetworkRole};
+    use clawker::runtime::NetworkRole;
     use clawker::session::command::{RunAs, shell};
     use std::sync::atomic::Ordering;
 
@@ -1046,6 +1211,7 @@ async fn containment_section() {
         extra_networks: vec![],
         mint_for_container: None,
         cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
     };
     let id = cp::agent::run(&docker, &material, &spec)
         .await
@@ -1065,7 +1231,7 @@ async fn containment_section() {
         async move {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let f = running.engine.inspect(id).await.unwrap();
+                let f = running.inspect.inspect(id).await.unwrap();
                 if f.ip_network == Some(role) {
                     let prefix = format!("{}:", f.ip.unwrap());
                     let at = seen.lock().unwrap().iter().skip(mark).find_map(|(n, j)| {

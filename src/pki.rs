@@ -1027,7 +1027,7 @@ mod tests {
         let e = ca.mint_agent(&p, &a, "ABC").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "container id must be lowercase hex; got \"ABC\""
+            "container id must be lowercase letters and digits; got \"ABC\""
         );
         let leaf = ca.mint_agent(&p, &a, "ab").unwrap();
         assert_eq!(cn(&parse(&leaf.cert_der)), "clawker.dev");

@@ -26,7 +26,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
-    ("runtime", &["defaults"]),
+    ("runtime", &["defaults", "events"]),
     // The agent daemon: foundation only, never the CP.
     (
         "clawkerd",

@@ -205,7 +205,7 @@ impl Harness {
     }
 
     fn state_dir(&self) -> std::path::PathBuf {
-        self.pki.dir.path().join("clawkerd-state")
+        self.pki.state_dir()
     }
 }
 

@@ -33,7 +33,7 @@ use clawker::events::{self, AgentRef, AgentUntrusted, UntrustedReason};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::AuthMaterial;
 use clawker::policy::containment::{ContainmentConfig, Rule, TriggerKind};
-use clawker::runtime::{Inspect, NetworkRole};
+use clawker::runtime::NetworkRole;
 use clawker::session::command::{self, RunAs, RunError};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -250,6 +250,7 @@ impl World {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 }
@@ -362,7 +363,7 @@ async fn wait_session(
 ) -> clawker::session::lifecycle::LiveSession {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let facts = cp.engine.inspect(id).await.unwrap();
+        let facts = cp.inspect.inspect(id).await.unwrap();
         if facts.ip_network == Some(role) {
             let prefix = format!("{}:", facts.ip.unwrap());
             let connected = seen.lock().unwrap().iter().skip(after).any(|(n, j)| {
@@ -526,7 +527,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         .await;
         assert_eq!(applied["outcome"], "applied", "{applied}");
         let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Quarantine, mark).await;
-        let facts = cp1.engine.inspect(&id).await.unwrap();
+        let facts = cp1.inspect.inspect(&id).await.unwrap();
         assert_eq!(facts.networks, vec![QUARANTINE_NET.to_owned()]);
         assert_eq!(reach(&live, &targets).await, all(false));
         let (code, out, _) = sh(&live, &RunAs::root(), "echo still-here", 10)
@@ -630,7 +631,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         // 6. clawkerd's port answers the CP only: a neighbour on clawker-net
         //    reaches a port the agent opens, but never clawkerd (no TLS
         //    byte back, no handshake in clawkerd's log).
-        let agent_ip = cp1.engine.inspect(&id).await.unwrap().ip.unwrap();
+        let agent_ip = cp1.inspect.inspect(&id).await.unwrap().ip.unwrap();
         let listener = {
             let live = live.clone();
             tokio::spawn(
@@ -681,7 +682,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         assert_eq!(n, "0", "no neighbour handshake ever reached clawkerd");
         // The guard is what stops it: without its table the same probe gets
         // clawkerd's TLS alert back and clawkerd logs the refusal.
-        let pid = cp1.engine.inspect(&id).await.unwrap().pid.to_string();
+        let pid = cp1.inspect.inspect(&id).await.unwrap().pid.to_string();
         run(
             "nsenter",
             &[
@@ -782,7 +783,7 @@ fn an_untrusted_agent_is_quarantined_and_locked_again_after_a_container_restart(
                     && j["outcome"] == "already_applied"),
             "quarantine survived the restart"
         );
-        let pid = cp1.engine.inspect(&id).await.unwrap().pid.to_string();
+        let pid = cp1.inspect.inspect(&id).await.unwrap().pid.to_string();
         let table = run(
             "nsenter",
             &[

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clawker::cp::{self, CpConfig, agent::RunSpec};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::AuthMaterial;
-use clawker::runtime::{Inspect, NetworkRole};
+use clawker::runtime::NetworkRole;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -128,6 +128,7 @@ impl Env {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 
@@ -336,7 +337,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             "init withheld from untrusted"
         );
         // Quarantined: on the internal quarantine network only.
-        let facts = cp1.engine.inspect(&id).await.unwrap();
+        let facts = cp1.inspect.inspect(&id).await.unwrap();
         assert_eq!(
             facts.networks,
             vec![env.cfg.quarantine_network.clone()],
@@ -429,7 +430,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             outcomes.iter().any(|o| o == "isolate:already_applied"),
             "re-contained idempotently: {outcomes:?}"
         );
-        let facts = cp2.engine.inspect(&id).await.unwrap();
+        let facts = cp2.inspect.inspect(&id).await.unwrap();
         assert_eq!(facts.networks, vec![env.cfg.quarantine_network.clone()]);
         cp::stop(cp2).await;
     });

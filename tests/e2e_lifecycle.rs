@@ -120,6 +120,7 @@ impl Env {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: clawker::cp::config::DEFAULT_AGENT_CERT_TTL,
+            placement: vec![],
         }
     }
 

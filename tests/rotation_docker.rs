@@ -87,6 +87,7 @@ impl Env {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 }
@@ -159,10 +160,12 @@ fn thumb(v: &serde_json::Value) -> Thumbprint {
 /// bootstrap leaf — replaced by `leaf` when given.
 async fn plant_leaf(docker: &bollard::Docker, id: &str, leaf: Option<&CertifiedKey>) {
     let mut b = tar::Builder::new(Vec::new());
-    let mut files = vec![("var/lib/clawker/leaf.pem", b"spoiled".as_slice())];
+    // Into clawkerd's state volume: the only place an upload may go on the
+    // hardened (read-only) root, and where the bootstrap bundle lives.
+    let mut files = vec![("leaf.pem", b"spoiled".as_slice())];
     if let Some(leaf) = leaf {
-        files.push(("run/clawker/bootstrap/cert.pem", leaf.cert_pem.as_bytes()));
-        files.push(("run/clawker/bootstrap/key.pem", leaf.key_pem.as_bytes()));
+        files.push(("bootstrap/cert.pem", leaf.cert_pem.as_bytes()));
+        files.push(("bootstrap/key.pem", leaf.key_pem.as_bytes()));
     }
     for (path, data) in files {
         let mut h = tar::Header::new_gnu();
@@ -177,7 +180,7 @@ async fn plant_leaf(docker: &bollard::Docker, id: &str, leaf: Option<&CertifiedK
         .upload_to_container(
             id,
             Some(bollard::query_parameters::UploadToContainerOptions {
-                path: "/".into(),
+                path: clawker::defaults::agent_paths::STATE_DIR.into(),
                 ..Default::default()
             }),
             bollard::body_full(b.into_inner().unwrap().into()),

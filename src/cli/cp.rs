@@ -1,4 +1,4 @@
-//! `clawker cp serve` and `clawker agent run|stop|rm|release|unlock`.
+//! `clawker cp serve|deploy` and `clawker agent run|stop|rm|release|unlock`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,13 +7,59 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 
+use crate::cp::config::RuntimeKind;
 use crate::cp::{self, config};
 use crate::identity::{AgentName, ProjectSlug};
+use crate::runtime::provision::Provision;
 
 #[derive(Debug, Subcommand)]
 pub enum CpCommand {
     /// Run the control plane until SIGTERM/SIGINT.
     Serve(ServeArgs),
+    /// Swarm mode: run the control plane as a one-replica swarm service on
+    /// the manager DOCKER_HOST points at (state on a volume of that node).
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The CP image (`scripts/build-cp-image.sh` builds it); every node
+    /// that may run it needs it.
+    #[arg(long, default_value = crate::defaults::swarm::CP_IMAGE)]
+    pub image: String,
+    /// The attachable overlay shared by the CP and the agents (created if
+    /// missing).
+    #[arg(long, default_value = crate::defaults::swarm::NETWORK)]
+    pub network: String,
+    /// Its subnet when it has to be created.
+    #[arg(long, default_value = crate::defaults::swarm::SUBNET)]
+    pub subnet: String,
+    /// The internal overlay `isolate` moves agents onto (created if
+    /// missing; the CP is attached to it too).
+    #[arg(long, default_value = crate::defaults::swarm::QUARANTINE_NETWORK)]
+    pub quarantine_network: String,
+    /// Its subnet when it has to be created.
+    #[arg(long, default_value = crate::defaults::swarm::QUARANTINE_SUBNET)]
+    pub quarantine_subnet: String,
+    /// Encrypt the overlay's data path (refused on a kernel without IPsec
+    /// ESP, where swarm silently drops all cross-node traffic).
+    #[arg(long)]
+    pub encrypted: bool,
+    #[arg(long, default_value_t = crate::defaults::AGENT_PORT)]
+    pub agent_port: u16,
+    /// Host port on the manager the admin API is published on.
+    #[arg(long, default_value_t = crate::defaults::ADMIN_ADDR.port())]
+    pub admin_port: u16,
+    /// The manager engine's socket on its host (mounted into the CP);
+    /// default: the path in DOCKER_HOST, else /var/run/docker.sock.
+    #[arg(long)]
+    pub engine_socket: Option<String>,
+    /// cp.toml to install as the CP's (default: <state>/cp.toml if present).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// RUST_LOG for the CP.
+    #[arg(long, default_value = "info")]
+    pub log_filter: String,
 }
 
 #[derive(Debug, Args)]
@@ -21,6 +67,13 @@ pub struct ServeArgs {
     /// TOML config file (default: <state>/cp.toml if present).
     #[arg(long, env = "CLAWKER_CONFIG")]
     pub config: Option<PathBuf>,
+    /// `engine` (one Docker engine) or `swarm` (the CP is the service
+    /// `cp deploy` creates).
+    #[arg(long, env = "CLAWKER_RUNTIME")]
+    pub runtime: Option<RuntimeKind>,
+    /// Swarm mode: require an encrypted overlay.
+    #[arg(long, env = "CLAWKER_SWARM_ENCRYPTED")]
+    pub swarm_encrypted: Option<bool>,
     #[arg(long, env = "CLAWKER_NETWORK")]
     pub network: Option<String>,
     /// Subnet used when the network has to be created.
@@ -83,6 +136,17 @@ pub struct NameArgs {
     pub name: String,
     #[arg(long, default_value = "")]
     pub project: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArg,
+}
+
+/// Which runtime the agent commands talk to.
+#[derive(Debug, Args)]
+pub struct RuntimeArg {
+    /// `engine` or `swarm` (DOCKER_HOST must then point at a manager);
+    /// default: `runtime` in <state>/cp.toml, else engine.
+    #[arg(long, env = "CLAWKER_RUNTIME")]
+    pub runtime: Option<RuntimeKind>,
 }
 
 #[derive(Debug, Args)]
@@ -92,8 +156,14 @@ pub struct RunArgs {
     pub project: String,
     #[arg(long, default_value = crate::defaults::AGENT_IMAGE)]
     pub image: String,
-    #[arg(long, default_value = crate::defaults::NETWORK)]
-    pub network: String,
+    /// The agent network (default: clawker-net; swarm: clawker-overlay).
+    #[arg(long)]
+    pub network: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArg,
+    /// Swarm placement constraint (repeatable), e.g. `node.role==worker`.
+    #[arg(long = "constraint")]
+    pub constraints: Vec<String>,
     #[arg(long, default_value_t = crate::defaults::AGENT_PORT)]
     pub agent_port: u16,
     /// The CP's TOML config: its `[agent]` section gives the defaults
@@ -162,7 +232,7 @@ fn load_file_config(
         Some(p) => (p.to_owned(), true),
         None => (state_dir.join("cp.toml"), false),
     };
-    config::FileConfig::load(&path, must_exist).map_err(anyhow::Error::msg)
+    Ok(config::FileConfig::load(&path, must_exist)?)
 }
 
 pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Result<()> {
@@ -172,6 +242,8 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
         .parse()
         .with_context(|| format!("--admin-addr {admin_addr:?}"))?;
     let overrides = config::Overrides {
+        runtime: args.runtime,
+        swarm_encrypted: args.swarm_encrypted,
         network: args.network,
         subnet: args.subnet,
         quarantine_network: args.quarantine_network,
@@ -184,7 +256,7 @@ pub fn serve(state_dir: &Path, admin_addr: &str, args: ServeArgs) -> anyhow::Res
         agent_cert_ttl: args.agent_cert_ttl,
         keep_on_init_failure: args.keep_on_init_failure,
     };
-    let cfg = config::resolve(state_dir.to_owned(), file, overrides).map_err(anyhow::Error::msg)?;
+    let cfg = config::resolve(state_dir.to_owned(), file, overrides)?;
     cp::serve(cfg)
 }
 
@@ -213,28 +285,101 @@ fn names(name: &str, project: &str) -> anyhow::Result<(AgentName, ProjectSlug)> 
     Ok((AgentName::new(name)?, ProjectSlug::new(project)?))
 }
 
+/// The runtime named by the flag/env, else by `<state>/cp.toml`.
+fn runtime_kind(state_dir: &Path, arg: &RuntimeArg) -> anyhow::Result<RuntimeKind> {
+    if let Some(k) = arg.runtime {
+        return Ok(k);
+    }
+    let file = config::FileConfig::load(&state_dir.join("cp.toml"), false)?;
+    Ok(file.runtime.unwrap_or_default())
+}
+
+/// The agent network by default for a runtime.
+fn default_network(kind: RuntimeKind) -> &'static str {
+    match kind {
+        RuntimeKind::Engine => crate::defaults::NETWORK,
+        RuntimeKind::Swarm => crate::defaults::swarm::NETWORK,
+    }
+}
+
+/// Connects to the runtime the agent commands act on.
+async fn provisioner(kind: RuntimeKind, network: &str) -> anyhow::Result<Box<dyn Provision>> {
+    Ok(match kind {
+        RuntimeKind::Engine => Box::new(crate::docker::connect().await?),
+        RuntimeKind::Swarm => Box::new(crate::docker::swarm::Swarm::connect(network).await?),
+    })
+}
+
 pub async fn agent(state_dir: &Path, admin_addr: &str, cmd: AgentCommand) -> anyhow::Result<()> {
-    let docker = crate::docker::connect().await?;
     match cmd {
         AgentCommand::Stop(n) => {
             let (agent, project) = names(&n.name, &n.project)?;
-            let id = cp::agent::find(&docker, &project, &agent).await?;
-            cp::agent::stop(&docker, &id).await?;
+            let kind = runtime_kind(state_dir, &n.runtime)?;
+            let rt = provisioner(kind, default_network(kind)).await?;
+            let id = cp::agent::find(rt.as_ref(), &project, &agent).await?;
+            cp::agent::stop(rt.as_ref(), &id).await?;
             println!("stopped {}", cp::agent::container_name(&project, &agent));
         }
         AgentCommand::Rm(n) => {
             let (agent, project) = names(&n.name, &n.project)?;
-            let id = cp::agent::find(&docker, &project, &agent).await?;
-            cp::agent::remove(&docker, &id).await?;
+            let kind = runtime_kind(state_dir, &n.runtime)?;
+            let rt = provisioner(kind, default_network(kind)).await?;
+            let id = cp::agent::find(rt.as_ref(), &project, &agent).await?;
+            cp::agent::remove(rt.as_ref(), &id).await?;
             println!("removed {}", cp::agent::container_name(&project, &agent));
         }
         AgentCommand::Release(n) => lift(state_dir, admin_addr, &n, true).await?,
         AgentCommand::Unlock(n) => lift(state_dir, admin_addr, &n, false).await?,
-        AgentCommand::Run(args) => run(state_dir, admin_addr, &docker, *args).await?,
+        AgentCommand::Run(args) => run(state_dir, admin_addr, *args).await?,
         AgentCommand::Exec(_)
         | AgentCommand::Shell(_)
         | AgentCommand::Cp(_)
         | AgentCommand::Logs(_) => bail!("internal: operator commands are dispatched by cli::run"),
+    }
+    Ok(())
+}
+
+/// `clawker cp deploy`.
+pub async fn deploy(state_dir: &Path, args: DeployArgs) -> anyhow::Result<()> {
+    let (path, must_exist) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (state_dir.join("cp.toml"), false),
+    };
+    let config_toml = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => None,
+        Err(e) => bail!("config {}: {e}", path.display()),
+    };
+    let engine_socket = args.engine_socket.clone().unwrap_or_else(|| {
+        std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|h| h.strip_prefix("unix://").map(str::to_owned))
+            .unwrap_or_else(|| "/var/run/docker.sock".into())
+    });
+    let swarm = crate::docker::swarm::Swarm::connect(&args.network).await?;
+    let req = cp::deploy::DeployRequest {
+        image: args.image,
+        network: args.network,
+        subnet: args.subnet,
+        quarantine_network: args.quarantine_network,
+        quarantine_subnet: args.quarantine_subnet,
+        encrypted: args.encrypted,
+        agent_port: args.agent_port,
+        admin_port: args.admin_port,
+        engine_socket,
+        config_toml,
+        log_filter: args.log_filter,
+    };
+    let cp = cp::deploy::deploy(&swarm, state_dir, &req).await?;
+    println!(
+        "control plane running: service {} task {} at {} on {}",
+        &cp.service_id[..12.min(cp.service_id.len())],
+        &cp.task_id[..12.min(cp.task_id.len())],
+        cp.overlay_ip,
+        req.network
+    );
+    if let Some(a) = cp.admin_addr {
+        println!("admin API: clawker --admin-addr {a} agents");
     }
     Ok(())
 }
@@ -274,12 +419,7 @@ async fn lift(
 }
 
 /// `[agent]` from the config file (`--config`, else `<state>/cp.toml`).
-async fn run(
-    state_dir: &Path,
-    admin_addr: &str,
-    docker: &crate::docker::Docker,
-    args: RunArgs,
-) -> anyhow::Result<()> {
+async fn run(state_dir: &Path, admin_addr: &str, args: RunArgs) -> anyhow::Result<()> {
     let (agent, project) = names(&args.name, &args.project)?;
     let overrides = cp::agent::AgentOverrides {
         cap_add: args.cap_add.clone(),
@@ -325,11 +465,17 @@ async fn run(
             }
         }
     };
+    let kind = runtime_kind(state_dir, &args.runtime)?;
+    let network = args
+        .network
+        .clone()
+        .unwrap_or_else(|| default_network(kind).to_owned());
+    let runtime = provisioner(kind, &network).await?;
     let spec = cp::agent::RunSpec {
         agent: agent.clone(),
         project: project.clone(),
         image: args.image,
-        network: args.network,
+        network,
         agent_port: args.agent_port,
         command: args.command,
         env,
@@ -338,8 +484,9 @@ async fn run(
         extra_networks: Vec::new(),
         mint_for_container: args.leaf_for_container,
         cert_ttl,
+        placement: args.constraints,
     };
-    let id = cp::agent::run(docker, &material, &spec).await?;
+    let id = cp::agent::run(runtime.as_ref(), &material, &spec).await?;
     let name = cp::agent::container_name(&project, &agent);
     println!("started {name} ({})", &id[..12.min(id.len())]);
     let Some((stream, _client)) = events.as_mut() else {

@@ -151,6 +151,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Cp(cp::CpCommand::Serve(args)) => {
             return cp::serve(&state_dir, &cli.admin_addr, args).map(|()| 0);
         }
+        Command::Cp(cp::CpCommand::Deploy(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            return rt.block_on(cp::deploy(&state_dir, args)).map(|()| 0);
+        }
         Command::Agent(
             a @ (cp::AgentCommand::Exec(_)
             | cp::AgentCommand::Shell(_)

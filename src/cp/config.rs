@@ -9,6 +9,39 @@ use serde::Deserialize;
 use crate::defaults;
 use crate::listen::ListenerLimits;
 
+/// What runs the agents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// One Docker engine; the CP on its host (or a container on clawker-net).
+    #[default]
+    Engine,
+    /// A Docker Swarm cluster; the CP a service on a manager
+    /// (`clawker cp deploy`).
+    Swarm,
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "engine" => Ok(Self::Engine),
+            "swarm" => Ok(Self::Swarm),
+            other => Err(ConfigError::UnknownRuntime(other.to_owned())),
+        }
+    }
+}
+
+/// `[swarm]`: Swarm-mode settings.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmFileConfig {
+    /// Encrypt the overlay's data path (IPsec between nodes). Refused at
+    /// startup on a kernel without IPsec ESP, where swarm would silently
+    /// drop all cross-node traffic on the network.
+    pub encrypted: Option<bool>,
+}
+
 /// A configuration problem, named after the file or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,6 +60,9 @@ pub enum ConfigError {
     /// negative timeout, a key in the wrong section, an unknown unit).
     #[error("{key}: {detail}")]
     Invalid { key: String, detail: String },
+    /// `runtime` (or `--runtime`) names no runtime.
+    #[error("runtime {0:?}: expected \"engine\" or \"swarm\"")]
+    UnknownRuntime(String),
 }
 
 /// A duration in the config file: whole seconds (`86400`) or a number with
@@ -110,6 +146,10 @@ fn duration_key(
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
+    /// `"engine"` (default) or `"swarm"`.
+    pub runtime: Option<RuntimeKind>,
+    /// The agent network (engine: the clawker-net bridge; swarm: the
+    /// attachable overlay).
     pub network: Option<String>,
     pub subnet: Option<String>,
     /// The internal network `isolate` moves agents onto.
@@ -141,6 +181,8 @@ pub struct FileConfig {
     pub admin_listener: Option<ListenerSection>,
     /// `[sessions]`: dial budget and the redial reconciler.
     pub sessions: Option<SessionsSection>,
+    /// `[swarm]`: Swarm mode.
+    pub swarm: Option<SwarmFileConfig>,
     /// `[agent]`: how `clawker agent run` confines new agent containers
     /// (read by the CLI, not the daemon).
     pub agent: Option<super::agent::AgentDefaults>,
@@ -401,6 +443,7 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct CpConfig {
     pub state_dir: PathBuf,
+    pub runtime: RuntimeKind,
     pub network: String,
     pub subnet: String,
     pub quarantine_network: String,
@@ -419,6 +462,8 @@ pub struct CpConfig {
     pub sessions: SessionsConfig,
     pub agent_cert_ttl: Duration,
     pub agent_cert_stale_after: Duration,
+    /// Swarm mode: the overlay must be (and may only be) encrypted.
+    pub swarm_encrypted: bool,
 }
 
 impl CpConfig {
@@ -430,6 +475,7 @@ impl CpConfig {
 /// Flag/env layer (each `None` when neither flag nor env is set).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
+    pub runtime: Option<RuntimeKind>,
     pub network: Option<String>,
     pub subnet: Option<String>,
     pub quarantine_network: Option<String>,
@@ -441,9 +487,11 @@ pub struct Overrides {
     pub init_untrusted: Option<bool>,
     pub agent_cert_ttl: Option<Duration>,
     pub keep_on_init_failure: Option<bool>,
+    pub swarm_encrypted: Option<bool>,
 }
 
-/// file < env/flags < nothing else; defaults fill the rest.
+/// file < env/flags < nothing else; defaults fill the rest (the agent and
+/// quarantine networks' defaults depend on the runtime).
 pub fn resolve(
     state_dir: PathBuf,
     file: FileConfig,
@@ -458,24 +506,42 @@ pub fn resolve(
         file.agent_cert_stale_after.as_ref(),
         DEFAULT_AGENT_CERT_STALE_AFTER,
     )?;
+    let runtime = o.runtime.or(file.runtime).unwrap_or_default();
+    let (default_network, default_subnet, default_quarantine, default_quarantine_subnet) =
+        match runtime {
+            RuntimeKind::Engine => (
+                defaults::NETWORK,
+                defaults::SUBNET,
+                defaults::QUARANTINE_NETWORK,
+                defaults::QUARANTINE_SUBNET,
+            ),
+            RuntimeKind::Swarm => (
+                defaults::swarm::NETWORK,
+                defaults::swarm::SUBNET,
+                defaults::swarm::QUARANTINE_NETWORK,
+                defaults::swarm::QUARANTINE_SUBNET,
+            ),
+        };
+    let file_encrypted = file.swarm.as_ref().and_then(|s| s.encrypted);
     Ok(CpConfig {
         state_dir,
+        runtime,
         network: o
             .network
             .or(file.network)
-            .unwrap_or_else(|| defaults::NETWORK.into()),
+            .unwrap_or_else(|| default_network.into()),
         subnet: o
             .subnet
             .or(file.subnet)
-            .unwrap_or_else(|| defaults::SUBNET.into()),
+            .unwrap_or_else(|| default_subnet.into()),
         quarantine_network: o
             .quarantine_network
             .or(file.quarantine_network)
-            .unwrap_or_else(|| defaults::QUARANTINE_NETWORK.into()),
+            .unwrap_or_else(|| default_quarantine.into()),
         quarantine_subnet: o
             .quarantine_subnet
             .or(file.quarantine_subnet)
-            .unwrap_or_else(|| defaults::QUARANTINE_SUBNET.into()),
+            .unwrap_or_else(|| default_quarantine_subnet.into()),
         agent_port: o
             .agent_port
             .or(file.agent_port)
@@ -505,6 +571,7 @@ pub fn resolve(
         agent_listener: agent_listener(file.agent_listener)?,
         admin_listener: admin_listener(file.admin_listener)?,
         sessions: sessions(file.sessions)?,
+        swarm_encrypted: o.swarm_encrypted.or(file_encrypted).unwrap_or(false),
     })
 }
 
@@ -664,6 +731,40 @@ mod tests {
         );
         assert_eq!(d.hooks, crate::session::plan::Hooks::default());
         assert!(toml::from_str::<FileConfig>("[hooks]\npre_runn = \"x\"").is_err());
+    }
+
+    #[test]
+    fn swarm_runtime_defaults_to_the_overlay_and_reads_its_section() {
+        let file: FileConfig =
+            toml::from_str("runtime = \"swarm\"\n[swarm]\nencrypted = true").unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert_eq!(c.runtime, RuntimeKind::Swarm);
+        assert_eq!(c.network, "clawker-overlay");
+        assert_eq!(c.subnet, defaults::swarm::SUBNET);
+        assert!(c.swarm_encrypted);
+        assert_eq!(
+            (c.quarantine_network.as_str(), c.quarantine_subnet.as_str()),
+            (
+                defaults::swarm::QUARANTINE_NETWORK,
+                defaults::swarm::QUARANTINE_SUBNET
+            )
+        );
+        let engine = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(engine.runtime, RuntimeKind::Engine);
+        assert_eq!(engine.network, "clawker-net");
+        let flag = Overrides {
+            runtime: Some("swarm".parse().unwrap()),
+            swarm_encrypted: Some(false),
+            ..Overrides::default()
+        };
+        let file: FileConfig = toml::from_str("[swarm]\nencrypted = true").unwrap();
+        let c = resolve("/s".into(), file, flag).unwrap();
+        assert_eq!((c.runtime, c.swarm_encrypted), (RuntimeKind::Swarm, false));
+        let e = "kubernetes".parse::<RuntimeKind>().unwrap_err();
+        assert!(matches!(e, ConfigError::UnknownRuntime(ref r) if r == "kubernetes"));
+        assert!(e.to_string().contains("\"engine\""), "{e}");
+        assert!(toml::from_str::<FileConfig>("runtime = \"k8s\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[swarm]\nencryted = true").is_err());
     }
 
     #[test]

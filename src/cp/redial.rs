@@ -18,12 +18,13 @@
 //! tick runs at a time; nothing polls faster than `interval`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use clawker_actors::{Backoff, ChildLink, ChildSpec};
 
-use crate::docker::{Docker, lister};
+use crate::runtime::{Inventory, ListScope};
 use crate::session::Sessions;
 
 /// Upper bound of the per-container backoff.
@@ -103,7 +104,7 @@ impl RedialPlan {
 
 /// The reconciler actor (`session-redial`, a child of the root).
 pub struct Redial {
-    docker: Docker,
+    inventory: Arc<dyn Inventory>,
     sessions: Sessions,
     interval: Duration,
     plan: RedialPlan,
@@ -111,13 +112,17 @@ pub struct Redial {
 }
 
 impl Redial {
-    pub fn spec(docker: Docker, sessions: Sessions, interval: Duration) -> ChildSpec {
+    pub fn spec(
+        inventory: Arc<dyn Inventory>,
+        sessions: Sessions,
+        interval: Duration,
+    ) -> ChildSpec {
         ChildSpec::worker("session-redial", move |link: ChildLink| {
-            let (docker, sessions) = (docker.clone(), sessions.clone());
+            let (inventory, sessions) = (inventory.clone(), sessions.clone());
             Ok(Redial::create(move |ctx| {
                 link.attach(ctx);
                 Redial {
-                    docker,
+                    inventory,
                     sessions,
                     interval,
                     plan: RedialPlan::new(interval),
@@ -132,9 +137,9 @@ impl Redial {
             return;
         }
         self.busy = true;
-        let (docker, sessions) = (self.docker.clone(), self.sessions.clone());
+        let (inventory, sessions) = (self.inventory.clone(), self.sessions.clone());
         let look = async move {
-            let running = lister::list_agents(&docker, lister::Scope::Running).await;
+            let running = inventory.list_agents(ListScope::Running).await;
             (running, sessions.active().await)
         };
         ctx.spawn(look.into_actor(self).map(|(running, active), act, _ctx| {
@@ -143,7 +148,7 @@ impl Redial {
                 // Paused containers are listed too; `unpause` dials them.
                 Ok(list) => list
                     .into_iter()
-                    .filter(|c| c.state == "running")
+                    .filter(|c| c.running)
                     .map(|c| c.id)
                     .collect(),
                 Err(error) => {

@@ -16,7 +16,8 @@ use futures::future::BoxFuture;
 use super::{DockerError, is_status, network};
 use crate::netns::{self, CpEndpoint, Installed, NetNs, NetnsError};
 use crate::runtime::{
-    Change, ContainerFacts, ContainmentOps, Inspect, NetworkRole, RuntimeError, Stopped, Terminate,
+    AgentPortGuard, Change, ContainerFacts, ContainmentOps, Inspect, NetworkRole, RuntimeError,
+    Stopped, Terminate,
 };
 
 /// The networks the CP reaches agents on.
@@ -315,6 +316,16 @@ fn is_not_running(e: &bollard::errors::Error) -> bool {
 impl Terminate for Engine {
     fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>> {
         ContainmentOps::kill(self, id)
+    }
+}
+
+impl AgentPortGuard for Engine {
+    fn guard_agent_port<'a>(
+        &'a self,
+        id: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        Box::pin(Engine::guard_agent_port(self, id, port))
     }
 }
 

@@ -101,6 +101,7 @@ impl DockerEnv {
             extra_networks: vec![],
             mint_for_container: None,
             cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 
