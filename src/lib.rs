@@ -12,6 +12,10 @@
 //! - [`proto`]: generated gRPC code for the three wire packages.
 //! - [`tls`]: rustls helpers shared by the CP and clawkerd (provider, PEM
 //!   loading, the CP's record-but-never-reject server verifier).
+//! - [`listen`]: what every listener does to survive a hostile peer
+//!   (connection caps, handshake and idle timeouts, the fd budget).
+//! - [`peer_text`]: the one bound on strings a peer sends us.
+//! - [`log_limit`]: rate-limited logging of lines a peer can cause.
 //! - [`admin_api`]: AdminService (ListAgents, worldview, event stream,
 //!   supervision tree) on loopback for the CLI, with its client.
 //! - [`cli`]: the `clawker` command line.
@@ -38,7 +42,10 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod identity;
+pub mod listen;
+pub mod log_limit;
 pub mod netns;
+pub mod peer_text;
 pub mod pki;
 pub mod policy;
 pub mod proto;

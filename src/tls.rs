@@ -1,6 +1,7 @@
 //! Shared rustls helpers: the one crypto provider we use (ring), PEM loading
 //! with errors that name the file, and the CP's deliberately permissive
-//! verifier for dialing clawkerd.
+//! verifier for dialing clawkerd. (The accept loop every listener runs is
+//! in `src/listen/`, with the bounds it enforces.)
 //!
 //! Why a permissive verifier exists at all: the trust model is asymmetric
 //! (DESIGN §1). clawkerd is strict — only the CP may open a session — but the
@@ -525,68 +526,6 @@ impl rustls::server::danger::ClientCertVerifier for PinnedClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
-}
-
-/// A TLS connection accepted by [`accept_loop`], with the TCP peer address.
-pub type Accepted = (
-    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    std::net::SocketAddr,
-);
-
-/// The accept loop every listener of ours runs (clawkerd, agent API, admin
-/// API): TCP accept → TLS handshake with a deadline, each handshake on its
-/// own task, so handshakes run concurrently, a silent peer cannot hold the
-/// loop, and every refused peer is logged (`reject_event`) with its address.
-/// Ends when `shutdown` fires or the receiver is dropped.
-pub fn accept_loop(
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    handshake_timeout: std::time::Duration,
-    reject_event: &'static str,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> tokio::sync::mpsc::Receiver<Accepted> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(64);
-    tokio::spawn(async move {
-        loop {
-            let (sock, peer) = tokio::select! {
-                r = tcp.accept() => match r {
-                    Ok(x) => x,
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(event = "accept_failed", %error);
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
-                // The server stopped consuming connections.
-                _ = tx.closed() => return,
-            };
-            let _ = sock.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(sock)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send((stream, peer)).await;
-                    }
-                    Ok(Err(error)) => tracing::warn!(
-                        event = reject_event,
-                        %peer,
-                        %error,
-                        "peer refused in the TLS handshake"
-                    ),
-                    Err(_) => tracing::warn!(
-                        event = reject_event,
-                        %peer,
-                        error = "handshake timeout",
-                        "peer refused in the TLS handshake"
-                    ),
-                }
-            });
-        }
-    });
-    rx
 }
 
 /// A tonic connector that dials `addr` over TCP and runs a TLS handshake

@@ -58,6 +58,10 @@ struct Cp {
 
 impl Cp {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut AdminConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         AuthMaterial::ensure(&state).unwrap();
@@ -69,7 +73,8 @@ impl Cp {
                 .child(ChildSpec::worker("admin-api", idle)),
         );
         let api = AdminApi::new(Arc::new(store.clone()), bus.clone(), Arc::new(sup.clone()));
-        let config = AdminConfig::load(&state, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut config = AdminConfig::load(&state, "127.0.0.1:0".parse().unwrap()).unwrap();
+        tweak(&mut config);
         let shutdown = CancellationToken::new();
         let (addr, task) = serve_admin_api(config, api, shutdown.clone())
             .await
@@ -209,6 +214,31 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The idle timeout closes connections with no request in flight; a
+/// `WatchEvents` stream is a request in flight for as long as it lives, so
+/// a quiet watcher is never cut.
+#[test]
+fn a_quiet_watch_stream_outlives_the_idle_timeout() {
+    run(|| async {
+        let cp = Cp::start_with(|c| c.limits.idle_timeout = Duration::from_millis(300)).await;
+        let client = cp.client().await;
+        let mut all = client.watch_events(vec![]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cp.bus.publish(trusted("quiet"));
+        let ev = tokio::time::timeout(Duration::from_secs(10), all.message())
+            .await
+            .expect("the stream was cut")
+            .unwrap()
+            .expect("the stream ended");
+        assert_eq!(ev.name, "agent.trusted");
+        // A unary call after the watcher's connection sat idle still works
+        // (the client reconnects if the server closed an idle connection).
+        assert!(client.list_agents().await.unwrap().is_empty());
+        drop(all);
+        cp.stop().await;
+    });
 }
 
 #[test]

@@ -17,6 +17,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("pki", &["identity", "defaults"]),
     ("tls", &["identity", "pki"]),
+    // Bounds against hostile peers: the one truncation of peer strings,
+    // rate-limited logging, and what every listener enforces.
+    ("peer_text", &[]),
+    ("log_limit", &[]),
+    ("listen", &["log_limit", "peer_text"]),
     ("archive", &[]),
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
@@ -25,19 +30,46 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The agent daemon: foundation only, never the CP.
     (
         "clawkerd",
-        &["archive", "identity", "pki", "proto", "tls", "defaults"],
+        &[
+            "archive",
+            "identity",
+            "pki",
+            "proto",
+            "tls",
+            "defaults",
+            "listen",
+            "log_limit",
+            "peer_text",
+        ],
     ),
     // Services, written against the seams.
     (
         "session",
         &[
-            "defaults", "events", "identity", "pki", "proto", "registry", "runtime", "tls",
+            "defaults",
+            "events",
+            "identity",
+            "peer_text",
+            "pki",
+            "proto",
+            "registry",
+            "runtime",
+            "tls",
         ],
     ),
     (
         "agent_api",
         &[
-            "defaults", "identity", "pki", "proto", "registry", "runtime", "tls",
+            "defaults",
+            "identity",
+            "listen",
+            "log_limit",
+            "peer_text",
+            "pki",
+            "proto",
+            "registry",
+            "runtime",
+            "tls",
         ],
     ),
     // The admin API fronts the operator's containment actions (release,
@@ -45,8 +77,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "admin_api",
         &[
-            "defaults", "events", "identity", "pki", "policy", "proto", "registry", "session",
-            "tls",
+            "defaults", "events", "identity", "listen", "pki", "policy", "proto", "registry",
+            "session", "tls",
         ],
     ),
     (
@@ -91,6 +123,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "docker",
             "events",
             "identity",
+            "listen",
             "netns",
             "pki",
             "policy",

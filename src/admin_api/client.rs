@@ -89,8 +89,12 @@ impl AdminClient {
             .map_err(|e| classify_connect_error(addr, &e))?;
         Ok(Self {
             addr,
-            admin: AdminServiceClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            admin: AdminServiceClient::new(channel.clone())
+                .max_encoding_message_size(super::server::MAX_REQUEST_BYTES)
+                .max_decoding_message_size(super::MAX_RESPONSE_BYTES),
+            health: HealthClient::new(channel)
+                .max_encoding_message_size(super::server::MAX_REQUEST_BYTES)
+                .max_decoding_message_size(super::server::MAX_REQUEST_BYTES),
         })
     }
 

@@ -46,6 +46,13 @@ use crate::pki::{self, AuthPaths};
 /// The fully-qualified gRPC service name (health and reflection use it).
 pub const SERVICE_NAME: &str = "clawker.admin.v1.AdminService";
 
+/// Largest admin response (server encode, CLI decode). Requests are capped
+/// at 4 MiB like every gRPC message of ours; responses get more room
+/// because `GetWorldview` answers with the whole worldview in one message,
+/// and with the 10,000-agent target that is more than 4 MiB. Both ends of
+/// this direction are ours and trusted (the CLI certificate is pinned).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 /// Listener configuration: the address and the PEM material it serves with.
 /// Plain data, so tests can build one from freshly minted certificates.
 #[derive(Clone)]
@@ -62,6 +69,8 @@ pub struct AdminConfig {
     /// reach. Off by default: the admin API is an operator surface and
     /// belongs on loopback (DESIGN §2).
     pub allow_non_loopback: bool,
+    /// Connection caps, handshake and idle timeouts (see [`crate::listen`]).
+    pub limits: crate::listen::ListenerLimits,
 }
 
 impl std::fmt::Debug for AdminConfig {
@@ -89,6 +98,7 @@ impl AdminConfig {
             server_key_pem: read(paths.server_key())?,
             ca_pem: read(paths.ca_cert())?,
             allow_non_loopback: false,
+            limits: crate::listen::ListenerLimits::ADMIN_API,
         })
     }
 }

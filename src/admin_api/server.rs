@@ -10,10 +10,12 @@
 //!    leaf: they are signed by the same CA;
 //! 3. the leaf explicitly lists the ClientAuth EKU.
 //!
-//! Why our own accept loop (TCP accept → handshake with a deadline → tonic
-//! `serve_with_incoming`) instead of tonic's TLS: handshakes run
-//! concurrently, a silent peer cannot hold the accept loop, and every
-//! refused peer is logged with its address and the reason.
+//! Why our own accept loop (TCP accept → cap check → handshake with a
+//! deadline → tonic `serve_with_incoming`) instead of tonic's TLS:
+//! handshakes run concurrently, a silent peer cannot hold the accept loop,
+//! connections are capped and closed when idle ([`crate::listen`]), and
+//! every refused peer is logged (rate-limited) with its address and the
+//! reason.
 //!
 //! Besides AdminService the listener serves `grpc.health.v1.Health`
 //! (`SERVING` for the whole server and for `clawker.admin.v1.AdminService`)
@@ -22,7 +24,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -30,14 +31,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::service::AdminApi;
 use super::{AdminConfig, SERVICE_NAME};
+use crate::listen::{self, AcceptConfig, InFlightLayer};
 use crate::pki::CLI_CN;
 use crate::tls;
 
-/// A peer gets this long to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest gRPC request the admin API decodes (the CLI's requests are a
+/// few bytes).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Largest gRPC response it encodes (and the CLI decodes): the worldview
+/// of a large fleet is one message (see [`crate::admin_api::client`]).
+pub const MAX_RESPONSE_BYTES: usize = crate::admin_api::MAX_RESPONSE_BYTES;
 
 /// Why the admin API could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -124,24 +131,50 @@ pub async fn serve_admin_api(
         .build_v1alpha()
         .map_err(|e| AdminServerError::Reflection(e.to_string()))?;
 
-    let rx = tls::accept_loop(
+    let limits = config.limits;
+    let (rx, _connections) = listen::accept_loop(
         tcp,
         acceptor,
-        HANDSHAKE_TIMEOUT,
-        "admin_tls_rejected",
+        AcceptConfig {
+            listener: "admin_api",
+            reject_event: "admin_tls_rejected",
+            refused_event: "admin_connection_refused",
+            limits,
+            reserved: None,
+        },
         shutdown.clone(),
     );
     tracing::info!(event = "admin_api_listening", addr = %local);
 
     let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(service.with_stream_shutdown(shutdown.clone()).into_server())
-        .add_service(health_svc)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(InFlightLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
+        .add_service(
+            service
+                .with_stream_shutdown(shutdown.clone())
+                .into_server()
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        )
+        .add_service(
+            health_svc
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            reflection_v1
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            reflection_v1alpha
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(
-            ReceiverStream::new(rx).map(|(conn, _peer)| Ok::<_, std::io::Error>(conn)),
+            ReceiverStream::new(rx).map(|accepted| Ok::<_, std::io::Error>(accepted.into_conn())),
             shutdown.cancelled_owned(),
         );
     let task = tokio::spawn(async move {
@@ -200,6 +233,7 @@ mod tests {
             server_key_pem: server.key_pem.into_bytes(),
             ca_pem: ca.cert_pem().as_bytes().to_vec(),
             allow_non_loopback: false,
+            limits: crate::listen::ListenerLimits::ADMIN_API,
         };
         assert!(server_tls_config(&cfg).is_ok());
         assert!(matches!(

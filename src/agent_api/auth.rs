@@ -116,13 +116,21 @@ impl AuthLayer {
         headers: &http::HeaderMap,
         has_cert: bool,
     ) -> Result<Option<Introspection>, Status> {
+        // Every refusal below is peer-triggered: logged rate-limited, with
+        // the (peer-chosen) path bounded.
+        let loud = || crate::log_limit::admit("agent_api_authz_denied");
+        let method = || crate::peer_text::bound(path);
         if self.require_client_cert && !has_cert {
-            tracing::warn!(method = path, "authz: no client certificate");
+            if loud() {
+                tracing::warn!(method = %method(), "authz: no client certificate");
+            }
             return Err(Status::unauthenticated("client certificate required"));
         }
         // 1. Fail closed on methods without a policy.
         let Some(required) = self.scopes.get(path) else {
-            tracing::warn!(method = path, "authz: unmapped method denied");
+            if loud() {
+                tracing::warn!(method = %method(), "authz: unmapped method denied");
+            }
             return Err(Status::unauthenticated("unauthorized"));
         };
         // 2. Public method.
@@ -135,19 +143,21 @@ impl AuthLayer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let Some(token) = token else {
-            tracing::debug!(method = path, "authz: no bearer token");
+            tracing::debug!(method = %method(), "authz: no bearer token");
             return Err(Status::unauthenticated("missing bearer token"));
         };
         // 4–5.
         let result = match self.introspector.introspect(token, required).await {
             Ok(r) => r,
             Err(error) => {
-                tracing::warn!(method = path, %error, "authz: introspection failed");
+                if loud() {
+                    tracing::warn!(method = %method(), %error, "authz: introspection failed");
+                }
                 return Err(Status::unauthenticated("token validation failed"));
             }
         };
         if !result.active {
-            tracing::debug!(method = path, "authz: token inactive or invalid");
+            tracing::debug!(method = %method(), "authz: token inactive or invalid");
             return Err(Status::unauthenticated("token inactive or invalid"));
         }
         // 6. Exact scope element.
@@ -155,7 +165,7 @@ impl AuthLayer {
             || Status::permission_denied(format!("token missing required scope {required:?}"));
         if !result.scope.split_whitespace().any(|s| s == required) {
             tracing::warn!(
-                method = path,
+                method = %method(),
                 required_scope = %required,
                 token_scope = %result.scope,
                 "authz: token missing required scope"
@@ -167,7 +177,7 @@ impl AuthLayer {
             && result.client_id != **pinned
         {
             tracing::warn!(
-                method = path,
+                method = %method(),
                 required_client_id = %pinned,
                 token_client_id = %result.client_id,
                 "authz: token client_id does not match required client_id"

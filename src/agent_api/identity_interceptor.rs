@@ -61,21 +61,28 @@ impl IdentityLayer {
             return Ok(None);
         }
         let rejected = || Status::permission_denied("registration rejected");
+        // Peer-triggered refusals: rate-limited, the path bounded.
+        let loud = || crate::log_limit::admit("agent_identity_rejected");
+        let method = || crate::peer_text::bound(path);
         let leaf = match peer::peer_leaf(ext) {
             Ok(l) => l,
             Err(error) => {
-                tracing::warn!(method = path, %error, "agent identity: missing peer auth info");
+                if loud() {
+                    tracing::warn!(method = %method(), %error, "agent identity: missing peer auth info");
+                }
                 return Err(rejected());
             }
         };
         match self.reader.lookup(&leaf.thumbprint, &leaf.cn) {
             Ok(entry) => Ok(Some(AgentIdentity(entry))),
             Err(RegistryError::UnknownAgent) => {
-                tracing::warn!(method = path, "agent identity: thumbprint not registered");
+                if loud() {
+                    tracing::warn!(method = %method(), "agent identity: thumbprint not registered");
+                }
                 Err(rejected())
             }
             Err(error) => {
-                tracing::error!(method = path, %error, "agent identity: registry lookup failed");
+                tracing::error!(method = %method(), %error, "agent identity: registry lookup failed");
                 Err(rejected())
             }
         }

@@ -40,8 +40,8 @@ pub struct PeerLeaf {
 
 impl PeerLeaf {
     pub fn parse(der: &[u8]) -> Result<Self, PeerError> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| PeerError::BadCertificate(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| PeerError::BadCertificate(crate::peer_text::bound(e.to_string())))?;
         let cn = cert
             .subject()
             .iter_common_name()
@@ -57,10 +57,11 @@ impl PeerLeaf {
                 }
             }
         }
+        // CN and SAN are the peer's strings: bounded at decode.
         Ok(Self {
             thumbprint: Thumbprint::of_der(der),
-            cn,
-            container_id: identity::container_id_from_uris(uris).map(str::to_owned),
+            cn: crate::peer_text::bound(cn),
+            container_id: identity::container_id_from_uris(uris).map(crate::peer_text::bound),
         })
     }
 }

@@ -137,18 +137,23 @@ impl RegisterService {
         container_id: &str,
     ) -> Result<Response<Welcome>, Status> {
         if existing.thumbprint.ct_eq(thumbprint) {
-            tracing::info!(
-                event = "agent_register_idempotent",
-                container_id,
-                "register retry for an already registered container"
-            );
+            // A retry is legitimate but repeatable at will: rate-limited.
+            if crate::log_limit::admit("agent_register_idempotent") {
+                tracing::info!(
+                    event = "agent_register_idempotent",
+                    container_id,
+                    "register retry for an already registered container"
+                );
+            }
             Ok(Response::new(Welcome {}))
         } else {
-            tracing::warn!(
-                event = "agent_register_thumbprint_replay",
-                container_id,
-                "container already registered with a different certificate"
-            );
+            if crate::log_limit::admit("agent_register_refused") {
+                tracing::warn!(
+                    event = "agent_register_thumbprint_replay",
+                    container_id,
+                    "container already registered with a different certificate"
+                );
+            }
             Err(denied())
         }
     }
@@ -172,7 +177,9 @@ impl RegisterService {
         let (leaf, peer_ip): (PeerLeaf, IpAddr) = match peer {
             Ok(p) => p,
             Err(error) => {
-                tracing::warn!(event = "agent_register_no_peer", %error, "peer cert/IP unavailable");
+                if crate::log_limit::admit("agent_register_refused") {
+                    tracing::warn!(event = "agent_register_no_peer", %error, "peer cert/IP unavailable");
+                }
                 return Err(denied());
             }
         };
@@ -181,21 +188,25 @@ impl RegisterService {
         // precedes the SAN and Docker so a CN mismatch never reaches Docker.
         let expected_cn = identity::canonical_cn(&project, &agent);
         if !identity::ct_str_eq(&leaf.cn, &expected_cn) {
-            tracing::warn!(
-                event = "agent_register_cn_mismatch",
-                peer_cn = %leaf.cn,
-                expected_cn = %expected_cn,
-                "peer CN does not match the claimed identity"
-            );
+            if crate::log_limit::admit("agent_register_refused") {
+                tracing::warn!(
+                    event = "agent_register_cn_mismatch",
+                    peer_cn = %leaf.cn,
+                    expected_cn = %expected_cn,
+                    "peer CN does not match the claimed identity"
+                );
+            }
             return Err(denied());
         }
 
         // 5: the container the certificate is bound to.
         let Some(container_id) = leaf.container_id.clone() else {
-            tracing::warn!(
-                event = "agent_register_no_container_san",
-                "peer certificate has no container URI SAN"
-            );
+            if crate::log_limit::admit("agent_register_refused") {
+                tracing::warn!(
+                    event = "agent_register_no_container_san",
+                    "peer certificate has no container URI SAN"
+                );
+            }
             return Err(denied());
         };
 
@@ -208,12 +219,14 @@ impl RegisterService {
                 } else {
                     "agent_register_container_not_found"
                 };
-                tracing::warn!(
-                    event,
-                    %error,
-                    container_id = %container_id,
-                    "container inspect failed"
-                );
+                if crate::log_limit::admit("agent_register_refused") {
+                    tracing::warn!(
+                        event,
+                        %error,
+                        container_id = %container_id,
+                        "container inspect failed"
+                    );
+                }
                 return Err(inspect_failure_status(&error));
             }
         };
@@ -221,11 +234,13 @@ impl RegisterService {
         // 7: Docker's labels must name the same identity (exact equality;
         // an absent label reads as "").
         if facts.agent_label() != agent.as_str() || facts.project_label() != project.as_str() {
-            tracing::warn!(
-                event = "agent_register_label_mismatch",
-                container_id = %container_id,
-                "container labels do not match the claimed identity"
-            );
+            if crate::log_limit::admit("agent_register_refused") {
+                tracing::warn!(
+                    event = "agent_register_label_mismatch",
+                    container_id = %container_id,
+                    "container labels do not match the claimed identity"
+                );
+            }
             return Err(denied());
         }
 
@@ -235,12 +250,14 @@ impl RegisterService {
             .ip
             .is_some_and(|ip| ip.to_canonical() == peer_ip.to_canonical());
         if !ip_ok {
-            tracing::warn!(
-                event = "agent_register_peer_ip_mismatch",
-                container_id = %container_id,
-                peer_ip = %peer_ip,
-                "peer address is not the container's clawker-net address"
-            );
+            if crate::log_limit::admit("agent_register_refused") {
+                tracing::warn!(
+                    event = "agent_register_peer_ip_mismatch",
+                    container_id = %container_id,
+                    peer_ip = %peer_ip,
+                    "peer address is not the container's clawker-net address"
+                );
+            }
             return Err(denied());
         }
 
@@ -260,12 +277,14 @@ impl RegisterService {
             }
             Err(RegistryError::UnknownAgent) => {}
             Err(error) => {
-                tracing::warn!(
-                    event = "agent_register_lookup_error",
-                    %error,
-                    container_id = %container_id,
-                    "registry lookup failed"
-                );
+                if crate::log_limit::admit("agent_register_refused") {
+                    tracing::warn!(
+                        event = "agent_register_lookup_error",
+                        %error,
+                        container_id = %container_id,
+                        "registry lookup failed"
+                    );
+                }
                 return Err(Status::unavailable("register: lookup failed"));
             }
         }

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tonic::service::Routes;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower_layer::Layer;
 
 use super::auth::{AuthLayer, TokenIntrospector};
@@ -34,10 +35,18 @@ use super::identity_interceptor::IdentityLayer;
 use super::register::{INSPECT_TIMEOUT, RegisterService};
 use super::scopes::{self, CLIENT_ID_AGENT, IdentityDecision, PolicyError};
 use super::token::{self, TokenConfig, TokenIssuer, TokenSetupError};
+use crate::listen::{self, AcceptConfig, ConnLimiter, InFlightLayer, ListenerLimits};
 use crate::pki::{self, AuthPaths, Jwk, PkiError};
 use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::registry::Registry;
 use crate::runtime::Inspect;
+
+/// Default bound on one request (Register's own checks, including its
+/// Docker inspect, finish well within it).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest gRPC message either way on the agent listener.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// Everything the agent listener needs. Build it with
 /// [`AgentApiConfig::from_state_dir`] and adjust fields as needed.
@@ -63,8 +72,14 @@ pub struct AgentApiConfig {
     /// of with the embedded issuer's table. The token endpoint is still
     /// served either way.
     pub introspector: Option<Arc<dyn TokenIntrospector>>,
-    /// Bound on one TLS handshake, so a silent peer cannot hold a slot.
-    pub handshake_timeout: Duration,
+    /// Connection caps, handshake and idle timeouts, HTTP/2 keepalive and
+    /// streams per connection (see [`crate::listen`]).
+    pub limits: ListenerLimits,
+    /// Bound on one request, from its headers to its response headers
+    /// (gRPC and the token endpoint alike).
+    pub request_timeout: Duration,
+    /// Bound on reading a token request's body (slowloris).
+    pub body_read_timeout: Duration,
     /// Bound on Register's Docker inspect.
     pub inspect_timeout: Duration,
 }
@@ -103,7 +118,9 @@ impl AgentApiConfig {
             method_scopes: scopes::agent_method_scopes(),
             identity_policy: scopes::agent_identity_policy(),
             introspector: None,
-            handshake_timeout: Duration::from_secs(10),
+            limits: ListenerLimits::AGENT_API,
+            request_timeout: REQUEST_TIMEOUT,
+            body_read_timeout: token::BODY_READ_TIMEOUT,
             inspect_timeout: INSPECT_TIMEOUT,
         }
     }
@@ -192,6 +209,8 @@ pub struct AgentApi {
     pub task: JoinHandle<Result<(), AgentApiError>>,
     /// The token endpoint (for diagnostics and tests).
     pub issuer: Arc<TokenIssuer>,
+    /// Open connections (for diagnostics and tests).
+    pub connections: Arc<ConnLimiter>,
 }
 
 /// Binds and serves AgentService + `/oauth2/token` until `shutdown`.
@@ -226,13 +245,20 @@ where
     let identity = IdentityLayer::new(registry.reader().clone(), config.identity_policy.clone())?;
     let register =
         RegisterService::new(registry, inspector).with_inspect_timeout(config.inspect_timeout);
-    let agent_service = auth.layer(identity.layer(AgentServiceServer::new(register)));
+    let agent_service = auth.layer(
+        identity.layer(
+            AgentServiceServer::new(register)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
+    );
 
     let token_issuer = issuer.clone();
+    let body_timeout = config.body_read_timeout;
     let router = Routes::new(agent_service).into_axum_router().route(
         token::TOKEN_PATH,
         axum::routing::post(move |req: axum::extract::Request| {
-            token::handle_http(token_issuer.clone(), req)
+            token::handle_http(token_issuer.clone(), req, body_timeout)
         }),
     );
 
@@ -249,22 +275,41 @@ where
             addr: config.listen,
             source,
         })?;
+    let limits = config.limits;
     // Stopped with the server: the loop ends when tonic drops the receiver.
-    let rx = crate::tls::accept_loop(
+    let (rx, connections) = listen::accept_loop(
         listener,
         TlsAcceptor::from(tls),
-        config.handshake_timeout,
-        "agent_api_tls_rejected",
+        AcceptConfig {
+            listener: "agent_api",
+            reject_event: "agent_api_tls_rejected",
+            refused_event: "agent_api_connection_refused",
+            limits,
+            reserved: None,
+        },
         tokio_util::sync::CancellationToken::new(),
     );
     let incoming = tokio_stream::StreamExt::map(
         tokio_stream::wrappers::ReceiverStream::new(rx),
-        |(conn, _peer)| Ok::<_, std::io::Error>(conn),
+        |accepted| Ok::<_, std::io::Error>(accepted.into_conn()),
     );
-    tracing::info!(addr = %local_addr, "agent API listening (AgentService + /oauth2/token)");
+    tracing::info!(
+        addr = %local_addr,
+        max_connections = limits.max_connections,
+        max_connections_per_source = limits.max_connections_per_source,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        "agent API listening (AgentService + /oauth2/token)"
+    );
 
+    // The in-flight layer must be outermost: it unwraps the connection
+    // info every layer behind it reads.
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
+        .timeout(config.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(InFlightLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
         .add_routes(Routes::from(router));
     let task = tokio::spawn(async move {
         server
@@ -276,5 +321,6 @@ where
         local_addr,
         task,
         issuer,
+        connections,
     })
 }

@@ -44,6 +44,9 @@ use crate::registry::grants::{IssueOutcome, IssueRequest};
 pub const TOKEN_PATH: &str = "/oauth2/token";
 /// Largest request body read (form-encoded; a real one is ~600 bytes).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Default bound on reading one request body: a client that trickles its
+/// body (slowloris) is answered `invalid_request` and its request ends.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// RFC 7523 client assertion type.
 pub use super::assertion::JWT_BEARER_TYPE as JWT_BEARER;
 /// Longest `jti` we store.
@@ -184,10 +187,12 @@ pub struct OAuthError {
 }
 
 impl OAuthError {
+    /// Descriptions may echo request input (a grant type, a client id, a
+    /// parser's complaint): bounded here, once, for the reply and the log.
     fn new(error: &'static str, description: impl Into<String>) -> Self {
         Self {
             error,
-            description: description.into(),
+            description: crate::peer_text::bound(description),
         }
     }
     fn invalid_request(d: impl Into<String>) -> Self {
@@ -320,11 +325,14 @@ impl TokenIssuer {
         match self.issue(content_type, body).await {
             Ok(reply) => reply,
             Err(e) => {
-                tracing::warn!(
-                    error = e.error,
-                    description = %e.description,
-                    "oauth2: token request refused"
-                );
+                if crate::log_limit::admit("token_request_refused") {
+                    tracing::warn!(
+                        event = "token_request_refused",
+                        error = e.error,
+                        description = %e.description,
+                        "oauth2: token request refused"
+                    );
+                }
                 e.into()
             }
         }
@@ -591,10 +599,12 @@ fn parse_form(
     Ok(form)
 }
 
-/// The axum adapter: caps and times the body read, then [`TokenIssuer::token`].
+/// The axum adapter: caps the body at [`MAX_BODY_BYTES`] and its read at
+/// `body_timeout`, then [`TokenIssuer::token`].
 pub async fn handle_http(
     issuer: Arc<TokenIssuer>,
     req: axum::extract::Request,
+    body_timeout: Duration,
 ) -> axum::response::Response {
     use http_body_util::BodyExt;
     let content_type = req
@@ -603,7 +613,7 @@ pub async fn handle_http(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES);
-    let reply = match tokio::time::timeout(Duration::from_secs(10), limited.collect()).await {
+    let reply = match tokio::time::timeout(body_timeout, limited.collect()).await {
         Ok(Ok(collected)) => {
             issuer
                 .token(content_type.as_deref(), &collected.to_bytes())
@@ -620,7 +630,25 @@ pub async fn handle_http(
             })
             .into()
         }
-        Err(_) => OAuthError::invalid_request("timed out reading the request body").into(),
+        Err(_) => {
+            if crate::log_limit::admit("token_body_timeout") {
+                tracing::warn!(
+                    event = "token_body_timeout",
+                    timeout_ms = body_timeout.as_millis() as u64,
+                    "oauth2: request body not received in time; closing"
+                );
+            }
+            let mut resp = json_response(
+                OAuthError::invalid_request("timed out reading the request body").into(),
+            );
+            // The rest of the body may still be trickling in: do not keep
+            // the connection for another request.
+            resp.headers_mut().insert(
+                tonic::codegen::http::header::CONNECTION,
+                tonic::codegen::http::HeaderValue::from_static("close"),
+            );
+            return resp;
+        }
     };
     json_response(reply)
 }

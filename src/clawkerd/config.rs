@@ -38,6 +38,16 @@ pub mod env {
     /// Log destination: a file path, or `-` for stderr. Default
     /// `/var/log/clawker/clawkerd.log` (kept off the user's terminal).
     pub const LOG_FILE: &str = "CLAWKER_LOG_FILE";
+    /// Size of the log file before it rotates to `<file>.1` (bytes);
+    /// default 8 MiB, so at most 16 MiB of log is ever on disk.
+    pub const LOG_MAX_BYTES: &str = "CLAWKER_LOG_MAX_BYTES";
+    /// Lines of one rejection kind logged at once before the rate limit
+    /// (1 line/s) applies; default 10.
+    pub const LOG_REJECT_BURST: &str = "CLAWKER_LOG_REJECT_BURST";
+    /// Seconds (fractions allowed) a connection may sit with no request in
+    /// flight before the listener closes it; default 60. The CP's Session
+    /// stream is a request in flight for as long as it lives.
+    pub const IDLE_TIMEOUT_SECS: &str = "CLAWKER_IDLE_TIMEOUT_SECS";
     /// clawkerd's writable state directory (rotated leaf, init marker);
     /// default `/var/lib/clawker`, in the container's writable layer, so
     /// it survives `docker stop`/`start` and goes with `docker rm`.
@@ -90,6 +100,21 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The user command (container CMD): clawkerd's args, minus a leading `--`.
     pub user_argv: Vec<String>,
+    /// The listener's bounds ([`crate::listen::ListenerLimits::CLAWKERD`],
+    /// idle timeout from [`env::IDLE_TIMEOUT_SECS`]).
+    pub limits: crate::listen::ListenerLimits,
+}
+
+impl Config {
+    /// The CP's address, when `CLAWKER_CP_AGENT_ADDR` is an `IP:port`: the
+    /// CP dials :7700 from the same address it serves agents on (the agent
+    /// network's gateway), so the listener exempts it from its caps.
+    pub fn cp_ip(&self) -> Option<std::net::IpAddr> {
+        self.cp_agent_addr
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+    }
 }
 
 fn var(name: &str) -> String {
@@ -127,6 +152,22 @@ impl Config {
                 token_url = format!("{}/oauth2/token", hydra.trim_end_matches('/'));
             }
         }
+        let mut limits = crate::listen::ListenerLimits::CLAWKERD;
+        let idle = var(env::IDLE_TIMEOUT_SECS);
+        if !idle.is_empty() {
+            limits.idle_timeout = idle
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    BootError::Config(format!(
+                        "{}={idle:?}: not a positive number of seconds",
+                        env::IDLE_TIMEOUT_SECS
+                    ))
+                })?;
+        }
         let mut user_argv = args;
         if user_argv.first().map(String::as_str) == Some("--") {
             user_argv.remove(0);
@@ -144,6 +185,7 @@ impl Config {
             ready_file: var_or(env::READY_FILE, DEFAULT_READY_FILE).into(),
             state_dir: var_or(env::STATE_DIR, DEFAULT_STATE_DIR).into(),
             user_argv,
+            limits,
         })
     }
 }
@@ -218,6 +260,30 @@ mod tests {
         ] {
             std::fs::write(dir.join(n), c).unwrap();
         }
+    }
+
+    #[test]
+    fn the_cp_address_is_known_only_when_it_is_an_ip() {
+        let mut c = Config {
+            agent: "a".into(),
+            project: String::new(),
+            user_spec: DEFAULT_USER.into(),
+            cp_agent_addr: "10.213.0.1:7444".into(),
+            cp_token_url: String::new(),
+            bootstrap_dir: "/b".into(),
+            listen_addr: DEFAULT_LISTEN_ADDR.parse().unwrap(),
+            passwd_file: "/etc/passwd".into(),
+            group_file: "/etc/group".into(),
+            ready_file: DEFAULT_READY_FILE.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+            user_argv: vec![],
+            limits: crate::listen::ListenerLimits::CLAWKERD,
+        };
+        assert_eq!(c.cp_ip(), Some("10.213.0.1".parse().unwrap()));
+        c.cp_agent_addr = "clawker-controlplane:7444".into();
+        assert_eq!(c.cp_ip(), None);
+        c.cp_agent_addr.clear();
+        assert_eq!(c.cp_ip(), None);
     }
 
     #[test]

@@ -11,16 +11,18 @@
 //!    time (another agent's leaf is signed by the same CA!);
 //! 3. the leaf explicitly lists the ClientAuth EKU.
 //!
-//! We run our own accept loop (TCP accept → TLS handshake with a deadline
-//! → hand the stream to tonic) so handshakes run concurrently, failures are
-//! logged with the peer address, and slow or silent peers cannot hold the
-//! accept loop.
+//! We run our own accept loop ([`crate::listen`]: TCP accept → cap check →
+//! TLS handshake with a deadline → hand the stream to tonic) so handshakes
+//! run concurrently, slow or silent peers cannot hold the accept loop, a
+//! neighbour opening thousands of connections is refused before any TLS
+//! work, and failures are logged (rate-limited) with the peer address. The
+//! CP's address is exempt from the connection caps, so no number of
+//! neighbours can crowd it out.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,11 +36,15 @@ use tonic::transport::server::Connected;
 use super::leaf::{CurrentLeaf, LeafError};
 use super::session::ClawkerdSvc;
 use crate::identity::{CONTROL_PLANE_CN, Thumbprint};
+use crate::listen::{self, AcceptConfig, InFlightLayer, ListenerLimits};
 use crate::proto::clawkerd::v1::clawkerd_service_server::ClawkerdServiceServer;
 use crate::tls;
 
-/// A peer gets this long to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest gRPC message either way on the Session stream (and clawkerd's
+/// Register call). Output chunks are [`super::pipeline::CHUNK_SIZE`]
+/// (128 KiB), far below it.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+const _: () = assert!(super::pipeline::CHUNK_SIZE * 8 <= MAX_MESSAGE_BYTES);
 
 /// Why the listener's TLS config could not be built from the bootstrap
 /// bundle. All are configuration errors (exit 2): the bundle in the
@@ -164,15 +170,25 @@ impl AsyncWrite for CpConn {
 pub struct Listener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,
+    limits: ListenerLimits,
+    /// The CP's address: exempt from the connection caps.
+    cp_addr: Option<IpAddr>,
 }
 
 impl Listener {
     /// Binds `addr`. A bind failure is transient (exit 1).
-    pub async fn bind(addr: SocketAddr, cfg: rustls::ServerConfig) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        cfg: rustls::ServerConfig,
+        limits: ListenerLimits,
+        cp_addr: Option<IpAddr>,
+    ) -> std::io::Result<Self> {
         let tcp = TcpListener::bind(addr).await?;
         Ok(Self {
             tcp,
             acceptor: TlsAcceptor::from(Arc::new(cfg)),
+            limits,
+            cp_addr,
         })
     }
 
@@ -187,25 +203,43 @@ impl Listener {
         svc: ClawkerdSvc,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
-        let Listener { tcp, acceptor } = self;
-        let rx = tls::accept_loop(
+        let Listener {
             tcp,
             acceptor,
-            HANDSHAKE_TIMEOUT,
-            "tls_handshake_rejected",
+            limits,
+            cp_addr,
+        } = self;
+        let (rx, _connections) = listen::accept_loop(
+            tcp,
+            acceptor,
+            AcceptConfig {
+                listener: "clawkerd",
+                reject_event: "tls_handshake_rejected",
+                refused_event: "connection_refused",
+                limits,
+                reserved: cp_addr,
+            },
             shutdown.clone(),
         );
         let incoming = ReceiverStream::new(rx)
-            .map(|(stream, peer)| Ok::<_, std::io::Error>(CpConn::new(stream, peer)));
+            .map(|accepted| Ok::<_, std::io::Error>(accepted.map(CpConn::new)));
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_concurrent_streams(limits.max_concurrent_streams)
             // Large windows: one command's stdout should not stall on
             // HTTP/2 flow control (the 1 GB/s target).
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some(1 << 20))
-            .add_service(ClawkerdServiceServer::new(svc))
+            // Outermost: unwraps the connection info `PeerIdentity` readers
+            // expect, and keeps a live Session stream from counting as idle.
+            .layer(InFlightLayer::<PeerIdentity>::new())
+            .add_service(
+                ClawkerdServiceServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
     }

@@ -8,6 +8,7 @@
 //! - [`config`]: environment, bootstrap files, exit codes.
 //! - [`users`]: `CLAWKER_USER` → uid/gid/groups from /etc/passwd, /etc/group.
 //! - [`listener`]: TLS 1.3 accept loop and the CP-only client verifier.
+//! - [`logfile`]: the size-bounded log file.
 //! - [`session`]: one `Session` stream — receive loop, dispatch, teardown.
 //! - [`control`]: what the session keeps per running command (stdin,
 //!   signals, resize, flow credit routed without blocking).
@@ -35,6 +36,7 @@ pub mod flow;
 pub mod leaf;
 pub mod lifecycle;
 pub mod listener;
+pub mod logfile;
 pub mod logs;
 pub mod pipeline;
 pub mod pty;
@@ -132,6 +134,17 @@ fn init_logging() -> std::io::Result<()> {
         .with_current_span(false)
         .with_span_list(false)
         .with_env_filter(filter);
+    let number = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    if let Some(burst) = number(config::env::LOG_REJECT_BURST) {
+        crate::log_limit::configure(
+            u32::try_from(burst).unwrap_or(u32::MAX),
+            crate::log_limit::PER_SEC,
+        );
+    }
     let result = if dest == "-" {
         builder.with_writer(std::io::stderr).try_init()
     } else {
@@ -139,10 +152,8 @@ fn init_logging() -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let max = number(config::env::LOG_MAX_BYTES).unwrap_or(logfile::DEFAULT_MAX_BYTES);
+        let file = logfile::RotatingFile::open(path, max)?;
         builder.with_writer(std::sync::Mutex::new(file)).try_init()
     };
     result.map_err(|e| std::io::Error::other(e.to_string()))
@@ -203,7 +214,7 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
     let tls_cfg = listener::server_config(&bootstrap.ca_pem, &current).map_err(listener_failed)?;
     let renewer = renew::Renewer::new(current.clone(), &bootstrap.ca_pem, cfg.state_dir.clone())
         .map_err(|e| listener_failed(listener::ServerConfigError::Leaf(e.into())))?;
-    let listener = listener::Listener::bind(cfg.listen_addr, tls_cfg)
+    let listener = listener::Listener::bind(cfg.listen_addr, tls_cfg, cfg.limits, cfg.cp_ip())
         .await
         .map_err(|e| {
             tracing::error!(event = "clawkerd_listener_start_failed", error = %e);

@@ -495,7 +495,9 @@ async fn register(
     .map_err(|_| RegisterError::Dial("timeout".into()))
     .and_then(|r| r.map_err(|e| RegisterError::Dial(error_chain(&e))))
     .inspect_err(|e| tracing::error!(event = "register_dial_failed", error = %e))?;
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(super::listener::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(super::listener::MAX_MESSAGE_BYTES);
     let mut req = tonic::Request::new(RegisterRequest {
         agent_name: c.agent.clone(),
         project: c.project.clone(),

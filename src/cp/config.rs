@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::defaults;
+use crate::listen::ListenerLimits;
 
 /// What runs the agents.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -55,9 +56,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    /// A value that parsed but is out of range or malformed.
+    /// A value that parsed but is out of range or malformed (a zero cap, a
+    /// negative timeout, a key in the wrong section, an unknown unit).
     #[error("{key}: {detail}")]
-    Invalid { key: &'static str, detail: String },
+    Invalid { key: String, detail: String },
     /// `runtime` (or `--runtime`) names no runtime.
     #[error("runtime {0:?}: expected \"engine\" or \"swarm\"")]
     UnknownRuntime(String),
@@ -114,7 +116,7 @@ pub const AGENT_CERT_TTL_MAX: Duration = Duration::from_secs(366 * 86_400);
 pub fn check_agent_cert_ttl(ttl: Duration) -> Result<Duration, ConfigError> {
     if !(AGENT_CERT_TTL_MIN..=AGENT_CERT_TTL_MAX).contains(&ttl) {
         return Err(ConfigError::Invalid {
-            key: "agent_cert_ttl",
+            key: "agent_cert_ttl".into(),
             detail: format!(
                 "{}s is outside {}s..={}s",
                 ttl.as_secs(),
@@ -133,9 +135,10 @@ fn duration_key(
 ) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|detail| ConfigError::Invalid { key, detail }),
+        Some(v) => v.parse().map_err(|detail| ConfigError::Invalid {
+            key: key.into(),
+            detail,
+        }),
     }
 }
 
@@ -172,6 +175,12 @@ pub struct FileConfig {
     pub containment: Option<crate::policy::containment::ContainmentConfig>,
     /// `[audit]`: the audit log.
     pub audit: Option<crate::policy::audit::AuditConfig>,
+    /// `[agent_listener]`: bounds of the agent listener.
+    pub agent_listener: Option<ListenerSection>,
+    /// `[admin_listener]`: bounds of the admin API.
+    pub admin_listener: Option<ListenerSection>,
+    /// `[sessions]`: dial budget and the redial reconciler.
+    pub sessions: Option<SessionsSection>,
     /// `[swarm]`: Swarm mode.
     pub swarm: Option<SwarmFileConfig>,
     /// `[agent]`: how `clawker agent run` confines new agent containers
@@ -183,6 +192,212 @@ pub struct FileConfig {
     /// How long after its expiry a leaf that matches its row is still
     /// renewed on reconnect. Default 30 days.
     pub agent_cert_stale_after: Option<DurationValue>,
+}
+
+/// `[agent_listener]` / `[admin_listener]`: every key optional, defaults in
+/// [`ListenerLimits`]. Durations are seconds (fractions allowed).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerSection {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub handshake_timeout_secs: Option<f64>,
+    pub idle_timeout_secs: Option<f64>,
+    pub keepalive_interval_secs: Option<f64>,
+    pub keepalive_timeout_secs: Option<f64>,
+    pub max_concurrent_streams: Option<u32>,
+    /// `[agent_listener]` only: bound on one request.
+    pub request_timeout_secs: Option<f64>,
+    /// `[agent_listener]` only: bound on reading a token request's body.
+    pub body_read_timeout_secs: Option<f64>,
+}
+
+/// `[sessions]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsSection {
+    /// How often running agents without a session are dialed again.
+    pub redial_interval_secs: Option<f64>,
+    /// Budget of one connect cycle before `SessionFailed{connect_total_timeout}`.
+    pub connect_budget_secs: Option<f64>,
+}
+
+fn secs(
+    section: &str,
+    key: &str,
+    v: Option<f64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| ConfigError::Invalid {
+                key: format!("{section}.{key}"),
+                detail: format!("{s} is not a positive number of seconds"),
+            }),
+    }
+}
+
+fn count<T: Copy + PartialOrd + Default + std::fmt::Display>(
+    section: &str,
+    key: &str,
+    v: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(n) if n > T::default() => Ok(n),
+        Some(n) => Err(ConfigError::Invalid {
+            key: format!("{section}.{key}"),
+            detail: format!("{n} must be at least 1"),
+        }),
+    }
+}
+
+impl ListenerSection {
+    fn limits(&self, section: &str, d: ListenerLimits) -> Result<ListenerLimits, ConfigError> {
+        Ok(ListenerLimits {
+            max_connections: count(
+                section,
+                "max_connections",
+                self.max_connections,
+                d.max_connections,
+            )?,
+            max_connections_per_source: count(
+                section,
+                "max_connections_per_source",
+                self.max_connections_per_source,
+                d.max_connections_per_source,
+            )?,
+            handshake_timeout: secs(
+                section,
+                "handshake_timeout_secs",
+                self.handshake_timeout_secs,
+                d.handshake_timeout,
+            )?,
+            idle_timeout: secs(
+                section,
+                "idle_timeout_secs",
+                self.idle_timeout_secs,
+                d.idle_timeout,
+            )?,
+            keepalive_interval: secs(
+                section,
+                "keepalive_interval_secs",
+                self.keepalive_interval_secs,
+                d.keepalive_interval,
+            )?,
+            keepalive_timeout: secs(
+                section,
+                "keepalive_timeout_secs",
+                self.keepalive_timeout_secs,
+                d.keepalive_timeout,
+            )?,
+            max_concurrent_streams: count(
+                section,
+                "max_concurrent_streams",
+                self.max_concurrent_streams,
+                d.max_concurrent_streams,
+            )?,
+        })
+    }
+}
+
+/// The agent listener's bounds, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentListenerConfig {
+    pub limits: ListenerLimits,
+    pub request_timeout: Duration,
+    pub body_read_timeout: Duration,
+}
+
+impl Default for AgentListenerConfig {
+    fn default() -> Self {
+        Self {
+            limits: ListenerLimits::AGENT_API,
+            request_timeout: crate::agent_api::server::REQUEST_TIMEOUT,
+            body_read_timeout: crate::agent_api::token::BODY_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The session machinery's knobs, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionsConfig {
+    pub redial_interval: Duration,
+    pub connect_budget: Duration,
+}
+
+/// Default period of the redial reconciler.
+pub const REDIAL_INTERVAL: Duration = Duration::from_secs(15);
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            redial_interval: REDIAL_INTERVAL,
+            connect_budget: crate::session::lifecycle::EstablishConfig::default().total,
+        }
+    }
+}
+
+fn agent_listener(s: Option<ListenerSection>) -> Result<AgentListenerConfig, ConfigError> {
+    let d = AgentListenerConfig::default();
+    let Some(s) = s else { return Ok(d) };
+    const SECTION: &str = "agent_listener";
+    Ok(AgentListenerConfig {
+        limits: s.limits(SECTION, d.limits)?,
+        request_timeout: secs(
+            SECTION,
+            "request_timeout_secs",
+            s.request_timeout_secs,
+            d.request_timeout,
+        )?,
+        body_read_timeout: secs(
+            SECTION,
+            "body_read_timeout_secs",
+            s.body_read_timeout_secs,
+            d.body_read_timeout,
+        )?,
+    })
+}
+
+fn admin_listener(s: Option<ListenerSection>) -> Result<ListenerLimits, ConfigError> {
+    let Some(s) = s else {
+        return Ok(ListenerLimits::ADMIN_API);
+    };
+    for (key, set) in [
+        ("request_timeout_secs", s.request_timeout_secs.is_some()),
+        ("body_read_timeout_secs", s.body_read_timeout_secs.is_some()),
+    ] {
+        if set {
+            return Err(ConfigError::Invalid {
+                key: format!("admin_listener.{key}"),
+                detail: "only [agent_listener] has this bound".into(),
+            });
+        }
+    }
+    s.limits("admin_listener", ListenerLimits::ADMIN_API)
+}
+
+fn sessions(s: Option<SessionsSection>) -> Result<SessionsConfig, ConfigError> {
+    let d = SessionsConfig::default();
+    let Some(s) = s else { return Ok(d) };
+    Ok(SessionsConfig {
+        redial_interval: secs(
+            "sessions",
+            "redial_interval_secs",
+            s.redial_interval_secs,
+            d.redial_interval,
+        )?,
+        connect_budget: secs(
+            "sessions",
+            "connect_budget_secs",
+            s.connect_budget_secs,
+            d.connect_budget,
+        )?,
+    })
 }
 
 impl FileConfig {
@@ -242,6 +457,9 @@ pub struct CpConfig {
     pub hooks: crate::session::plan::Hooks,
     pub containment: crate::policy::containment::ContainmentConfig,
     pub audit: crate::policy::audit::AuditConfig,
+    pub agent_listener: AgentListenerConfig,
+    pub admin_listener: ListenerLimits,
+    pub sessions: SessionsConfig,
     pub agent_cert_ttl: Duration,
     pub agent_cert_stale_after: Duration,
     /// Swarm mode: the overlay must be (and may only be) encrypted.
@@ -350,6 +568,9 @@ pub fn resolve(
         hooks: file.hooks.unwrap_or_default(),
         containment: file.containment.unwrap_or_default(),
         audit: file.audit.unwrap_or_default(),
+        agent_listener: agent_listener(file.agent_listener)?,
+        admin_listener: admin_listener(file.admin_listener)?,
+        sessions: sessions(file.sessions)?,
         swarm_encrypted: o.swarm_encrypted.or(file_encrypted).unwrap_or(false),
     })
 }
@@ -388,6 +609,58 @@ mod tests {
         assert_eq!(c.audit.keep, 2);
         let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
         assert!(!d.containment.dry_run && d.containment.enabled);
+    }
+
+    #[test]
+    fn listener_bounds_default_and_override_per_key() {
+        let d = resolve("/s".into(), FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(d.agent_listener, AgentListenerConfig::default());
+        assert_eq!(d.admin_listener, ListenerLimits::ADMIN_API);
+        assert_eq!(d.sessions, SessionsConfig::default());
+        let file: FileConfig = toml::from_str(
+            "[agent_listener]\nmax_connections_per_source = 32\nidle_timeout_secs = 2.5\nbody_read_timeout_secs = 1\n\
+             [admin_listener]\nmax_connections = 16\n[sessions]\nredial_interval_secs = 1\n",
+        )
+        .unwrap();
+        let c = resolve("/s".into(), file, Overrides::default()).unwrap();
+        assert_eq!(c.agent_listener.limits.max_connections_per_source, 32);
+        assert_eq!(
+            c.agent_listener.limits.idle_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            c.agent_listener.limits.max_connections,
+            ListenerLimits::AGENT_API.max_connections
+        );
+        assert_eq!(c.agent_listener.body_read_timeout, Duration::from_secs(1));
+        assert_eq!(c.admin_listener.max_connections, 16);
+        assert_eq!(c.sessions.redial_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn nonsensical_bounds_are_refused_with_their_key() {
+        for (text, key) in [
+            (
+                "[agent_listener]\nmax_connections = 0",
+                "agent_listener.max_connections",
+            ),
+            (
+                "[agent_listener]\nidle_timeout_secs = -1",
+                "agent_listener.idle_timeout_secs",
+            ),
+            (
+                "[admin_listener]\nbody_read_timeout_secs = 3",
+                "admin_listener.body_read_timeout_secs",
+            ),
+            (
+                "[sessions]\nredial_interval_secs = 0",
+                "sessions.redial_interval_secs",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = resolve("/s".into(), file, Overrides::default()).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("{key}: ")), "{e}");
+        }
     }
 
     #[test]

@@ -44,13 +44,19 @@ pub enum DeployError {
     Swarm(#[from] crate::docker::swarm::SwarmError),
 }
 
-/// The auth files the CP reads, and nothing else: the CA certificate, the
-/// CP's server and client identities, the CLI's public signing key. The
-/// CA key and the CLI's private keys stay on the operator's machine.
+/// The auth files the CP reads, and nothing else: the CA certificate and
+/// key, the CP's server and client identities, the CLI's public signing
+/// key. The CA key goes along because the CP signs agents' leaf renewals
+/// (DESIGN §13), exactly as `cp serve` does on one engine: without it
+/// every agent of the cluster would turn untrusted when its leaf expires.
+/// It lands 0600 on the CP's own volume on the pinned manager and never
+/// in an agent's container. The CLI's private keys stay on the operator's
+/// machine.
 pub fn cp_auth_files(state_dir: &Path) -> Result<Vec<StateFile>, DeployError> {
     let p = AuthPaths::new(state_dir);
     let entries = [
         (p.ca_cert(), 0o644),
+        (p.ca_key(), 0o600),
         (p.server_cert(), 0o644),
         (p.server_key(), 0o600),
         (p.cp_client_cert(), 0o644),
@@ -136,6 +142,7 @@ mod tests {
             paths,
             [
                 "auth/ca/ca.pem",
+                "auth/ca/ca.key",
                 "auth/tls/server.pem",
                 "auth/tls/server.key",
                 "auth/cp/client.pem",
@@ -143,11 +150,7 @@ mod tests {
                 "auth/cli/signing-jwk.json",
             ]
         );
-        assert!(
-            !paths
-                .iter()
-                .any(|p| p.ends_with("ca.key") || p.ends_with("signing.key"))
-        );
+        assert!(!paths.iter().any(|p| p.ends_with("signing.key")));
         let empty = tempfile::tempdir().unwrap();
         let e = cp_auth_files(empty.path()).unwrap_err();
         assert!(e.to_string().contains("clawker ca init"), "{e}");

@@ -12,11 +12,14 @@
 //!    registry actor. They are started before the tree and live for the
 //!    process — restarting them would invalidate every handle;
 //! 3. the root supervisor `clawker-cp` (one_for_one) with `sessions`
-//!    (session actors, one per container), `dialer`, `docker-events` (the
-//!    feeder) and `docker-dispatch` (events → dial/stop/evict);
+//!    (session actors, one per container), `docker-events` (the feeder),
+//!    `docker-dispatch` (events → dial/stop/evict) and `session-redial`
+//!    (running agents without a session are dialed again);
 //! 4. the agent API (AgentService + token endpoint on the clawker-net
 //!    gateway, or the CP task's overlay address) and the admin API
-//!    (loopback; in Swarm mode the container's published port);
+//!    (loopback; in Swarm mode the container's published port), their
+//!    connection caps fitted below the file-descriptor limit (`serve`
+//!    raised it first);
 //! 5. the startup orphan reap and the boot dial of running agents;
 //! 6. SIGTERM/SIGINT: stop the tree first (session tasks are aborted, so no
 //!    spurious SessionBroken), then the servers, the bus and the registry.
@@ -27,6 +30,7 @@ pub mod config;
 pub mod deploy;
 pub mod dispatch;
 pub mod feeder;
+pub mod redial;
 pub mod runtime;
 
 use std::net::SocketAddr;
@@ -126,12 +130,19 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         tracing::debug!(error = %e, "metrics recorder already installed");
     }
 
+    // Listener caps must leave most descriptors to what the CP opens
+    // itself (sessions, Docker, redb), so a flood cannot starve them.
+    let (agent_limits, admin_limits) = fit_listener_caps(cfg);
+
     // Agent API on the agent network: containers reach the CP there, and
     // their source address is their own address on it (Register's peer-IP
     // check).
     let agent_listen = SocketAddr::new(backend.agent_ip, cfg.agent_port);
-    let api_cfg =
+    let mut api_cfg =
         crate::agent_api::server::AgentApiConfig::from_state_dir(&cfg.state_dir, agent_listen)?;
+    api_cfg.limits = agent_limits;
+    api_cfg.request_timeout = cfg.agent_listener.request_timeout;
+    api_cfg.body_read_timeout = cfg.agent_listener.body_read_timeout;
     let stop = shutdown.clone();
     let api = crate::agent_api::server::serve_agent_api(
         api_cfg,
@@ -145,6 +156,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         init_untrusted: cfg.init_untrusted,
         ..SessionPolicy::default()
     };
+    policy.establish.total = cfg.sessions.connect_budget;
     let rotation = CertRotation {
         ca: Arc::new(ca),
         rows: Arc::new(registry.clone()),
@@ -196,6 +208,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
         .child(feeder::FeederActor::spec_with(backend.feed.clone(), bus.clone(), feeder_up.clone()))
         .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone(), port_guard.clone()))
+        .child(redial::Redial::spec(backend.inventory.clone(), sessions.clone(), cfg.sessions.redial_interval))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
         .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
@@ -203,6 +216,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let _ = root_slot.set(root.clone());
 
     let mut admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    admin_cfg.limits = admin_limits;
     admin_cfg.allow_non_loopback = backend.admin_beyond_loopback;
     let admin = crate::admin_api::service::AdminApi::new(
         Arc::new(registry.reader().clone()),
@@ -252,6 +266,38 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         port_guard,
         containment,
     })
+}
+
+/// The configured listener limits with their global caps fitted into
+/// [`crate::listen::fd::LISTENER_SHARE`] of the descriptor limit (and each
+/// per-source cap no larger than its global one).
+fn fit_listener_caps(
+    cfg: &CpConfig,
+) -> (crate::listen::ListenerLimits, crate::listen::ListenerLimits) {
+    use crate::listen::fd;
+    let (mut agent, mut admin) = (cfg.agent_listener.limits, cfg.admin_listener);
+    let soft = match fd::nofile() {
+        Ok(l) => l.soft,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the descriptor limit; listener caps unchanged");
+            return (agent, admin);
+        }
+    };
+    let fitted = fd::fit_caps(&[agent.max_connections, admin.max_connections], soft);
+    if fitted != [agent.max_connections, admin.max_connections] {
+        tracing::warn!(
+            event = "listener_caps_reduced",
+            nofile = soft,
+            agent_api = fitted[0],
+            admin_api = fitted[1],
+            "listener connection caps reduced to fit the descriptor limit (raise `ulimit -n`)"
+        );
+    }
+    agent.max_connections = fitted[0];
+    admin.max_connections = fitted[1];
+    agent.max_connections_per_source = agent.max_connections_per_source.min(agent.max_connections);
+    admin.max_connections_per_source = admin.max_connections_per_source.min(admin.max_connections);
+    (agent, admin)
 }
 
 /// The `policy` supervisor: containment, audit, metrics subscribers.
@@ -402,6 +448,11 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
     let system = actix::System::with_tokio_rt(|| runtime);
     system.block_on(async move {
         clawker_actors::install_panic_hook();
+        // Before anything opens a descriptor: a low soft limit is the
+        // first thing a connection flood exhausts.
+        if let Err(error) = crate::listen::fd::raise_nofile() {
+            tracing::warn!(%error, "could not raise the descriptor limit");
+        }
         let cp = start(&cfg).await?;
         tracing::info!(
             agent_api = %cp.agent_api_addr,

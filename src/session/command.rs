@@ -13,8 +13,9 @@ use crate::proto::clawkerd::v1::{self as pb, ErrorCode, command, response};
 
 use super::mux::{MuxError, SessionMux, command as cmd};
 
-/// How much of a command's stdout and stderr the CP keeps.
-pub const MAX_CAPTURE: usize = 4096;
+/// How much of a command's stdout and stderr the CP keeps: the bound on
+/// every peer string ([`crate::peer_text`]).
+pub const MAX_CAPTURE: usize = crate::peer_text::MAX_PEER_TEXT;
 
 /// Who a command runs as inside the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,9 +84,10 @@ impl Capture {
         self.total - self.head.len() as u64
     }
 
-    /// The kept bytes as trimmed text.
+    /// The kept bytes as trimmed text, bounded like every peer string
+    /// (lossy decoding can grow invalid bytes threefold).
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.head).trim().to_owned()
+        crate::peer_text::bound(String::from_utf8_lossy(&self.head).trim())
     }
 }
 
@@ -168,7 +170,7 @@ pub async fn run_to_completion(
             Some(response::Payload::Error(e)) => {
                 return Err(RunError::Remote {
                     code: e.code(),
-                    message: e.message,
+                    message: crate::peer_text::bound(e.message),
                 });
             }
             _ => {}

@@ -20,6 +20,11 @@ use crate::tls::{self, PeerInfo, PermissiveServerVerifier, TlsError};
 use super::h2::{self, H2Settings};
 use super::mux::{MuxError, SessionMux, command as cmd, payload_name};
 
+/// Largest gRPC message either way on a session: a hostile clawkerd cannot
+/// make the CP buffer more than this per frame (clawkerd's output chunks
+/// are 128 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 /// Everything needed to dial any clawkerd; built once, shared by sessions.
 #[derive(Clone)]
 pub struct DialConfig {
@@ -128,20 +133,28 @@ pub async fn connect(addr: SocketAddr, cfg: &DialConfig) -> Result<Connection, D
     let io = tls::connector(addr, tls_cfg, cfg.connect_timeout)
         .oneshot(http::Uri::from_static("http://clawkerd"))
         .await
-        .map_err(|e| connect_err(error_chain(&e)))?
+        // May carry what the peer said (a GOAWAY, an alert).
+        .map_err(|e| connect_err(crate::peer_text::bound(error_chain(&e))))?
         .into_inner();
     let h2 = h2::handshake(io, &cfg.h2)
         .await
-        .map_err(|e| connect_err(error_chain(&e)))?;
-    let peer = verifier.peer().ok_or(DialError::NoPeerCertificate(addr))?;
+        .map_err(|e| connect_err(crate::peer_text::bound(error_chain(&e))))?;
+    let mut peer = verifier.peer().ok_or(DialError::NoPeerCertificate(addr))?;
+    // Both come from the peer's certificate (and a verifier's complaint
+    // about it): bounded before they reach events and logs.
+    peer.cn = crate::peer_text::bound(peer.cn);
+    peer.chain_error = peer.chain_error.map(crate::peer_text::bound);
     let mut grpc = tonic::client::Grpc::with_origin(h2, http::Uri::from_static("http://clawkerd"))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<Box<pb::Command>>(256);
     let hello = async {
-        let resp = open_session(&mut grpc, rx)
-            .await
-            .map_err(DialError::OpenStream)?;
+        let resp = open_session(&mut grpc, rx).await.map_err(|s| {
+            DialError::OpenStream(tonic::Status::new(
+                s.code(),
+                crate::peer_text::bound(s.message()),
+            ))
+        })?;
         let mux = SessionMux::start(tx, resp);
         let mut replies = mux
             .call(cmd("hello", command::Payload::Hello(pb::Hello {})))

@@ -271,7 +271,7 @@ async fn control_step(
             Some(response::Payload::Error(e)) => {
                 return Err(RunError::Remote {
                     code: e.code(),
-                    message: e.message,
+                    message: crate::peer_text::bound(e.message),
                 }
                 .into());
             }

@@ -214,7 +214,11 @@ async fn read_loop<S>(
     let end = loop {
         match responses.next().await {
             None => break StreamEnd::Eof,
-            Some(Err(status)) => break StreamEnd::Error(status.to_string()),
+            // The status text is the peer's: bounded before it becomes
+            // `SessionBroken.reason`.
+            Some(Err(status)) => {
+                break StreamEnd::Error(crate::peer_text::bound(status.to_string()));
+            }
             Some(Ok(resp)) => {
                 let route = routes
                     .lock()

@@ -115,7 +115,7 @@ pub async fn drive(
                     Some(response::Payload::Error(e)) => {
                         return Err(RegisterFailure::Rejected {
                             code: e.code().as_str_name(),
-                            message: e.message,
+                            message: crate::peer_text::bound(e.message),
                         });
                     }
                     _ => continue,
@@ -131,7 +131,7 @@ pub async fn drive(
         return Err(if done.error.is_empty() {
             RegisterFailure::ReportedWithoutReason
         } else {
-            RegisterFailure::Reported(done.error)
+            RegisterFailure::Reported(crate::peer_text::bound(done.error))
         });
     }
     match registry.lookup_by_container_id(container_id) {

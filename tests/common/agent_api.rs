@@ -222,6 +222,9 @@ async fn serve(
         ca.cert_pem().to_owned(),
         signing.jwk(),
     );
+    // Every harness client is 127.0.0.1, one "source": tests that are not
+    // about the per-source cap get the global one (they tweak it back).
+    config.limits.max_connections_per_source = config.limits.max_connections;
     tweak(&mut config);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let api = serve_agent_api(config, registry, inspector, async move {

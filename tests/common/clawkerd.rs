@@ -200,6 +200,9 @@ impl Clawkerd {
             // whatever else clawkerd keeps) stays in this test's tempdir.
             .env("CLAWKERD_STATE_DIR", pki.state_dir())
             .env("CLAWKER_LOG_FILE", "-")
+            // Tests count rejection lines; the ones about the rate limit
+            // set their own burst.
+            .env("CLAWKER_LOG_REJECT_BURST", "100000")
             .env_remove("CLAWKER_USER")
             .env_remove("CLAWKER_CP_TOKEN_URL")
             .env_remove("CLAWKER_CP_HYDRA_URL")

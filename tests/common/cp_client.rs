@@ -53,6 +53,22 @@ pub fn client_config(
     (cfg, verifier)
 }
 
+/// A TCP connection to `addr`, from `src` when given (bind before
+/// connect: loopback aliases stand in for distinct peers).
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    src: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    match src {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await
+        }
+    }
+}
+
 /// The CP side of a clawkerd connection.
 pub struct CpClient {
     client: ClawkerdServiceClient<Channel>,
@@ -70,9 +86,33 @@ impl CpClient {
         Self::connect_with(addr, cfg, verifier).await
     }
 
+    /// Dials as the CP from source address `src` (a loopback alias), as
+    /// the real CP dials from its network's gateway.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        src: std::net::IpAddr,
+        pki: &TestPki,
+    ) -> Result<Self, String> {
+        let (cfg, verifier) = client_config(
+            pki.ca.cert_pem(),
+            Some(&pki.cp_client),
+            &[&rustls::version::TLS13],
+        );
+        Self::dial(addr, Some(src), cfg, verifier).await
+    }
+
     /// Dials with an arbitrary TLS config (bad-peer tests).
     pub async fn connect_with(
         addr: SocketAddr,
+        cfg: rustls::ClientConfig,
+        verifier: Arc<PermissiveServerVerifier>,
+    ) -> Result<Self, String> {
+        Self::dial(addr, None, cfg, verifier).await
+    }
+
+    async fn dial(
+        addr: SocketAddr,
+        src: Option<std::net::IpAddr>,
         cfg: rustls::ClientConfig,
         verifier: Arc<PermissiveServerVerifier>,
     ) -> Result<Self, String> {
@@ -80,7 +120,7 @@ impl CpClient {
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let cfg = cfg.clone();
             async move {
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = connect_tcp(addr, src).await?;
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from("clawker-controlplane").unwrap();
                 let tls = TlsConnector::from(cfg).connect(name, tcp).await?;

@@ -10,6 +10,8 @@
 //!   deployed on it as a service, observed through its audit log.
 //! - [`agent_api`]: the CP's agent listener (Register + token endpoint) on
 //!   loopback with a real redb file, and clients for it.
+//! - [`flood`]: a hostile agent's traffic from inside its network
+//!   namespace (idle TLS, slowloris, handshake storms).
 //! - [`pty`]: a real pseudo-terminal to drive the CLI as a person would.
 //! - [`docker_env`]: one Docker e2e test's state dir, network, image,
 //!   labels (removed on drop) and event recording.
@@ -24,6 +26,7 @@ pub mod agent_api;
 pub mod clawkerd;
 pub mod cp_client;
 pub mod docker_env;
+pub mod flood;
 pub mod pty;
 pub mod swarm;
 

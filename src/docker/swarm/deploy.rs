@@ -7,10 +7,10 @@
 //! reach the container's loopback; the admin API admits only the CLI's
 //! certificate, checked in the TLS handshake).
 //!
-//! The state volume gets only what the CP reads: the CA certificate, the
-//! CP's server and client certificates and keys, the CLI's *public* signing
-//! key, and `cp.toml`. The CA key and the CLI's private keys never enter
-//! the volume or the container.
+//! The state volume gets only what the CP reads: the CA certificate and
+//! key (it signs agents' leaf renewals), the CP's server and client
+//! certificates and keys, the CLI's *public* signing key, and `cp.toml`.
+//! The CLI's private keys never enter the volume or the container.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
