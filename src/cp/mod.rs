@@ -84,7 +84,25 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     )
     .context("CP client identity")?;
 
-    let docker = docker::connect().await?;
+    // Health endpoints first: while the CP waits for its engine, /healthz
+    // answers and /readyz says 503 (docker not ready).
+    let shutdown = CancellationToken::new();
+    let readiness = crate::policy::health::Readiness::new();
+    let metrics = crate::policy::metrics::Metrics::new();
+    if let Err(e) = metrics.install_global() {
+        // A second CP in one process (tests): keep the first recorder.
+        tracing::debug!(error = %e, "metrics recorder already installed");
+    }
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
+        cfg.metrics_addr,
+        metrics.handle(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+
+    let docker = wait_for_engine().await;
     let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
         .await
         .with_context(|| format!("ensuring network {}", cfg.network))?;
@@ -124,15 +142,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         RegistryStore::open(&cfg.registry_path())
             .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
     )?;
-    let shutdown = CancellationToken::new();
-    let readiness = crate::policy::health::Readiness::new();
     readiness.set_bus(true);
     readiness.set_registry(true);
-    let metrics = crate::policy::metrics::Metrics::new();
-    if let Err(e) = metrics.install_global() {
-        // A second CP in one process (tests): keep the first recorder.
-        tracing::debug!(error = %e, "metrics recorder already installed");
-    }
 
     // Agent API on the gateway: containers reach the CP there, and their
     // source address is their clawker-net IP (Register's peer-IP check).
@@ -202,14 +213,6 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
-    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
-        cfg.metrics_addr,
-        metrics.handle(),
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
     // Readiness follows the Docker events stream.
     {
         let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());
@@ -237,6 +240,41 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         engine,
         containment,
     })
+}
+
+/// Retry pace while the CP waits for its engine at startup.
+const ENGINE_WAIT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(1));
+
+/// Connects to the Docker engine, waiting as long as it takes: a CP started
+/// before its engine (socket absent, daemon down) logs a clear error and
+/// keeps trying at most [`ENGINE_WAIT`]'s cap apart, then carries on with
+/// its startup the moment the engine answers — no restart needed. (The
+/// caller races this against SIGTERM.)
+async fn wait_for_engine() -> Docker {
+    let mut retry = ENGINE_WAIT.retry();
+    let mut since: Option<std::time::Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        match docker::connect().await {
+            Ok(d) => {
+                if let Some(t) = since {
+                    tracing::info!(
+                        waited_ms = t.elapsed().as_millis() as u64,
+                        "Docker engine reachable; control plane starting"
+                    );
+                }
+                return d;
+            }
+            Err(e) => {
+                since.get_or_insert_with(std::time::Instant::now);
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(60) {
+                    tracing::error!(error = %e, failures, "cannot reach the Docker engine; the control plane waits for it (retrying every second)");
+                }
+                tokio::time::sleep(retry.next_delay()).await;
+            }
+        }
+    }
 }
 
 /// The `policy` supervisor: containment, audit, metrics subscribers.
@@ -389,7 +427,14 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
     let system = actix::System::with_tokio_rt(|| runtime);
     system.block_on(async move {
         clawker_actors::install_panic_hook();
-        let cp = start(&cfg).await?;
+        // Startup may wait for the Docker engine; a signal meanwhile ends it.
+        let cp = tokio::select! {
+            cp = start(&cfg) => cp?,
+            _ = wait_for_signal() => {
+                tracing::info!("shutting down before startup completed");
+                return Ok(());
+            }
+        };
         tracing::info!(
             agent_api = %cp.agent_api_addr,
             admin_api = %cfg.admin_addr,
