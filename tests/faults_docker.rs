@@ -436,6 +436,15 @@ fn agent_run_exits_non_zero_and_starts_nothing_when_the_cp_is_unreachable() {
         .unwrap()
         .local_addr()
         .unwrap();
+    // The network exists, so only the missing CP can stop the start.
+    docker_cli(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.225.4.0/24",
+        &env.cfg.network,
+    ])
+    .expect("network create");
     let out = env
         .cli()
         .args(["--admin-addr", &dead.to_string()])
