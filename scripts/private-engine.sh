@@ -131,7 +131,10 @@ case "${1:-}" in
         sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     done
     [ -e "/run/netns/$NS" ] && ip netns del "$NS" 2>/dev/null
-    rm -rf "$STATE" "$DATA" "$SOCK"
+    rm -rf "$STATE" "$DATA" "$SOCK" || true
+    if [ -e "/run/netns/$NS" ] || [ -e "$STATE" ] || [ -e "$DATA" ]; then
+      die "leftovers after down (netns $NS, $STATE or $DATA); run down again"
+    fi
     log "down"
     ;;
   *) die "usage: $0 up [IMAGE…] | stop | start | down" ;;

@@ -76,7 +76,14 @@ impl PrivateEngine {
 
 impl Drop for PrivateEngine {
     fn drop(&mut self) {
-        let _ = Command::new(SCRIPT).arg("down").output();
+        // `down` fails when something is left (e.g. a mount still busy
+        // right after the daemon exited); a second pass removes it.
+        for _ in 0..3 {
+            match Command::new(SCRIPT).arg("down").output() {
+                Ok(o) if o.status.success() => return,
+                _ => std::thread::sleep(Duration::from_secs(1)),
+            }
+        }
     }
 }
 
