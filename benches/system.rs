@@ -9,6 +9,14 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
+//! - `startup` (not in the default set: it needs root and builds a private
+//!   swarm): start → InitCompleted in engine mode (an in-process CP on the
+//!   main engine) beside Swarm mode (the CP service on a one-node private
+//!   swarm, `scripts/swarm-cluster/`), the same N agent starts each, one
+//!   after another, in one run. "start" is the runtime's own start time
+//!   (engine: the container `start` event; swarm: the moment the manager
+//!   recorded the task running), so both numbers cover dial, Register and
+//!   init; the `agent run` call → InitCompleted is reported too.
 //! - `exec`: the operator's way in, on a real engine (image
 //!   `$CLAWKER_TEST_IMAGE`, default `clawker-agent:latest`): the whole CLI
 //!   process `clawker agent exec NAME -- true` against `docker exec NAME
@@ -22,6 +30,11 @@
 //!   `lock`, 20 runs each, and → the session re-established over the
 //!   quarantine address. Docker networks 10.222.30–31.0/24, namespace
 //!   10.252.30.0/30. Run under the Docker flock.
+//! - `rotation`: one real clawkerd on loopback, 200 leaf rotations over
+//!   one open session (`RenewCert` → CSR → sign → stage → `CertIssued` →
+//!   clawkerd persists and swaps → `Done` → promote), with real redb writes:
+//!   CSR received → `Done` received (the DESIGN target), and the whole
+//!   `RenewCert` round trip.
 //!
 //! The agent image is `CLAWKER_TEST_IMAGE` (default `clawker-agent:latest`).
 //!
@@ -43,11 +56,16 @@ use futures::StreamExt;
 #[allow(dead_code)]
 #[path = "../tests/common/pty.rs"]
 mod pty;
+#[allow(dead_code)]
+#[path = "../tests/common/swarm.rs"]
+mod swarm_support;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
-        println!("system harness: run with `cargo bench --bench system [-- docker|sessions|exec]`");
+        println!(
+            "system harness: run with `cargo bench --bench system [-- docker|exec|sessions|containment|rotation]`"
+        );
         return;
     }
     let only: Vec<&str> = args
@@ -57,6 +75,9 @@ fn main() {
         .map(String::as_str)
         .collect();
     let want = |s: &str| only.is_empty() || only.contains(&s);
+    if only.contains(&"startup") {
+        actix::System::new().block_on(startup_section());
+    }
     raise_fd_limit();
     println!("machine: {} cores, {}", num_cpus(), mem_total());
     if want("docker") {
@@ -73,10 +94,124 @@ fn main() {
     if want("containment") {
         actix::System::new().block_on(containment_section());
     }
+    if want("rotation") {
+        actix::System::new().block_on(rotation_section(200));
+    }
 }
 
 fn image() -> String {
     std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
+
+async fn rotation_section(n: usize) {
+    use clawker::events::{AgentRef, RotationReason};
+    use clawker::session::rotation::{CertRotation, RequestOutcome, RotationConfig, Rotator};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(clawker::pki::Ca::generate().unwrap());
+    let cp_client = ca.mint_cp_client().unwrap();
+    let id = "0123456789abcdef";
+    let leaf = ca
+        .mint_agent(
+            &ProjectSlug::new("p").unwrap(),
+            &AgentName::new("a").unwrap(),
+            id,
+        )
+        .unwrap();
+    let boot = dir.path().join("boot");
+    clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
+    std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let group = dir.path().join("group");
+    std::fs::write(&group, "root:x:0:\n").unwrap();
+    let log = dir.path().join("clawkerd.log");
+    let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
+        .args(["sleep", "600"])
+        .env("CLAWKER_AGENT", "a")
+        .env("CLAWKER_PROJECT", "p")
+        .env("CLAWKER_USER", "root")
+        .env("CLAWKER_BOOTSTRAP_DIR", &boot)
+        .env("CLAWKER_LISTEN_ADDR", "127.0.0.1:0")
+        .env("CLAWKER_PASSWD_FILE", &passwd)
+        .env("CLAWKER_GROUP_FILE", &group)
+        .env("CLAWKER_READY_FILE", dir.path().join("ready"))
+        .env("CLAWKER_LOG_FILE", &log)
+        .env("CLAWKERD_STATE_DIR", dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawkerd");
+    // The bound address, from clawkerd's `clawkerd_listener_started` line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr: SocketAddr = loop {
+        let found = std::fs::read_to_string(&log).ok().and_then(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "clawkerd_listener_started")
+                .and_then(|v| v["addr"].as_str()?.parse().ok())
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "clawkerd not listening");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let registry = clawker::registry::RegistryStore::open(&dir.path().join("r.redb")).unwrap();
+    registry
+        .add(clawker::registry::NewEntry {
+            agent_name: "a".into(),
+            project: "p".into(),
+            container_id: id.into(),
+            thumbprint: leaf.thumbprint(),
+            registered_at_unix: 1,
+            last_seen_unix: 0,
+        })
+        .unwrap();
+    let dial = clawker::session::dial::DialConfig::new(
+        ca.cert_pem().as_bytes(),
+        cp_client.cert_pem.as_bytes(),
+        cp_client.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let conn = clawker::session::dial::connect(addr, &dial)
+        .await
+        .expect("session");
+    let certs = CertRotation {
+        ca: ca.clone(),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig::default(),
+    };
+    let mut rotator = Rotator::new(
+        Some(Arc::new(certs)),
+        Arc::new(registry.clone()),
+        clawker::events::RecordingSink::default(),
+        AgentRef::new(id, "a", "p"),
+        true,
+        &conn.peer,
+    );
+    let (mut csr_to_done, mut round_trip) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        match rotator
+            .rotate_now(&conn.mux, RotationReason::Requested)
+            .await
+            .expect("rotation")
+        {
+            RequestOutcome::Rotated(r) => csr_to_done.push(r.csr_to_done),
+            RequestOutcome::AlreadyRotated => panic!("nothing else rotates here"),
+        }
+        round_trip.push(t.elapsed());
+    }
+    assert!(!conn.mux.is_closed(), "one session throughout");
+    println!("\n== leaf rotation over one open session (loopback, real clawkerd, real redb) ==");
+    report(
+        "CSR received → Done received (new leaf in use)",
+        &mut csr_to_done,
+    );
+    report("RenewCert sent → Done received", &mut round_trip);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// 1,000 sessions need more than the default 1,024 descriptors.
@@ -251,6 +386,8 @@ async fn docker_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
     };
     let at_of = |name: &str, id: &str| -> Option<i128> {
         seen.lock()
@@ -351,15 +488,167 @@ async fn docker_section() {
         cp::agent::remove(&docker, &id).await.expect("rm");
     }
     report("start event → SessionConnected", &mut connected);
-    report("start event → InitCompleted (7 steps)", &mut completed);
+    report(
+        "start event → InitCompleted (init + boot, 9 steps)",
+        &mut completed,
+    );
 
     cp::agent::remove(&docker, &id).await.ok();
-    let q = running.engine.networks().quarantine.clone();
+    let q = cfg.quarantine_network.clone();
     cp::stop(running).await;
     remove_quarantine(&q).await;
     let _ = Process::new("docker")
         .args(["network", "rm", "clawker-bench"])
         .output();
+}
+
+fn nanos_now() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn bench_image() -> String {
+    std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
+}
+
+fn run_spec(name: &str, network: &str) -> RunSpec {
+    RunSpec {
+        agent: AgentName::new(name).unwrap(),
+        project: ProjectSlug::new("bench").unwrap(),
+        image: bench_image(),
+        network: network.into(),
+        agent_port: clawker::defaults::AGENT_PORT,
+        command: vec![],
+        extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench".to_owned())]),
+        extra_networks: vec![],
+        env: vec![],
+        hardening: Default::default(),
+        mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
+    }
+}
+
+/// (start → InitCompleted, call → InitCompleted) from event records.
+fn startup_sample(
+    recs: &[(String, serde_json::Value)],
+    id: &str,
+    call: i128,
+) -> Option<(Duration, Duration)> {
+    let done = recs
+        .iter()
+        .find(|(n, j)| n == "agent.init.completed" && j["container_id"] == id)
+        .and_then(|(_, j)| swarm_support::at_nanos(j))?;
+    let start = recs
+        .iter()
+        .find(|(n, j)| {
+            n == "docker.event"
+                && j["actor_id"] == id
+                && j["action"] == "start"
+                && j["synthetic"] == false
+        })
+        .and_then(|(_, j)| j["time_nanos"].as_i64().map(i128::from))?;
+    let d = |from: i128| Duration::from_nanos((done - from).max(0) as u64);
+    Some((d(start), d(call)))
+}
+
+async fn startup_section() {
+    let n: usize = std::env::var("CLAWKER_BENCH_STARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    println!("\n== start → InitCompleted, engine vs swarm ({n} starts each, one at a time) ==");
+
+    // Engine mode: an in-process CP on the main engine.
+    let docker = clawker::docker::connect().await.expect("docker engine");
+    let state = tempfile::tempdir().expect("tempdir");
+    clawker::pki::AuthMaterial::ensure(state.path()).expect("ca");
+    let overrides = cp::config::Overrides {
+        network: Some("clawker-bench-startup".into()),
+        subnet: Some("10.241.200.0/24".into()),
+        quarantine_network: Some("clawker-bench-startup-q".into()),
+        quarantine_subnet: Some("10.241.201.0/24".into()),
+        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let cfg = cp::config::resolve(state.path().to_owned(), Default::default(), overrides).unwrap();
+    let material = clawker::pki::AuthMaterial::load(state.path()).unwrap();
+    let running = cp::start(&cfg).await.expect("cp");
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    {
+        let mut sub = running.bus.subscribe_all().unwrap();
+        let s = seen.clone();
+        actix::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                s.lock().unwrap().push((e.name().to_owned(), e.to_json()));
+            }
+        });
+    }
+    let (mut e_start, mut e_call) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let call = nanos_now();
+        let id = cp::agent::run(
+            &docker,
+            &material,
+            &run_spec(&format!("e{i}"), &cfg.network),
+        )
+        .await
+        .expect("run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sample = loop {
+            if let Some(s) = startup_sample(&seen.lock().unwrap(), &id, call) {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine agent {i}: no InitCompleted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        e_start.push(sample.0);
+        e_call.push(sample.1);
+        cp::agent::remove(&docker, &id).await.expect("rm");
+    }
+    cp::stop(running).await;
+    let _ = Process::new("docker")
+        .args(["network", "rm", "clawker-bench-startup"])
+        .output();
+    remove_quarantine("clawker-bench-startup-q").await;
+
+    // Swarm mode: the CP service on a one-node private swarm.
+    let cluster = swarm_support::Cluster::up(1);
+    let scp = swarm_support::SwarmCp::deploy(&cluster).await;
+    let material = scp.material();
+    let (mut s_start, mut s_call) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let call = nanos_now();
+        let id = cp::agent::run(
+            &scp.swarm,
+            &material,
+            &run_spec(&format!("s{i}"), swarm_support::OVERLAY),
+        )
+        .await
+        .expect("run");
+        let recs = scp
+            .wait("InitCompleted", 60, |r| {
+                startup_sample(r, &id, call).is_some()
+            })
+            .await;
+        let sample = startup_sample(&recs, &id, call).unwrap();
+        s_start.push(sample.0);
+        s_call.push(sample.1);
+        cp::agent::remove(&scp.swarm, &id).await.expect("rm");
+    }
+    drop(scp);
+    drop(cluster);
+
+    report("engine: start event → InitCompleted", &mut e_start);
+    report("swarm:  task running → InitCompleted", &mut s_start);
+    report("engine: `agent run` call → InitCompleted", &mut e_call);
+    report("swarm:  `agent run` call → InitCompleted", &mut s_call);
 }
 
 /// Removes a quarantine network and its bridge's host guard.
@@ -437,6 +726,7 @@ async fn sessions_section(n: usize) {
             .env("CLAWKER_GROUP_FILE", &group)
             .env("CLAWKER_READY_FILE", boot.join("ready"))
             .env("CLAWKER_LOG_FILE", boot.join("log"))
+            .env("CLAWKERD_STATE_DIR", boot.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -463,6 +753,7 @@ async fn sessions_section(n: usize) {
     let deps = SessionDeps {
         resolver: Arc::new(Table(table.clone())),
         registry: Arc::new(registry),
+        terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
         dial: clawker::session::dial::DialConfig::new(
             ca.cert_pem().as_bytes(),
             cp_client.cert_pem.as_bytes(),
@@ -471,6 +762,7 @@ async fn sessions_section(n: usize) {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     let connected_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     {
@@ -567,6 +859,8 @@ fn exec_section() {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-exec".to_owned())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+            placement: vec![],
         };
         let id = cp::agent::run(&docker, &material, &spec)
             .await
@@ -856,7 +1150,7 @@ fn containment_world() -> Arc<std::sync::atomic::AtomicUsize> {
 async fn containment_section() {
     use clawker::events::{AgentRef, AgentUntrusted, ContainmentAction as A, UntrustedReason};
     use clawker::policy::containment::{ContainmentConfig, Lift, Rule, TriggerKind};
-    use clawker::runtime::{Inspect, NetworkRole};
+    use clawker::runtime::NetworkRole;
     use clawker::session::command::{RunAs, shell};
     use std::sync::atomic::Ordering;
 
@@ -916,6 +1210,8 @@ async fn containment_section() {
         extra_labels: HashMap::from([("dev.clawker.test".to_owned(), "bench-ct".to_owned())]),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cp::config::DEFAULT_AGENT_CERT_TTL,
+        placement: vec![],
     };
     let id = cp::agent::run(&docker, &material, &spec)
         .await
@@ -935,7 +1231,7 @@ async fn containment_section() {
         async move {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let f = running.engine.inspect(id).await.unwrap();
+                let f = running.inspect.inspect(id).await.unwrap();
                 if f.ip_network == Some(role) {
                     let prefix = format!("{}:", f.ip.unwrap());
                     let at = seen.lock().unwrap().iter().skip(mark).find_map(|(n, j)| {

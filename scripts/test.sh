@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
-# The e2e suite runs the image built from this tree's clawkerd.
-scripts/build-agent-image.sh clawker-agent:latest >/dev/null
+# The e2e suites run the images built from this tree: the agent image
+# (clawkerd) and, for Swarm mode, the CP image (clawker).
+scripts/build-agent-image.sh "${CLAWKER_TEST_IMAGE:-clawker-agent:latest}" >/dev/null
+scripts/build-cp-image.sh "${CLAWKER_TEST_CP_IMAGE:-clawker-cp:latest}" >/dev/null
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets "$@" 2>&1 | tee "$log"

@@ -18,6 +18,13 @@ pub mod labels {
     pub const PURPOSE: &str = "dev.clawker.purpose";
     pub const PURPOSE_AGENT: &str = "agent";
     pub const PURPOSE_NETWORK: &str = "network";
+    /// Swarm mode: the CP's own service.
+    pub const PURPOSE_CP: &str = "cp";
+    /// Swarm mode: a secret holding one file of an agent's bootstrap bundle.
+    pub const PURPOSE_BOOTSTRAP: &str = "bootstrap";
+    /// Swarm mode: on a bundle secret, the id of the service it belongs to.
+    pub const SERVICE: &str = "dev.clawker.service";
+    /// The quarantine network (engine) or overlay (swarm).
     pub const PURPOSE_QUARANTINE: &str = "quarantine";
 }
 
@@ -26,6 +33,32 @@ pub const NETWORK: &str = "clawker-net";
 /// Its subnet when the CP creates it (an explicit subnet, never Docker's
 /// pick, so it cannot collide with a test network or the host's LAN).
 pub const SUBNET: &str = "10.213.0.0/24";
+
+/// Swarm mode: the attachable overlay the CP service and every agent
+/// service share.
+pub mod swarm {
+    /// The overlay network.
+    pub const NETWORK: &str = "clawker-overlay";
+    /// Its subnet when `clawker cp deploy` creates it (explicit, like
+    /// clawker-net's).
+    pub const SUBNET: &str = "10.213.64.0/24";
+    /// The CP's service.
+    pub const CP_SERVICE: &str = "clawker-cp";
+    /// The CP's state volume (on the manager it is pinned to).
+    pub const CP_VOLUME: &str = "clawker-cp-state";
+    /// The state directory inside the CP's container (the volume's mount).
+    pub const CP_STATE_DIR: &str = "/var/lib/clawker";
+    /// The CP image (`scripts/build-cp-image.sh` builds it).
+    pub const CP_IMAGE: &str = "clawker-cp:latest";
+    /// Env the CP service gets from swarm's templating (`{{.Task.ID}}`):
+    /// how the CP finds its own task, hence its overlay address.
+    pub const TASK_ID_ENV: &str = "CLAWKER_SWARM_TASK_ID";
+    /// The internal overlay `isolate` moves an agent service onto (the CP
+    /// service is attached to it too, so the session survives the move).
+    pub const QUARANTINE_NETWORK: &str = "clawker-quarantine-overlay";
+    /// Its subnet when `clawker cp deploy` creates it.
+    pub const QUARANTINE_SUBNET: &str = "10.213.65.0/24";
+}
 
 /// The internal network `isolate` moves an agent onto.
 pub const QUARANTINE_NETWORK: &str = "clawker-quarantine";
@@ -88,9 +121,21 @@ pub mod agent_paths {
 /// The capabilities clawkerd needs as PID 1 and nothing more: SETUID and
 /// SETGID to drop to the agent user (setgroups/setgid/setuid before exec),
 /// KILL to signal process groups owned by that user (timeouts, `docker
-/// stop` forwarding). `tests/containment_docker.rs` shows each one is
+/// stop` forwarding), CHOWN and FOWNER to keep owners, modes and mtimes
+/// when `clawker agent cp` unpacks a tree into the container (root sets
+/// them on files it does not own), DAC_READ_SEARCH to pack any file when
+/// `agent cp` copies out (like `docker cp`, which reads from outside).
+/// None survives the drop to the agent user (no ambient set,
+/// no-new-privileges). `tests/containment_docker.rs` shows each one is
 /// needed.
-pub const AGENT_CAPS: [&str; 3] = ["SETUID", "SETGID", "KILL"];
+pub const AGENT_CAPS: [&str; 6] = [
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "CHOWN",
+    "FOWNER",
+    "DAC_READ_SEARCH",
+];
 
 /// The default agent image (`scripts/build-agent-image.sh` builds it).
 pub const AGENT_IMAGE: &str = "clawker-agent:latest";

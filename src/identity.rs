@@ -140,19 +140,21 @@ pub fn canonical_cn(project: &ProjectSlug, agent: &AgentName) -> String {
 /// Why a container id cannot be bound into a SAN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SanError {
-    #[error("container id must be lowercase hex; got {0:?}")]
-    NotLowercaseHex(String),
+    #[error("container id must be lowercase letters and digits; got {0:?}")]
+    NotLowercaseAlphanumeric(String),
 }
 
 /// Builds `urn:clawker:container:<id>`; the id must be non-empty lowercase
-/// hex (any length, as Docker ids and their short forms are).
+/// ASCII letters and digits: a Docker container id (hex, any length, as ids
+/// and their short forms are) or, in Swarm mode, a service id (25
+/// characters of `[a-z0-9]`).
 pub fn container_san(container_id: &str) -> Result<String, SanError> {
     let ok = !container_id.is_empty()
         && container_id
             .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
     if !ok {
-        return Err(SanError::NotLowercaseHex(container_id.to_owned()));
+        return Err(SanError::NotLowercaseAlphanumeric(container_id.to_owned()));
     }
     Ok(format!("{CONTAINER_SAN_PREFIX}{container_id}"))
 }
@@ -263,14 +265,16 @@ mod tests {
     }
 
     #[test]
-    fn san_rejects_non_lowercase_hex() {
+    fn san_takes_container_and_service_ids_and_rejects_the_rest() {
         assert!(container_san("abc111").is_ok());
-        for bad in ["", "ABC", "xyz", "ab cd", "ab:cd"] {
+        // A swarm service id.
+        assert!(container_san("y0nhlshy4x2k9fq0vwkz3m1ab").is_ok());
+        for bad in ["", "ABC", "ab cd", "ab:cd", "ab/cd", "é"] {
             assert!(container_san(bad).is_err(), "{bad}");
         }
         assert_eq!(
             container_san("G").unwrap_err().to_string(),
-            "container id must be lowercase hex; got \"G\""
+            "container id must be lowercase letters and digits; got \"G\""
         );
     }
 

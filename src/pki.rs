@@ -5,6 +5,8 @@
 //! pins CN `clawker-controlplane`), the CLI's client cert (admin API) and one
 //! short-lived leaf per agent container, bound to the container by a URI SAN.
 //! The CA key stays in the host state directory; it never enters a container.
+//! `cp serve` loads it into its own memory to sign agents' renewal CSRs
+//! ([`Ca::sign_agent_csr`]): the key is used there, never sent anywhere.
 //!
 //! [`AuthMaterial::ensure`] is the `clawker ca init` behaviour: every pair is
 //! created only when one of its files is missing, so running it twice changes
@@ -105,6 +107,32 @@ pub struct LeafSpec {
 }
 
 impl LeafSpec {
+    /// The rcgen parameters of this leaf (fresh random serial, AKI set).
+    fn params(&self) -> Result<CertificateParams> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject(&self.common_name);
+        params.not_before = self.not_before;
+        params.not_after = self.not_after;
+        params.serial_number = Some(random_serial()?);
+        params.key_usages = self.key_usages.clone();
+        params.extended_key_usages = self.ekus.clone();
+        params.use_authority_key_identifier_extension = true;
+        for dns in &self.dns_sans {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.as_str().try_into()?));
+        }
+        for ip in &self.ip_sans {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        for uri in &self.uri_sans {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
+        }
+        Ok(params)
+    }
+
     /// A leaf valid from five minutes ago (clock skew) for `validity`.
     pub fn new(common_name: &str, validity: Duration) -> Self {
         let now = OffsetDateTime::now_utc();
@@ -123,8 +151,15 @@ impl LeafSpec {
 
 /// Leaf validity of the CP's and CLI's certificates.
 pub const SERVICE_CERT_VALIDITY: Duration = Duration::days(365);
-/// Agent leaves are short-lived: a container gets a fresh one at creation.
+/// Default agent leaf lifetime (cp.toml `agent_cert_ttl`): a container gets
+/// one at creation and renews it over its session at half its lifetime.
 pub const AGENT_CERT_VALIDITY: Duration = Duration::hours(24);
+/// How far a leaf's `notBefore` is backdated for clock skew: five minutes
+/// (the reference), but never more than a tenth of the lifetime, so that a
+/// 10-second test leaf still reaches half its lifetime 5 s after issue.
+pub fn agent_backdate(ttl: Duration) -> Duration {
+    (ttl / 10i32).min(Duration::minutes(5))
+}
 /// CA validity.
 pub const CA_VALIDITY: Duration = Duration::days(5 * 365);
 /// CN of the CLI's client certificate.
@@ -210,6 +245,11 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// A second handle on the same CA (same certificate and key).
+    pub fn try_clone(&self) -> Result<Self> {
+        Self::load(&self.cert_pem, &self.key_pem)
+    }
+
     /// The CA key, PEM. Only [`AuthMaterial`] writes it, to a 0600 file.
     fn key_pem(&self) -> &str {
         &self.key_pem
@@ -218,28 +258,7 @@ impl Ca {
     /// Signs a leaf described by `spec` with a fresh P-256 key.
     pub fn issue(&self, spec: &LeafSpec) -> Result<CertifiedKey> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = subject(&spec.common_name);
-        params.not_before = spec.not_before;
-        params.not_after = spec.not_after;
-        params.serial_number = Some(random_serial()?);
-        params.key_usages = spec.key_usages.clone();
-        params.extended_key_usages = spec.ekus.clone();
-        params.use_authority_key_identifier_extension = true;
-        for dns in &spec.dns_sans {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(dns.as_str().try_into()?));
-        }
-        for ip in &spec.ip_sans {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        for uri in &spec.uri_sans {
-            params
-                .subject_alt_names
-                .push(SanType::URI(uri.as_str().try_into()?));
-        }
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = spec.params()?.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -286,21 +305,218 @@ impl Ca {
         agent: &AgentName,
         container_id: &str,
     ) -> Result<CertifiedKey> {
+        self.mint_agent_with_ttl(project, agent, container_id, AGENT_CERT_VALIDITY)
+    }
+
+    /// [`Ca::mint_agent`] with a configured lifetime (`agent_cert_ttl`).
+    pub fn mint_agent_with_ttl(
+        &self,
+        project: &ProjectSlug,
+        agent: &AgentName,
+        container_id: &str,
+        ttl: Duration,
+    ) -> Result<CertifiedKey> {
         if container_id.is_empty() {
             return Err(PkiError::ContainerIdRequired);
         }
         let san = identity::container_san(container_id)?;
-        let mut spec = LeafSpec::new(&identity::canonical_cn(project, agent), AGENT_CERT_VALIDITY);
-        spec.key_usages = vec![
+        let spec = agent_leaf_spec(
+            &identity::canonical_cn(project, agent),
+            &san,
+            ttl,
+            OffsetDateTime::now_utc(),
+        );
+        self.issue(&spec)
+    }
+
+    /// Signs an agent's renewal CSR (DER, PKCS#10) for exactly the identity
+    /// `expect` names, valid `ttl` from `now`. The CSR only contributes its
+    /// public key: it must prove possession (signature), be P-256, and ask
+    /// for nothing but `CN=<expect.cn>` (optionally `O=clawker`) and the one
+    /// URI SAN `expect.san`; every field of the certificate (KU, EKUs,
+    /// validity, serial) is the CP's, as for a leaf minted by `agent run`.
+    pub fn sign_agent_csr(
+        &self,
+        csr_der: &[u8],
+        expect: &AgentIdentity,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> std::result::Result<SignedLeaf, CsrError> {
+        let key = csr::check(csr_der, expect)?;
+        let spec = agent_leaf_spec(&expect.cn, &expect.san, ttl, now);
+        let params = spec.params().map_err(CsrError::Sign)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CsrError::Sign(e.into()))?;
+        Ok(SignedLeaf {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            not_after: spec.not_after,
+        })
+    }
+}
+
+/// The agent leaf profile, shared by `agent run`'s minting and CSR signing:
+/// canonical CN, the container SAN, DigitalSignature + KeyEncipherment,
+/// ClientAuth + ServerAuth.
+fn agent_leaf_spec(cn: &str, san: &str, ttl: Duration, now: OffsetDateTime) -> LeafSpec {
+    LeafSpec {
+        common_name: cn.to_owned(),
+        dns_sans: Vec::new(),
+        ip_sans: Vec::new(),
+        uri_sans: vec![san.to_owned()],
+        key_usages: vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
-        ];
-        spec.ekus = vec![
+        ],
+        ekus: vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        spec.uri_sans = vec![san];
-        self.issue(&spec)
+        ],
+        not_before: now - agent_backdate(ttl),
+        not_after: now + ttl,
+    }
+}
+
+/// The identity a renewal CSR must name: the registry row's canonical CN
+/// and the container SAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub cn: String,
+    pub san: String,
+}
+
+/// A leaf the CA signed for a CSR (the key stays with whoever made the CSR).
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    pub not_after: OffsetDateTime,
+}
+
+impl SignedLeaf {
+    pub fn thumbprint(&self) -> Thumbprint {
+        Thumbprint::of_der(&self.cert_der)
+    }
+}
+
+/// Why a renewal CSR was refused. Texts are safe to send back to the agent
+/// and to log: they never echo a peer string.
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("CSR larger than {max} bytes", max = csr::MAX_CSR_LEN)]
+    TooLarge,
+    #[error("CSR does not parse")]
+    Parse,
+    #[error("CSR has trailing data")]
+    TrailingData,
+    #[error("CSR signature does not verify")]
+    Signature,
+    #[error("CSR key is not ECDSA P-256")]
+    NotP256,
+    #[error("CSR subject CN is not the agent's canonical CN")]
+    CnMismatch,
+    #[error("CSR subject names more than CN and O=clawker")]
+    ExtraSubject,
+    #[error("CSR does not name exactly the agent's container SAN")]
+    SanMismatch,
+    #[error("CSR requests an extension or attribute other than its SAN")]
+    ExtraRequest,
+    #[error("signing: {0}")]
+    Sign(PkiError),
+}
+
+/// PKCS#10 checks for [`Ca::sign_agent_csr`].
+mod csr {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::cri_attributes::ParsedCriAttribute;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME,
+    };
+    use x509_parser::prelude::FromDer;
+
+    use super::{AgentIdentity, CsrError};
+
+    /// A P-256 CSR with one SAN is ~350 bytes; anything near this is junk.
+    pub const MAX_CSR_LEN: usize = 4096;
+
+    /// The CSR's public key (uncompressed SEC1 point), as rcgen signs it.
+    pub struct CsrKey(Vec<u8>);
+
+    impl rcgen::PublicKeyData for CsrKey {
+        fn der_bytes(&self) -> &[u8] {
+            &self.0
+        }
+        fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+            &rcgen::PKCS_ECDSA_P256_SHA256
+        }
+    }
+
+    pub fn check(der: &[u8], expect: &AgentIdentity) -> Result<CsrKey, CsrError> {
+        if der.len() > MAX_CSR_LEN {
+            return Err(CsrError::TooLarge);
+        }
+        let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|_| CsrError::Parse)?;
+        if !rest.is_empty() {
+            return Err(CsrError::TrailingData);
+        }
+        csr.verify_signature().map_err(|_| CsrError::Signature)?;
+        let info = &csr.certification_request_info;
+        let spki = &info.subject_pki;
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let point = spki.subject_public_key.data.as_ref();
+        if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY
+            || curve.as_ref() != Some(&OID_EC_P256)
+            || point.len() != 65
+            || point[0] != 4
+        {
+            return Err(CsrError::NotP256);
+        }
+        let mut cn_ok = false;
+        for rdn in info.subject.iter() {
+            for attr in rdn.iter() {
+                let value = attr.as_str().map_err(|_| CsrError::ExtraSubject)?;
+                if *attr.attr_type() == OID_X509_COMMON_NAME && !cn_ok {
+                    if value != expect.cn {
+                        return Err(CsrError::CnMismatch);
+                    }
+                    cn_ok = true;
+                } else if *attr.attr_type() == OID_X509_ORGANIZATION_NAME && value == "clawker" {
+                } else {
+                    return Err(CsrError::ExtraSubject);
+                }
+            }
+        }
+        if !cn_ok {
+            return Err(CsrError::CnMismatch);
+        }
+        let mut san_ok = false;
+        for attr in info.iter_attributes() {
+            let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() else {
+                return Err(CsrError::ExtraRequest);
+            };
+            for ext in &req.extensions {
+                let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() else {
+                    return Err(CsrError::ExtraRequest);
+                };
+                if san_ok {
+                    return Err(CsrError::SanMismatch);
+                }
+                match san.general_names.as_slice() {
+                    [GeneralName::URI(u)] if *u == expect.san => san_ok = true,
+                    _ => return Err(CsrError::SanMismatch),
+                }
+            }
+        }
+        if !san_ok {
+            return Err(CsrError::SanMismatch);
+        }
+        Ok(CsrKey(point.to_vec()))
     }
 }
 
@@ -600,28 +816,7 @@ impl AuthMaterial {
             report.created.push("CLI signing JWK");
         }
 
-        type Minter = fn(&Ca) -> Result<CertifiedKey>;
-        let leaves: [(&'static str, PathBuf, PathBuf, Minter); 3] = [
-            (
-                "server certificate",
-                paths.server_cert(),
-                paths.server_key(),
-                |ca| ca.mint_cp_server(&[]),
-            ),
-            (
-                "CLI client certificate",
-                paths.cli_cert(),
-                paths.cli_key(),
-                Ca::mint_cli_client,
-            ),
-            (
-                "CP client certificate",
-                paths.cp_client_cert(),
-                paths.cp_client_key(),
-                Ca::mint_cp_client,
-            ),
-        ];
-        for (name, cert_path, key_path, mint) in leaves {
+        for (name, cert_path, key_path, mint) in service_leaves(&paths) {
             if ca_fresh || !(cert_path.exists() && key_path.exists()) {
                 let ck = mint(&ca)?;
                 write_file(&key_path, ck.key_pem.as_bytes(), 0o600)?;
@@ -639,6 +834,31 @@ impl AuthMaterial {
         ))
     }
 
+    /// `clawker ca renew`: re-issues the CP's server and client certificates
+    /// and the CLI's client certificate under the existing CA (same CN and
+    /// EKUs, fresh keys, a new year of validity). The CA and the signing key
+    /// are kept, so every agent leaf stays valid and every clawkerd, which
+    /// pins the CA and the CP's CN rather than a certificate, accepts the new
+    /// CP client certificate on its next session. A running CP picks the new
+    /// certificates up when it restarts.
+    pub fn renew(state_dir: &Path) -> Result<Vec<Renewed>> {
+        let material = Self::load(state_dir)?;
+        let mut out = Vec::new();
+        for (name, cert_path, key_path, mint) in service_leaves(&material.paths) {
+            let ck = mint(&material.ca)?;
+            // Key first: a crash in between leaves the old cert with a key
+            // it does not match, which every loader reports clearly.
+            write_file(&key_path, ck.key_pem.as_bytes(), 0o600)?;
+            write_file(&cert_path, ck.cert_pem.as_bytes(), 0o644)?;
+            out.push(Renewed {
+                name,
+                path: cert_path,
+                not_after: cert_not_after(name, &ck.cert_pem)?,
+            });
+        }
+        Ok(out)
+    }
+
     /// Loads existing material without creating anything.
     pub fn load(state_dir: &Path) -> Result<Self> {
         let paths = AuthPaths::new(state_dir);
@@ -650,6 +870,55 @@ impl AuthMaterial {
             signing_key,
         })
     }
+}
+
+type Minter = fn(&Ca) -> Result<CertifiedKey>;
+
+/// The CP's and CLI's own certificates: what `ca init` creates and `ca renew`
+/// re-issues, with their files.
+fn service_leaves(paths: &AuthPaths) -> [(&'static str, PathBuf, PathBuf, Minter); 3] {
+    [
+        (
+            "server certificate",
+            paths.server_cert(),
+            paths.server_key(),
+            |ca| ca.mint_cp_server(&[]),
+        ),
+        (
+            "CLI client certificate",
+            paths.cli_cert(),
+            paths.cli_key(),
+            Ca::mint_cli_client,
+        ),
+        (
+            "CP client certificate",
+            paths.cp_client_cert(),
+            paths.cp_client_key(),
+            Ca::mint_cp_client,
+        ),
+    ]
+}
+
+/// One certificate `ca renew` re-issued.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub name: &'static str,
+    pub path: PathBuf,
+    pub not_after: OffsetDateTime,
+}
+
+/// The `notAfter` of the (first) certificate in `pem`.
+pub fn cert_not_after(what: &str, pem_text: &str) -> Result<OffsetDateTime> {
+    let block = pem::parse_many(pem_text)
+        .ok()
+        .and_then(|b| b.into_iter().find(|b| b.tag() == "CERTIFICATE"))
+        .ok_or_else(|| PkiError::NoPem { what: what.into() })?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(block.contents()).map_err(|e| PkiError::BadCert {
+            what: what.into(),
+            detail: e.to_string(),
+        })?;
+    Ok(cert.validity().not_after.to_datetime())
 }
 
 /// File names of the bootstrap bundle copied into an agent container at
@@ -758,7 +1027,7 @@ mod tests {
         let e = ca.mint_agent(&p, &a, "ABC").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "container id must be lowercase hex; got \"ABC\""
+            "container id must be lowercase letters and digits; got \"ABC\""
         );
         let leaf = ca.mint_agent(&p, &a, "ab").unwrap();
         assert_eq!(cn(&parse(&leaf.cert_der)), "clawker.dev");
@@ -886,5 +1155,304 @@ mod tests {
         let (_, third) = AuthMaterial::ensure(dir.path()).unwrap();
         assert_eq!(third.created, vec!["CLI client certificate"]);
         assert!(AuthMaterial::load(dir.path()).is_ok());
+    }
+
+    /// The CA as a rustls trust anchor (tests check chains like peers do).
+    fn roots_of(ca: &Ca) -> rustls::RootCertStore {
+        let der = single_pem_block("ca", ca.cert_pem(), "CERTIFICATE").unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .unwrap();
+        roots
+    }
+
+    fn ident() -> AgentIdentity {
+        AgentIdentity {
+            cn: "clawker.web.dev".into(),
+            san: "urn:clawker:container:abc123".into(),
+        }
+    }
+
+    /// A CSR as clawkerd builds it, with `edit` applied to the parameters.
+    fn csr_with(
+        alg: &'static rcgen::SignatureAlgorithm,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject("clawker.web.dev");
+        params.subject_alt_names = vec![SanType::URI(
+            "urn:clawker:container:abc123".try_into().unwrap(),
+        )];
+        edit(&mut params);
+        let csr = params.serialize_request(&key).unwrap();
+        (csr.der().to_vec(), key)
+    }
+
+    fn at(unix: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(unix).unwrap()
+    }
+
+    #[test]
+    fn csr_for_the_rows_identity_gets_the_agent_profile_from_the_cp() {
+        let ca = Ca::generate().unwrap();
+        let (der, key) = csr_with(&PKCS_ECDSA_P256_SHA256, |_| {});
+        let now = at(1_800_000_000);
+        let leaf = ca
+            .sign_agent_csr(&der, &ident(), Duration::seconds(10), now)
+            .unwrap();
+        let c = parse(&leaf.cert_der);
+        assert_eq!(cn(&c), "clawker.web.dev");
+        assert_eq!(c.validity().not_after.timestamp(), 1_800_000_010);
+        assert_eq!(c.validity().not_before.timestamp(), 1_800_000_000 - 1);
+        assert_eq!(leaf.not_after, at(1_800_000_010));
+        let eku = c.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && eku.server_auth);
+        let ku = c.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment());
+        let san = c.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(san.general_names.len(), 1);
+        assert!(matches!(
+            san.general_names[0],
+            GeneralName::URI("urn:clawker:container:abc123")
+        ));
+        assert_eq!(
+            c.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw(),
+            "the agent's key, not a fresh one"
+        );
+        assert!(!c.is_ca());
+        // It chains to the CA like any minted leaf.
+        let roots = roots_of(&ca);
+        let ee = rustls::pki_types::CertificateDer::from(leaf.cert_der.clone());
+        let parsed = rustls::server::ParsedCertificate::try_from(&ee).unwrap();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                1_800_000_005,
+            )),
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+        )
+        .unwrap();
+        assert_eq!(leaf.thumbprint(), Thumbprint::of_der(&leaf.cert_der));
+    }
+
+    #[test]
+    fn csr_validation_refuses_anything_but_the_rows_identity_on_p256() {
+        let ca = Ca::generate().unwrap();
+        let now = at(1_800_000_000);
+        let sign = |der: &[u8]| ca.sign_agent_csr(der, &ident(), Duration::hours(1), now);
+        let uri = |u: &str| SanType::URI(u.try_into().unwrap());
+        type Case = (&'static str, Vec<u8>, fn(&CsrError) -> bool);
+        let cases: Vec<Case> = vec![
+            (
+                "wrong CN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.distinguished_name = subject("clawker.web.other")
+                })
+                .0,
+                |e| matches!(e, CsrError::CnMismatch),
+            ),
+            (
+                "no CN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.distinguished_name = DistinguishedName::new()
+                })
+                .0,
+                |e| matches!(e, CsrError::CnMismatch),
+            ),
+            (
+                "extra subject attribute",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.distinguished_name
+                        .push(DnType::OrganizationalUnitName, "x")
+                })
+                .0,
+                |e| matches!(e, CsrError::ExtraSubject),
+            ),
+            (
+                "another container's SAN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.subject_alt_names = vec![uri("urn:clawker:container:ffff")]
+                })
+                .0,
+                |e| matches!(e, CsrError::SanMismatch),
+            ),
+            (
+                "an extra DNS SAN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.subject_alt_names
+                        .push(SanType::DnsName("evil.example".try_into().unwrap()))
+                })
+                .0,
+                |e| matches!(e, CsrError::SanMismatch),
+            ),
+            (
+                "a second URI SAN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.subject_alt_names.push(uri("urn:clawker:container:abc"))
+                })
+                .0,
+                |e| matches!(e, CsrError::SanMismatch),
+            ),
+            (
+                "no SAN",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| p.subject_alt_names.clear()).0,
+                |e| matches!(e, CsrError::SanMismatch),
+            ),
+            (
+                "a requested EKU",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning]
+                })
+                .0,
+                |e| matches!(e, CsrError::ExtraRequest),
+            ),
+            (
+                "a CA request",
+                csr_with(&PKCS_ECDSA_P256_SHA256, |p| {
+                    p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+                })
+                .0,
+                |e| matches!(e, CsrError::ExtraRequest),
+            ),
+            (
+                "a P-384 key",
+                csr_with(&rcgen::PKCS_ECDSA_P384_SHA384, |_| {}).0,
+                |e| matches!(e, CsrError::NotP256),
+            ),
+            (
+                "an Ed25519 key",
+                csr_with(&rcgen::PKCS_ED25519, |_| {}).0,
+                |e| matches!(e, CsrError::NotP256),
+            ),
+            ("garbage", vec![0x30, 0x03, 1, 2, 3], |e| {
+                matches!(e, CsrError::Parse)
+            }),
+            ("too large", vec![0u8; 5000], |e| {
+                matches!(e, CsrError::TooLarge)
+            }),
+        ];
+        for (what, der, want) in cases {
+            let e = sign(&der).unwrap_err();
+            assert!(want(&e), "{what}: got {e:?}");
+        }
+        let (good, _) = csr_with(&PKCS_ECDSA_P256_SHA256, |_| {});
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(matches!(sign(&trailing), Err(CsrError::TrailingData)));
+        // A flipped bit in the signature: no proof of possession.
+        let mut forged = good.clone();
+        let n = forged.len();
+        forged[n - 2] ^= 0x01;
+        assert!(matches!(
+            sign(&forged),
+            Err(CsrError::Signature | CsrError::Parse)
+        ));
+        // A CSR for another project's CN of the same container.
+        let other = AgentIdentity {
+            cn: "clawker.other.dev".into(),
+            ..ident()
+        };
+        assert!(matches!(
+            ca.sign_agent_csr(&good, &other, Duration::hours(1), now),
+            Err(CsrError::CnMismatch)
+        ));
+        assert!(sign(&good).is_ok());
+    }
+
+    #[test]
+    fn backdate_is_five_minutes_or_a_tenth_of_short_lifetimes() {
+        assert_eq!(agent_backdate(Duration::hours(24)), Duration::minutes(5));
+        assert_eq!(agent_backdate(Duration::seconds(10)), Duration::seconds(1));
+        let ca = Ca::generate().unwrap();
+        let leaf = ca
+            .mint_agent_with_ttl(
+                &ProjectSlug::new("p").unwrap(),
+                &AgentName::new("a").unwrap(),
+                "ab",
+                Duration::seconds(10),
+            )
+            .unwrap();
+        assert_eq!(lifetime_secs(&parse(&leaf.cert_der)), 11);
+    }
+
+    #[test]
+    fn renew_reissues_service_certs_under_the_same_ca_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        AuthMaterial::ensure(dir.path()).unwrap();
+        let paths = AuthPaths::new(dir.path());
+        let kept =
+            [paths.ca_cert(), paths.ca_key(), paths.signing_key()].map(|f| fs::read(f).unwrap());
+        let renewed_files = [
+            paths.server_cert(),
+            paths.cli_cert(),
+            paths.cp_client_cert(),
+        ];
+        let before = renewed_files.clone().map(|f| fs::read(f).unwrap());
+        let renewed = AuthMaterial::renew(dir.path()).unwrap();
+        assert_eq!(
+            renewed.iter().map(|r| r.name).collect::<Vec<_>>(),
+            vec![
+                "server certificate",
+                "CLI client certificate",
+                "CP client certificate"
+            ]
+        );
+        assert_eq!(
+            kept,
+            [paths.ca_cert(), paths.ca_key(), paths.signing_key()].map(|f| fs::read(f).unwrap())
+        );
+        let ca = Ca::load(
+            &read_file(&paths.ca_cert()).unwrap(),
+            &read_file(&paths.ca_key()).unwrap(),
+        )
+        .unwrap();
+        let roots = roots_of(&ca);
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let algs = provider.signature_verification_algorithms.all;
+        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots.clone()),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        for (f, old) in renewed_files.iter().zip(before) {
+            let new = fs::read(f).unwrap();
+            assert_ne!(new, old, "{}", f.display());
+            let der =
+                single_pem_block("c", std::str::from_utf8(&new).unwrap(), "CERTIFICATE").unwrap();
+            let ee = rustls::pki_types::CertificateDer::from(der);
+            let now = rustls::pki_types::UnixTime::now();
+            // Chains to the same CA, checked as its peers check it.
+            if f == &paths.server_cert() {
+                let parsed = rustls::server::ParsedCertificate::try_from(&ee).unwrap();
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &roots,
+                    &[],
+                    now,
+                    algs,
+                )
+                .unwrap();
+            } else {
+                client_verifier.verify_client_cert(&ee, &[], now).unwrap();
+            }
+        }
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for key in [paths.server_key(), paths.cli_key(), paths.cp_client_key()] {
+            assert_eq!(mode(&key), 0o600);
+        }
+        assert!(renewed[0].not_after > OffsetDateTime::now_utc() + Duration::days(364));
+        let missing = tempfile::tempdir().unwrap();
+        assert!(
+            AuthMaterial::renew(missing.path()).is_err(),
+            "no CA: nothing to renew under"
+        );
     }
 }

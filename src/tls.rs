@@ -116,6 +116,13 @@ pub struct PeerInfo {
     pub chain_verified: bool,
     /// Why the chain did not verify, when it did not.
     pub chain_error: Option<String>,
+    /// The chain failed *only* because the leaf has expired: checked again
+    /// at the leaf's own `notAfter`, it chains to our CA (so it is ours, not
+    /// another CA's, and otherwise well-formed). The CP may then trust and
+    /// re-issue it (DESIGN §13).
+    pub expired_only: bool,
+    /// The leaf's `notAfter` (Unix seconds), when the leaf parses.
+    pub not_after: Option<i64>,
     /// The leaf DER itself, for SAN extraction by the caller.
     pub leaf_der: Vec<u8>,
 }
@@ -153,23 +160,85 @@ impl PermissiveServerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> PeerInfo {
-        let chain = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &parsed,
-                &self.roots,
-                intermediates,
-                now,
-                self.provider.signature_verification_algorithms.all,
-            )
-        });
+        let algs = self.provider.signature_verification_algorithms.all;
+        let chain = verify_chain(end_entity, intermediates, &self.roots, now, algs);
+        let not_after = cert_validity(end_entity).map(|(_, na)| na);
+        let expired_only = match (&chain, not_after) {
+            (Err(e), Some(na)) if is_expiry(e) && na >= 0 => {
+                let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(na as u64));
+                verify_chain(end_entity, intermediates, &self.roots, at, algs).is_ok()
+            }
+            _ => false,
+        };
         PeerInfo {
             cn: cert_cn(end_entity),
             thumbprint: Thumbprint::of_der(end_entity),
             chain_verified: chain.is_ok(),
             chain_error: chain.err().map(|e| e.to_string()),
+            expired_only,
+            not_after,
             leaf_der: end_entity.to_vec(),
         }
     }
+}
+
+/// WebPKI chain verification of a server leaf against `roots` at `now`.
+fn verify_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    now: UnixTime,
+    algs: &[&'static dyn rustls::pki_types::SignatureVerificationAlgorithm],
+) -> Result<(), rustls::Error> {
+    let parsed = ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        now,
+        algs,
+    )
+}
+
+fn is_expiry(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. }
+        )
+    )
+}
+
+/// `(notBefore, notAfter)` of a DER certificate in Unix seconds, if it parses.
+pub fn cert_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((
+        c.validity().not_before.timestamp(),
+        c.validity().not_after.timestamp(),
+    ))
+}
+
+/// Whether a server leaf chains to `roots` regardless of the clock: checked
+/// at a moment inside its own validity period (its `notAfter`). clawkerd
+/// uses it to accept its persisted, possibly expired, rotated leaf at boot;
+/// anything from another CA, or malformed, still fails.
+pub fn chains_ignoring_time(der: &[u8], roots: &RootCertStore) -> Result<(), rustls::Error> {
+    let (_, not_after) = cert_validity(der).ok_or(rustls::Error::InvalidCertificate(
+        rustls::CertificateError::BadEncoding,
+    ))?;
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_after.max(0) as u64));
+    chains_at(der, roots, at)
+}
+
+/// Whether a server leaf chains to `roots` and is valid at `now`.
+pub fn chains_at(der: &[u8], roots: &RootCertStore, now: UnixTime) -> Result<(), rustls::Error> {
+    verify_chain(
+        &CertificateDer::from(der),
+        &[],
+        roots,
+        now,
+        provider().signature_verification_algorithms.all,
+    )
 }
 
 impl ServerCertVerifier for PermissiveServerVerifier {
@@ -284,6 +353,50 @@ mod tests {
                 .is_ok()
         );
         assert!(!v.peer().unwrap().chain_verified);
+    }
+
+    #[test]
+    fn expired_leaf_of_our_ca_is_recorded_as_expired_only() {
+        use crate::pki::LeafSpec;
+        let ca = Ca::generate().unwrap();
+        let other = Ca::generate().unwrap();
+        let roots = Arc::new(root_store("ca", ca.cert_pem().as_bytes()).unwrap());
+        let v = PermissiveServerVerifier::new(roots.clone());
+        let name = ServerName::try_from("clawker-controlplane").unwrap();
+        let expired = |issuer: &Ca| {
+            let mut spec = LeafSpec::new("clawker.p.a", time::Duration::hours(1));
+            spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(3);
+            spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::hours(2);
+            spec.ekus = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            issuer.issue(&spec).unwrap()
+        };
+        let see = |der: &[u8]| {
+            let der = CertificateDer::from(der.to_vec());
+            v.verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+                .unwrap();
+            v.peer().unwrap()
+        };
+        let ours = expired(&ca);
+        let info = see(&ours.cert_der);
+        assert!(!info.chain_verified);
+        assert!(info.expired_only, "{:?}", info.chain_error);
+        assert_eq!(
+            info.not_after,
+            Some(cert_validity(&ours.cert_der).unwrap().1)
+        );
+        assert!(chains_ignoring_time(&ours.cert_der, &roots).is_ok());
+        // Expired *and* from another CA: not "expired only".
+        let theirs = expired(&other);
+        let info = see(&theirs.cert_der);
+        assert!(!info.chain_verified && !info.expired_only);
+        assert!(chains_ignoring_time(&theirs.cert_der, &roots).is_err());
+        // A valid leaf: verified, not expired.
+        let p = ProjectSlug::new("p").unwrap();
+        let a = AgentName::new("a").unwrap();
+        let fresh = ca.mint_agent(&p, &a, "ab").unwrap();
+        let info = see(&fresh.cert_der);
+        assert!(info.chain_verified && !info.expired_only);
+        assert!(chains_ignoring_time(b"junk", &roots).is_err());
     }
 
     #[test]

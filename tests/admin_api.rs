@@ -178,6 +178,7 @@ fn connecting(cid: &str) -> events::SessionConnecting {
 fn trusted(cid: &str) -> events::AgentTrusted {
     events::AgentTrusted {
         agent: AgentRef::new(cid, "dev", "web"),
+        rotations: 0,
         at: events::now(),
     }
 }

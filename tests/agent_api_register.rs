@@ -127,8 +127,10 @@ async fn register_rejects_unknown_container() {
     assert!(h.registry.snapshot().is_empty());
 }
 
+/// The reference answered PermissionDenied here (this test asserted it
+/// until the fix): a Docker hiccup looked like an identity failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_rejects_when_docker_inspect_times_out() {
+async fn a_docker_inspect_timeout_is_unavailable_not_an_identity_failure() {
     let h = Harness::start_with(|c| c.inspect_timeout = Duration::from_millis(200)).await;
     let leaf = h.agent("web", "dev", "abc1");
     h.inspector.set_delay(Some(Duration::from_secs(3)));
@@ -136,11 +138,44 @@ async fn register_rejects_when_docker_inspect_times_out() {
     let started = std::time::Instant::now();
     assert_status(
         h.register(Some(&leaf), Some(&token), "web", "dev").await,
-        Code::PermissionDenied,
-        DENIED,
+        Code::Unavailable,
+        "register: container runtime unavailable",
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(h.registry.snapshot().is_empty());
+    // The same token works once Docker answers again.
+    h.inspector.set_delay(None);
+    h.register(Some(&leaf), Some(&token), "web", "dev")
+        .await
+        .unwrap();
+    assert_eq!(h.registry.snapshot().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_api_error_and_a_registry_fault_are_unavailable() {
+    let h = Harness::start().await;
+    let leaf = h.agent("web", "dev", "abc1");
+    let token = h.agent_token().await;
+    h.inspector.fail_next(
+        1,
+        clawker::runtime::RuntimeError::Api("connection refused".into()),
+    );
+    assert_status(
+        h.register(Some(&leaf), Some(&token), "web", "dev").await,
+        Code::Unavailable,
+        "register: container runtime unavailable",
+    );
+    h.registry
+        .fail_next_add(clawker::registry::RegistryError::Unavailable("disk".into()));
+    assert_status(
+        h.register(Some(&leaf), Some(&token), "web", "dev").await,
+        Code::Unavailable,
+        "register: persist failed",
+    );
+    assert!(h.registry.snapshot().is_empty());
+    h.register(Some(&leaf), Some(&token), "web", "dev")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

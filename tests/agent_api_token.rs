@@ -326,39 +326,138 @@ async fn token_endpoint_refuses_missing_jti() {
     assert_nothing_written(&h).await;
 }
 
+/// Replay protection: once a Register succeeded with one of its tokens,
+/// an agent assertion is refused — by the same JWT or another one that
+/// reuses its jti.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_endpoint_refuses_a_replayed_assertion() {
+async fn an_assertion_is_refused_once_a_register_redeemed_it() {
     let h = Harness::start().await;
-    let a = h.agent_assertion();
-    assert_eq!(h.exchange(&a, None).await.0, 200);
-    assert_oauth_error(h.exchange(&a, None).await, 400, "invalid_grant");
-    // Same jti in a freshly signed assertion is a replay too.
     let jti = "fixed-jti";
     let first = h.assertion_with(with(claims(), "jti", json!(jti)));
+    let (status, body) = h.exchange(&first, None).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap();
+    let leaf = h.agent("web", "dev", "abc1");
+    h.register(Some(&leaf), Some(token), "web", "dev")
+        .await
+        .unwrap();
+    assert_oauth_error(h.exchange(&first, None).await, 400, "invalid_grant");
     let second = h.assertion_with(with(claims(), "jti", json!(jti)));
-    assert_eq!(h.exchange(&first, None).await.0, 200);
     assert_oauth_error(h.exchange(&second, None).await, 400, "invalid_grant");
-    assert_eq!(h.registry.spent_jti_count().await.unwrap(), 2);
-    assert_eq!(h.api.issuer.tokens().len(), 2);
+    assert_eq!(h.registry.spent_jti_count().await.unwrap(), 1);
+    // The redeemed token itself stays valid until it expires: a retried
+    // Register after a lost answer is idempotent.
+    h.register(Some(&leaf), Some(token), "web", "dev")
+        .await
+        .unwrap();
+}
+
+/// Never bricked: before any Register succeeded, the agent's assertion may
+/// be exchanged again (clawkerd lost its token: container restart, lost
+/// answer, expiry); the new token revokes the previous one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unredeemed_agent_assertion_gets_a_new_token_and_the_old_one_is_revoked() {
+    let h = Harness::start().await;
+    let a = h.agent_assertion();
+    let (s1, b1) = h.exchange(&a, None).await;
+    let (s2, b2) = h.exchange(&a, None).await;
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    let (t1, t2) = (
+        b1["access_token"].as_str().unwrap(),
+        b2["access_token"].as_str().unwrap(),
+    );
+    assert_ne!(t1, t2);
+    assert_eq!(
+        h.api.issuer.tokens().len(),
+        1,
+        "one live token per assertion"
+    );
+    assert_eq!(h.registry.spent_jti_count().await.unwrap(), 1);
+    let leaf = h.agent("web", "dev", "abc1");
+    let stale = h.register(Some(&leaf), Some(t1), "web", "dev").await;
+    assert_eq!(stale.unwrap_err().code(), tonic::Code::Unauthenticated);
+    h.register(Some(&leaf), Some(t2), "web", "dev")
+        .await
+        .unwrap();
+    assert_oauth_error(h.exchange(&a, None).await, 400, "invalid_grant");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_endpoint_refuses_a_replay_after_restart() {
+async fn other_clients_assertions_stay_strictly_single_use() {
+    let h = Harness::start().await;
+    let cli = h.assertion_with(with(
+        with(claims(), "iss", json!("clawker-cli")),
+        "sub",
+        json!("clawker-cli"),
+    ));
+    assert_eq!(h.exchange(&cli, None).await.0, 200);
+    assert_oauth_error(h.exchange(&cli, None).await, 400, "invalid_grant");
+}
+
+/// Spent JTIs *and* issued tokens are in the redb file: a token survives a
+/// CP restart, a redeemed assertion stays refused, an unredeemed one can
+/// still be exchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_spent_jtis_survive_a_restart() {
     let mut h = Harness::start().await;
+    let leaf = h.agent("web", "dev", "abc1");
     let a = h.agent_assertion();
-    assert_eq!(h.exchange(&a, None).await.0, 200);
+    let (_, body) = h.exchange(&a, None).await;
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    h.restart().await;
+    assert_eq!(h.api.issuer.tokens().len(), 1, "reloaded from the file");
+    h.register(Some(&leaf), Some(&token), "web", "dev")
+        .await
+        .unwrap();
     h.restart().await;
     assert_oauth_error(h.exchange(&a, None).await, 400, "invalid_grant");
+
+    let leaf2 = h.agent("web", "ops", "abc2");
+    let b = h.agent_assertion();
+    let (_, body) = h.exchange(&b, None).await;
+    let old = body["access_token"].as_str().unwrap().to_owned();
+    h.restart().await;
+    let (status, body) = h.exchange(&b, None).await;
+    assert_eq!(status, 200, "{body}");
+    let new = body["access_token"].as_str().unwrap().to_owned();
+    let revoked = h.register(Some(&leaf2), Some(&old), "web", "ops").await;
+    assert_eq!(revoked.unwrap_err().code(), tonic::Code::Unauthenticated);
+    h.register(Some(&leaf2), Some(&new), "web", "ops")
+        .await
+        .unwrap();
     // The new process issues tokens for fresh assertions.
     assert_eq!(h.exchange(&h.agent_assertion(), None).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_exchanges_of_one_assertion_issue_one_token() {
+async fn concurrent_exchanges_of_one_assertion_leave_one_live_token() {
     let h = std::sync::Arc::new(Harness::start().await);
     let a = h.agent_assertion();
     let calls = (0..6).map(|_| {
         let (h, a) = (h.clone(), a.clone());
+        tokio::spawn(async move { h.exchange(&a, None).await.0 })
+    });
+    let statuses: Vec<u16> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        h.api.issuer.tokens().len(),
+        1,
+        "each exchange revoked the last"
+    );
+    assert_eq!(h.registry.spent_jti_count().await.unwrap(), 1);
+
+    // A strictly single-use client: exactly one of them wins.
+    let cli = h.assertion_with(with(
+        with(claims(), "iss", json!("clawker-cli")),
+        "sub",
+        json!("clawker-cli"),
+    ));
+    let calls = (0..6).map(|_| {
+        let (h, a) = (h.clone(), cli.clone());
         tokio::spawn(async move { h.exchange(&a, None).await.0 })
     });
     let statuses: Vec<u16> = futures::future::join_all(calls)
@@ -372,7 +471,7 @@ async fn concurrent_exchanges_of_one_assertion_issue_one_token() {
         "{statuses:?}"
     );
     assert!(statuses.iter().all(|s| *s == 200 || *s == 400));
-    assert_eq!(h.api.issuer.tokens().len(), 1);
+    assert_eq!(h.api.issuer.tokens().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

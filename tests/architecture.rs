@@ -21,7 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Domain: events (and the worldview), the registry, the runtime seam.
     ("events", &["identity", "defaults"]),
     ("registry", &["identity"]),
-    ("runtime", &["defaults"]),
+    ("runtime", &["defaults", "events"]),
     // The agent daemon: foundation only, never the CP.
     (
         "clawkerd",
@@ -31,7 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "session",
         &[
-            "defaults", "events", "identity", "proto", "registry", "runtime", "tls",
+            "defaults", "events", "identity", "pki", "proto", "registry", "runtime", "tls",
         ],
     ),
     (

@@ -146,7 +146,7 @@ fn mint_agent_reports_bad_input_clearly() {
         (vec!["--agent", "a.b", "--container-id", "ab"], "must match"),
         (
             vec!["--agent", "dev", "--container-id", "XYZ"],
-            "lowercase hex",
+            "lowercase letters and digits",
         ),
         (
             vec![

@@ -23,11 +23,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// The token endpoint's canned answer and what it saw.
+/// The token endpoint's canned answer(s) and what it saw.
 #[derive(Clone)]
 struct TokenServer {
     status: u16,
     body: String,
+    /// Answers for the first hits, before `body` (status 200).
+    first: Arc<Mutex<std::collections::VecDeque<String>>>,
     hits: Arc<AtomicUsize>,
     forms: Arc<Mutex<Vec<String>>>,
 }
@@ -37,6 +39,7 @@ impl TokenServer {
         Self {
             status,
             body: body.to_owned(),
+            first: Arc::default(),
             hits: Arc::default(),
             forms: Arc::default(),
         }
@@ -91,10 +94,14 @@ impl TokenServer {
                                     "{path} {ct} {}",
                                     String::from_utf8_lossy(&body)
                                 ));
+                                let (status, body) = match me.first.lock().unwrap().pop_front() {
+                                    Some(b) => (200, b),
+                                    None => (me.status, me.body.clone()),
+                                };
                                 let resp = http::Response::builder()
-                                    .status(me.status)
+                                    .status(status)
                                     .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(me.body.clone())))
+                                    .body(Full::new(Bytes::from(body)))
                                     .unwrap();
                                 Ok::<_, Infallible>(resp)
                             }
@@ -117,10 +124,14 @@ impl TokenServer {
     }
 }
 
-/// The in-test AgentService: accepts `Bearer tok-1` only.
+/// The in-test AgentService: accepts `Bearer tok-1` only, unless a
+/// scripted answer is queued (`script`), which is used first.
 #[derive(Clone, Default)]
 struct Agents {
     calls: Arc<Mutex<Vec<(String, String, String)>>>,
+    script: Arc<Mutex<std::collections::VecDeque<tonic::Status>>>,
+    /// Tokens accepted besides `tok-1`.
+    also_accept: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -140,7 +151,16 @@ impl AgentService for Agents {
             .lock()
             .unwrap()
             .push((auth.clone(), req.agent_name, req.project));
-        if auth != "Bearer tok-1" {
+        if let Some(status) = self.script.lock().unwrap().pop_front() {
+            return Err(status);
+        }
+        let extra = self
+            .also_accept
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| auth == format!("Bearer {t}"));
+        if auth != "Bearer tok-1" && !extra {
             return Err(tonic::Status::permission_denied("bad token"));
         }
         Ok(tonic::Response::new(Welcome {}))
@@ -228,8 +248,10 @@ async fn clawkerd_with(
 
 const GOOD: &str = r#"{"access_token":"tok-1","token_type":"bearer","expires_in":300,"scope":"agent:self:register"}"#;
 
+/// The reference short-circuited a repeat with the cached outcome; we keep
+/// the token, not the outcome, so a repeat is a real (idempotent) call.
 #[tokio::test(flavor = "multi_thread")]
-async fn register_succeeds_once_and_replays_without_network() {
+async fn register_succeeds_and_a_repeat_reuses_the_cached_token() {
     for h2 in [false, true] {
         let pki = TestPki::new();
         let tokens = TokenServer::new(200, GOOD);
@@ -248,8 +270,12 @@ async fn register_succeeds_once_and_replays_without_network() {
             "h2={h2}"
         );
         assert_eq!(register_once(&mut s, "r2").await, (true, String::new()));
-        assert_eq!(tokens.hits.load(Ordering::SeqCst), 1, "single use");
-        assert_eq!(agents.calls.lock().unwrap().len(), 1);
+        assert_eq!(tokens.hits.load(Ordering::SeqCst), 1, "one exchange");
+        assert_eq!(
+            agents.calls.lock().unwrap().len(),
+            2,
+            "a real call each time"
+        );
         let (auth, agent, project) = agents.calls.lock().unwrap()[0].clone();
         assert_eq!(auth, "Bearer tok-1");
         assert_eq!((agent.as_str(), project.as_str()), (AGENT, PROJECT));
@@ -263,21 +289,22 @@ async fn register_succeeds_once_and_replays_without_network() {
         );
         assert!(
             d.logs
-                .wait_for_async("register_replay_short_circuit", 1, Duration::from_secs(5))
+                .wait_for_async("register_token_reused", 1, Duration::from_secs(5))
                 .await
         );
-        assert_eq!(d.logs.count("register_replay_short_circuit"), 1);
         // The assertion never appears in the log.
         assert!(!format!("{:?}", d.logs.all()).contains("test-assertion-jwt"));
     }
 }
 
+/// The reference cached this failure forever; a later RegisterRequired
+/// now asks the token endpoint again (which may have recovered).
 #[tokio::test(flavor = "multi_thread")]
-async fn token_endpoint_refusal_is_consumed_and_cached() {
+async fn token_endpoint_refusal_is_reported_and_asked_again_next_time() {
     let pki = TestPki::new();
     let tokens = TokenServer::new(403, r#"{"error":"invalid_client"}"#);
     let token_addr = tokens.start(&pki, false).await;
-    let (_d, mut s) = clawkerd_with(
+    let (d, mut s) = clawkerd_with(
         &pki,
         Some(format!("https://{token_addr}/oauth2/token")),
         Some("127.0.0.1:9".into()),
@@ -293,7 +320,8 @@ async fn token_endpoint_refusal_is_consumed_and_cached() {
         )
     );
     assert_eq!(register_once(&mut s, "r2").await, first);
-    assert_eq!(tokens.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.hits.load(Ordering::SeqCst), 2, "nothing cached");
+    assert_eq!(d.logs.count("register_replay_short_circuit"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -372,8 +400,11 @@ async fn unconsumed_failures_are_retried() {
     assert_eq!(d.logs.count("register_replay_short_circuit"), 0);
 }
 
+/// The reference cached this outcome forever after spending the
+/// assertion: one failed Register (a Docker timeout on the CP) bricked the
+/// agent. Now the token is kept and the next round calls Register again.
 #[tokio::test(flavor = "multi_thread")]
-async fn register_rpc_failure_is_consumed_with_the_grpc_error_text() {
+async fn register_rpc_failure_keeps_the_token_and_the_next_round_calls_again() {
     let pki = TestPki::new();
     let tokens = TokenServer::new(200, r#"{"access_token":"wrong","token_type":"Bearer"}"#);
     let token_addr = tokens.start(&pki, false).await;
@@ -394,8 +425,122 @@ async fn register_rpc_failure_is_consumed_with_the_grpc_error_text() {
         )
     );
     assert_eq!(register_once(&mut s, "r2").await, first);
+    assert_eq!(tokens.hits.load(Ordering::SeqCst), 1, "the token was kept");
+    assert_eq!(agents.calls.lock().unwrap().len(), 2, "and used again");
+    // The CP recovers (here: starts accepting the token): the next round
+    // succeeds without a new exchange.
+    agents.also_accept.lock().unwrap().push("wrong".into());
+    assert_eq!(register_once(&mut s, "r3").await, (true, String::new()));
     assert_eq!(tokens.hits.load(Ordering::SeqCst), 1);
-    assert_eq!(agents.calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unavailable_cp_is_retried_with_the_same_token() {
+    let pki = TestPki::new();
+    let tokens = TokenServer::new(200, GOOD);
+    let token_addr = tokens.start(&pki, false).await;
+    let agents = Agents::default();
+    agents
+        .script
+        .lock()
+        .unwrap()
+        .push_back(tonic::Status::unavailable(
+            "register: container runtime unavailable",
+        ));
+    let agent_addr = start_agent_service(&pki, agents.clone()).await;
+    let (_d, mut s) = clawkerd_with(
+        &pki,
+        Some(format!("https://{token_addr}/oauth2/token")),
+        Some(agent_addr.to_string()),
+    )
+    .await;
+    assert_eq!(
+        register_once(&mut s, "r1").await,
+        (
+            false,
+            "AgentService.Register: rpc error: code = Unavailable desc = register: container runtime unavailable"
+                .to_owned()
+        )
+    );
+    assert_eq!(register_once(&mut s, "r2").await, (true, String::new()));
+    assert_eq!(tokens.hits.load(Ordering::SeqCst), 1);
+    let calls = agents.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|(auth, _, _)| auth == "Bearer tok-1"));
+}
+
+/// A CP that no longer knows the token (restarted without it, or it
+/// expired, or it was revoked) answers UNAUTHENTICATED: clawkerd drops the
+/// token and trades its assertion again within the same round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_token_is_dropped_and_the_assertion_exchanged_again() {
+    let pki = TestPki::new();
+    let tokens = TokenServer::new(200, GOOD);
+    tokens
+        .first
+        .lock()
+        .unwrap()
+        .push_back(r#"{"access_token":"tok-0","token_type":"Bearer","expires_in":3600}"#.into());
+    let token_addr = tokens.start(&pki, false).await;
+    let agents = Agents::default();
+    {
+        let mut script = agents.script.lock().unwrap();
+        script.push_back(tonic::Status::unavailable("cp going down"));
+        script.push_back(tonic::Status::unauthenticated("token inactive or invalid"));
+    }
+    let agent_addr = start_agent_service(&pki, agents.clone()).await;
+    let (d, mut s) = clawkerd_with(
+        &pki,
+        Some(format!("https://{token_addr}/oauth2/token")),
+        Some(agent_addr.to_string()),
+    )
+    .await;
+    let (ok, _) = register_once(&mut s, "r1").await;
+    assert!(!ok);
+    assert_eq!(register_once(&mut s, "r2").await, (true, String::new()));
+    assert_eq!(tokens.hits.load(Ordering::SeqCst), 2, "exchanged again");
+    let auths: Vec<String> = agents
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.0.clone())
+        .collect();
+    assert_eq!(auths, ["Bearer tok-0", "Bearer tok-0", "Bearer tok-1"]);
+    assert!(
+        d.logs
+            .wait_for_async("register_token_rejected", 1, Duration::from_secs(5))
+            .await
+    );
+}
+
+/// A token the response said expires within the safety margin is never
+/// presented: the next round exchanges the assertion again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_about_to_expire_is_not_presented() {
+    let pki = TestPki::new();
+    let tokens = TokenServer::new(
+        200,
+        r#"{"access_token":"tok-1","token_type":"Bearer","expires_in":5}"#,
+    );
+    let token_addr = tokens.start(&pki, false).await;
+    let agents = Agents::default();
+    agents
+        .script
+        .lock()
+        .unwrap()
+        .push_back(tonic::Status::unavailable("busy"));
+    let agent_addr = start_agent_service(&pki, agents.clone()).await;
+    let (_d, mut s) = clawkerd_with(
+        &pki,
+        Some(format!("https://{token_addr}/oauth2/token")),
+        Some(agent_addr.to_string()),
+    )
+    .await;
+    let (ok, _) = register_once(&mut s, "r1").await;
+    assert!(!ok);
+    assert_eq!(register_once(&mut s, "r2").await, (true, String::new()));
+    assert_eq!(tokens.hits.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -163,7 +163,11 @@ async fn validation_errors_and_unknown_ids_get_exactly_one_error() {
 async fn duplicate_running_id_is_rejected_and_the_original_is_untouched() {
     let (_pki, _d, mut c) = setup().await;
     let mut s = c.open_session().await.unwrap();
-    s.send(shell("dup", sh("read x; echo got $x"))).await;
+    // `cat` waits for EOF, so the CloseStdin below always finds the
+    // command running (with a bare `read` it could exit first, and the
+    // CloseStdin's UNKNOWN_COMMAND_ID would be read as the reused id's end).
+    s.send(shell("dup", sh("read x; cat >/dev/null; echo got $x")))
+        .await;
     s.send(shell("dup", sh("echo second"))).await;
     let r = s.next_for("dup", RECV_TIMEOUT).await.unwrap();
     assert!(matches!(r.payload, Some(Resp::Started(_))));

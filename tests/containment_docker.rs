@@ -33,7 +33,7 @@ use clawker::events::{self, AgentRef, AgentUntrusted, UntrustedReason};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::AuthMaterial;
 use clawker::policy::containment::{ContainmentConfig, Rule, TriggerKind};
-use clawker::runtime::{Inspect, NetworkRole};
+use clawker::runtime::NetworkRole;
 use clawker::session::command::{self, RunAs, RunError};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -249,6 +249,8 @@ impl World {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), LABEL.to_owned())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 }
@@ -361,7 +363,7 @@ async fn wait_session(
 ) -> clawker::session::lifecycle::LiveSession {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let facts = cp.engine.inspect(id).await.unwrap();
+        let facts = cp.inspect.inspect(id).await.unwrap();
         if facts.ip_network == Some(role) {
             let prefix = format!("{}:", facts.ip.unwrap());
             let connected = seen.lock().unwrap().iter().skip(after).any(|(n, j)| {
@@ -525,7 +527,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         .await;
         assert_eq!(applied["outcome"], "applied", "{applied}");
         let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Quarantine, mark).await;
-        let facts = cp1.engine.inspect(&id).await.unwrap();
+        let facts = cp1.inspect.inspect(&id).await.unwrap();
         assert_eq!(facts.networks, vec![QUARANTINE_NET.to_owned()]);
         assert_eq!(reach(&live, &targets).await, all(false));
         let (code, out, _) = sh(&live, &RunAs::root(), "echo still-here", 10)
@@ -629,7 +631,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         // 6. clawkerd's port answers the CP only: a neighbour on clawker-net
         //    reaches a port the agent opens, but never clawkerd (no TLS
         //    byte back, no handshake in clawkerd's log).
-        let agent_ip = cp1.engine.inspect(&id).await.unwrap().ip.unwrap();
+        let agent_ip = cp1.inspect.inspect(&id).await.unwrap().ip.unwrap();
         let listener = {
             let live = live.clone();
             tokio::spawn(
@@ -680,7 +682,7 @@ fn isolate_and_lock_cut_all_egress_keep_the_session_and_release_unlock_restore()
         assert_eq!(n, "0", "no neighbour handshake ever reached clawkerd");
         // The guard is what stops it: without its table the same probe gets
         // clawkerd's TLS alert back and clawkerd logs the refusal.
-        let pid = cp1.engine.inspect(&id).await.unwrap().pid.to_string();
+        let pid = cp1.inspect.inspect(&id).await.unwrap().pid.to_string();
         run(
             "nsenter",
             &[
@@ -781,7 +783,7 @@ fn an_untrusted_agent_is_quarantined_and_locked_again_after_a_container_restart(
                     && j["outcome"] == "already_applied"),
             "quarantine survived the restart"
         );
-        let pid = cp1.engine.inspect(&id).await.unwrap().pid.to_string();
+        let pid = cp1.inspect.inspect(&id).await.unwrap().pid.to_string();
         let table = run(
             "nsenter",
             &[
@@ -835,7 +837,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         spec.env = vec!["FOO=bar baz".into()];
         spec.hardening.workspace = Some(workspace.path().to_owned());
         let id = cp::agent::run(&docker, &world.material(), &spec).await.unwrap();
-        // The whole init plan runs with a read-only root and three caps.
+        // The whole init plan runs with a read-only root and six caps.
         init_outcome(&seen, &id).await.unwrap();
 
         let host = docker_cli(&[
@@ -848,7 +850,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         .unwrap();
         assert_eq!(
             host,
-            r#"["ALL"] ["SETUID","SETGID","KILL"] ["no-new-privileges"] 1024 4294967296 true"#
+            r#"["ALL"] ["SETUID","SETGID","KILL","CHOWN","FOWNER","DAC_READ_SEARCH"] ["no-new-privileges"] 1024 4294967296 true"#
         );
 
         let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Agent, 0).await;
@@ -876,9 +878,10 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
             "CapInh: 0000000000000000",
             "CapPrm: 0000000000000000",
             "CapEff: 0000000000000000",
-            // The bounding set: SETUID|SETGID|KILL and nothing else, so no
-            // exec (setuid binary, file capabilities) can ever grant more.
-            "CapBnd: 00000000000000e0",
+            // The bounding set: SETUID|SETGID|KILL|FOWNER|DAC_READ_SEARCH|
+            // CHOWN and nothing else, so no exec (setuid binary, file capabilities) can ever
+            // grant more.
+            "CapBnd: 00000000000000ed",
             "CapAmb: 0000000000000000",
             // And no exec can grant anything at all.
             "NoNewPrivs: 1",
@@ -896,7 +899,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
             assert!(lines.contains(&want), "missing {want:?} in {lines:?}");
         }
         // Root in the container (clawkerd and its root steps) holds exactly
-        // the three kept capabilities and cannot write the root either.
+        // the six kept capabilities and cannot write the root either.
         let (_, root, _) = sh(
             &live,
             &RunAs::root(),
@@ -905,7 +908,7 @@ fn hardened_agent_runs_its_init_and_its_user_cannot_regain_a_dropped_capability(
         )
         .await
         .unwrap();
-        assert_eq!(root.lines().map(str::trim).collect::<Vec<_>>(), ["CapEff: 00000000000000e0", "rootfs-ro"]);
+        assert_eq!(root.lines().map(str::trim).collect::<Vec<_>>(), ["CapEff: 00000000000000ed", "rootfs-ro"]);
         // The workspace is the host directory, owned by the agent user.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(workspace.path().join("from-agent")).unwrap();
@@ -989,6 +992,31 @@ fn each_capability_clawkerd_keeps_is_needed() {
             .await
             .unwrap();
         assert_eq!(timed_out_survives(full, "b").await, "killed");
+        // CHOWN and FOWNER: what `agent cp` does to a file it unpacks as
+        // root (owner first, then mode and mtime on a file root no longer
+        // owns) fails without either; DAC_READ_SEARCH: packing a file only
+        // its owner may read (copying out) fails without it.
+        let keep_owner = "echo x > /tmp/f && chown 1001:1001 /tmp/f && chmod 600 /tmp/f && touch -d 2020-01-01 /tmp/f && cat /tmp/f >/dev/null && echo kept";
+        for (cap, name) in [
+            ("CHOWN", "nochown"),
+            ("FOWNER", "nofowner"),
+            ("DAC_READ_SEARCH", "nodacread"),
+        ] {
+            let id = cp::agent::run(&docker, &world.material(), &without(cap, name))
+                .await
+                .unwrap();
+            init_outcome(&seen, &id).await.unwrap();
+            let live = wait_session_on(&cp1, &seen, &id, NetworkRole::Agent, 0).await;
+            let (code, out, _) = sh(&live, &RunAs::root(), keep_owner, 10).await.unwrap();
+            assert_ne!((code, out.trim()), (0, "kept"), "{cap}");
+        }
+        let full = cp::agent::run(&docker, &world.material(), &world.spec("withowner"))
+            .await
+            .unwrap();
+        init_outcome(&seen, &full).await.unwrap();
+        let live = wait_session_on(&cp1, &seen, &full, NetworkRole::Agent, 0).await;
+        let (code, out, err) = sh(&live, &RunAs::root(), keep_owner, 10).await.unwrap();
+        assert_eq!((code, out.trim()), (0, "kept"), "{err}");
         cp::stop(cp1).await;
     });
 }

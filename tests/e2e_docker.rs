@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clawker::cp::{self, CpConfig, agent::RunSpec};
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::AuthMaterial;
-use clawker::runtime::{Inspect, NetworkRole};
+use clawker::runtime::NetworkRole;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -127,6 +127,8 @@ impl Env {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 
@@ -244,12 +246,24 @@ fn agent_lifecycle_register_restart_cp_restart_and_rm() {
         assert_eq!(count_for(&seen, &id, "agent.registered"), 1);
         assert!(count_for(&seen, &id, "agent.trusted") >= 2);
 
-        // CP restart: the boot dial finds the running agent; Match, no Register.
+        // CP restart: the boot dial finds the running agent; Match, no
+        // Register, and no step runs (its command is running).
         cp::stop(cp1).await;
         let cp2 = cp::start(&env.cfg).await.unwrap();
         let seen2 = record(&cp2.bus);
         cp::boot_dial(&cp2).await;
-        wait_for(&seen2, &id, "agent.init.completed", 1, 60).await;
+        wait_for(&seen2, &id, "agent.plan.decided", 1, 60).await;
+        let decided = seen2
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, j)| n == "agent.plan.decided" && j["container_id"] == id)
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(decided["plans"], serde_json::json!([]), "{decided}");
+        assert_eq!(decided["skipped"], "cmd_running");
+        assert_eq!(count_for(&seen2, &id, "agent.init.started"), 0);
         assert_eq!(count_for(&seen2, &id, "agent.registered"), 0);
         let view = cp2.bus.snapshot().await.unwrap();
         assert!(
@@ -323,7 +337,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             "init withheld from untrusted"
         );
         // Quarantined: on the internal quarantine network only.
-        let facts = cp1.engine.inspect(&id).await.unwrap();
+        let facts = cp1.inspect.inspect(&id).await.unwrap();
         assert_eq!(
             facts.networks,
             vec![env.cfg.quarantine_network.clone()],
@@ -416,7 +430,7 @@ fn cert_for_another_container_is_untrusted_isolated_and_still_connected() {
             outcomes.iter().any(|o| o == "isolate:already_applied"),
             "re-contained idempotently: {outcomes:?}"
         );
-        let facts = cp2.engine.inspect(&id).await.unwrap();
+        let facts = cp2.inspect.inspect(&id).await.unwrap();
         assert_eq!(facts.networks, vec![env.cfg.quarantine_network.clone()]);
         cp::stop(cp2).await;
     });

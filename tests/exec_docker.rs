@@ -428,12 +428,12 @@ fn cp_round_trips_a_tree_with_modes_owners_and_symlinks_both_ways() {
             out,
             "750 1001:1001 /tmp/tree/run.sh\n600 0:0 /tmp/tree/sub/secret\n555 0:0 /tmp/tree/ro\n"
         );
-        let (_, out, _) = clawker(
+        let (_, out, err) = clawker(
             ex(&["sh", "-c", "readlink /tmp/tree/link && /tmp/tree/link"]),
             None,
         )
         .await;
-        assert_eq!(out, "run.sh\nran\n");
+        assert_eq!(out, "run.sh\nran\n", "{err}");
         // A file onto a path that does not exist: renamed.
         let (code, _, err) = clawker(
             cp_cmd(
@@ -508,6 +508,10 @@ fn untrusted_agent_is_refused_unless_forced_and_the_quarantine_example_pauses_it
             .await
             .unwrap();
         wait_event(&seen, &id, "agent.untrusted", 1, 60).await;
+        // The default policy isolates it at once: the session breaks and is
+        // dialled again over the quarantine network, where the new session
+        // finds it untrusted again. Operator commands go to that session.
+        wait_event(&seen, &id, "agent.untrusted", 2, 60).await;
 
         // Refused, with the reason, and recorded.
         let ex = |args: &[&str]| {

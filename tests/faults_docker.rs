@@ -124,6 +124,8 @@ impl Env {
             extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
             extra_networks: vec![],
             mint_for_container: None,
+            cert_ttl: self.cfg.agent_cert_ttl,
+            placement: vec![],
         }
     }
 

@@ -142,6 +142,8 @@ fn spec(cfg: &CpConfig, name: &str) -> RunSpec {
         extra_labels: HashMap::new(),
         extra_networks: vec![],
         mint_for_container: None,
+        cert_ttl: cfg.agent_cert_ttl,
+        placement: vec![],
     }
 }
 

@@ -37,6 +37,7 @@ fn untrusted(id: &str, reason: UntrustedReason) -> AgentUntrusted {
 fn trusted(i: usize) -> AgentTrusted {
     AgentTrusted {
         agent: AgentRef::new(format!("c{i}"), "dev", "web"),
+        rotations: 0,
         at: events::now(),
     }
 }
@@ -191,6 +192,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
                 peer_cn: "clawker.web.dev".into(),
                 peer_thumbprint: Thumbprint([1; 32]),
                 chain_verified: true,
+                leaf_not_after: None,
                 at: events::now(),
             });
         }
@@ -204,6 +206,7 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         for ms in [3u64, 40, 700] {
             bus.publish(InitStepCompleted {
                 agent: AgentRef::new("c1", "dev", "web"),
+                plan: clawker::events::Plan::Init,
                 step: "git".into(),
                 step_index: 2,
                 duration: Duration::from_millis(ms),
@@ -217,6 +220,16 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
             action: ContainmentAction::Isolate,
             outcome: ContainmentOutcome::Applied,
             detail: String::new(),
+            at: events::now(),
+        });
+        bus.publish(events::CertRotated {
+            agent: AgentRef::new("c1", "dev", "web"),
+            old: Thumbprint([1; 32]),
+            new: Thumbprint([2; 32]),
+            not_after: events::now(),
+            reason: events::RotationReason::HalfLife,
+            rotations: 1,
+            duration: Duration::from_millis(4),
             at: events::now(),
         });
         metrics.record_child_exit(&ChildExit {
@@ -240,6 +253,13 @@ fn metrics_endpoint_reflects_published_events_and_health_endpoints_answer() {
         assert_eq!(v(m::REGISTRATIONS, &[("result", "failed")]), 1.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "cert_invalid")]), 2.0);
         assert_eq!(v(m::UNTRUSTED, &[("reason", "register_failed")]), 1.0);
+        assert_eq!(
+            v(
+                m::CERT_ROTATIONS,
+                &[("reason", "half_life"), ("result", "ok")]
+            ),
+            1.0
+        );
         assert_eq!(v(m::SESSIONS, &[("status", "connected")]), 2.0);
         assert_eq!(v(m::SESSIONS, &[("status", "failed")]), 1.0);
         assert_eq!(v(m::SESSIONS, &[("status", "broken")]), 0.0);

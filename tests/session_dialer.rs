@@ -104,6 +104,7 @@ fn setup(bus: &Bus, register: bool) -> Setup {
     let deps = SessionDeps {
         resolver: Arc::new(resolver.clone()),
         registry: Arc::new(registry),
+        terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
         dial: DialConfig::new(
             pki.ca.cert_pem().as_bytes(),
             pki.cp_client.cert_pem.as_bytes(),
@@ -112,6 +113,7 @@ fn setup(bus: &Bus, register: bool) -> Setup {
         .unwrap(),
         sink: bus.clone(),
         policy,
+        certs: None,
     };
     Setup {
         pki,

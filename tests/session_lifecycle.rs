@@ -13,34 +13,52 @@ use std::time::{Duration, Instant};
 use clawker::events::RecordingSink;
 use clawker::registry::RegistryStore;
 use clawker::registry::store::NewEntry;
+use clawker::runtime::memory::MemoryOps;
 use clawker::session::dial::DialConfig;
 use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{
     self, ContainerResolver, LiveSession, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
 };
+use clawker::session::plan::Hooks;
 use common::{AGENT, Clawkerd, PROJECT, TestPki};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 /// Maps container ids to targets; a test flips them to simulate Docker.
+/// A target bound to a process ([`StaticResolver::follow`]) is running
+/// exactly as long as that clawkerd lives, like a container and its PID 1.
 #[derive(Clone, Default)]
-struct StaticResolver(Arc<Mutex<HashMap<String, Result<ResolvedTarget, ResolveError>>>>);
+struct StaticResolver {
+    targets: Arc<Mutex<HashMap<String, Result<ResolvedTarget, ResolveError>>>>,
+    pids: Arc<Mutex<HashMap<String, i32>>>,
+}
 
 impl StaticResolver {
     fn set(&self, id: &str, t: Result<ResolvedTarget, ResolveError>) {
-        self.0.lock().unwrap().insert(id.to_owned(), t);
+        self.targets.lock().unwrap().insert(id.to_owned(), t);
+    }
+
+    fn follow(&self, id: &str, d: &Clawkerd) {
+        self.set(id, running(d.addr));
+        self.pids
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), d.child.id() as i32);
     }
 }
 
 impl ContainerResolver for StaticResolver {
     fn resolve(&self, id: &str) -> BoxFuture<'_, Result<ResolvedTarget, ResolveError>> {
-        let r = self
-            .0
+        let mut r = self
+            .targets
             .lock()
             .unwrap()
             .get(id)
             .cloned()
             .unwrap_or(Err(ResolveError::NotFound));
+        if let (Some(pid), Ok(t)) = (self.pids.lock().unwrap().get(id), r.as_mut()) {
+            t.running = !common::pid_gone(*pid);
+        }
         Box::pin(async move { r })
     }
 }
@@ -60,6 +78,8 @@ struct Harness {
     registry: RegistryStore,
     sink: RecordingSink,
     policy: SessionPolicy,
+    /// The runtime double the CP kills through.
+    runtime: MemoryOps,
 }
 
 impl Harness {
@@ -78,12 +98,15 @@ impl Harness {
             ..AgentUser::default()
         };
         policy.register_timeout = Duration::from_secs(3);
+        let runtime = MemoryOps::default();
+        runtime.add(&pki.container_id, &["clawker-net"]);
         Self {
             pki,
             resolver: StaticResolver::default(),
             registry,
             sink: RecordingSink::default(),
             policy,
+            runtime,
         }
     }
 
@@ -91,6 +114,7 @@ impl Harness {
         SessionDeps {
             resolver: Arc::new(self.resolver.clone()),
             registry: Arc::new(self.registry.clone()),
+            terminate: Arc::new(self.runtime.clone()),
             dial: DialConfig::new(
                 self.pki.ca.cert_pem().as_bytes(),
                 self.pki.cp_client.cert_pem.as_bytes(),
@@ -99,6 +123,7 @@ impl Harness {
             .unwrap(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
+            certs: None,
         }
     }
 
@@ -156,8 +181,15 @@ fn agent(pki: &TestPki, listen: Option<String>) -> Clawkerd {
     Clawkerd::spawn_with(pki, opts)
 }
 
-const INIT_OK: [&str; 16] = [
+/// A fresh container: the decision, then init (7 steps) and boot (2: its
+/// docker-socket already ran in init) as one start sequence.
+const FRESH_OK: [&str; 21] = [
+    "agent.plan.decided",
     "agent.init.started",
+    "agent.init.step.started",
+    "agent.init.step.completed",
+    "agent.init.step.started",
+    "agent.init.step.completed",
     "agent.init.step.started",
     "agent.init.step.completed",
     "agent.init.step.started",
@@ -189,8 +221,21 @@ async fn registered_agent_matches_runs_init_and_is_held() {
         "agent.session.connected",
         "agent.trusted",
     ];
-    want.extend(INIT_OK);
+    want.extend(FRESH_OK);
     assert_eq!(names, want, "no Register on a Match");
+    let decided = &h.sink.of("agent.plan.decided")[0];
+    assert_eq!(decided["plans"], serde_json::json!(["init", "boot"]));
+    assert_eq!(
+        (
+            decided["initialized"].clone(),
+            decided["cmd_running"].clone()
+        ),
+        (false.into(), false.into())
+    );
+    assert!(
+        h.pki.init_marker().exists(),
+        "agent-initialized wrote the marker"
+    );
     let connected = &h.sink.of("agent.session.connected")[0];
     assert_eq!(connected["peer_cn"], "clawker.web.dev");
     assert_eq!(
@@ -221,8 +266,14 @@ async fn thumbprint_mismatch_is_untrusted_keeps_the_session_and_withholds_init()
         vec![
             "agent.session.connecting",
             "agent.session.connected",
-            "agent.untrusted"
+            "agent.untrusted",
+            "agent.plan.decided",
         ]
+    );
+    assert_eq!(h.sink.of("agent.plan.decided")[0]["skipped"], "untrusted");
+    assert_eq!(
+        h.sink.of("agent.plan.decided")[0]["plans"],
+        serde_json::json!([])
     );
     assert_eq!(
         h.sink.of("agent.untrusted")[0]["reason"],
@@ -315,6 +366,158 @@ async fn restart_reconnects_with_match_and_no_second_register() {
     assert_eq!(h.sink.of("agent.session.broken").len(), 1);
     assert_eq!(h.sink.of("agent.trusted").len(), 2);
     assert!(h.sink.of("agent.registered").is_empty());
+    // The restarted container (marker kept, command not started) boots
+    // only: no init step runs again.
+    let second = &h.sink.of("agent.plan.decided")[1];
+    assert_eq!(
+        (
+            second["initialized"].as_bool(),
+            second["cmd_running"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        h.sink.of("agent.init.completed")[1]["plans"],
+        serde_json::json!(["boot"])
+    );
+    let boot_steps: Vec<String> = h.sink.of("agent.init.step.started")[9..]
+        .iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["plan"].as_str().unwrap(),
+                e["step"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        boot_steps,
+        ["boot:docker-socket", "boot:pre-run", "boot:agent-ready"]
+    );
+    task.abort();
+}
+
+/// A CP restart (or a network blip) finds the command running: nothing
+/// runs again, the session just Matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_to_a_running_command_runs_no_step() {
+    let h = Harness::new();
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (first, _live) = h.start();
+    h.wait_for("agent.init.completed", 1).await;
+    first.abort(); // the CP goes away; clawkerd and its command stay
+    let (second, _live) = h.start();
+    h.wait_for("agent.plan.decided", 2).await;
+    let d = &h.sink.of("agent.plan.decided")[1];
+    assert_eq!(
+        (d["initialized"].as_bool(), d["cmd_running"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(d["plans"], serde_json::json!([]));
+    assert_eq!(d["skipped"], "cmd_running");
+    assert_eq!(
+        h.sink.of("agent.init.started").len(),
+        1,
+        "no second sequence"
+    );
+    assert_eq!(h.sink.of("agent.trusted").len(), 2);
+    second.abort();
+}
+
+fn failing_pre_run(h: &mut Harness) {
+    h.policy.init.hooks = Hooks {
+        post_init: Some("echo post-init-ran > \"$HOME/post-init\"".into()),
+        pre_run: Some("echo 'pre-run broke' >&2\nexit 3".into()),
+    };
+}
+
+/// A failed boot step ends the container with the step's exit code:
+/// clawkerd exits by itself right after the Done (no CP kill needed), and
+/// an event says which step ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_pre_run_hook_ends_clawkerd_with_its_exit_code() {
+    let mut h = Harness::new();
+    failing_pre_run(&mut h);
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let mut clawkerd = agent(&h.pki, None);
+    h.resolver.follow(&h.pki.container_id, &clawkerd);
+    let (task, _live) = h.start();
+    h.wait_for("agent.terminated", 1).await;
+    let failed = &h.sink.of("agent.init.failed")[0];
+    assert_eq!(
+        (failed["plan"].as_str(), failed["failed_step"].as_str()),
+        (Some("boot"), Some("pre-run"))
+    );
+    assert_eq!(failed["exit_code"], 3);
+    let step = &h.sink.of("agent.init.step.failed")[0];
+    assert_eq!(step["output"], "pre-run broke");
+    let ended = &h.sink.of("agent.terminated")[0];
+    assert_eq!(ended["by"], "self_exit");
+    assert_eq!(ended["step"], "pre-run");
+    assert_eq!(ended["exit_code"], 3);
+    assert_eq!(clawkerd.wait_exit(Duration::from_secs(10)), Some(3));
+    assert!(
+        h.runtime.calls().is_empty(),
+        "nothing killed: {:?}",
+        h.runtime.calls()
+    );
+    // post_init ran (before pre_run), and init completed: its marker is set.
+    let home = &h.policy.init.user.home;
+    assert!(std::path::Path::new(&format!("{home}/post-init")).exists());
+    assert!(h.pki.init_marker().exists());
+    assert!(
+        h.sink.of("agent.init.completed").is_empty(),
+        "the command was never released"
+    );
+    task.abort();
+}
+
+/// `keep_on_init_failure`: the step fails, the container (and the session)
+/// live on without the user command, for inspection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_on_init_failure_keeps_the_container() {
+    let mut h = Harness::new();
+    failing_pre_run(&mut h);
+    h.policy.init.keep_on_failure = true;
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let mut clawkerd = agent(&h.pki, None);
+    h.resolver.follow(&h.pki.container_id, &clawkerd);
+    let (task, live) = h.start();
+    h.wait_for("agent.init.failed", 1).await;
+    // The session still runs commands: clawkerd did not exit.
+    let mux = live.borrow().clone().expect("session up").mux;
+    let done = clawker::session::command::run_to_completion(
+        &mux,
+        "probe",
+        clawker::session::command::shell("true", &clawker::session::command::RunAs::root(), 5, b""),
+        Duration::from_secs(5),
+        64,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.exit_code, 0);
+    assert!(clawkerd.is_running());
+    assert!(h.sink.of("agent.terminated").is_empty());
+    task.abort();
+}
+
+/// A clawkerd that does not end its container (here: its "container" is
+/// still reported running after PID 1 exited) is killed by the CP through
+/// the runtime seam once the grace elapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cp_kills_a_container_that_does_not_end_itself() {
+    let mut h = Harness::new();
+    failing_pre_run(&mut h);
+    h.policy.terminate_grace = Duration::from_millis(200);
+    h.register_row(h.pki.agent.thumbprint(), PROJECT);
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    h.wait_for("agent.terminated", 1).await;
+    assert_eq!(h.sink.of("agent.terminated")[0]["by"], "cp_kill");
+    assert_eq!(h.runtime.calls(), [format!("kill {}", h.pki.container_id)]);
     task.abort();
 }
 

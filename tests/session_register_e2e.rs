@@ -122,6 +122,7 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
         let deps = SessionDeps {
             resolver: Arc::new(OneContainer(clawkerd.addr)),
             registry: Arc::new(registry.clone()),
+            terminate: Arc::new(clawker::runtime::memory::MemoryOps::default()),
             dial: DialConfig::new(
                 pki.ca.cert_pem().as_bytes(),
                 pki.cp_client.cert_pem.as_bytes(),
@@ -130,6 +131,7 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
             .unwrap(),
             sink: sink.clone(),
             policy,
+            certs: None,
         };
         let (tx, _live) = tokio::sync::watch::channel(None);
         let first = tokio::spawn(lifecycle::run(
@@ -149,12 +151,13 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
         wait_for(&sink, "agent.init.completed", 1).await;
         let names = sink.names();
         assert_eq!(
-            &names[..5],
+            &names[..6],
             &[
                 "agent.session.connecting",
                 "agent.session.connected",
                 "agent.registered",
                 "agent.trusted",
+                "agent.plan.decided",
                 "agent.init.started"
             ],
             "reference order: Connected → AgentRegistered{{ok}} → Init…"
@@ -169,7 +172,8 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
         assert_eq!(row.thumbprint, pki.agent.thumbprint());
         assert_eq!(row.canonical_cn, "clawker.web.dev");
 
-        // "CP restart": a new session on the same clawkerd Matches; no Register.
+        // "CP restart": a new session on the same clawkerd Matches; no
+        // Register, and no step runs again (the command is running).
         first.abort();
         let sink2 = RecordingSink::default();
         let deps2 = SessionDeps {
@@ -183,11 +187,13 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
             tx,
             Default::default(),
         ));
-        wait_for(&sink2, "agent.init.completed", 1).await;
+        wait_for(&sink2, "agent.plan.decided", 1).await;
         assert!(sink2.of("agent.registered").is_empty());
         assert_eq!(sink2.of("agent.trusted").len(), 1);
+        assert_eq!(sink2.of("agent.plan.decided")[0]["skipped"], "cmd_running");
+        assert!(sink2.of("agent.init.started").is_empty());
         second.abort();
-        // The assertion was single-use: a replay at the token endpoint fails.
+        // One assertion, one spent JTI, and the Register redeemed its grant.
         let spent = registry.spent_jti_count().await.unwrap();
         assert_eq!(spent, 1);
         drop(clawkerd);

@@ -418,6 +418,7 @@ mod tests {
         let mut w = events::Worldview::default();
         let e = events::AgentTrusted {
             agent: AgentRef::new(id, name, "p"),
+            rotations: 0,
             at: events::now(),
         };
         w.apply_event(&e);

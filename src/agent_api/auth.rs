@@ -32,6 +32,10 @@ pub struct Introspection {
     pub client_id: String,
     pub sub: String,
     pub exp: i64,
+    /// The client assertion the token was issued for (embedded issuer
+    /// only; empty from an external introspection endpoint). Register
+    /// redeems its grant on success.
+    pub jti: String,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -103,13 +107,15 @@ pub(crate) fn reject<B: Default>(status: Status) -> http::Response<B> {
 }
 
 impl AuthLayer {
-    /// The reference algorithm; `Err` is the refusal to send.
+    /// The reference algorithm; `Err` is the refusal to send. `Ok` carries
+    /// what the token validator said (none for a public method), which the
+    /// handler finds in the request's extensions.
     async fn authorize(
         &self,
         path: &str,
         headers: &http::HeaderMap,
         has_cert: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<Introspection>, Status> {
         if self.require_client_cert && !has_cert {
             tracing::warn!(method = path, "authz: no client certificate");
             return Err(Status::unauthenticated("client certificate required"));
@@ -121,7 +127,7 @@ impl AuthLayer {
         };
         // 2. Public method.
         if required.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // 3. First `authorization` value, exact case-sensitive "Bearer ".
         let token = headers
@@ -169,7 +175,7 @@ impl AuthLayer {
             return Err(missing());
         }
         tracing::debug!(client_id = %result.client_id, scope = %result.scope, "authz: access granted");
-        Ok(())
+        Ok(Some(result))
     }
 }
 
@@ -191,7 +197,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // The clone is the one we polled ready; keep it for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -202,7 +208,12 @@ where
                 .authorize(req.uri().path(), req.headers(), has_cert)
                 .await
             {
-                Ok(()) => inner.call(req).await,
+                Ok(granted) => {
+                    if let Some(g) = granted {
+                        req.extensions_mut().insert(g);
+                    }
+                    inner.call(req).await
+                }
                 Err(status) => Ok(reject(status)),
             }
         })

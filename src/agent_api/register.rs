@@ -6,6 +6,13 @@
 //! `PermissionDenied "register: identity check failed"` so a caller cannot
 //! learn which check it failed; the log line (`event=…`) carries the
 //! classification for the operator.
+//!
+//! A fault of the infrastructure is not an identity failure: a container
+//! runtime that times out or errors, or a registry that cannot read or
+//! persist, answers `UNAVAILABLE` (retryable), never `PermissionDenied`
+//! (the reference answered a Docker inspect timeout with PermissionDenied,
+//! which together with its spent assertion bricked the agent). Only "no such
+//! container" is a definite answer and stays an identity failure.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,6 +20,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Introspection;
 use super::peer::{self, PeerLeaf};
 use crate::identity::{self, AgentName, ProjectSlug, Thumbprint};
 use crate::proto::agent::v1::agent_service_server::AgentService;
@@ -27,6 +35,35 @@ const IDENTITY_FAILED: &str = "register: identity check failed";
 
 fn denied() -> Status {
     Status::permission_denied(IDENTITY_FAILED)
+}
+
+/// What a failed container inspect means for the caller: a container that
+/// does not exist is an identity failure; anything else (timeout, engine
+/// down, API error) is the runtime's fault and retryable.
+pub fn inspect_failure_status(e: &RuntimeError) -> Status {
+    match e {
+        RuntimeError::NotFound(_) => denied(),
+        // Inspect never asks for a running container or netfilter; should a
+        // runtime say so anyway, it is its fault, not the agent's identity.
+        RuntimeError::Timeout { .. }
+        | RuntimeError::Api(_)
+        | RuntimeError::NotRunning(_)
+        | RuntimeError::Unsupported(_)
+        | RuntimeError::Netfilter(_) => {
+            Status::unavailable("register: container runtime unavailable")
+        }
+    }
+}
+
+/// What a failed registry write means: a thumbprint already bound to
+/// another container is an identity failure; a storage or actor fault is
+/// retryable. (A duplicate container id is judged against the winner's row
+/// by the caller, before this is asked.)
+pub fn persist_failure_status(e: &RegistryError) -> Status {
+    match e {
+        RegistryError::DuplicateThumbprint(_) => denied(),
+        _ => Status::unavailable("register: persist failed"),
+    }
 }
 
 /// The Register handler (the only AgentService method at v0.8.0).
@@ -69,6 +106,25 @@ impl RegisterService {
         match task.await {
             Ok(res) => res,
             Err(e) => Err(RuntimeError::Api(format!("inspect task failed: {e}"))),
+        }
+    }
+
+    /// The token's grant is spent for good once a Register succeeded with
+    /// it: its assertion can no longer be exchanged. A failure here only
+    /// leaves the assertion exchangeable until it expires (harmless: a new
+    /// token still needs this leaf to register), so it is logged, not
+    /// returned — the row is committed and the caller must see success.
+    async fn redeem(&self, jti: &str, container_id: &str) {
+        if jti.is_empty() {
+            return;
+        }
+        if let Err(error) = self.registry.redeem_grant(jti, unix_now()).await {
+            tracing::warn!(
+                event = "agent_register_redeem_failed",
+                %error,
+                container_id,
+                "could not mark the token grant redeemed"
+            );
         }
     }
 
@@ -147,13 +203,18 @@ impl RegisterService {
         let facts = match self.inspect(&container_id).await {
             Ok(f) => f,
             Err(error) => {
+                let event = if error.is_transient() {
+                    "agent_register_runtime_unavailable"
+                } else {
+                    "agent_register_container_not_found"
+                };
                 tracing::warn!(
-                    event = "agent_register_container_not_found",
+                    event,
                     %error,
                     container_id = %container_id,
                     "container inspect failed"
                 );
-                return Err(denied());
+                return Err(inspect_failure_status(&error));
             }
         };
 
@@ -184,8 +245,19 @@ impl RegisterService {
         }
 
         // 9: an existing row decides between idempotent retry and replay.
+        let grant = request
+            .extensions()
+            .get::<Introspection>()
+            .map(|i| i.jti.clone())
+            .unwrap_or_default();
         match self.registry.lookup_by_container_id(&container_id) {
-            Ok(existing) => return self.judge_existing(&existing, &leaf.thumbprint, &container_id),
+            Ok(existing) => {
+                let r = self.judge_existing(&existing, &leaf.thumbprint, &container_id);
+                if r.is_ok() {
+                    self.redeem(&grant, &container_id).await;
+                }
+                return r;
+            }
             Err(RegistryError::UnknownAgent) => {}
             Err(error) => {
                 tracing::warn!(
@@ -194,7 +266,7 @@ impl RegisterService {
                     container_id = %container_id,
                     "registry lookup failed"
                 );
-                return Err(Status::internal("register: lookup failed"));
+                return Err(Status::unavailable("register: lookup failed"));
             }
         }
 
@@ -219,7 +291,11 @@ impl RegisterService {
             Ok(_) => {}
             Err(RegistryError::DuplicateContainer(_)) => {
                 if let Ok(winner) = self.registry.lookup_by_container_id(&container_id) {
-                    return self.judge_existing(&winner, &leaf.thumbprint, &container_id);
+                    let r = self.judge_existing(&winner, &leaf.thumbprint, &container_id);
+                    if r.is_ok() {
+                        self.redeem(&grant, &container_id).await;
+                    }
+                    return r;
                 }
                 tracing::error!(
                     event = "agent_register_add_failed",
@@ -227,7 +303,7 @@ impl RegisterService {
                     container_id = %container_id,
                     "registry add failed"
                 );
-                return Err(Status::internal("register: persist failed"));
+                return Err(Status::unavailable("register: persist failed"));
             }
             Err(error) if error.is_retryable() => {
                 // A full disk or an I/O error: nothing was written and the
@@ -252,9 +328,10 @@ impl RegisterService {
                     container_id = %container_id,
                     "registry add failed"
                 );
-                return Err(Status::internal("register: persist failed"));
+                return Err(persist_failure_status(&error));
             }
         }
+        self.redeem(&grant, &container_id).await;
 
         // 11.
         tracing::info!(
@@ -283,4 +360,49 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_faults_are_retryable_and_a_missing_container_is_an_identity_failure() {
+        let s = inspect_failure_status(&RuntimeError::Timeout {
+            what: "container inspect",
+            after: Duration::from_secs(5),
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.message(), "register: container runtime unavailable");
+        let s = inspect_failure_status(&RuntimeError::Api("engine down".into()));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        let s = inspect_failure_status(&RuntimeError::NotFound("c1".into()));
+        assert_eq!(
+            (s.code(), s.message()),
+            (tonic::Code::PermissionDenied, IDENTITY_FAILED)
+        );
+    }
+
+    #[test]
+    fn registry_faults_are_retryable_and_a_bound_thumbprint_is_an_identity_failure() {
+        for e in [
+            RegistryError::Unavailable("actor gone".into()),
+            RegistryError::Corrupt {
+                key: "k".into(),
+                detail: "d".into(),
+            },
+        ] {
+            let s = persist_failure_status(&e);
+            assert_eq!(
+                (s.code(), s.message()),
+                (tonic::Code::Unavailable, "register: persist failed"),
+                "{e}"
+            );
+        }
+        let s = persist_failure_status(&RegistryError::DuplicateThumbprint("ab".into()));
+        assert_eq!(
+            (s.code(), s.message()),
+            (tonic::Code::PermissionDenied, IDENTITY_FAILED)
+        );
+    }
 }

@@ -136,6 +136,8 @@ pub enum AgentApiError {
     Policy(#[from] PolicyError),
     #[error("token endpoint: {0}")]
     Token(#[from] TokenSetupError),
+    #[error("loading issued tokens: {0}")]
+    Tokens(#[from] crate::registry::RegistryError),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -210,6 +212,10 @@ where
         &config.cli_jwk,
         registry.clone(),
     )?);
+    let reloaded = issuer.load_persisted().await?;
+    if reloaded > 0 {
+        tracing::info!(tokens = reloaded, "agent API: issued tokens reloaded");
+    }
     let introspector: Arc<dyn TokenIntrospector> = match &config.introspector {
         Some(i) => i.clone(),
         None => issuer.tokens(),

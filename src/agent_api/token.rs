@@ -3,13 +3,22 @@
 //! ES256 only (reference `identity.md` §10 Option A, replacing Hydra).
 //!
 //! Single use: an assertion's `jti` is recorded in the registry's redb file
-//! (through the registry actor) and the token exists only after that commit.
-//! Spending the JTI is the issuance: if the commit fails no token is minted,
-//! if it succeeds a replay is refused forever after — including after a CP
-//! restart, which the reference (Hydra with `dsn: memory`) gets wrong. The
-//! token itself is opaque, 256 random bits, kept in memory only as its
-//! SHA-256 (tokens dying with the process is fine: clawkerd re-registers
-//! only via a fresh assertion, and CLI tokens are re-fetched).
+//! (through the registry actor), together with the SHA-256 and expiry of the
+//! token issued for it, in one durable transaction; the token exists only
+//! after that commit (`registry::grants`). If the commit fails no token is
+//! minted. A token survives a CP restart (live tokens are reloaded from the
+//! file at start), which the reference (Hydra with `dsn: memory`) gets
+//! wrong. The token itself is opaque, 256 random bits, kept only as its
+//! SHA-256.
+//!
+//! Register never bricks an agent: the agent client's assertion may be
+//! exchanged again until a Register succeeds with one of its tokens (the
+//! grant is then *redeemed*); each new token revokes the previous one. So a
+//! clawkerd that lost its token (container restart, a lost HTTP answer) or
+//! outlived it (the CP was down for longer than the token lifetime) gets a
+//! new one as long as its assertion is valid, and after registration the
+//! assertion is refused like any replay. Other clients' assertions stay
+//! strictly single-use.
 //!
 //! Every refusal is an RFC 6749 §5.2 JSON error; nothing is written for a
 //! request that fails any check before the JTI is spent.
@@ -29,6 +38,7 @@ use super::auth::{IntrospectError, Introspection, TokenIntrospector};
 use super::scopes::{CLIENT_ID_AGENT, CLIENT_ID_CLI, SCOPE_ADMIN, SCOPE_AGENT_SELF_REGISTER};
 use crate::pki::Jwk;
 use crate::registry::Registry;
+use crate::registry::grants::{IssueOutcome, IssueRequest};
 
 /// Path of the token endpoint on the agent listener.
 pub const TOKEN_PATH: &str = "/oauth2/token";
@@ -88,6 +98,8 @@ struct IssuedToken {
     client_id: String,
     scope: String,
     exp: i64,
+    /// The assertion it was issued for (a successful Register redeems it).
+    jti: String,
 }
 
 /// Issued tokens, keyed by SHA-256 of the token: a memory dump does not
@@ -111,10 +123,14 @@ impl TokenStore {
         self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, token: &str, issued: IssuedToken, now: i64) {
+    fn insert(&self, hash: [u8; 32], issued: IssuedToken, now: i64) {
         let mut map = self.lock();
         map.retain(|_, t| t.exp > now);
-        map.insert(token_hash(token), issued);
+        map.insert(hash, issued);
+    }
+
+    fn remove(&self, hash: &[u8; 32]) {
+        self.lock().remove(hash);
     }
 
     /// Local introspection (RFC 7662 result shape): inactive when unknown,
@@ -133,6 +149,7 @@ impl TokenStore {
                     client_id: t.client_id.clone(),
                     sub: t.client_id.clone(),
                     exp: t.exp,
+                    jti: t.jti.clone(),
                 }
             }
             _ => Introspection::default(),
@@ -223,6 +240,11 @@ pub struct TokenIssuer {
     public_point: Vec<u8>,
     registry: Registry,
     tokens: Arc<TokenStore>,
+    /// Serialises "durable grant write + in-memory token update", so two
+    /// exchanges of one assertion cannot leave the revoked token live in
+    /// memory (the writes are ordered by the registry actor, the memory
+    /// updates would not be). Exchanges are rare: one per container.
+    issuing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for TokenIssuer {
@@ -263,7 +285,29 @@ impl TokenIssuer {
             config,
             registry,
             tokens: Arc::new(TokenStore::new()),
+            issuing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Loads the tokens still valid from the registry file (call once at
+    /// start, before serving): tokens survive a CP restart.
+    pub async fn load_persisted(&self) -> Result<usize, crate::registry::RegistryError> {
+        let now = now_unix();
+        let live = self.registry.live_tokens(now).await?;
+        let n = live.len();
+        for t in live {
+            self.tokens.insert(
+                t.token_sha256,
+                IssuedToken {
+                    client_id: t.client_id,
+                    scope: t.scope,
+                    exp: t.exp,
+                    jti: t.jti,
+                },
+                now,
+            );
+        }
+        Ok(n)
     }
 
     /// The issued-token table, which is also the AuthInterceptor's
@@ -326,12 +370,43 @@ impl TokenIssuer {
         let (client_id, exp, jti) = self.check_claims(&claims, param("client_id"), now)?;
         let scope = self.grant_scope(client_id, param("scope"))?;
 
-        // Everything checked: spend the JTI. Only a durable commit lets the
-        // token exist; a replay finds the row even after a restart.
+        let mut raw = [0u8; 32];
+        SysRng
+            .try_fill_bytes(&mut raw)
+            .map_err(|_| OAuthError::new("server_error", "random source failed"))?;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        let hash = token_hash(&token);
+        let ttl = self.config.token_ttl.as_secs() as i64;
+
+        // Everything checked: spend the JTI and record the token in one
+        // durable write. Only that commit lets the token exist; a replay
+        // finds the row even after a restart.
         let keep_until = exp.saturating_add(self.config.clock_skew.as_secs() as i64);
-        match self.registry.spend_jti(jti, keep_until, now).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let _issuing = self.issuing.lock().await;
+        let outcome = self
+            .registry
+            .issue_token(IssueRequest {
+                jti: jti.to_owned(),
+                client_id: client_id.to_owned(),
+                scope: scope.clone(),
+                token_sha256: hash,
+                token_exp: now + ttl,
+                keep_until,
+                reissuable: client_id == CLIENT_ID_AGENT,
+                now,
+            })
+            .await;
+        match outcome {
+            Ok(IssueOutcome::Issued) => {}
+            Ok(IssueOutcome::Reissued { revoked_sha256 }) => {
+                self.tokens.remove(&revoked_sha256);
+                tracing::info!(
+                    client_id,
+                    jti,
+                    "oauth2: assertion exchanged again before any Register succeeded; previous token revoked"
+                );
+            }
+            Ok(IssueOutcome::Replay) => {
                 return Err(OAuthError::new(
                     "invalid_grant",
                     "client_assertion has already been used (jti replay)",
@@ -354,19 +429,13 @@ impl TokenIssuer {
                 ));
             }
         }
-
-        let mut raw = [0u8; 32];
-        SysRng
-            .try_fill_bytes(&mut raw)
-            .map_err(|_| OAuthError::new("server_error", "random source failed"))?;
-        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        let ttl = self.config.token_ttl.as_secs() as i64;
         self.tokens.insert(
-            &token,
+            hash,
             IssuedToken {
                 client_id: client_id.to_owned(),
                 scope: scope.clone(),
                 exp: now + ttl,
+                jti: jti.to_owned(),
             },
             now,
         );
@@ -639,14 +708,16 @@ mod tests {
     fn token_store_keeps_hashes_and_expires() {
         let s = TokenStore::new();
         s.insert(
-            "tok",
+            token_hash("tok"),
             IssuedToken {
                 client_id: "c".into(),
                 scope: "a b".into(),
                 exp: 100,
+                jti: "j".into(),
             },
             0,
         );
+        assert_eq!(s.introspect_now("tok", "a", 50).jti, "j");
         assert!(s.introspect_now("tok", "a", 50).active);
         assert!(s.introspect_now("tok", "", 50).active);
         assert!(!s.introspect_now("tok", "c", 50).active);
@@ -654,5 +725,7 @@ mod tests {
         assert!(!s.introspect_now("other", "a", 50).active);
         assert!(s.lock().contains_key(&token_hash("tok")));
         assert_eq!(s.len(), 1);
+        s.remove(&token_hash("tok"));
+        assert!(!s.introspect_now("tok", "a", 50).active, "revoked");
     }
 }

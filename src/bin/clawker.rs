@@ -7,7 +7,10 @@ fn main() -> std::process::ExitCode {
         Ok(code) => std::process::ExitCode::from((code & 0xff) as u8),
         Err(e) => {
             eprintln!("clawker: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<clawker::cli::ExitWith>() {
+                Some(x) => std::process::ExitCode::from(x.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

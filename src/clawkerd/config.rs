@@ -38,12 +38,20 @@ pub mod env {
     /// Log destination: a file path, or `-` for stderr. Default
     /// `/var/log/clawker/clawkerd.log` (kept off the user's terminal).
     pub const LOG_FILE: &str = "CLAWKER_LOG_FILE";
+    /// clawkerd's writable state directory (rotated leaf, init marker);
+    /// default `/var/lib/clawker`, in the container's writable layer, so
+    /// it survives `docker stop`/`start` and goes with `docker rm`.
+    pub const STATE_DIR: &str = "CLAWKERD_STATE_DIR";
 }
 
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:7700";
 pub const DEFAULT_USER: &str = "claude";
 pub const DEFAULT_READY_FILE: &str = "/var/run/clawker/ready";
 pub const DEFAULT_LOG_FILE: &str = "/var/log/clawker/clawkerd.log";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/clawker";
+/// The init marker's file name inside the state dir (reference
+/// `head-lifecycle.md` §1.2: `/var/lib/clawker/agent-initialized`).
+pub const INIT_MARKER: &str = "agent-initialized";
 
 /// A boot failure with its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +86,8 @@ pub struct Config {
     pub passwd_file: PathBuf,
     pub group_file: PathBuf,
     pub ready_file: PathBuf,
+    /// Writable state directory ([`env::STATE_DIR`]).
+    pub state_dir: PathBuf,
     /// The user command (container CMD): clawkerd's args, minus a leading `--`.
     pub user_argv: Vec<String>,
 }
@@ -132,6 +142,7 @@ impl Config {
             passwd_file: var_or(env::PASSWD_FILE, "/etc/passwd").into(),
             group_file: var_or(env::GROUP_FILE, "/etc/group").into(),
             ready_file: var_or(env::READY_FILE, DEFAULT_READY_FILE).into(),
+            state_dir: var_or(env::STATE_DIR, DEFAULT_STATE_DIR).into(),
             user_argv,
         })
     }

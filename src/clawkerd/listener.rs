@@ -31,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::config::Bootstrap;
+use super::leaf::{CurrentLeaf, LeafError};
 use super::session::ClawkerdSvc;
 use crate::identity::{CONTROL_PLANE_CN, Thumbprint};
 use crate::proto::clawkerd::v1::clawkerd_service_server::ClawkerdServiceServer;
@@ -49,30 +49,30 @@ pub enum ServerConfigError {
     CaPem,
     #[error("TLS config: client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
-    /// cert.pem or key.pem holds no usable PEM block.
+    /// cert.pem and key.pem (or the persisted rotated leaf) are not a
+    /// usable keypair.
     #[error("TLS config: agent leaf keypair: {0}")]
-    LeafPem(#[from] tls::TlsError),
+    Leaf(#[from] LeafError),
     /// rustls refused TLS 1.3 with this provider (a build problem).
     #[error("TLS config: {0}")]
     Versions(rustls::Error),
-    /// cert.pem and key.pem do not form a keypair.
-    #[error("TLS config: agent leaf keypair: {0}")]
-    Keypair(rustls::Error),
 }
 
-/// Builds the listener's TLS config from the bootstrap bundle.
-pub fn server_config(b: &Bootstrap) -> Result<rustls::ServerConfig, ServerConfigError> {
+/// Builds the listener's TLS config: the bootstrap CA pins the client, and
+/// the server certificate is whatever leaf is current at each handshake (a
+/// rotation swaps it without touching open connections).
+pub fn server_config(
+    ca_pem: &[u8],
+    leaf: &Arc<CurrentLeaf>,
+) -> Result<rustls::ServerConfig, ServerConfigError> {
     let provider = tls::provider();
-    let roots = tls::root_store("ca.pem", &b.ca_pem).map_err(|_| ServerConfigError::CaPem)?;
+    let roots = tls::root_store("ca.pem", ca_pem).map_err(|_| ServerConfigError::CaPem)?;
     let verifier = tls::PinnedClientVerifier::new(roots, CONTROL_PLANE_CN, "clawkerd listener")?;
-    let certs = tls::load_certs("cert.pem", &b.cert_pem)?;
-    let key = tls::load_key("key.pem", &b.key_pem)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(ServerConfigError::Versions)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(ServerConfigError::Keypair)?;
+        .with_cert_resolver(leaf.resolver());
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
@@ -240,26 +240,22 @@ mod tests {
 
     #[test]
     fn config_errors_use_reference_texts() {
-        let ca = Ca::generate().unwrap();
-        let b = Bootstrap {
-            cert_pem: b"garbage".to_vec(),
-            key_pem: b"garbage".to_vec(),
-            ca_pem: ca.cert_pem().as_bytes().to_vec(),
-            assertion: String::new(),
-        };
+        let e = super::super::leaf::Leaf::from_pem(b"garbage", b"garbage").unwrap_err();
         assert!(
-            server_config(&b)
-                .unwrap_err()
+            ServerConfigError::from(e)
                 .to_string()
                 .starts_with("TLS config: agent leaf keypair: ")
         );
-        let b = Bootstrap {
-            ca_pem: b"nope".to_vec(),
-            ..b
-        };
+        let ca = Ca::generate().unwrap();
+        let ck = ca.mint_cp_client().unwrap();
+        let leaf = CurrentLeaf::new(
+            super::super::leaf::Leaf::from_pem(ck.cert_pem.as_bytes(), ck.key_pem.as_bytes())
+                .unwrap(),
+        );
         assert_eq!(
-            server_config(&b).unwrap_err().to_string(),
+            server_config(b"nope", &leaf).unwrap_err().to_string(),
             "TLS config: CA PEM did not parse"
         );
+        assert!(server_config(ca.cert_pem().as_bytes(), &leaf).is_ok());
     }
 }

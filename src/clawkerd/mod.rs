@@ -20,7 +20,11 @@
 //!   container.
 //! - [`spawn`]: the user command (`AgentReady`), privilege drop.
 //! - [`reaper`]: the only code that waits for children.
-//! - [`register`]: the one-shot Register coordinator (token + AgentService).
+//! - [`register`]: the Register coordinator (token + AgentService).
+//! - [`lifecycle`]: the one-time init marker and the exit request of a
+//!   failed init or boot step.
+//! - [`leaf`]: the current leaf (served, presented, persisted, swapped).
+//! - [`renew`]: leaf renewal at half-life and on the CP's request.
 //!
 //! This file is the boot sequence and the main wait loop (reference §3, §8).
 
@@ -28,12 +32,15 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod flow;
+pub mod leaf;
+pub mod lifecycle;
 pub mod listener;
 pub mod logs;
 pub mod pipeline;
 pub mod pty;
 pub mod reaper;
 pub mod register;
+pub mod renew;
 pub mod session;
 pub mod spawn;
 pub mod users;
@@ -179,10 +186,23 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         tracing::error!(event = "bootstrap_read_failed", error = %e);
         BootError::Config(format!("read bootstrap: {e}"))
     })?;
-    let tls_cfg = listener::server_config(&bootstrap).map_err(|e| {
+    let listener_failed = |e: listener::ServerConfigError| {
         tracing::error!(event = "clawkerd_listener_start_failed", error = %e);
         BootError::Config(format!("start clawkerd listener: {e}"))
-    })?;
+    };
+    let (boot_leaf, source) =
+        leaf::at_boot(&bootstrap, &cfg.state_dir).map_err(|e| listener_failed(e.into()))?;
+    tracing::info!(
+        event = "leaf_loaded",
+        source = ?source,
+        thumbprint = %boot_leaf.thumbprint(),
+        not_after = boot_leaf.not_after,
+        "agent leaf"
+    );
+    let current = leaf::CurrentLeaf::new(boot_leaf);
+    let tls_cfg = listener::server_config(&bootstrap.ca_pem, &current).map_err(listener_failed)?;
+    let renewer = renew::Renewer::new(current.clone(), &bootstrap.ca_pem, cfg.state_dir.clone())
+        .map_err(|e| listener_failed(listener::ServerConfigError::Leaf(e.into())))?;
     let listener = listener::Listener::bind(cfg.listen_addr, tls_cfg)
         .await
         .map_err(|e| {
@@ -204,6 +224,7 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         agent: cfg.agent.clone(),
         project: cfg.project.clone(),
         bootstrap,
+        leaf: current.clone(),
     });
     let output = logs::OutputLog::new(logs::LOG_CAPACITY);
     let user_command = spawn::UserCommand::new(
@@ -214,12 +235,17 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         output.clone(),
     );
     let shutdown = CancellationToken::new();
+    let exit = lifecycle::ExitRequest::new();
     let shared = Arc::new(session::Shared::new(
         reaper.clone(),
         coordinator,
         user_command.clone(),
         shutdown.clone(),
+        lifecycle::InitMarker::in_dir(&cfg.state_dir),
+        exit.clone(),
     ));
+    shared.set_renewer(renewer.clone());
+    tokio::spawn(renewer.run(shutdown.clone()));
 
     // Signals first, so nothing arriving during startup is lost.
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::channel::<i32>(32);
@@ -242,6 +268,9 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
     tracing::info!(event = "daemon_idle");
 
     let mut main_state = user_command.watch();
+    let mut exit_requests = exit.subscribe();
+    // A failed `exit_on_non_zero` step: clawkerd ends with its code.
+    let mut requested: Option<i32> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut server_done = false;
     let code = loop {
@@ -249,7 +278,7 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
         match &state {
             MainState::Exited { status, .. } => {
                 tracing::info!(event = "main_child_exited", exit_code = status.shell_code());
-                break status.shell_code();
+                break requested.unwrap_or(status.shell_code());
             }
             MainState::Failed(e) => {
                 tracing::info!(event = "main_child_exited", error = %e);
@@ -285,6 +314,20 @@ async fn boot_and_serve(args: Vec<String>) -> Result<i32, BootError> {
                 }
             }
             _ = main_state.changed() => {}
+            Ok(()) = exit_requests.changed(), if requested.is_none() => {
+                let Some(code) = *exit_requests.borrow_and_update() else { continue };
+                tracing::info!(event = "command_requested_exit", exit_code = code);
+                requested = Some(code);
+                match running {
+                    // Not during init or boot (the command starts last),
+                    // but if it runs: stop it first, then exit with `code`.
+                    Some(pid) => {
+                        spawn::forward(&reaper, pid, libc::SIGTERM);
+                        kill_at.get_or_insert(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                    }
+                    None => break code,
+                }
+            }
             r = &mut server, if !server_done => {
                 server_done = true;
                 let err = match r {

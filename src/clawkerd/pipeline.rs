@@ -657,7 +657,15 @@ impl Running {
     /// single terminal response. `finish` is called
     /// right before the terminal response is enqueued (the session removes
     /// the id there, so the CP may reuse it as soon as it sees the answer).
-    pub async fn run(self, out: Outbound, terminal_sent: Arc<AtomicBool>, finish: impl FnOnce()) {
+    /// Returns the exit code when the terminal response was a `Done` that
+    /// was queued for the CP (not on a timeout, I/O error or cancellation):
+    /// what `exit_on_non_zero` acts on.
+    pub async fn run(
+        self,
+        out: Outbound,
+        terminal_sent: Arc<AtomicBool>,
+        finish: impl FnOnce(),
+    ) -> Option<i32> {
         let Running {
             id,
             timeout,
@@ -809,12 +817,15 @@ impl Running {
             command_id: id.clone(),
             payload: Some(payload),
         };
-        if cancelled {
+        let is_done = matches!(resp.payload, Some(Payload::Done(_)));
+        let delivered = if cancelled {
             let _ = out.try_send(Ok(resp));
+            false
         } else {
-            let _ = out.send(Ok(resp)).await;
-        }
+            out.send(Ok(resp)).await.is_ok()
+        };
         audit_done(&id, started_at, final_code, timed_out, outcome);
+        (is_done && delivered).then_some(final_code)
     }
 }
 

@@ -2,19 +2,26 @@
 //! for a bearer token at the CP's token endpoint, then call
 //! `AgentService.Register` over mTLS with the agent leaf.
 //!
-//! The assertion is single-use at the issuer, so the coordinator is
-//! single-use per process: once an attempt reached the token endpoint (got
-//! any HTTP response), the outcome is cached and every later
-//! `RegisterRequired` gets the same answer with no network I/O. Attempts
-//! that failed before consuming the assertion (missing env, TCP/TLS failure)
-//! are retryable. One mutex serialises attempts across all sessions.
+//! Where we differ from the reference, on purpose: it caches the *outcome*
+//! of the first attempt that reached the token endpoint, forever, so one
+//! transient fault after the assertion was spent (a Docker timeout in the
+//! CP's Register, a CP restart) bricked the agent. We cache the *access
+//! token* instead and never the outcome: every `RegisterRequired` makes a
+//! real attempt, with the cached token while it is valid. A token the CP
+//! does not accept (`UNAUTHENTICATED`: it restarted without it, it expired,
+//! it was revoked) is dropped and the assertion exchanged again in the same
+//! attempt — the CP re-issues for an assertion whose grant no Register has
+//! redeemed yet (`registry::grants` on the CP side). Concurrent
+//! `RegisterRequired`s (same or other sessions) share the one attempt in
+//! flight, under one mutex.
 //!
 //! Addresses are `IP:port` (static binary, no NSS); the TLS server name is
 //! always `clawker-controlplane`, whatever the IP.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -26,6 +33,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::config::{Bootstrap, env};
+use super::leaf::CurrentLeaf;
 use crate::identity::CONTROL_PLANE_CN;
 use crate::proto::agent::v1::{RegisterRequest, agent_service_client::AgentServiceClient};
 use crate::tls;
@@ -46,13 +54,15 @@ pub struct RegisterConfig {
     pub agent: String,
     pub project: String,
     pub bootstrap: Bootstrap,
+    /// The leaf presented to AgentService: the current one, rotated or not.
+    pub leaf: std::sync::Arc<CurrentLeaf>,
 }
 
 /// Why a register attempt failed. The Display is the exact
-/// `RegisterDone.error` text of the reference (§9.3), word for word;
-/// [`RegisterError::consumed`] is its classification (§9.2). Clone: a
-/// consumed outcome is cached and replayed, so foreign errors are kept as
-/// their text.
+/// `RegisterDone.error` text of the reference (§9.3), word for word (the
+/// CP reads retryability from it, e.g. `code = Unavailable`). Clone: the
+/// outcome of an attempt is shared with concurrent callers, so foreign
+/// errors are kept as their text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
     #[error("{var} unset; cannot exchange assertion", var = env::CP_TOKEN_URL)]
@@ -73,18 +83,6 @@ pub enum RegisterError {
     /// The CP refused (or never answered) the Register call.
     #[error("AgentService.Register: rpc error: code = {code:?} desc = {message}")]
     Rpc { code: tonic::Code, message: String },
-}
-
-impl RegisterError {
-    /// Whether the single-use assertion is spent: everything from the token
-    /// endpoint's first HTTP response on. A consumed outcome is final.
-    pub fn consumed(&self) -> bool {
-        match self {
-            Self::TokenUrlUnset | Self::AgentAddrUnset | Self::TokenTlsConfig => false,
-            Self::TokenExchange(e) => e.consumed(),
-            Self::DialTlsConfig(_) | Self::Dial(_) | Self::BadToken | Self::Rpc { .. } => true,
-        }
-    }
 }
 
 /// How the token exchange failed (reference §9.3 step 6).
@@ -108,48 +106,96 @@ pub enum ExchangeError {
     TokenType(String),
 }
 
-impl ExchangeError {
-    /// Any HTTP response means the issuer saw (and spent) the assertion.
-    pub fn consumed(&self) -> bool {
-        !matches!(self, Self::Transport { .. })
+/// A token is dropped this long before the CP would stop accepting it, so
+/// an attempt never starts with a token that expires mid-call.
+pub const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+/// The access token the coordinator keeps between attempts.
+#[derive(Clone)]
+pub struct CachedToken {
+    value: String,
+    /// From the token response's `expires_in`; `None` when it gave none
+    /// (then only the CP's `UNAUTHENTICATED` retires the token).
+    expires_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
     }
+}
+
+impl CachedToken {
+    /// A token from a response received at `received` saying `expires_in`.
+    pub fn new(value: String, received: Instant, expires_in: Option<u64>) -> Self {
+        Self {
+            value,
+            expires_at: expires_in.map(|s| received + Duration::from_secs(s)),
+        }
+    }
+
+    /// Worth presenting at `now` (not within [`TOKEN_EXPIRY_MARGIN`] of
+    /// its expiry).
+    pub fn usable(&self, now: Instant) -> bool {
+        self.expires_at
+            .is_none_or(|exp| now + TOKEN_EXPIRY_MARGIN < exp)
+    }
+}
+
+struct State {
+    token: Option<CachedToken>,
+    /// The latest attempt's outcome, handed to callers that waited for it.
+    last: Option<Result<(), RegisterError>>,
 }
 
 pub struct Coordinator {
     cfg: RegisterConfig,
-    cached: Mutex<Option<Result<(), RegisterError>>>,
+    state: Mutex<State>,
+    /// Attempts finished so far (incremented under the state lock).
+    finished: AtomicU64,
 }
 
 impl Coordinator {
     pub fn new(cfg: RegisterConfig) -> Arc<Self> {
         Arc::new(Self {
             cfg,
-            cached: Mutex::new(None),
+            state: Mutex::new(State {
+                token: None,
+                last: None,
+            }),
+            finished: AtomicU64::new(0),
         })
     }
 
-    /// Runs (or replays) the register attempt. `RegisterDone` is
-    /// `{ok: true, error: ""}` for `Ok`, else `{ok: false, error: <Display>}`.
+    /// Runs one register attempt, or joins the one in flight. `RegisterDone`
+    /// is `{ok: true, error: ""}` for `Ok`, else `{ok: false, error: <Display>}`.
     pub async fn run(&self) -> Result<(), RegisterError> {
-        let mut cached = self.cached.lock().await;
-        if let Some(outcome) = cached.as_ref() {
-            tracing::info!(
-                event = "register_replay_short_circuit",
-                ok = outcome.is_ok()
+        let arrived = self.finished.load(Ordering::Acquire);
+        let mut state = self.state.lock().await;
+        if self.finished.load(Ordering::Acquire) > arrived
+            && let Some(outcome) = state.last.clone()
+        {
+            // An attempt ran to its end while we waited for the lock: its
+            // answer is as fresh as ours would be.
+            tracing::info!(event = "register_joined_attempt", ok = outcome.is_ok());
+            return outcome;
+        }
+        let outcome = self.attempt(&mut state.token).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(
+                event = "register_attempt_failed",
+                token_cached = state.token.is_some(),
+                error = %e
             );
-            return outcome.clone();
         }
-        let outcome = self.attempt().await;
-        match &outcome {
-            Err(e) if !e.consumed() => {
-                tracing::warn!(event = "register_assertion_unconsumed", error = %e);
-            }
-            _ => *cached = Some(outcome.clone()),
-        }
+        state.last = Some(outcome.clone());
+        self.finished.fetch_add(1, Ordering::AcqRel);
         outcome
     }
 
-    async fn attempt(&self) -> Result<(), RegisterError> {
+    async fn attempt(&self, token: &mut Option<CachedToken>) -> Result<(), RegisterError> {
         let c = &self.cfg;
         if c.token_url.is_empty() {
             tracing::error!(event = "register_env_missing", var = env::CP_TOKEN_URL);
@@ -166,20 +212,56 @@ impl Coordinator {
                 return Err(RegisterError::TokenTlsConfig);
             }
         };
-        tracing::info!(event = "token_exchange_attempt", url = %c.token_url);
-        let token = match exchange(&c.token_url, &c.bootstrap.assertion, roots.clone()).await {
-            Ok(t) => t,
-            Err(e) => {
-                let consumed = e.consumed();
-                let error = RegisterError::from(e);
-                tracing::error!(event = "token_exchange_failed", assertion_consumed = consumed, error = %error);
-                return Err(error);
+        let cached = token.as_ref().filter(|t| t.usable(Instant::now())).cloned();
+        let (value, fresh) = match cached {
+            Some(t) => {
+                tracing::info!(event = "register_token_reused");
+                (t.value, false)
+            }
+            None => {
+                let t = self.fresh_token(roots.clone()).await?;
+                *token = Some(t.clone());
+                (t.value, true)
             }
         };
-        tracing::info!(event = "token_acquired");
-        register(c, &token, roots).await?;
+        let result = match register(c, &value, roots.clone()).await {
+            // The CP does not know the token (restarted without it, expired,
+            // revoked): trade the assertion again, once, and retry.
+            Err(RegisterError::Rpc {
+                code: tonic::Code::Unauthenticated,
+                message,
+            }) if !fresh => {
+                tracing::warn!(event = "register_token_rejected", reason = %message);
+                *token = None;
+                let t = self.fresh_token(roots.clone()).await?;
+                *token = Some(t.clone());
+                register(c, &t.value, roots).await
+            }
+            other => other,
+        };
+        result?;
         tracing::info!(event = "register_rpc_ok");
         Ok(())
+    }
+
+    async fn fresh_token(
+        &self,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<CachedToken, RegisterError> {
+        let c = &self.cfg;
+        tracing::info!(event = "token_exchange_attempt", url = %c.token_url);
+        let received = Instant::now();
+        match exchange(&c.token_url, &c.bootstrap.assertion, roots).await {
+            Ok((value, expires_in)) => {
+                tracing::info!(event = "token_acquired", expires_in);
+                Ok(CachedToken::new(value, received, expires_in))
+            }
+            Err(e) => {
+                let error = RegisterError::from(e);
+                tracing::error!(event = "token_exchange_failed", error = %error);
+                Err(error)
+            }
+        }
     }
 }
 
@@ -248,12 +330,13 @@ async fn tls_dial(
     TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await
 }
 
-/// POSTs the client-credentials form and returns the access token.
+/// POSTs the client-credentials form and returns the access token and its
+/// `expires_in` (seconds), if the response has one.
 async fn exchange(
     url: &str,
     assertion: &str,
     roots: Arc<rustls::RootCertStore>,
-) -> Result<String, ExchangeError> {
+) -> Result<(String, Option<u64>), ExchangeError> {
     let transport = |detail: String| ExchangeError::Transport {
         url: url.to_owned(),
         detail,
@@ -341,6 +424,8 @@ async fn exchange(
         access_token: String,
         #[serde(default)]
         token_type: String,
+        #[serde(default)]
+        expires_in: Option<i64>,
     }
     let tr: TokenResponse =
         serde_json::from_slice(&body).map_err(|e| ExchangeError::Decode(e.to_string()))?;
@@ -350,7 +435,8 @@ async fn exchange(
     if !tr.token_type.is_empty() && !tr.token_type.eq_ignore_ascii_case("bearer") {
         return Err(ExchangeError::TokenType(tr.token_type));
     }
-    Ok(tr.access_token)
+    let expires_in = tr.expires_in.and_then(|s| u64::try_from(s).ok());
+    Ok((tr.access_token, expires_in))
 }
 
 /// Dials AgentService with the agent leaf and calls Register.
@@ -359,9 +445,10 @@ async fn register(
     token: &str,
     roots: Arc<rustls::RootCertStore>,
 ) -> Result<(), RegisterError> {
+    let leaf = c.leaf.load();
     let cfg = (|| {
-        let certs = tls::load_certs("cert.pem", &c.bootstrap.cert_pem)?;
-        let key = tls::load_key("key.pem", &c.bootstrap.key_pem)?;
+        let certs = tls::load_certs("cert.pem", &leaf.cert_pem)?;
+        let key = tls::load_key("key.pem", &leaf.key_pem)?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls::TlsError::Rustls {
@@ -467,23 +554,20 @@ mod tests {
     }
 
     #[test]
-    fn error_texts_and_classification_follow_the_reference() {
+    fn error_texts_follow_the_reference() {
         let exchange = |e: ExchangeError| RegisterError::from(e);
         let cases = [
             (
                 RegisterError::TokenUrlUnset,
                 "CLAWKER_CP_TOKEN_URL unset; cannot exchange assertion",
-                false,
             ),
             (
                 RegisterError::AgentAddrUnset,
                 "CLAWKER_CP_AGENT_ADDR unset; cannot dial AgentService",
-                false,
             ),
             (
                 RegisterError::TokenTlsConfig,
                 "token TLS config: CA PEM did not parse",
-                false,
             ),
             (
                 exchange(ExchangeError::Transport {
@@ -491,12 +575,10 @@ mod tests {
                     detail: "timeout".into(),
                 }),
                 "hydra token exchange: post to https://cp/t: timeout",
-                false,
             ),
             (
                 exchange(ExchangeError::ReadBody("timeout".into())),
                 "hydra token exchange: read response: timeout",
-                true,
             ),
             (
                 exchange(ExchangeError::Status {
@@ -504,37 +586,30 @@ mod tests {
                     body: "{}".into(),
                 }),
                 "hydra token exchange: hydra returned 400 Bad Request: {}",
-                true,
             ),
             (
                 exchange(ExchangeError::Decode("eof".into())),
                 "hydra token exchange: decode response: eof",
-                true,
             ),
             (
                 exchange(ExchangeError::EmptyToken),
                 "hydra token exchange: hydra returned empty access_token",
-                true,
             ),
             (
                 exchange(ExchangeError::TokenType("mac".into())),
                 "hydra token exchange: hydra returned unexpected token_type \"mac\" (expected Bearer)",
-                true,
             ),
             (
                 RegisterError::DialTlsConfig("cert.pem: no certificate in PEM".into()),
                 "dial TLS config: cert.pem: no certificate in PEM",
-                true,
             ),
             (
                 RegisterError::Dial("timeout".into()),
                 "dial CP agent listener: timeout",
-                true,
             ),
             (
                 RegisterError::BadToken,
                 "AgentService.Register: token is not a valid header value",
-                true,
             ),
             (
                 RegisterError::Rpc {
@@ -542,13 +617,30 @@ mod tests {
                     message: "context deadline exceeded".into(),
                 },
                 "AgentService.Register: rpc error: code = DeadlineExceeded desc = context deadline exceeded",
-                true,
             ),
         ];
-        for (e, text, consumed) in cases {
+        for (e, text) in cases {
             assert_eq!(e.to_string(), text);
-            assert_eq!(e.consumed(), consumed, "{text}");
         }
+    }
+
+    #[test]
+    fn a_cached_token_is_retired_before_it_expires() {
+        let t0 = Instant::now();
+        let t = CachedToken::new("tok".into(), t0, Some(3600));
+        assert!(t.usable(t0));
+        assert!(
+            t.usable(t0 + Duration::from_secs(3600) - TOKEN_EXPIRY_MARGIN - Duration::from_secs(1))
+        );
+        assert!(!t.usable(t0 + Duration::from_secs(3600) - TOKEN_EXPIRY_MARGIN));
+        assert!(!t.usable(t0 + Duration::from_secs(7200)));
+        // Without expires_in only the CP can retire it.
+        let open = CachedToken::new("tok".into(), t0, None);
+        assert!(open.usable(t0 + Duration::from_secs(1_000_000)));
+        assert!(
+            !format!("{open:?}").contains("tok\""),
+            "the token is never printed"
+        );
     }
 
     #[test]

@@ -27,10 +27,12 @@ use tonic::{Request, Status, Streaming};
 
 use super::control::CommandControl;
 use super::flow::{self, Credit, StdinAcks};
+use super::lifecycle::{ExitRequest, InitMarker, mirror_exit_code};
 use super::listener::PeerIdentity;
 use super::pipeline::{self, Rejected, SpawnCtx, error_response};
 use super::reaper::Reaper;
 use super::register::Coordinator;
+use super::renew::{Attached, Renewer};
 use super::spawn::{ReadyOutcome, UserCommand};
 use super::{copy, logs, pty};
 use crate::proto::clawkerd::v1::{
@@ -50,6 +52,22 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 /// `FlowGrant`s waiting for their command (sent before it). Bounded: a
 /// grant for an id that never starts must not grow the session.
 const MAX_PENDING_GRANTS: usize = 64;
+/// How long an `exit_on_non_zero` exit waits for the session's queued
+/// responses (its `Done` first of all) to be taken by the stream.
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Waits until every response queued on `out` was taken by the stream, at
+/// most `bound`.
+async fn flush(out: &Outbound, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while out.capacity() < out.max_capacity() {
+        if Instant::now() > deadline {
+            tracing::warn!(event = "session_sender_drain_timeout");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 /// Test seams, read once at boot from the environment. They only ever
 /// cause a panic inside one session or one command worker — exactly what
@@ -87,9 +105,15 @@ pub struct Shared {
     pub user_command: Arc<UserCommand>,
     /// Cancelled when clawkerd shuts down: every session tears down.
     pub shutdown: CancellationToken,
+    /// The one-time init marker (`HelloAck.initialized`, `AgentInitialized`).
+    pub marker: InitMarker,
+    /// A failed `exit_on_non_zero` command asks the main loop to exit here.
+    pub exit: ExitRequest,
     #[cfg(feature = "test-hooks")]
     pub hooks: TestHooks,
     generation: AtomicU64,
+    /// Leaf renewal; set once at boot (absent: `RenewCert` is refused).
+    renewer: std::sync::OnceLock<Arc<Renewer>>,
 }
 
 impl Shared {
@@ -98,6 +122,8 @@ impl Shared {
         register: Arc<Coordinator>,
         user_command: Arc<UserCommand>,
         shutdown: CancellationToken,
+        marker: InitMarker,
+        exit: ExitRequest,
     ) -> Self {
         Self {
             reaper,
@@ -106,10 +132,18 @@ impl Shared {
             register,
             user_command,
             shutdown,
+            marker,
+            exit,
             #[cfg(feature = "test-hooks")]
             hooks: TestHooks::from_env(),
             generation: AtomicU64::new(1),
+            renewer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the leaf renewer (once, at boot).
+    pub fn set_renewer(&self, renewer: Arc<Renewer>) {
+        let _ = self.renewer.set(renewer);
     }
 }
 
@@ -162,6 +196,7 @@ impl ClawkerdService for ClawkerdSvc {
             out: tx.clone(),
             commands: Arc::new(Mutex::new(HashMap::new())),
             grants: Mutex::new(HashMap::new()),
+            _renewal: self.shared.renewer.get().map(|r| r.attach(&tx)),
         };
         let inbound = request.into_inner();
         let driver = tokio::spawn(session.run(inbound));
@@ -202,6 +237,8 @@ struct Session {
     commands: Commands,
     /// Output credit granted to ids that have not started yet.
     grants: Mutex<HashMap<String, u64>>,
+    /// This session is where unsolicited renewal CSRs may go while it lives.
+    _renewal: Option<Attached>,
 }
 
 impl Drop for Session {
@@ -279,9 +316,21 @@ impl Session {
             if self.shared.hooks.panic_session_on.as_deref() == Some(id.as_str()) {
                 panic!("test-induced panic in session for {id}");
             }
+            // Read afresh on every Hello (never cached): the CP decides from
+            // these which plans run (init once, boot every start, nothing
+            // on a mere reconnect).
+            let ack = pb::HelloAck {
+                initialized: self.shared.marker.exists().await,
+                cmd_running: self.shared.user_command.spawned(),
+            };
+            tracing::info!(
+                event = "hello_ack",
+                initialized = ack.initialized,
+                cmd_running = ack.cmd_running
+            );
             self.send(Response {
                 command_id: id,
-                payload: Some(Resp::HelloAck(pb::HelloAck::default())),
+                payload: Some(Resp::HelloAck(ack)),
             })
             .await;
             return;
@@ -449,12 +498,58 @@ impl Session {
             Cmd::CopyFrom(c) => self.copy_from(id, c).await,
             Cmd::CopyTo(c) => self.copy_to(id, c).await,
             Cmd::FlowGrant(g) => self.flow_grant(id, g.output_bytes).await,
-            Cmd::AgentInitialized(_) | Cmd::RenewCert(_) | Cmd::CertIssued(_) => {
-                self.send(error_response(
-                    &id,
-                    ErrorCode::InvalidRequest,
-                    "unsupported command",
-                ))
+            Cmd::RenewCert(r) => match self.shared.renewer.get() {
+                // Own task: a rotation waits for the CP's CertIssued, which
+                // this receive loop must stay free to deliver.
+                Some(renewer) => {
+                    let (renewer, out) = (renewer.clone(), self.out.clone());
+                    let seen = renewer.leaf().generation();
+                    tokio::spawn(async move { renewer.requested(id, &r.reason, out, seen).await });
+                }
+                None => {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::InvalidRequest,
+                        "unsupported command",
+                    ))
+                    .await;
+                }
+            },
+            Cmd::CertIssued(issued) => {
+                let delivered = self
+                    .shared
+                    .renewer
+                    .get()
+                    .is_some_and(|r| r.deliver(&id, issued));
+                if !delivered {
+                    self.send(error_response(
+                        &id,
+                        ErrorCode::UnknownCommandId,
+                        "cert_issued: no renewal waiting on that id",
+                    ))
+                    .await;
+                }
+            }
+            Cmd::AgentInitialized(_) => {
+                // A failed write is tolerated (reference §1.2): init simply
+                // runs again on the next start, which is idempotent.
+                match self.shared.marker.write().await {
+                    Ok(()) => tracing::info!(
+                        event = "agent_initialized",
+                        command_id = %id,
+                        path = %self.shared.marker.path().display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        event = "agent_initialized_marker_write_failed",
+                        command_id = %id,
+                        path = %self.shared.marker.path().display(),
+                        error = %e
+                    ),
+                }
+                self.send(Response {
+                    command_id: id,
+                    payload: Some(Resp::Done(pb::Done { final_exit_code: 0 })),
+                })
                 .await;
             }
         }
@@ -584,6 +679,7 @@ impl Session {
     }
 
     async fn shell(&self, id: String, shell: pb::ShellCommand) {
+        let exit_on_non_zero = shell.exit_on_non_zero;
         let credit = self.take_grant(&id);
         if let Err(r) = pipeline::validate(&shell) {
             return self.reject(&id, r).await;
@@ -606,8 +702,26 @@ impl Session {
         };
         self.begin(&id, Box::new(control), credit.is_some()).await;
         let finish = self.remover(&id, generation);
+        let (shared, command_id) = (self.shared.clone(), id.clone());
         self.supervise(id, generation, "shell_command_worker", |out, sent| {
-            tokio::spawn(running.run(out, sent, finish))
+            tokio::spawn(async move {
+                let code = running.run(out.clone(), sent, finish).await;
+                // A failed init or boot step ends the container with its
+                // code (reference head-lifecycle §3.2).
+                if let Some(code) = code.filter(|c| exit_on_non_zero && *c != 0) {
+                    let mirrored = mirror_exit_code(code);
+                    tracing::info!(
+                        event = "command_exit_on_non_zero",
+                        command_id = %command_id,
+                        final_exit_code = code,
+                        mirrored_exit_code = mirrored
+                    );
+                    // The Done is queued; let the stream take everything
+                    // queued before the main loop starts tearing down.
+                    flush(&out, EXIT_FLUSH).await;
+                    shared.exit.request(mirrored);
+                }
+            })
         });
     }
 

@@ -94,6 +94,16 @@ impl UserCommand {
         self.state.subscribe()
     }
 
+    /// Whether this process has started the user command (`HelloAck`'s
+    /// `cmd_running`): true from the spawn on, also after the command
+    /// exited (clawkerd exits right after it anyway).
+    pub fn spawned(&self) -> bool {
+        matches!(
+            *self.state.borrow(),
+            MainState::Running { .. } | MainState::Exited { .. }
+        )
+    }
+
     /// `AgentReady`: spawn once (see module doc).
     pub async fn run(&self) -> Result<ReadyOutcome, SpawnError> {
         let mut attempt = self.attempt.lock().await;

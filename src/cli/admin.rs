@@ -208,6 +208,49 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
         .unwrap_or("")
 }
 
+/// The INIT column: the latest start sequence with its plans, or what the
+/// latest session decided when nothing ran, and a termination if any.
+fn init_cell(a: &Value) -> String {
+    let start_plans = a["start"]["plans"].as_array();
+    let skipped = str_at(a, &["start", "skipped"]);
+    let mut cell = if start_plans.is_some_and(|p| p.is_empty()) {
+        match skipped {
+            "cmd_running" => "reattached (command running)".to_owned(),
+            "" => "-".to_owned(),
+            other => format!("skipped:{other}"),
+        }
+    } else {
+        let status = or_dash(str_at(a, &["init", "status"])).to_owned();
+        let plans: Vec<&str> = a["init"]["plans"]
+            .as_array()
+            .map(|p| p.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if status == "running" {
+            format!(
+                "running {}/{} {} ({})",
+                a["init"]["step_index"].as_u64().unwrap_or(0) + 1,
+                a["init"]["step_count"].as_u64().unwrap_or(0),
+                str_at(a, &["init", "step"]),
+                or_dash(str_at(a, &["init", "plan"]))
+            )
+        } else if plans.is_empty() {
+            status
+        } else {
+            format!("{status} ({})", plans.join("+"))
+        }
+    };
+    if a["terminated"].is_object() {
+        cell.push_str(&format!(
+            "; ended by {} after {} {} (exit {})",
+            str_at(a, &["terminated", "by"]),
+            str_at(a, &["terminated", "plan"]),
+            str_at(a, &["terminated", "step"]),
+            a["terminated"]["exit_code"].as_i64().unwrap_or(-1)
+        ));
+    }
+    cell
+}
+
 fn worldview_table(view: &Value) -> String {
     let empty = serde_json::Map::new();
     let agents = view
@@ -225,17 +268,7 @@ fn worldview_table(view: &Value) -> String {
             } else {
                 format!("untrusted:{}", or_dash(str_at(a, &["trust", "reason"])))
             };
-            let init_status = or_dash(str_at(a, &["init", "status"])).to_owned();
-            let init = if init_status == "running" {
-                format!(
-                    "running {}/{} {}",
-                    a["init"]["step_index"].as_u64().unwrap_or(0) + 1,
-                    a["init"]["step_count"].as_u64().unwrap_or(0),
-                    str_at(a, &["init", "step"])
-                )
-            } else {
-                init_status
-            };
+            let init = init_cell(a);
             vec![
                 or_dash(str_at(a, &["project"])).to_owned(),
                 or_dash(str_at(a, &["agent"])).to_owned(),
@@ -248,6 +281,8 @@ fn worldview_table(view: &Value) -> String {
                 },
                 trust,
                 init.trim_end().to_owned(),
+                or_dash(str_at(a, &["leaf_not_after"])).to_owned(),
+                a["rotations"].as_u64().unwrap_or(0).to_string(),
             ]
         })
         .collect();
@@ -260,6 +295,8 @@ fn worldview_table(view: &Value) -> String {
             "REGISTERED",
             "TRUST",
             "INIT",
+            "LEAF EXPIRES",
+            "ROTATIONS",
         ],
         &rows,
     );
@@ -379,7 +416,8 @@ mod tests {
                 "c1": {"container_id": "c1", "agent": "dev", "project": "web",
                        "session_status": "connected", "registered": true,
                        "trust": {"trusted": true},
-                       "init": {"status": "running", "step": "git", "step_index": 2, "step_count": 7}},
+                       "init": {"status": "running", "plan": "init", "plans": ["init", "boot"], "step": "git", "step_index": 2, "step_count": 9},
+                       "leaf_not_after": "2030-01-01T00:00:10Z", "rotations": 12},
                 "c2": {"container_id": "c2", "agent": "x", "project": "",
                        "session_status": "failed", "registered": false,
                        "trust": {"trusted": false, "reason": "cert_invalid"},
@@ -391,7 +429,9 @@ mod tests {
             }
         });
         let t = worldview_table(&view);
-        assert!(t.contains("running 3/7 git"), "{t}");
+        assert!(t.contains("running 3/9 git (init)"), "{t}");
+        assert!(t.contains("LEAF EXPIRES"), "{t}");
+        assert!(t.contains("2030-01-01T00:00:10Z  12"), "{t}");
         assert!(t.contains("untrusted:cert_invalid"), "{t}");
         assert!(
             t.contains("pending"),
@@ -400,5 +440,28 @@ mod tests {
         assert!(t.ends_with("3 agent(s), 0 container(s) known\n"), "{t}");
         assert_eq!(session_counts(&view), "connected=1 connecting=1 failed=1");
         assert_eq!(session_counts(&json!({})), "none");
+    }
+
+    #[test]
+    fn init_cell_shows_plans_reattach_and_termination() {
+        let done = json!({"start": {"plans": ["boot"], "skipped": ""},
+                          "init": {"status": "completed", "plans": ["boot"]}});
+        assert_eq!(init_cell(&done), "completed (boot)");
+        let reattached = json!({"start": {"plans": [], "skipped": "cmd_running"},
+                                "init": {"status": "unknown"}});
+        assert_eq!(init_cell(&reattached), "reattached (command running)");
+        let withheld = json!({"start": {"plans": [], "skipped": "untrusted"}});
+        assert_eq!(init_cell(&withheld), "skipped:untrusted");
+        let ended = json!({"start": {"plans": ["boot"], "skipped": ""},
+                           "init": {"status": "failed", "plans": ["boot"]},
+                           "terminated": {"by": "self_exit", "plan": "boot", "step": "pre-run", "exit_code": 3}});
+        assert_eq!(
+            init_cell(&ended),
+            "failed (boot); ended by self_exit after boot pre-run (exit 3)"
+        );
+        assert_eq!(
+            init_cell(&json!({"init": {"status": "unknown"}})),
+            "unknown"
+        );
     }
 }

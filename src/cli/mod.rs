@@ -99,6 +99,11 @@ pub enum CaCommand {
     /// Create the CA, CP and CLI certificates and the CLI signing key.
     /// Idempotent: existing material is kept.
     Init,
+    /// Re-issue the CP's server and client certificates and the CLI's
+    /// client certificate under the same CA (fresh keys, one more year).
+    /// Agents keep working: clawkerd pins the CA and the CP's name, not a
+    /// certificate. Restart the CP afterwards to serve the new ones.
+    Renew,
     /// Mint an agent leaf and write a bootstrap bundle (cert.pem, key.pem,
     /// ca.pem, and the single-use token-endpoint assertion assertion.jwt).
     MintAgent {
@@ -119,6 +124,16 @@ pub enum CaCommand {
     },
 }
 
+/// A command that failed with a process exit code of its own (e.g. `agent
+/// run` exits with the code of the init or boot step that failed). The
+/// binary prints the message and exits with `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitWith {
+    pub code: u8,
+    pub message: String,
+}
+
 impl Cli {
     fn state_dir(&self) -> PathBuf {
         self.state_dir
@@ -135,6 +150,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ca(ca) => return run_ca(&state_dir, ca).map(|()| 0),
         Command::Cp(cp::CpCommand::Serve(args)) => {
             return cp::serve(&state_dir, &cli.admin_addr, args).map(|()| 0);
+        }
+        Command::Cp(cp::CpCommand::Deploy(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            return rt.block_on(cp::deploy(&state_dir, args)).map(|()| 0);
         }
         Command::Agent(
             a @ (cp::AgentCommand::Exec(_)
@@ -218,6 +240,25 @@ fn run_ca(state_dir: &std::path::Path, cmd: CaCommand) -> anyhow::Result<()> {
                 }
                 println!("auth material in {}", material.paths.root.display());
             }
+        }
+        CaCommand::Renew => {
+            let renewed = pki::AuthMaterial::renew(state_dir).with_context(|| {
+                format!(
+                    "renewing certificates in {} (run `clawker ca init` first)",
+                    state_dir.display()
+                )
+            })?;
+            for r in &renewed {
+                println!(
+                    "renewed {} ({}), valid until {}",
+                    r.name,
+                    r.path.display(),
+                    r.not_after
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                );
+            }
+            println!("restart the CP (`clawker cp serve`) to use the new certificates");
         }
         CaCommand::MintAgent {
             project,

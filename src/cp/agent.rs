@@ -1,7 +1,8 @@
-//! `clawker agent run|stop|rm`: create an agent container on clawker-net,
-//! confined ([`AgentDefaults`]: `[agent]` in cp.toml, then flags), mint its
-//! identity, copy the bootstrap bundle in between create and start (so
-//! clawkerd finds it at PID 1 start), start it.
+//! `clawker agent run|stop|rm`: resolve the agent's confinement
+//! ([`AgentDefaults`]: `[agent]` in cp.toml, then flags), mint its identity
+//! for its runtime id, hand the bundle to the runtime (engine: copied into
+//! the container between create and start; swarm: mounted as secrets
+//! before the service scales to one), so clawkerd finds it at PID 1 start.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::defaults::{self, agent_paths, agent_user};
-use crate::docker::Docker;
-use crate::docker::provision::{self, AgentContainerSpec, Confinement, ProvisionError};
 use crate::identity::{self, AgentName, ProjectSlug};
-use crate::pki::{self, AuthMaterial, CertifiedKey};
+use crate::pki::{self, AuthMaterial};
+use crate::runtime::provision::{
+    AgentSpec, BootstrapBundle, BundleFile, Confinement, Provision, ProvisionError,
+};
 
 /// `[agent]` in cp.toml: how `clawker agent run` confines new agent
 /// containers. Every key is optional; the defaults are the hardened ones.
@@ -245,49 +247,38 @@ pub struct RunSpec {
     /// Mint the leaf for this container id instead of the real one (a test
     /// of the untrusted path: the cert then names another container).
     pub mint_for_container: Option<String>,
+    /// Lifetime of the agent's leaf (cp.toml `agent_cert_ttl`); clawkerd
+    /// renews it over its session at half its lifetime.
+    pub cert_ttl: std::time::Duration,
+    /// Swarm placement constraints (engine mode refuses any).
+    pub placement: Vec<String>,
 }
 
-/// The container name: the canonical CN (unique per project/agent).
+/// The container (or service) name: the canonical CN (unique per
+/// project/agent).
 pub fn container_name(project: &ProjectSlug, agent: &AgentName) -> String {
     identity::canonical_cn(project, agent)
 }
 
-/// A tar for [`agent_paths::STATE_DIR`]: `bootstrap/` (0700) with its
-/// files (0400) and an empty `log/` (0700), owned by root, as Docker's
-/// archive upload wants it.
-pub fn bootstrap_tar(
-    leaf: &CertifiedKey,
+/// The bundle clawkerd reads at [`agent_paths::BOOTSTRAP_DIR`].
+pub fn bootstrap_bundle(
+    leaf: &pki::CertifiedKey,
     ca_pem: &str,
     assertion: &str,
-) -> std::io::Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    let dir = |path: &str, mode: u32, b: &mut tar::Builder<Vec<u8>>| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, std::io::empty())
+) -> BootstrapBundle {
+    let file = |name: &str, data: &str| BundleFile {
+        name: name.to_owned(),
+        data: data.as_bytes().to_vec(),
     };
-    dir("bootstrap/", 0o700, &mut b)?;
-    dir("log/", 0o700, &mut b)?;
-    for (name, data) in [
-        (pki::bootstrap::CERT, leaf.cert_pem.as_bytes()),
-        (pki::bootstrap::KEY, leaf.key_pem.as_bytes()),
-        (pki::bootstrap::CA, ca_pem.as_bytes()),
-        (pki::bootstrap::ASSERTION, assertion.as_bytes()),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o400);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(data.len() as u64);
-        h.set_mtime(0);
-        b.append_data(&mut h, format!("bootstrap/{name}"), data)?;
+    BootstrapBundle {
+        dir: agent_paths::BOOTSTRAP_DIR.to_owned(),
+        files: vec![
+            file(pki::bootstrap::CERT, &leaf.cert_pem),
+            file(pki::bootstrap::KEY, &leaf.key_pem),
+            file(pki::bootstrap::CA, ca_pem),
+            file(pki::bootstrap::ASSERTION, assertion),
+        ],
     }
-    b.into_inner()
 }
 
 /// The workspace as a bind source: an existing directory, absolute,
@@ -330,9 +321,11 @@ fn confinement(h: &Hardening, workspace: Option<String>) -> Confinement {
         nano_cpus: h.nano_cpus,
         read_only_rootfs: h.read_only,
         tmpfs: vec![
+            // `exec` spelled out: Docker mounts a tmpfs noexec unless told
+            // otherwise, and agents build and run things in /tmp.
             (
                 "/tmp".into(),
-                format!("rw,nosuid,nodev,size={},mode=1777", h.tmp_size_bytes),
+                format!("rw,exec,nosuid,nodev,size={},mode=1777", h.tmp_size_bytes),
             ),
             (
                 "/run".into(),
@@ -346,14 +339,14 @@ fn confinement(h: &Hardening, workspace: Option<String>) -> Confinement {
     }
 }
 
-/// Creates, provisions and starts the container; returns its id.
+/// Creates, provisions and starts the agent; returns its runtime id.
 pub async fn run(
-    docker: &Docker,
+    runtime: &dyn Provision,
     material: &AuthMaterial,
     spec: &RunSpec,
 ) -> Result<String, ProvisionError> {
-    let gateway = provision::gateway(docker, &spec.network).await?;
-    let cp_addr = format!("{gateway}:{}", spec.agent_port);
+    let cp_ip = runtime.cp_address(&spec.network).await?;
+    let cp_addr = std::net::SocketAddr::new(cp_ip, spec.agent_port);
     let workspace = spec
         .hardening
         .workspace
@@ -371,7 +364,7 @@ pub async fn run(
         format!("CLAWKER_READY_FILE={}", agent_paths::READY_FILE),
     ];
     env.extend(spec.env.iter().cloned());
-    let container = AgentContainerSpec {
+    let container = AgentSpec {
         name: container_name(&spec.project, &spec.agent),
         agent: spec.agent.to_string(),
         project: spec.project.to_string(),
@@ -381,58 +374,65 @@ pub async fn run(
         env,
         extra_labels: spec.extra_labels.clone(),
         extra_networks: spec.extra_networks.clone(),
-        bundle_dir: agent_paths::STATE_DIR.into(),
+        placement: spec.placement.clone(),
         confinement: confinement(&spec.hardening, workspace),
     };
-    let bundle = |id: &str| -> Result<Vec<u8>, String> {
+    let bundle = |id: &str| -> Result<BootstrapBundle, String> {
         let bound = spec.mint_for_container.as_deref().unwrap_or(id);
+        let ttl = time::Duration::try_from(spec.cert_ttl).map_err(|e| e.to_string())?;
         let leaf = material
             .ca
-            .mint_agent(&spec.project, &spec.agent, bound)
+            .mint_agent_with_ttl(&spec.project, &spec.agent, bound, ttl)
             .map_err(|e| e.to_string())?;
         let assertion = crate::agent_api::assertion::mint_agent_assertion(
             &material.signing_key,
             &crate::defaults::token_audience(spec.agent_port),
         )
         .map_err(|e| e.to_string())?;
-        bootstrap_tar(&leaf, material.ca.cert_pem(), &assertion).map_err(|e| e.to_string())
+        Ok(bootstrap_bundle(&leaf, material.ca.cert_pem(), &assertion))
     };
-    provision::run(docker, &container, bundle)
-        .await
-        .map_err(|e| match e {
-            ProvisionError::NameTaken { name, .. } => ProvisionError::NameTaken {
-                name,
-                hint: format!(
-                    " (remove it with `clawker agent rm {}{}`)",
-                    spec.agent,
-                    if spec.project.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" --project {}", spec.project)
-                    }
-                ),
-            },
-            other => other,
-        })
+    runtime.run(&container, &bundle).await.map_err(|e| match e {
+        ProvisionError::NameTaken { name, .. } => ProvisionError::NameTaken {
+            name,
+            hint: format!(
+                " (remove it with `clawker agent rm {}{}`)",
+                spec.agent,
+                if spec.project.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --project {}", spec.project)
+                }
+            ),
+        },
+        other => other,
+    })
 }
 
-/// Resolves NAME (+project) to the container id.
+/// Resolves NAME (+project) to the runtime id.
 pub async fn find(
-    docker: &Docker,
+    runtime: &dyn Provision,
     project: &ProjectSlug,
     agent: &AgentName,
 ) -> Result<String, ProvisionError> {
-    provision::find(docker, &container_name(project, agent)).await
+    runtime.find(&container_name(project, agent)).await
 }
 
-pub use provision::{remove, stop};
+/// Stops the agent (its identity row is kept).
+pub async fn stop(runtime: &dyn Provision, id: &str) -> Result<(), ProvisionError> {
+    runtime.stop(id).await
+}
+
+/// Removes the agent (the CP evicts its identity row).
+pub async fn remove(runtime: &dyn Provision, id: &str) -> Result<(), ProvisionError> {
+    runtime.remove(id).await
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn bootstrap_tar_has_private_dirs_and_read_only_files() {
+    fn bundle_holds_the_four_bootstrap_files_where_clawkerd_is_pointed() {
         let ca = crate::pki::Ca::generate().unwrap();
         let leaf = ca
             .mint_agent(
@@ -441,29 +441,12 @@ mod tests {
                 "ab",
             )
             .unwrap();
-        let bytes = bootstrap_tar(&leaf, ca.cert_pem(), "jwt").unwrap();
-        let mut ar = tar::Archive::new(bytes.as_slice());
-        let entries: Vec<(String, u32, u64)> = ar
-            .entries()
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let h = e.header();
-                (
-                    e.path().unwrap().display().to_string(),
-                    h.mode().unwrap(),
-                    h.uid().unwrap(),
-                )
-            })
-            .collect();
-        assert!(entries.contains(&("bootstrap/".into(), 0o700, 0)));
-        assert!(entries.contains(&("log/".into(), 0o700, 0)));
-        for f in ["cert.pem", "key.pem", "ca.pem", "assertion.jwt"] {
-            assert!(
-                entries.contains(&(format!("bootstrap/{f}"), 0o400, 0)),
-                "{f}: {entries:?}"
-            );
-        }
+        let b = bootstrap_bundle(&leaf, ca.cert_pem(), "jwt");
+        assert_eq!(b.dir, agent_paths::BOOTSTRAP_DIR);
+        let names: Vec<&str> = b.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["cert.pem", "key.pem", "ca.pem", "assertion.jwt"]);
+        assert_eq!(b.files[3].data, b"jwt");
+        assert_eq!(b.files[0].data, leaf.cert_pem.as_bytes());
         assert_eq!(
             format!("{}/{}", agent_paths::STATE_DIR, "bootstrap"),
             agent_paths::BOOTSTRAP_DIR,
@@ -486,7 +469,7 @@ mod tests {
             .unwrap();
         assert_eq!(resolved, h, "the config defaults are the hardened defaults");
         assert!(env.is_empty());
-        assert_eq!(h.caps, vec!["SETUID", "SETGID", "KILL"]);
+        assert_eq!(h.caps, defaults::AGENT_CAPS);
         assert!(h.no_new_privileges && h.read_only);
         assert_eq!(h.pids_limit, Some(1024));
         assert_eq!(h.memory_bytes, Some(4 << 30));
@@ -496,7 +479,7 @@ mod tests {
         assert!(
             c.tmpfs
                 .iter()
-                .any(|(p, o)| p == "/tmp" && o.contains("size=536870912"))
+                .any(|(p, o)| p == "/tmp" && o.contains("size=536870912") && o.contains(",exec,"))
         );
         assert!(c.binds.is_empty());
     }

@@ -20,9 +20,9 @@ use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec};
 
 use crate::defaults::labels;
-use crate::docker::Engine;
 use crate::events::{Bus, DockerAction, DockerEvent, DockerEventOccurred, DockerObject};
 use crate::registry::Registry;
+use crate::runtime::AgentPortGuard;
 use crate::session::Sessions;
 
 /// Installs the agent-port guard (clawkerd's port open to the CP's
@@ -32,15 +32,15 @@ use crate::session::Sessions;
 /// handshake still refuses every peer but the CP).
 #[derive(Clone)]
 pub struct PortGuard {
-    pub engine: Arc<Engine>,
+    pub guard: Arc<dyn AgentPortGuard>,
     pub port: u16,
 }
 
 impl PortGuard {
     pub fn spawn(&self, container_id: &str) {
-        let (engine, port, id) = (self.engine.clone(), self.port, container_id.to_owned());
+        let (guard, port, id) = (self.guard.clone(), self.port, container_id.to_owned());
         tokio::spawn(async move {
-            match engine.guard_agent_port(&id, port).await {
+            match guard.guard_agent_port(&id, port).await {
                 Ok(c) => {
                     tracing::debug!(event = "agent_port_guarded", container_id = %id, changed = c.changed, detail = %c.detail)
                 }
@@ -55,7 +55,8 @@ impl PortGuard {
 pub struct DockerDispatch {
     sessions: Sessions,
     registry: Registry,
-    port_guard: PortGuard,
+    /// `None` where the runtime has no port guard (Swarm mode).
+    port_guard: Option<PortGuard>,
 }
 
 impl DockerDispatch {
@@ -63,7 +64,7 @@ impl DockerDispatch {
         bus: Bus,
         sessions: Sessions,
         registry: Registry,
-        port_guard: PortGuard,
+        port_guard: Option<PortGuard>,
     ) -> ChildSpec {
         ChildSpec::worker("docker-dispatch", move |link: ChildLink| {
             let sub = bus
@@ -136,7 +137,9 @@ impl StreamHandler<Arc<DockerEventOccurred>> for DockerDispatch {
             match decide(&ev.event) {
                 Action::Nothing => {}
                 Action::Dial(id) => {
-                    port_guard.spawn(&id);
+                    if let Some(guard) = &port_guard {
+                        guard.spawn(&id);
+                    }
                     sessions.dial(&id).await;
                 }
                 Action::Stop(id) => {

@@ -1,6 +1,7 @@
-//! The Docker events feeder as a supervised actor: it owns the feeder task
-//! (see `docker::events::run`) and fails — so the supervisor restarts it —
-//! if that task ever ends while the actor is alive.
+//! The events feeder as a supervised actor: it owns the task of the
+//! runtime's [`EventFeed`] (engine: the Docker events stream; swarm: the
+//! manager's task list) and fails — so the supervisor restarts it — if that
+//! task ever ends while the actor is alive.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,8 +11,8 @@ use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec, ExitHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::watch::{self, FeederConfig};
 use crate::events::{Bus, DockerEventOccurred};
+use crate::runtime::feed::{EventFeed, FeedSink};
 
 pub struct FeederActor {
     stop: CancellationToken,
@@ -20,28 +21,22 @@ pub struct FeederActor {
 }
 
 impl FeederActor {
-    pub fn spec(docker: crate::docker::Docker, bus: Bus) -> ChildSpec {
-        Self::spec_with(docker, bus, Arc::default())
+    pub fn spec(feed: Arc<dyn EventFeed>, bus: Bus) -> ChildSpec {
+        Self::spec_with(feed, bus, Arc::default())
     }
 
-    pub fn spec_with(
-        docker: crate::docker::Docker,
-        bus: Bus,
-        connected: Arc<AtomicBool>,
-    ) -> ChildSpec {
+    pub fn spec_with(feed: Arc<dyn EventFeed>, bus: Bus, connected: Arc<AtomicBool>) -> ChildSpec {
         ChildSpec::worker("docker-events", move |link: ChildLink| {
-            let (docker, bus, connected) = (docker.clone(), bus.clone(), connected.clone());
+            let (feed, bus, connected) = (feed.clone(), bus.clone(), connected.clone());
             Ok(FeederActor::create(move |ctx| {
                 let exit: ExitHandle = link.attach(ctx);
                 let stop = CancellationToken::new();
                 let flag = connected.clone();
-                let task = tokio::spawn(watch::run(
-                    docker,
-                    FeederConfig::default(),
+                let sink = FeedSink::new(
                     move |ev| bus.publish(DockerEventOccurred::new(ev)),
                     move |up| flag.store(up, Ordering::Relaxed),
-                    stop.clone(),
-                ));
+                );
+                let task = tokio::spawn(feed.run(sink, stop.clone()));
                 let stopping = stop.clone();
                 ctx.spawn(wrap_future::<_, Self>(task).map(
                     move |res, _act, ctx: &mut Context<Self>| {

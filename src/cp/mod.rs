@@ -3,8 +3,10 @@
 //! Wiring, in start order (this function is the one place where the parts
 //! meet; each part only knows its own narrow inputs):
 //!
-//! 1. auth material, Docker engine, `clawker-net` and `clawker-quarantine`
-//!    (created if missing; the quarantine bridge guarded on the host);
+//! 1. auth material, the runtime (`runtime.rs`: one engine with
+//!    `clawker-net` and `clawker-quarantine`, created if missing, the
+//!    quarantine bridge guarded on the host; or a swarm manager with the
+//!    agent and quarantine overlays);
 //! 2. infrastructure that every actor holds a handle to and that never
 //!    crashes on bad input (errors are values): the event bus and the
 //!    registry actor. They are started before the tree and live for the
@@ -13,15 +15,19 @@
 //!    (session actors, one per container), `dialer`, `docker-events` (the
 //!    feeder) and `docker-dispatch` (events → dial/stop/evict);
 //! 4. the agent API (AgentService + token endpoint on the clawker-net
-//!    gateway) and the admin API (loopback);
+//!    gateway, or the CP task's overlay address) and the admin API
+//!    (loopback; in Swarm mode the container's published port);
 //! 5. the startup orphan reap and the boot dial of running agents;
 //! 6. SIGTERM/SIGINT: stop the tree first (session tasks are aborted, so no
 //!    spurious SessionBroken), then the servers, the bus and the registry.
 
 pub mod agent;
+pub mod certs;
 pub mod config;
+pub mod deploy;
 pub mod dispatch;
 pub mod feeder;
+pub mod runtime;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,15 +39,16 @@ use tokio_util::sync::CancellationToken;
 
 use clawker_actors::Backoff;
 
-use crate::docker::engine::AgentNetworks;
-use crate::docker::{self, Docker, Engine, lister};
+use crate::docker::Docker;
 use crate::events::{self, Bus};
 use crate::pki::AuthPaths;
 use crate::registry::{Registry, RegistryStore};
+use crate::runtime::{Inventory, ListScope};
 use crate::session::Sessions;
 use crate::session::actor::sessions_spec;
 use crate::session::dial::DialConfig;
 use crate::session::lifecycle::{RuntimeResolver, SessionDeps, SessionPolicy};
+use crate::session::rotation::{CertRotation, RotationConfig};
 
 pub use config::CpConfig;
 
@@ -55,12 +62,18 @@ pub struct RunningCp {
     pub root: SupervisorHandle,
     pub sessions: Sessions,
     pub agent_api_addr: SocketAddr,
+    /// Where agents reach the CP (the agent API's address).
     pub gateway: std::net::IpAddr,
     pub clawkerd_port: u16,
     pub shutdown: CancellationToken,
     pub docker: Docker,
-    /// The runtime seam the CP acts through (containment, port guard).
-    pub engine: Arc<Engine>,
+    /// The runtime's container facts (engine: container inspect; swarm:
+    /// the service and its current task).
+    pub inspect: Arc<dyn crate::runtime::Inspect>,
+    /// The runtime's agent listing (startup reap, boot dial).
+    pub inventory: Arc<dyn Inventory>,
+    /// The agent-port guard run on every start (engine mode only).
+    pub port_guard: Option<dispatch::PortGuard>,
     /// The containment core (ladders and operator lifts).
     pub containment: Arc<crate::policy::containment::Containment>,
 }
@@ -83,6 +96,17 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         &read(paths.cp_client_key())?,
     )
     .context("CP client identity")?;
+    // The CA key signs agents' renewal CSRs (leaf rotation). It is read
+    // into this process's memory only and never leaves it: no API returns
+    // it and no container receives it (DESIGN §13, ARCHITECTURE "pki").
+    let ca = crate::pki::AuthMaterial::load(&cfg.state_dir)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (run `clawker ca init` first)",
+                cfg.state_dir.display()
+            )
+        })?
+        .ca;
 
     // Health endpoints first: while the CP waits for its engine, /healthz
     // answers and /readyz says 503 (docker not ready).
@@ -102,40 +126,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .await
     .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
 
-    let docker = wait_for_engine().await;
-    let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
-        .await
-        .with_context(|| format!("ensuring network {}", cfg.network))?;
-    tracing::info!(network = %net.name, subnet = %net.subnet, gateway = %net.gateway, "clawker-net ready");
-    let quarantine = docker::network::ensure_quarantine(
-        &docker,
-        &cfg.quarantine_network,
-        &cfg.quarantine_subnet,
-    )
-    .await
-    .with_context(|| format!("ensuring network {}", cfg.quarantine_network))?;
-    // The bridge is a dead end before any agent is moved onto it. Without
-    // root or nft this fails; the CP still serves, and `isolate` reports
-    // the same error per agent (it re-guards before every move).
-    match crate::netns::guard_bridge(&quarantine.bridge, Duration::from_secs(10)).await {
-        Ok(()) => tracing::info!(
-            network = %quarantine.name,
-            subnet = %quarantine.subnet,
-            bridge = %quarantine.bridge,
-            "quarantine network ready and guarded"
-        ),
-        Err(e) => tracing::error!(
-            network = %quarantine.name,
-            bridge = %quarantine.bridge,
-            error = %e,
-            "cannot guard the quarantine bridge on the host; isolate will fail until this is fixed"
-        ),
-    }
-    let engine = Arc::new(Engine::new(
-        docker.clone(),
-        AgentNetworks::new(&cfg.network)
-            .with_quarantine(&cfg.quarantine_network, &cfg.quarantine_subnet),
-    ));
+    let backend = runtime::connect(cfg).await?;
+    let docker = backend.docker.clone();
 
     let bus = events::start_bus();
     let registry = Registry::start(
@@ -145,33 +137,49 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     readiness.set_bus(true);
     readiness.set_registry(true);
 
-    // Agent API on the gateway: containers reach the CP there, and their
-    // source address is their clawker-net IP (Register's peer-IP check).
-    let agent_listen = SocketAddr::new(net.gateway, cfg.agent_port);
+    // Agent API on the agent network: containers reach the CP there, and
+    // their source address is their own address on it (Register's peer-IP
+    // check).
+    let agent_listen = SocketAddr::new(backend.agent_ip, cfg.agent_port);
     let api_cfg =
         crate::agent_api::server::AgentApiConfig::from_state_dir(&cfg.state_dir, agent_listen)?;
     let stop = shutdown.clone();
     let api = crate::agent_api::server::serve_agent_api(
         api_cfg,
         registry.clone(),
-        engine.clone(),
+        backend.inspect.clone(),
         async move { stop.cancelled().await },
     )
     .await?;
 
-    let policy = SessionPolicy {
+    let mut policy = SessionPolicy {
         init_untrusted: cfg.init_untrusted,
         ..SessionPolicy::default()
     };
+    let rotation = CertRotation {
+        ca: Arc::new(ca),
+        rows: Arc::new(registry.clone()),
+        config: RotationConfig {
+            agent_cert_ttl: cfg.agent_cert_ttl,
+            stale_after: cfg.agent_cert_stale_after,
+            ..RotationConfig::default()
+        },
+    };
+    policy.init.hooks = cfg.hooks.clone();
+    policy.init.keep_on_failure = cfg.keep_on_init_failure;
     let deps = SessionDeps {
         resolver: Arc::new(RuntimeResolver {
-            containers: engine.clone(),
+            containers: backend.inspect.clone(),
             clawkerd_port: cfg.clawkerd_port,
         }),
         registry: Arc::new(registry.clone()),
+        terminate: Arc::new(crate::runtime::KillViaContainment(
+            backend.containment.clone(),
+        )),
         dial,
         sink: bus.clone(),
         policy,
+        certs: Some(Arc::new(rotation)),
     };
 
     // `sessions` is a child of the root, which may restart it: the
@@ -182,28 +190,29 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let feeder_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let containment = Arc::new(crate::policy::containment::Containment::new(
         cfg.containment.clone(),
-        engine.clone(),
+        backend.containment.clone(),
         Arc::new(sessions.clone()),
         cfg.clawkerd_port,
     ));
-    let port_guard = dispatch::PortGuard {
-        engine: engine.clone(),
+    let port_guard = backend.port_guard.clone().map(|guard| dispatch::PortGuard {
+        guard,
         port: cfg.clawkerd_port,
-    };
+    });
     let policy = policy_spec(cfg, &bus, &containment, &metrics);
     let spec = SupervisorSpec::new("clawker-cp")
         .strategy(clawker_actors::Strategy::OneForOne)
         .intensity(10, Duration::from_secs(60))
         .child(ChildSpec::supervisor(sessions_spec(bus.clone(), deps.registry.clone())))
-        .child(feeder::FeederActor::spec_with(docker.clone(), bus.clone(), feeder_up.clone()))
-        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone(), port_guard))
+        .child(feeder::FeederActor::spec_with(backend.feed.clone(), bus.clone(), feeder_up.clone()))
+        .child(dispatch::DockerDispatch::spec(bus.clone(), sessions.clone(), registry.clone(), port_guard.clone()))
         .child(ChildSpec::supervisor(policy))
         .on_exit(crate::policy::metrics::record_child_exit)
         .on_escalate(|e| tracing::error!(supervisor = %e.supervisor, reason = %e.reason, "root supervisor gave up"));
     let root = Supervisor::start(spec);
     let _ = root_slot.set(root.clone());
 
-    let admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    let mut admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
+    admin_cfg.allow_non_loopback = backend.admin_beyond_loopback;
     let admin = crate::admin_api::service::AdminApi::new(
         Arc::new(registry.reader().clone()),
         bus.clone(),
@@ -213,6 +222,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
+    // The CP's own certificates: warn 30 days before they expire.
+    tokio::spawn(certs::watch(paths.clone(), bus.clone(), shutdown.clone()));
     // Readiness follows the Docker events stream.
     {
         let (ready, up, stop) = (readiness.clone(), feeder_up, shutdown.clone());
@@ -233,48 +244,15 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         root,
         sessions,
         agent_api_addr: api.local_addr,
-        gateway: net.gateway,
+        gateway: backend.agent_ip,
         clawkerd_port: cfg.clawkerd_port,
         shutdown,
         docker,
-        engine,
+        inspect: backend.inspect,
+        inventory: backend.inventory,
+        port_guard,
         containment,
     })
-}
-
-/// Retry pace while the CP waits for its engine at startup.
-const ENGINE_WAIT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(1));
-
-/// Connects to the Docker engine, waiting as long as it takes: a CP started
-/// before its engine (socket absent, daemon down) logs a clear error and
-/// keeps trying at most [`ENGINE_WAIT`]'s cap apart, then carries on with
-/// its startup the moment the engine answers — no restart needed. (The
-/// caller races this against SIGTERM.)
-async fn wait_for_engine() -> Docker {
-    let mut retry = ENGINE_WAIT.retry();
-    let mut since: Option<std::time::Instant> = None;
-    let mut failures = 0u32;
-    loop {
-        match docker::connect().await {
-            Ok(d) => {
-                if let Some(t) = since {
-                    tracing::info!(
-                        waited_ms = t.elapsed().as_millis() as u64,
-                        "Docker engine reachable; control plane starting"
-                    );
-                }
-                return d;
-            }
-            Err(e) => {
-                since.get_or_insert_with(std::time::Instant::now);
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(60) {
-                    tracing::error!(error = %e, failures, "cannot reach the Docker engine; the control plane waits for it (retrying every second)");
-                }
-                tokio::time::sleep(retry.next_delay()).await;
-            }
-        }
-    }
 }
 
 /// The `policy` supervisor: containment, audit, metrics subscribers.
@@ -310,11 +288,11 @@ fn policy_spec(
 
 /// Startup reap (reference §10.2): evict rows whose container no longer
 /// exists (stopped containers keep theirs). Soft-fails into ReapDegraded.
-pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
+pub async fn reap_orphans(runtime: &dyn Inventory, registry: &Registry, bus: &Bus) {
     let mut backoff = STARTUP_RETRY.retry();
     let mut listed = None;
     for attempt in 1..=3 {
-        match lister::list_agents(docker, lister::Scope::All).await {
+        match runtime.list_agents(ListScope::All).await {
             Ok(l) => {
                 listed = Some(l);
                 break;
@@ -374,15 +352,13 @@ pub async fn reap_orphans(docker: &Docker, registry: &Registry, bus: &Bus) {
 pub async fn boot_dial(cp: &RunningCp) {
     let mut backoff = STARTUP_RETRY.retry();
     for attempt in 1..=3 {
-        match lister::list_agents(&cp.docker, lister::Scope::Running).await {
+        match cp.inventory.list_agents(ListScope::Running).await {
             Ok(list) => {
                 for c in list {
                     cp.sessions.dial(&c.id).await;
-                    dispatch::PortGuard {
-                        engine: cp.engine.clone(),
-                        port: cp.clawkerd_port,
+                    if let Some(guard) = &cp.port_guard {
+                        guard.spawn(&c.id);
                     }
-                    .spawn(&c.id);
                 }
                 return;
             }
@@ -440,7 +416,7 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
             admin_api = %cfg.admin_addr,
             "control plane up"
         );
-        reap_orphans(&cp.docker, &cp.registry, &cp.bus).await;
+        reap_orphans(cp.inventory.as_ref(), &cp.registry, &cp.bus).await;
         boot_dial(&cp).await;
         wait_for_signal().await;
         tracing::info!("shutting down");

@@ -16,7 +16,8 @@ use futures::future::BoxFuture;
 use super::{DockerError, is_status, network};
 use crate::netns::{self, CpEndpoint, Installed, NetNs, NetnsError};
 use crate::runtime::{
-    Change, ContainerFacts, ContainmentOps, Inspect, NetworkRole, RuntimeError, Stopped,
+    AgentPortGuard, Change, ContainerFacts, ContainmentOps, Inspect, NetworkRole, RuntimeError,
+    Stopped, Terminate,
 };
 
 /// The networks the CP reaches agents on.
@@ -310,6 +311,22 @@ fn is_not_running(e: &bollard::errors::Error) -> bool {
         bollard::errors::Error::DockerResponseServerError { status_code: 409, message }
             if message.contains("not running")
     )
+}
+
+impl Terminate for Engine {
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>> {
+        ContainmentOps::kill(self, id)
+    }
+}
+
+impl AgentPortGuard for Engine {
+    fn guard_agent_port<'a>(
+        &'a self,
+        id: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, Result<Change, RuntimeError>> {
+        Box::pin(Engine::guard_agent_port(self, id, port))
+    }
 }
 
 impl ContainmentOps for Engine {

@@ -1,18 +1,27 @@
 //! The Docker edge: every Engine API call the CP makes, on bollard. This is
-//! the only module that imports bollard.
+//! the only module that imports bollard. It implements the runtime seam
+//! (`crate::runtime`) twice.
 //!
-//! - [`engine`]: [`Engine`], the runtime seam (`crate::runtime`) on one
-//!   Docker engine: inspect, and the containment operations;
+//! One engine (`runtime = "engine"`):
+//! - [`engine`]: [`Engine`]: inspect, and the containment operations;
+//! - [`seam`]: provisioning, inventory and the events feed on one engine,
+//!   over the three modules below;
 //! - [`lister`]: listing managed containers;
 //! - [`network`]: `clawker-net` with an explicit subnet;
 //! - [`watch`]: the events feeder (reconcile, filters, reconnect);
 //! - [`provision`]: creating, provisioning, starting, stopping and
 //!   removing agent containers (`clawker agent run|stop|rm`).
+//!
+//! A Swarm cluster (`runtime = "swarm"`):
+//! - [`swarm`]: agents as services, bundles as secrets, the task-polling
+//!   feed, the CP's own service.
 
 pub mod engine;
 pub mod lister;
 pub mod network;
 pub mod provision;
+pub mod seam;
+pub mod swarm;
 pub mod watch;
 
 /// The engine handle the rest of the CP passes around (opaque above this

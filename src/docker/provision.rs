@@ -18,6 +18,7 @@ use bollard::query_parameters::{
 
 use super::{DockerError, is_status, network};
 use crate::defaults::labels;
+pub use crate::runtime::provision::Confinement;
 
 /// An agent container to create.
 #[derive(Debug, Clone)]
@@ -44,59 +45,38 @@ pub struct AgentContainerSpec {
     pub confinement: Confinement,
 }
 
-/// How an agent container is confined, as plain values (decided above this
-/// module: `cp::agent` turns `[agent]` config and flags into these).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Confinement {
-    /// Capabilities kept: every other one is dropped (`cap_drop: ALL`).
-    pub caps: Vec<String>,
-    pub no_new_privileges: bool,
-    pub pids_limit: Option<i64>,
-    pub memory_bytes: Option<i64>,
-    pub nano_cpus: Option<i64>,
-    pub read_only_rootfs: bool,
-    /// tmpfs mounts: container path → mount options.
-    pub tmpfs: Vec<(String, String)>,
-    /// Anonymous volumes at these paths: they outlive restarts and are
-    /// removed with the container.
-    pub volumes: Vec<String>,
-    /// Read-write bind mounts: (host path, container path).
-    pub binds: Vec<(String, String)>,
-}
-
-impl Confinement {
-    fn host_config(&self, network: &str) -> HostConfig {
-        let mut mounts: Vec<Mount> = self
-            .volumes
-            .iter()
-            .map(|target| Mount {
-                target: Some(target.clone()),
-                typ: Some(MountType::VOLUME),
-                ..Default::default()
-            })
-            .collect();
-        mounts.extend(self.binds.iter().map(|(src, target)| Mount {
+/// The container's host config: confined by `c`, on `network`.
+fn host_config(c: &Confinement, network: &str) -> HostConfig {
+    let mut mounts: Vec<Mount> = c
+        .volumes
+        .iter()
+        .map(|target| Mount {
             target: Some(target.clone()),
-            source: Some(src.clone()),
-            typ: Some(MountType::BIND),
-            read_only: Some(false),
+            typ: Some(MountType::VOLUME),
             ..Default::default()
-        }));
-        HostConfig {
-            network_mode: Some(network.to_owned()),
-            cap_drop: Some(vec!["ALL".to_owned()]),
-            cap_add: Some(self.caps.clone()),
-            security_opt: self
-                .no_new_privileges
-                .then(|| vec!["no-new-privileges".to_owned()]),
-            pids_limit: self.pids_limit,
-            memory: self.memory_bytes,
-            nano_cpus: self.nano_cpus,
-            readonly_rootfs: Some(self.read_only_rootfs),
-            tmpfs: (!self.tmpfs.is_empty()).then(|| self.tmpfs.iter().cloned().collect()),
-            mounts: (!mounts.is_empty()).then_some(mounts),
-            ..Default::default()
-        }
+        })
+        .collect();
+    mounts.extend(c.binds.iter().map(|(src, target)| Mount {
+        target: Some(target.clone()),
+        source: Some(src.clone()),
+        typ: Some(MountType::BIND),
+        read_only: Some(false),
+        ..Default::default()
+    }));
+    HostConfig {
+        network_mode: Some(network.to_owned()),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        cap_add: Some(c.caps.clone()),
+        security_opt: c
+            .no_new_privileges
+            .then(|| vec!["no-new-privileges".to_owned()]),
+        pids_limit: c.pids_limit,
+        memory: c.memory_bytes,
+        nano_cpus: c.nano_cpus,
+        readonly_rootfs: Some(c.read_only_rootfs),
+        tmpfs: (!c.tmpfs.is_empty()).then(|| c.tmpfs.iter().cloned().collect()),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Default::default()
     }
 }
 
@@ -180,7 +160,7 @@ where
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
         env: Some(spec.env.clone()),
         labels: Some(labels),
-        host_config: Some(spec.confinement.host_config(&spec.network)),
+        host_config: Some(host_config(&spec.confinement, &spec.network)),
         ..Default::default()
     };
     let created = docker

@@ -179,6 +179,9 @@ pub struct SessionConnected {
     /// Whether the peer's leaf chained to our CA (recorded, never enforced:
     /// the CP keeps the session either way).
     pub chain_verified: bool,
+    /// The peer leaf's `notAfter` (absent when the leaf does not parse).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub leaf_not_after: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -237,6 +240,9 @@ pub enum UntrustedReason {
     CertInvalid,
     CertCnMismatch,
     RegisterFailed,
+    /// Ours: the leaf matches its row but expired longer ago than the
+    /// configured staleness bound (`agent_cert_stale_after`).
+    CertExpired,
 }
 
 impl UntrustedReason {
@@ -246,6 +252,7 @@ impl UntrustedReason {
             Self::CertInvalid => "cert_invalid",
             Self::CertCnMismatch => "cert_cn_mismatch",
             Self::RegisterFailed => "register_failed",
+            Self::CertExpired => "cert_expired",
         }
     }
 
@@ -255,6 +262,7 @@ impl UntrustedReason {
             Self::CertInvalid,
             Self::CertCnMismatch,
             Self::RegisterFailed,
+            Self::CertExpired,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -280,12 +288,152 @@ domain_event!(AgentUntrusted, "agent.untrusted", container);
 pub struct AgentTrusted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    /// How often the trusted identity's leaf has been rotated (registry).
+    #[serde(default)]
+    pub rotations: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(AgentTrusted, "agent.trusted", container);
 
+// ---- certificate axis ---------------------------------------------------
+
+/// Why a leaf was rotated (exact wire strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// clawkerd renewed on its own at half its leaf's lifetime.
+    HalfLife,
+    /// The CP asked (`RenewCert`).
+    Requested,
+    /// The session's leaf had expired (trusted because it otherwise matched
+    /// its row, then rotated at once).
+    Expired,
+}
+
+impl RotationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HalfLife => "half_life",
+            Self::Requested => "requested",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::HalfLife, Self::Requested, Self::Expired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// Ours: the agent's leaf was replaced over its open session; the old
+/// thumbprint no longer matches its registry row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotated {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    #[serde(with = "hex32")]
+    pub old: Thumbprint,
+    #[serde(with = "hex32")]
+    pub new: Thumbprint,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    pub reason: RotationReason,
+    /// Completed rotations of this container's leaf, this one included.
+    pub rotations: u32,
+    /// CSR received → clawkerd's `Done` (new leaf in use), on the CP.
+    #[serde(rename = "duration_ms", with = "millis")]
+    pub duration: std::time::Duration,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotated, "agent.cert.rotated", container);
+
+/// Ours: a rotation attempt failed; the current leaf (and the trust it
+/// earned) stays, and the attempt is retried with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRotationFailed {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub reason: RotationReason,
+    /// What failed (our text; peer strings are truncated).
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CertRotationFailed, "agent.cert.rotation_failed", container);
+
+/// Ours: one of the CP's own certificates expires soon (or has expired):
+/// run `clawker ca renew`, then restart the CP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpCertExpiring {
+    /// `server certificate`, `CP client certificate`, `CLI client
+    /// certificate` or `CA certificate`.
+    pub cert: String,
+    pub path: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Whole days left (negative: expired that long ago).
+    pub days_left: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(CpCertExpiring, "cp.cert.expiring", none);
+
 // ---- init axis ----------------------------------------------------------
+
+/// Which plan a step belongs to (reference `head-lifecycle.md` §1.4): the
+/// one-time `init` plan (ends by writing the container's init marker) or
+/// the every-start `boot` plan (ends by starting the user command).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    /// Events from a CP that predates the split carry no plan: their one
+    /// plan was init (ending with AgentReady).
+    #[default]
+    Init,
+    Boot,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Init => "init",
+            Self::Boot => "boot",
+        }
+    }
+}
+
+/// Ours: what the CP decided to run on this session, from clawkerd's
+/// `HelloAck` (reference `head-lifecycle.md` §1.3) and the trust verdict.
+/// Published once per session, before any step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDecided {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    /// The container's init marker exists (init completed once).
+    pub initialized: bool,
+    /// clawkerd has started the user command.
+    pub cmd_running: bool,
+    /// The plans that run, in order; empty when nothing runs.
+    pub plans: Vec<Plan>,
+    /// Why less than the full sequence runs, when it does: `""`,
+    /// `cmd_running` (a reconnect: nothing runs), `init_bypassed` (the
+    /// command runs but the marker is missing: nothing runs), `untrusted`
+    /// (withheld from an untrusted agent).
+    pub skipped: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(PlanDecided, "agent.plan.decided", container);
+
+/// `PlanDecided.skipped` vocabulary.
+pub mod plan_skipped {
+    pub const CMD_RUNNING: &str = "cmd_running";
+    pub const INIT_BYPASSED: &str = "init_bypassed";
+    pub const UNTRUSTED: &str = "untrusted";
+}
 
 /// Why an init step failed (exact wire strings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,10 +462,15 @@ impl InitFailureReason {
     }
 }
 
+/// The start sequence of one session: the plans it runs (init then boot on
+/// a fresh container, boot alone after a restart), as one run of steps, so
+/// `agent.init.completed` always means "the user command was released".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitStarted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plans: Vec<Plan>,
     pub step_count: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
@@ -328,6 +481,8 @@ domain_event!(InitStarted, "agent.init.started", container);
 pub struct InitStepStarted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     pub step_count: u32,
@@ -340,6 +495,8 @@ domain_event!(InitStepStarted, "agent.init.step.started", container);
 pub struct InitStepCompleted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     #[serde(rename = "duration_ms", with = "millis")]
@@ -354,6 +511,8 @@ domain_event!(InitStepCompleted, "agent.init.step.completed", container);
 pub struct InitStepFailed {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plan: Plan,
     pub step: String,
     pub step_index: u32,
     #[serde(rename = "duration_ms", with = "millis")]
@@ -361,6 +520,10 @@ pub struct InitStepFailed {
     pub exit_code: i32,
     pub reason: InitFailureReason,
     pub detail: String,
+    /// What the step wrote to stderr (the first 4 KiB, trimmed), for the
+    /// operator (`agent run` prints it).
+    #[serde(default)]
+    pub output: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
@@ -370,6 +533,8 @@ domain_event!(InitStepFailed, "agent.init.step.failed", container);
 pub struct InitCompleted {
     #[serde(flatten)]
     pub agent: AgentRef,
+    #[serde(default)]
+    pub plans: Vec<Plan>,
     #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     #[serde(with = "time::serde::rfc3339")]
@@ -381,15 +546,67 @@ domain_event!(InitCompleted, "agent.init.completed", container);
 pub struct InitFailed {
     #[serde(flatten)]
     pub agent: AgentRef,
+    /// The plan of the failed step.
+    #[serde(default)]
+    pub plan: Plan,
     pub failed_step: String,
     pub reason: InitFailureReason,
     pub detail: String,
+    /// The failed step's exit code (−1 when it did not exit: timeout,
+    /// spawn failure, transport).
+    #[serde(default = "no_exit_code")]
+    pub exit_code: i32,
     #[serde(rename = "duration_ms", with = "millis")]
     pub duration: std::time::Duration,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }
 domain_event!(InitFailed, "agent.init.failed", container);
+
+fn no_exit_code() -> i32 {
+    -1
+}
+
+/// How a container that failed an init or boot step was ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminatedBy {
+    /// clawkerd (PID 1) exited with the step's exit code by itself.
+    SelfExit,
+    /// It did not within the grace period (or could not: the step did not
+    /// end in an exit code), and the CP killed the container.
+    CpKill,
+    /// The CP's kill failed; `detail` says why. The container may live on.
+    KillFailed,
+}
+
+impl TerminatedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SelfExit => "self_exit",
+            Self::CpKill => "cp_kill",
+            Self::KillFailed => "kill_failed",
+        }
+    }
+}
+
+/// Ours: a container was ended because one of its init or boot steps
+/// failed (unless `keep_on_init_failure`). The reference only logs this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTerminated {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub plan: Plan,
+    pub step: String,
+    /// The step's exit code (the container's, on a self-exit of a step that
+    /// exited 0–255).
+    pub exit_code: i32,
+    pub by: TerminatedBy,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+domain_event!(AgentTerminated, "agent.terminated", container);
 
 // ---- policy axis --------------------------------------------------------
 
@@ -713,12 +930,17 @@ decoded!(
     AgentRegistered,
     AgentUntrusted,
     AgentTrusted,
+    CertRotated,
+    CertRotationFailed,
+    CpCertExpiring,
     InitStarted,
     InitStepStarted,
     InitStepCompleted,
     InitStepFailed,
     InitCompleted,
     InitFailed,
+    PlanDecided,
+    AgentTerminated,
     ContainmentApplied,
     ExecStarted,
     ExecFinished,
@@ -791,12 +1013,16 @@ pub fn start_bus() -> Bus {
         .project::<AgentRegistered>()
         .project::<AgentUntrusted>()
         .project::<AgentTrusted>()
+        .project::<CertRotated>()
+        .project::<CertRotationFailed>()
         .project::<InitStarted>()
         .project::<InitStepStarted>()
         .project::<InitStepCompleted>()
         .project::<InitStepFailed>()
         .project::<InitCompleted>()
         .project::<InitFailed>()
+        .project::<PlanDecided>()
+        .project::<AgentTerminated>()
         .project::<ContainmentApplied>()
         .project::<ContainmentReleased>()
         .project::<DockerEventOccurred>()

@@ -107,6 +107,11 @@ pub enum InitStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct InitView {
     pub status: InitStatus,
+    /// The plans of the latest start sequence (`[init, boot]` on a fresh
+    /// container, `[boot]` after a restart).
+    pub plans: Vec<Plan>,
+    /// The plan of the current (or failed) step.
+    pub plan: Option<Plan>,
     pub step: String,
     pub step_index: u32,
     pub step_count: u32,
@@ -130,6 +135,11 @@ pub struct AgentView {
     pub trust_history: Vec<Trust>,
     pub thumbprint: String,
     pub chain_verified: bool,
+    /// `notAfter` of the leaf in use (from the session, then each rotation).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub leaf_not_after: Option<OffsetDateTime>,
+    /// Completed rotations of the agent's leaf (durable, from the registry).
+    pub rotations: u32,
     pub attempts: u32,
     /// Session-axis error.
     pub last_error: String,
@@ -139,6 +149,33 @@ pub struct AgentView {
     /// Containment steps applied to this agent, oldest first (bounded by
     /// [`CONTAINMENT_HISTORY`]).
     pub containment: Vec<ContainmentRecord>,
+    /// What the latest session found and decided to run.
+    pub start: Option<StartView>,
+    /// Set when the container was ended because a step failed.
+    pub terminated: Option<TerminationView>,
+}
+
+/// The latest [`PlanDecided`], as the worldview keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StartView {
+    pub initialized: bool,
+    pub cmd_running: bool,
+    pub plans: Vec<Plan>,
+    pub skipped: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// The latest [`AgentTerminated`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TerminationView {
+    pub plan: Plan,
+    pub step: String,
+    pub exit_code: i32,
+    pub by: TerminatedBy,
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 /// One containment step, as the worldview keeps it (an operator's release
@@ -195,11 +232,15 @@ impl AgentView {
             trust_history: Vec::new(),
             thumbprint: String::new(),
             chain_verified: false,
+            leaf_not_after: None,
+            rotations: 0,
             attempts: 0,
             last_error: String::new(),
             updated_at: None,
             init: InitView::default(),
             containment: Vec::new(),
+            start: None,
+            terminated: None,
         }
     }
 
@@ -282,6 +323,7 @@ impl Project for SessionConnected {
         a.attempts = self.attempts;
         a.thumbprint = self.peer_thumbprint.to_hex();
         a.chain_verified = self.chain_verified;
+        a.leaf_not_after = self.leaf_not_after;
         a.last_error.clear();
         a.updated_at = Some(self.at);
     }
@@ -339,6 +381,7 @@ impl Project for AgentTrusted {
         let a = v.agent(&self.agent.container_id);
         a.set_identity(&self.agent, None);
         a.registered = true;
+        a.rotations = a.rotations.max(self.rotations);
         a.set_trust(Trust {
             trusted: true,
             reason: None,
@@ -349,12 +392,30 @@ impl Project for AgentTrusted {
     }
 }
 
+impl Project for CertRotated {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.thumbprint = self.new.to_hex();
+        a.leaf_not_after = Some(self.not_after);
+        a.rotations = self.rotations;
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for CertRotationFailed {
+    fn project(&self, v: &mut Worldview) {
+        v.agent(&self.agent.container_id).updated_at = Some(self.at);
+    }
+}
+
 impl Project for InitStarted {
     fn project(&self, v: &mut Worldview) {
         let a = v.agent(&self.agent.container_id);
         a.set_identity(&self.agent, None);
         a.init = InitView {
             status: InitStatus::Running,
+            plans: self.plans.clone(),
             step_count: self.step_count,
             started_at: Some(self.at),
             ..InitView::default()
@@ -374,6 +435,7 @@ impl Project for InitStepStarted {
             self.step_index
         };
         a.init.step = self.step.clone();
+        a.init.plan = Some(self.plan);
         a.updated_at = Some(self.at);
     }
 }
@@ -415,8 +477,40 @@ impl Project for InitFailed {
         let a = v.agent(&self.agent.container_id);
         let at = floor_at(&a.init, self.at);
         a.init.status = InitStatus::Failed;
+        a.init.plan = Some(self.plan);
         a.init.completed_at = Some(at);
         a.init.last_error = self.detail.clone();
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for PlanDecided {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.start = Some(StartView {
+            initialized: self.initialized,
+            cmd_running: self.cmd_running,
+            plans: self.plans.clone(),
+            skipped: self.skipped.clone(),
+            at: self.at,
+        });
+        a.updated_at = Some(self.at);
+    }
+}
+
+impl Project for AgentTerminated {
+    fn project(&self, v: &mut Worldview) {
+        let a = v.agent(&self.agent.container_id);
+        a.set_identity(&self.agent, None);
+        a.terminated = Some(TerminationView {
+            plan: self.plan,
+            step: self.step.clone(),
+            exit_code: self.exit_code,
+            by: self.by,
+            detail: self.detail.clone(),
+            at: self.at,
+        });
         a.updated_at = Some(self.at);
     }
 }
@@ -533,6 +627,7 @@ mod tests {
             peer_cn: "clawker.web.dev".into(),
             peer_thumbprint: Thumbprint([7; 32]),
             chain_verified: true,
+            leaf_not_after: Some(t(at + 86_400)),
             at: t(at),
         }
     }
@@ -571,6 +666,7 @@ mod tests {
         // A later session matches.
         v.apply_event(&AgentTrusted {
             agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
             at: t(2),
         });
         let a = &v.agents["c1"];
@@ -607,6 +703,7 @@ mod tests {
         assert!(v.agents["c1"].trust.is_pending(), "connected, not decided");
         v.apply_event(&AgentTrusted {
             agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
             at: t(1),
         });
         assert!(v.agents["c1"].trust.trusted);
@@ -638,9 +735,44 @@ mod tests {
         );
         v.apply_event(&AgentTrusted {
             agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
             at: t(5),
         });
         assert!(v.agents["c1"].trust.trusted);
+    }
+
+    #[test]
+    fn rotation_updates_leaf_expiry_thumbprint_and_count() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        assert_eq!(v.agents["c1"].leaf_not_after, Some(t(86_400)));
+        v.apply_event(&AgentTrusted {
+            agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 3,
+            at: t(1),
+        });
+        assert_eq!(
+            v.agents["c1"].rotations, 3,
+            "durable count after a CP restart"
+        );
+        v.apply_event(&CertRotated {
+            agent: AgentRef::new("c1", String::new(), String::new()),
+            old: Thumbprint([7; 32]),
+            new: Thumbprint([8; 32]),
+            not_after: t(100),
+            reason: RotationReason::HalfLife,
+            rotations: 4,
+            duration: std::time::Duration::from_millis(3),
+            at: t(50),
+        });
+        let a = &v.agents["c1"];
+        assert_eq!(a.rotations, 4);
+        assert_eq!(a.leaf_not_after, Some(t(100)));
+        assert_eq!(a.thumbprint, Thumbprint([8; 32]).to_hex());
+        assert_eq!(a.agent, "dev", "identity kept");
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["agents"]["c1"]["leaf_not_after"], "2023-11-14T22:15:00Z");
+        assert_eq!(j["agents"]["c1"]["rotations"], 4);
     }
 
     #[test]
@@ -687,11 +819,13 @@ mod tests {
         let id = r("c1").container_id;
         v.apply_event(&InitStarted {
             agent: AgentRef::new(id.clone(), "dev", String::new()),
+            plans: vec![Plan::Init, Plan::Boot],
             step_count: 7,
             at: t(10),
         });
         v.apply_event(&InitStepStarted {
             agent: AgentRef::new(id.clone(), String::new(), String::new()),
+            plan: Plan::Init,
             step: "ssh".into(),
             step_index: 99,
             step_count: 7,
@@ -700,17 +834,67 @@ mod tests {
         assert_eq!(v.agents["c1"].init.step_index, 6, "clamped to step_count-1");
         v.apply_event(&InitFailed {
             agent: AgentRef::new(id.clone(), String::new(), String::new()),
+            plan: Plan::Init,
             failed_step: "ssh".into(),
             reason: InitFailureReason::Timeout,
             detail: "ERROR_CODE_TIMEOUT: x".into(),
+            exit_code: -1,
             duration: std::time::Duration::from_secs(1),
             at: t(5), // earlier than start: floored
         });
         let init = &v.agents["c1"].init;
         assert_eq!(init.status, InitStatus::Failed);
+        assert_eq!(init.plans, vec![Plan::Init, Plan::Boot]);
+        assert_eq!(init.plan, Some(Plan::Init));
         assert_eq!(init.completed_at, Some(t(10)));
         assert_eq!(init.step, "ssh");
         assert_eq!(v.agents["c1"].agent, "dev");
+    }
+
+    #[test]
+    fn plan_decision_and_termination_are_projected() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        v.apply_event(&PlanDecided {
+            agent: AgentRef::new("c1", String::new(), String::new()),
+            initialized: true,
+            cmd_running: true,
+            plans: vec![],
+            skipped: plan_skipped::CMD_RUNNING.into(),
+            at: t(1),
+        });
+        let start = v.agents["c1"].start.clone().unwrap();
+        assert!(start.initialized && start.cmd_running && start.plans.is_empty());
+        assert_eq!(start.skipped, "cmd_running");
+        v.apply_event(&AgentTerminated {
+            agent: AgentRef::new("c1", String::new(), String::new()),
+            plan: Plan::Boot,
+            step: "pre-run".into(),
+            exit_code: 3,
+            by: TerminatedBy::SelfExit,
+            detail: String::new(),
+            at: t(2),
+        });
+        let j = serde_json::to_value(&v).unwrap();
+        let term = &j["agents"]["c1"]["terminated"];
+        assert_eq!(term["plan"], "boot");
+        assert_eq!(term["by"], "self_exit");
+        assert_eq!(term["exit_code"], 3);
+        assert_eq!(j["agents"]["c1"]["agent"], "dev", "identity kept");
+    }
+
+    #[test]
+    fn events_without_a_plan_decode_as_the_legacy_init_plan() {
+        let legacy = r#"{"container_id":"c","agent":"a","project":"","step":"git","step_index":2,"step_count":7,"at":"2023-11-14T22:13:20Z"}"#;
+        let Decoded::InitStepStarted(e) = decode("agent.init.step.started", legacy).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.plan, Plan::Init);
+        let legacy = r#"{"container_id":"c","agent":"a","project":"","failed_step":"git","reason":"exit_code","detail":"x","duration_ms":1.0,"at":"2023-11-14T22:13:20Z"}"#;
+        let Decoded::InitFailed(e) = decode("agent.init.failed", legacy).unwrap() else {
+            panic!()
+        };
+        assert_eq!((e.plan, e.exit_code), (Plan::Init, -1));
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! | `clawker_exec_bytes_total`               | counter   | `kind`, `direction` (in/out) | `ExecFinished`        |
 //! | `clawker_exec_refused_total`             | counter   | `kind`              | `ExecRefused`                  |
 //! | `clawker_exec_forced_total`              | counter   | `kind`              | `ExecForced`                   |
+//! | `clawker_cert_rotations_total`           | counter   | `reason`, `result` (ok/failed) | `CertRotated`/`CertRotationFailed` |
+//! | `clawker_cert_rotation_seconds`          | histogram |                     | `CertRotated` (CSR → `Done`)   |
 //!
 //! Why a recorder object and not only the global one: tests (and several
 //! CPs in one process) each get their own [`Metrics`], recorded into via
@@ -45,8 +47,8 @@ use metrics_exporter_prometheus::{
 
 use crate::events::worldview::SessionStatus;
 use crate::events::{
-    AgentRegistered, AgentUntrusted, Bus, ContainmentApplied, ExecFinished, ExecForced,
-    ExecRefused, InitStepCompleted, InitStepFailed, Worldview,
+    AgentRegistered, AgentUntrusted, Bus, CertRotated, CertRotationFailed, ContainmentApplied,
+    ExecFinished, ExecForced, ExecRefused, InitStepCompleted, InitStepFailed, Worldview,
 };
 
 pub const SESSIONS: &str = "clawker_sessions";
@@ -63,6 +65,8 @@ pub const EXEC_DURATION: &str = "clawker_exec_duration_seconds";
 pub const EXEC_BYTES: &str = "clawker_exec_bytes_total";
 pub const EXEC_REFUSED: &str = "clawker_exec_refused_total";
 pub const EXEC_FORCED: &str = "clawker_exec_forced_total";
+pub const CERT_ROTATIONS: &str = "clawker_cert_rotations_total";
+pub const CERT_ROTATION_DURATION: &str = "clawker_cert_rotation_seconds";
 
 /// Init steps range from milliseconds (idempotent shell steps) to minutes
 /// (post-init scripts).
@@ -194,6 +198,12 @@ impl Metrics {
                 "Operator commands refused (untrusted/contained agent)"
             );
             metrics::describe_counter!(EXEC_FORCED, "Operator commands forced past a refusal");
+            metrics::describe_counter!(CERT_ROTATIONS, "Agent leaf rotations by reason and result");
+            metrics::describe_histogram!(
+                CERT_ROTATION_DURATION,
+                Unit::Seconds,
+                "Leaf rotation, CSR received to the new leaf in use"
+            );
         });
         m
     }
@@ -261,6 +271,15 @@ impl Metrics {
             } else if let Some(s) = e.downcast_ref::<InitStepFailed>() {
                 metrics::histogram!(INIT_STEP_DURATION, "step" => s.step.clone(), "result" => "failed")
                     .record(s.duration.as_secs_f64());
+            } else if let Some(r) = e.downcast_ref::<CertRotated>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "ok")
+                    .increment(1);
+                if !r.duration.is_zero() {
+                    metrics::histogram!(CERT_ROTATION_DURATION).record(r.duration.as_secs_f64());
+                }
+            } else if let Some(r) = e.downcast_ref::<CertRotationFailed>() {
+                metrics::counter!(CERT_ROTATIONS, "reason" => r.reason.as_str(), "result" => "failed")
+                    .increment(1);
             } else if let Some(c) = e.downcast_ref::<ContainmentApplied>() {
                 metrics::counter!(CONTAINMENT_ACTIONS, "action" => c.action.as_str(), "outcome" => c.outcome.as_str())
                     .increment(1);

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 
+use super::grants::{IssueOutcome, IssueRequest, LiveToken};
+use super::leaf::{self, LeafState, PendingLeaf, Promotion};
 use super::store::{Entry, NewEntry, RegistryError, RegistryStore};
 use crate::identity::{self, Thumbprint};
 
@@ -29,15 +31,26 @@ use crate::identity::{self, Thumbprint};
 pub struct Index {
     by_thumbprint: HashMap<[u8; 32], Arc<Entry>>,
     by_container: HashMap<String, Arc<Entry>>,
+    /// Leaf rotation state by container id (absent: never rotated).
+    leaf: HashMap<String, LeafState>,
 }
 
 impl Index {
-    fn from_entries(entries: Vec<Entry>) -> Self {
+    fn from_entries(entries: Vec<Entry>, leaf: HashMap<String, LeafState>) -> Self {
         let mut index = Self::default();
         for e in entries {
             index.insert(Arc::new(e));
         }
+        index.leaf = leaf;
         index
+    }
+
+    /// A promoted row: its old thumbprint leaves the index.
+    fn rotate(&mut self, p: &Promotion) {
+        self.by_thumbprint.remove(&p.old.0);
+        self.insert(Arc::new(p.entry.clone()));
+        self.leaf
+            .insert(p.entry.container_id.clone(), p.state.clone());
     }
 
     fn insert(&mut self, e: Arc<Entry>) {
@@ -49,6 +62,7 @@ impl Index {
         if let Some(e) = self.by_container.remove(container_id) {
             self.by_thumbprint.remove(&e.thumbprint.0);
         }
+        self.leaf.remove(container_id);
     }
 }
 
@@ -91,6 +105,16 @@ impl RegistryReader {
             .get(container_id)
             .cloned()
             .ok_or(RegistryError::UnknownAgent)
+    }
+
+    /// The container's leaf rotation state (default: never rotated).
+    pub fn leaf_state(&self, container_id: &str) -> LeafState {
+        self.index
+            .load()
+            .leaf
+            .get(container_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every row, sorted by (project, agent name).
@@ -141,10 +165,50 @@ pub struct SpendJti {
     pub now: i64,
 }
 
+/// Stages a freshly signed leaf for a container (see [`super::leaf`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<LeafState, RegistryError>")]
+pub struct StageLeaf {
+    pub container_id: String,
+    /// The thumbprint of the session that asked; the row must still name it.
+    pub current: Thumbprint,
+    pub pending: PendingLeaf,
+}
+
+/// Makes a staged leaf the row's identity; the old thumbprint is retired.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Promotion, RegistryError>")]
+pub struct PromoteLeaf {
+    pub container_id: String,
+    pub new: Thumbprint,
+    pub now_unix: i64,
+}
+
 /// Number of recorded JTIs (diagnostics, tests).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<u64, RegistryError>")]
 pub struct CountSpentJtis;
+
+/// Spends an assertion's JTI and records its token in one transaction, or
+/// reissues an unredeemed grant ([`super::grants::issue`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<IssueOutcome, RegistryError>")]
+pub struct IssueToken(pub IssueRequest);
+
+/// A Register succeeded with a token of this grant ([`super::grants::redeem`]).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<bool, RegistryError>")]
+pub struct RedeemGrant {
+    pub jti: String,
+    pub now: i64,
+}
+
+/// Every token still valid at `now` (the token endpoint loads them at start).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<LiveToken>, RegistryError>")]
+pub struct LiveTokens {
+    pub now: i64,
+}
 
 /// Releases the redb file and stops the actor. Answered after the file is
 /// closed, so the same path can be reopened (CP restart in one process).
@@ -213,7 +277,8 @@ impl RegistryActor {
                     Some(s) => (s, None),
                     None => match RegistryStore::open(&path).and_then(|s| {
                         let rows = s.snapshot()?;
-                        Ok((s, rows))
+                        let leaf = leaf::all_states(s.database())?;
+                        Ok((s, (rows, leaf)))
                     }) {
                         Ok((s, rows)) => (s.clone(), Some((s, rows))),
                         Err(e) => return (None, Err(e)),
@@ -233,7 +298,7 @@ impl RegistryActor {
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |(reopened, res), act, _ctx| {
-                if let Some((store, rows)) = reopened {
+                if let Some((store, (rows, leaf))) = reopened {
                     tracing::info!(
                         db_path = %act.path.display(),
                         rows = rows.len(),
@@ -241,7 +306,7 @@ impl RegistryActor {
                     );
                     act.store = Some(store);
                     act.poisoned = false;
-                    act.index.store(Arc::new(Index::from_entries(rows)));
+                    act.index.store(Arc::new(Index::from_entries(rows, leaf)));
                 }
                 match &res {
                     Ok(v) => publish(act, v),
@@ -303,11 +368,71 @@ impl Handler<SpendJti> for RegistryActor {
     }
 }
 
+impl Handler<StageLeaf> for RegistryActor {
+    type Result = Reply<LeafState>;
+
+    fn handle(&mut self, msg: StageLeaf, _ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.container_id.clone();
+        self.write(
+            move |s| leaf::stage(s.database(), &msg.container_id, &msg.current, msg.pending),
+            move |act, state| {
+                act.publish(|idx| {
+                    idx.leaf.insert(id, state.clone());
+                })
+            },
+        )
+    }
+}
+
+impl Handler<PromoteLeaf> for RegistryActor {
+    type Result = Reply<Promotion>;
+
+    fn handle(&mut self, msg: PromoteLeaf, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| leaf::promote(s.database(), &msg.container_id, &msg.new, msg.now_unix),
+            |act, p| act.publish(|idx| idx.rotate(p)),
+        )
+    }
+}
+
 impl Handler<CountSpentJtis> for RegistryActor {
     type Result = Reply<u64>;
 
     fn handle(&mut self, _msg: CountSpentJtis, _ctx: &mut Self::Context) -> Self::Result {
         self.write(|s| super::jti::count(s.database()), |_, _| {})
+    }
+}
+
+impl Handler<IssueToken> for RegistryActor {
+    type Result = Reply<IssueOutcome>;
+
+    fn handle(&mut self, msg: IssueToken, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::issue(s.database(), &msg.0),
+            |_, _| {},
+        )
+    }
+}
+
+impl Handler<RedeemGrant> for RegistryActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: RedeemGrant, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::redeem(s.database(), &msg.jti, msg.now),
+            |_, _| {},
+        )
+    }
+}
+
+impl Handler<LiveTokens> for RegistryActor {
+    type Result = Reply<Vec<LiveToken>>;
+
+    fn handle(&mut self, msg: LiveTokens, _ctx: &mut Self::Context) -> Self::Result {
+        self.write(
+            move |s| super::grants::live_tokens(s.database(), msg.now),
+            |_, _| {},
+        )
     }
 }
 
@@ -329,6 +454,10 @@ impl Handler<Shutdown> for RegistryActor {
 pub struct Registry {
     addr: Addr<RegistryActor>,
     reader: RegistryReader,
+    /// Test seam: the next `add` fails with this error instead of writing
+    /// (a CP that dies between spending a JTI and committing the row).
+    #[cfg(feature = "test-hooks")]
+    add_fault: Arc<std::sync::Mutex<Option<RegistryError>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -349,6 +478,7 @@ impl Registry {
     pub fn start(store: RegistryStore) -> Result<Self, RegistryError> {
         let index = Arc::new(ArcSwap::from_pointee(Index::from_entries(
             store.snapshot()?,
+            leaf::all_states(store.database())?,
         )));
         let reader = RegistryReader {
             index: index.clone(),
@@ -390,7 +520,19 @@ impl Registry {
                 RegistryError::Unavailable("registry thread exited during startup".into())
             })?
         };
-        Ok(Self { addr, reader })
+        Ok(Self {
+            addr,
+            reader,
+            #[cfg(feature = "test-hooks")]
+            add_fault: Arc::default(),
+        })
+    }
+
+    /// Test seam (feature `test-hooks`): the next [`Registry::add`] fails
+    /// with `error` and writes nothing.
+    #[cfg(feature = "test-hooks")]
+    pub fn fail_next_add(&self, error: RegistryError) {
+        *self.add_fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
     pub fn reader(&self) -> &RegistryReader {
@@ -430,6 +572,15 @@ impl Registry {
             new.registered_at_unix != 0,
             "agentregistry: Add called with zero RegisteredAt"
         );
+        #[cfg(feature = "test-hooks")]
+        if let Some(e) = self
+            .add_fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
         self.ask(Add(new)).await?
     }
 
@@ -448,8 +599,63 @@ impl Registry {
         .await?
     }
 
+    /// Stages a signed leaf; durable (and visible to `leaf_state`) on return.
+    pub async fn stage_leaf(
+        &self,
+        container_id: &str,
+        current: Thumbprint,
+        pending: PendingLeaf,
+    ) -> Result<LeafState, RegistryError> {
+        self.ask(StageLeaf {
+            container_id: container_id.to_owned(),
+            current,
+            pending,
+        })
+        .await?
+    }
+
+    /// Promotes a staged leaf; the new thumbprint matches (and the old one
+    /// no longer does) the moment this returns.
+    pub async fn promote_leaf(
+        &self,
+        container_id: &str,
+        new: Thumbprint,
+        now_unix: i64,
+    ) -> Result<Promotion, RegistryError> {
+        self.ask(PromoteLeaf {
+            container_id: container_id.to_owned(),
+            new,
+            now_unix,
+        })
+        .await?
+    }
+
+    pub fn leaf_state(&self, container_id: &str) -> LeafState {
+        self.reader.leaf_state(container_id)
+    }
+
     pub async fn spent_jti_count(&self) -> Result<u64, RegistryError> {
         self.ask(CountSpentJtis).await?
+    }
+
+    /// Spends a JTI and records its token durably (or reissues an
+    /// unredeemed grant); see [`super::grants`].
+    pub async fn issue_token(&self, req: IssueRequest) -> Result<IssueOutcome, RegistryError> {
+        self.ask(IssueToken(req)).await?
+    }
+
+    /// Marks a grant redeemed; `Ok(false)` if unknown or already redeemed.
+    pub async fn redeem_grant(&self, jti: &str, now: i64) -> Result<bool, RegistryError> {
+        self.ask(RedeemGrant {
+            jti: jti.to_owned(),
+            now,
+        })
+        .await?
+    }
+
+    /// Every issued token still valid at `now`.
+    pub async fn live_tokens(&self, now: i64) -> Result<Vec<LiveToken>, RegistryError> {
+        self.ask(LiveTokens { now }).await?
     }
 
     /// Closes the redb file and stops the actor; reads keep answering from
@@ -519,6 +725,49 @@ mod tests {
 
         let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
         assert_eq!(reg.snapshot(), vec![e]);
+    }
+
+    #[actix::test]
+    async fn promotion_swaps_the_indexed_thumbprint_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.redb");
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        reg.add(new_entry("dev", "c1", 1)).await.unwrap();
+        let pending = PendingLeaf {
+            thumbprint: Thumbprint([2; 32]),
+            not_after_unix: 1_700_000_100,
+            reason: "half_life".into(),
+            staged_at_unix: 1_700_000_000,
+        };
+        reg.stage_leaf("c1", Thumbprint([1; 32]), pending)
+            .await
+            .unwrap();
+        assert!(reg.leaf_state("c1").pending.is_some());
+        assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_ok());
+        let p = reg
+            .promote_leaf("c1", Thumbprint([2; 32]), 1_700_000_001)
+            .await
+            .unwrap();
+        assert_eq!(p.old, Thumbprint([1; 32]));
+        assert!(reg.lookup(&Thumbprint([1; 32]), "clawker.p.dev").is_err());
+        assert_eq!(
+            reg.lookup(&Thumbprint([2; 32]), "clawker.p.dev")
+                .unwrap()
+                .container_id,
+            "c1"
+        );
+        assert_eq!(reg.leaf_state("c1").rotations, 1);
+        reg.shutdown().await;
+        // The index rebuilt from the file agrees.
+        let reg = Registry::start(RegistryStore::open(&path).unwrap()).unwrap();
+        assert_eq!(reg.leaf_state("c1").rotations, 1);
+        assert_eq!(
+            reg.lookup_by_container_id("c1").unwrap().thumbprint,
+            Thumbprint([2; 32])
+        );
+        assert!(reg.evict_by_container_id("c1").await.unwrap());
+        assert_eq!(reg.leaf_state("c1"), LeafState::default());
+        reg.shutdown().await;
     }
 
     #[test]

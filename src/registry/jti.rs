@@ -8,7 +8,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use super::RegistryError;
 
-const SPENT_JTIS: TableDefinition<&str, i64> = TableDefinition::new("spent_jtis");
+pub(super) const SPENT_JTIS: TableDefinition<&str, i64> = TableDefinition::new("spent_jtis");
 
 /// Records `jti` as spent until `exp`, durably, in one write transaction
 /// that also prunes every JTI whose assertion has expired (an expired

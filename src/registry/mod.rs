@@ -8,7 +8,10 @@ pub mod store;
 
 pub use store::{Entry, RegistryError, RegistryStore, SCHEMA_VERSION};
 pub mod actor;
+pub mod grants;
 pub mod jti;
+pub mod leaf;
 
 pub use actor::{Registry, RegistryReader};
+pub use leaf::{LeafState, PendingLeaf, Promotion, RetiredLeaf};
 pub use store::NewEntry;

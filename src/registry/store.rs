@@ -3,7 +3,8 @@
 //! Tables (all in one file):
 //! - `agents`: container id → [`Entry`] (JSON), the primary rows;
 //! - `agents_by_thumbprint`: thumbprint → container id, a unique index;
-//! - `meta`: `schema_version` → u64, with forward migrations.
+//! - `meta`: `schema_version` → u64, with forward migrations;
+//! - `leaf_state`, `leaf_history`: leaf rotation ([`super::leaf`]).
 //!
 //! Every write is its own durable (fsync'd) transaction, so a row is visible
 //! to readers only after it is on disk, and a `kill -9` at any moment loses
@@ -18,8 +19,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::identity::{self, AgentName, ProjectSlug, Thumbprint};
 
-const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
-const BY_THUMBPRINT: TableDefinition<&[u8; 32], &str> =
+pub(super) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+pub(super) const BY_THUMBPRINT: TableDefinition<&[u8; 32], &str> =
     TableDefinition::new("agents_by_thumbprint");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_KEY: &str = "schema_version";
@@ -48,7 +49,7 @@ pub struct Entry {
     pub last_seen_unix: i64,
 }
 
-mod thumbprint_hex {
+pub(super) mod thumbprint_hex {
     use crate::identity::Thumbprint;
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
@@ -105,6 +106,12 @@ pub enum RegistryError {
     /// The registry actor is gone or shut down.
     #[error("agentregistry: unavailable: {0}")]
     Unavailable(String),
+    /// A rotation for a session whose leaf is no longer the row's.
+    #[error("agentregistry: rotate {0}: the row no longer names this session's leaf")]
+    StaleLeaf(String),
+    /// A promotion of a leaf that was never staged (or was replaced).
+    #[error("agentregistry: rotate {0}: no staged leaf with that thumbprint")]
+    NoPendingLeaf(String),
 }
 
 impl RegistryError {
@@ -253,7 +260,9 @@ impl RegistryStore {
             if agents.get(entry.container_id.as_str())?.is_some() {
                 return Err(RegistryError::DuplicateContainer(entry.container_id));
             }
-            if by_thumb.get(&entry.thumbprint.0)?.is_some() {
+            if by_thumb.get(&entry.thumbprint.0)?.is_some()
+                || super::leaf::is_retired(&txn, &entry.thumbprint)?
+            {
                 return Err(RegistryError::DuplicateThumbprint(
                     entry.thumbprint.to_hex(),
                 ));
@@ -324,6 +333,9 @@ impl RegistryStore {
                 None => false,
             }
         };
+        if removed {
+            super::leaf::forget(&txn, container_id)?;
+        }
         txn.commit()?;
         if removed {
             tracing::info!(rows = 1, container_id, "agentregistry: agent evicted");
@@ -356,7 +368,7 @@ impl RegistryStore {
     }
 }
 
-fn read_entry(
+pub(super) fn read_entry(
     agents: &impl ReadableTable<&'static str, &'static [u8]>,
     container_id: &str,
 ) -> Result<Option<Entry>, RegistryError> {

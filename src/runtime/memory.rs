@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{Change, ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped};
+use super::{Change, ContainerFacts, ContainmentOps, Inspect, RuntimeError, Stopped, Terminate};
 
 /// The doubles never panic while holding a lock, but a poisoned lock must
 /// not turn into a second panic in test output.
@@ -24,6 +24,7 @@ pub struct StaticInspector {
     containers: Mutex<HashMap<String, Result<ContainerFacts, RuntimeError>>>,
     calls: Mutex<Vec<String>>,
     delay: Mutex<Option<Duration>>,
+    faults: Mutex<std::collections::VecDeque<RuntimeError>>,
 }
 
 impl StaticInspector {
@@ -54,6 +55,14 @@ impl StaticInspector {
     pub fn set_delay(&self, delay: Option<Duration>) {
         *lock(&self.delay) = delay;
     }
+
+    /// Makes the next `n` inspects (of any id) fail with `err`, then answer
+    /// normally again: a transient runtime fault.
+    pub fn fail_next(&self, n: usize, err: RuntimeError) {
+        let mut q = lock(&self.faults);
+        q.clear();
+        q.extend(std::iter::repeat_n(err, n));
+    }
 }
 
 impl Inspect for StaticInspector {
@@ -63,6 +72,9 @@ impl Inspect for StaticInspector {
             let delay = *lock(&self.delay);
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
+            }
+            if let Some(fault) = lock(&self.faults).pop_front() {
+                return Err(fault);
             }
             lock(&self.containers)
                 .get(id)
@@ -185,6 +197,13 @@ impl MemoryOps {
             calls.push(format!("{} {id}", if on { "lock" } else { "unlock" }));
             Ok(Change::applied(if on { "locked" } else { "unlocked" }))
         })?
+    }
+}
+
+impl Terminate for MemoryOps {
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>> {
+        let r = self.halt(id, "kill");
+        Box::pin(async move { r })
     }
 }
 

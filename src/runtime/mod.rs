@@ -2,12 +2,29 @@
 //! containers, as narrow traits over plain types.
 //!
 //! Sessions, Register and containment are written against these traits;
-//! `docker/` implements them on one Docker engine, and
+//! `docker/` implements them twice — on one Docker engine
+//! (`docker::Engine`) and on a Swarm cluster (`docker::swarm::Swarm`) — and
 //! [`memory`] has in-memory doubles for tests and examples. Nothing above
-//! this seam names Docker, so a second runtime (a Swarm cluster) is one
-//! more implementation, not a change to the session machinery.
+//! this seam names Docker.
+//!
+//! The traits, by consumer:
+//! - [`Inspect`]: sessions (the dial target) and Register (the facts a
+//!   certificate is checked against);
+//! - [`ContainmentOps`]: the containment ladder;
+//! - [`Inventory`]: the startup reap and boot dial;
+//! - [`feed::EventFeed`]: the events feeder actor;
+//! - [`provision::Provision`]: `clawker agent run|stop|rm`.
+//!
+//! **What "container" means.** In engine mode a [`ContainerFacts::id`] is a
+//! Docker container id. In Swarm mode it is the agent's *service* id: the
+//! one id that outlives its tasks (swarm replaces a task — new container,
+//! new address — on every restart, update or reschedule), so it is what
+//! the leaf certificate names and what the registry row is keyed by; the
+//! facts (address, running) are those of the service's current task.
 
+pub mod feed;
 pub mod memory;
+pub mod provision;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -130,6 +147,31 @@ pub trait Inspect: Send + Sync + 'static {
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>>;
 }
 
+/// One agent as an inventory listing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentListing {
+    /// The runtime id (see the module doc: container id or service id).
+    pub id: String,
+    pub running: bool,
+}
+
+/// Which agents to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListScope {
+    /// Stopped ones too (the orphan reap must not evict a stopped agent's
+    /// row: it keeps its identity).
+    All,
+    Running,
+}
+
+/// Every agent the runtime runs, for the startup reap and the boot dial.
+pub trait Inventory: Send + Sync + 'static {
+    fn list_agents(
+        &self,
+        scope: ListScope,
+    ) -> BoxFuture<'_, Result<Vec<AgentListing>, RuntimeError>>;
+}
+
 /// Result of a stop or kill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -163,9 +205,37 @@ impl Change {
     }
 }
 
+/// Ending a container for good: what the session needs when an init or
+/// boot step failed and clawkerd did not exit by itself (reference
+/// `head-lifecycle.md` §3.2, the CP's kill backstop).
+pub trait Terminate: Send + Sync + 'static {
+    /// `docker kill` (SIGKILL); a container that is not running is
+    /// `Stopped::Already`.
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
+}
+
+/// [`Terminate`] through a runtime's containment `kill`: the same
+/// operation (engine: `docker kill`; swarm: the service scaled to zero),
+/// so the CP needs no second implementation per runtime.
+pub struct KillViaContainment(pub std::sync::Arc<dyn ContainmentOps>);
+
+impl Terminate for KillViaContainment {
+    fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>> {
+        self.0.kill(id)
+    }
+}
+
 /// The runtime operations containment needs, and nothing more. Every
 /// operation is idempotent: applied twice, the second reports
 /// `changed: false`.
+///
+/// Engine mode acts on the container itself. Swarm mode acts on the
+/// service through the manager's API: `quarantine`/`release` replace the
+/// task template's networks (swarm replaces the task: new container, new
+/// address, and the session is re-dialled there), `stop`/`kill` scale it
+/// to zero; `lock`/`unlock` need the task's network namespace, which the
+/// CP (a service in its own pid namespace) cannot enter: `Unsupported`,
+/// with the reason (see `docker::swarm`).
 pub trait ContainmentOps: Send + Sync + 'static {
     /// A container by id or name, looked up afresh.
     fn facts<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<ContainerFacts, RuntimeError>>;
@@ -188,6 +258,19 @@ pub trait ContainmentOps: Send + Sync + 'static {
         id: &'a str,
         grace: Duration,
     ) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
-    /// `docker kill`.
+    /// `docker kill` (swarm: scale to zero, and kill the task's container
+    /// at once where it runs on the CP's node).
     fn kill<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Stopped, RuntimeError>>;
+}
+
+/// Restricts clawkerd's port inside an agent to the CP's addresses, on
+/// every start (a started container has a fresh network namespace).
+/// Engine mode only: Swarm mode has no way into a task's namespace, and
+/// leaves the port to clawkerd's mutual TLS.
+pub trait AgentPortGuard: Send + Sync + 'static {
+    fn guard_agent_port<'a>(
+        &'a self,
+        id: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, Result<Change, RuntimeError>>;
 }

@@ -122,9 +122,11 @@ impl Actor for SessionActor {
         let deps = SessionDeps {
             resolver: self.deps.resolver.clone(),
             registry: self.deps.registry.clone(),
+            terminate: self.deps.terminate.clone(),
             dial: self.deps.dial.clone(),
             sink: self.sink.clone(),
             policy: self.deps.policy.clone(),
+            certs: self.deps.certs.clone(),
         };
         let handle = tokio::spawn(lifecycle::run(
             self.container_id.clone(),

@@ -1,132 +1,24 @@
-//! The init plan and its executor (reference `cp-session.md` §12).
+//! The executor of a session's start sequence (reference `cp-session.md`
+//! §12, `head-lifecycle.md` §1, §3): the steps [`super::plan`] composed,
+//! one after another over the session, with the `agent.init.*` events.
 //!
-//! Seven steps run over the session after classification: six idempotent
-//! shell steps, then `AgentReady`, which makes clawkerd start the user's
-//! command. Unlike the reference, every step also has a CP-side wall-clock
-//! bound (clawkerd's own timeout plus a grace period; a fixed bound for
-//! AgentReady), so a peer that keeps the transport alive but never answers
-//! cannot wedge the session forever.
+//! Unlike the reference, every step also has a CP-side wall-clock bound
+//! (clawkerd's own timeout plus a grace period; a fixed bound for the
+//! control steps), so a peer that keeps the transport alive but never
+//! answers cannot wedge the session forever. Shell steps carry
+//! `exit_on_non_zero` (unless `keep_on_init_failure`): clawkerd ends the
+//! container with a failed step's exit code.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::defaults::agent_user;
-use crate::events::{self, AgentRef, InitFailureReason, Publish};
+use crate::events::{self, AgentRef, InitFailureReason, Plan, Publish};
 use crate::proto::clawkerd::v1::{self as pb, ErrorCode, command, response};
 
 use super::command::{self as run, MAX_CAPTURE, RunAs, RunError};
 use super::mux::{MuxError, SessionMux, command as cmd};
-
-pub const STEP_TIMEOUT_DEFAULT: u32 = 30;
-pub const STEP_TIMEOUT_POST_INIT: u32 = 600;
-
-/// The known-hosts blob fed to the ssh step (github, gitlab, bitbucket).
-pub const KNOWN_HOSTS: &str = include_str!("known_hosts.txt");
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepKind {
-    Shell {
-        /// Runs as root; otherwise as the configured agent user.
-        root: bool,
-        script: &'static str,
-        timeout_seconds: u32,
-        stdin: &'static str,
-    },
-    AgentReady,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    pub name: &'static str,
-    pub kind: StepKind,
-}
-
-const DOCKER_SOCKET: &str =
-    "[ -S /var/run/docker.sock ] && chgrp docker /var/run/docker.sock || true";
-
-const CONFIG: &str = r#"INIT_DIR="$HOME/.claude-init"
-CONFIG_DIR="$HOME/.claude"
-[ -d "$INIT_DIR" ] || exit 0
-mkdir -p "$CONFIG_DIR"
-[ -e "$CONFIG_DIR/statusline.sh" ] || cp "$INIT_DIR/statusline.sh" "$CONFIG_DIR/statusline.sh" 2>/dev/null
-if [ ! -s "$CONFIG_DIR/.config.json" ]; then cp "$INIT_DIR/.config.json" "$CONFIG_DIR/.config.json" 2>/dev/null; fi
-if [ ! -e "$CONFIG_DIR/settings.json" ]; then
-  cp "$INIT_DIR/settings.json" "$CONFIG_DIR/settings.json"
-else
-  if jq -s '.[0] * .[1]' "$INIT_DIR/settings.json" "$CONFIG_DIR/settings.json" > "$CONFIG_DIR/settings.json.tmp" 2>/dev/null; then
-    mv "$CONFIG_DIR/settings.json.tmp" "$CONFIG_DIR/settings.json"
-  else
-    rm -f "$CONFIG_DIR/settings.json.tmp"
-  fi
-fi"#;
-
-const GIT: &str = r#"HOST_GITCONFIG="/tmp/host-gitconfig"
-[ -f "$HOST_GITCONFIG" ] || exit 0
-TMP="$HOME/.gitconfig.tmp"
-if awk '/^\[credential/ { skip = 1; next } /^\[/ { skip = 0 } !skip { print }' "$HOST_GITCONFIG" > "$TMP" 2>/dev/null; then
-  if [ -s "$TMP" ]; then mv "$TMP" "$HOME/.gitconfig"; else rm -f "$TMP"; fi
-else
-  rm -f "$TMP"
-fi"#;
-
-const GIT_CREDENTIALS: &str = r#"[ -n "$CLAWKER_HOST_PROXY" ] || exit 0
-[ "$CLAWKER_GIT_HTTPS" = "true" ] || exit 0
-git config --global credential.helper clawker"#;
-
-const SSH: &str = r#"mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
-KH="$HOME/.ssh/known_hosts"
-touch "$KH" && chmod 600 "$KH"
-while IFS= read -r line || [ -n "$line" ]; do
-  [ -n "$line" ] || continue
-  grep -qF -- "$line" "$KH" || printf '%s\n' "$line" >> "$KH"
-done"#;
-
-const POST_INIT: &str = r#"POST="$HOME/.clawker/post-init.sh"
-DONE="$HOME/.claude/post-initialized"
-[ -x "$POST" ] || exit 0
-[ -e "$DONE" ] && exit 0
-"$POST" || exit $?
-mkdir -p "$HOME/.claude" && touch "$DONE""#;
-
-/// The static plan. Order is load-bearing: `docker-socket` is the only
-/// root step and `agent-ready` is last.
-pub fn plan() -> Vec<Step> {
-    let user = |name, script, timeout_seconds, stdin| Step {
-        name,
-        kind: StepKind::Shell {
-            root: false,
-            script,
-            timeout_seconds,
-            stdin,
-        },
-    };
-    vec![
-        Step {
-            name: "docker-socket",
-            kind: StepKind::Shell {
-                root: true,
-                script: DOCKER_SOCKET,
-                timeout_seconds: STEP_TIMEOUT_DEFAULT,
-                stdin: "",
-            },
-        },
-        user("config", CONFIG, STEP_TIMEOUT_DEFAULT, ""),
-        user("git", GIT, STEP_TIMEOUT_DEFAULT, ""),
-        user("git-credentials", GIT_CREDENTIALS, STEP_TIMEOUT_DEFAULT, ""),
-        user("ssh", SSH, STEP_TIMEOUT_DEFAULT, KNOWN_HOSTS),
-        user("post-init", POST_INIT, STEP_TIMEOUT_POST_INIT, ""),
-        Step {
-            name: "agent-ready",
-            kind: StepKind::AgentReady,
-        },
-    ]
-}
-
-/// `init-<first 12 chars of the container id>-<step>-<idx>`.
-pub fn command_id(container_id: &str, step: &str, idx: usize) -> String {
-    let prefix = container_id.get(..12).unwrap_or(container_id);
-    format!("init-{prefix}-{step}-{idx}")
-}
+use super::plan::{self, Hooks, Step, StepKind};
 
 /// The unprivileged user the shell steps run as. HOME and USER are set
 /// explicitly because dropping privileges does not change them.
@@ -163,14 +55,19 @@ impl AgentUser {
     }
 }
 
-/// CP-side bounds and the agent user.
+/// CP-side bounds, the agent user, the user's hooks.
 #[derive(Debug, Clone)]
 pub struct InitConfig {
     pub user: AgentUser,
     /// Added to a shell step's own timeout before the CP gives up on it.
     pub step_grace: Duration,
-    /// Bound on AgentReady (which has no clawkerd-side timeout).
+    /// Bound on AgentReady and AgentInitialized (no clawkerd-side timeout).
     pub agent_ready_timeout: Duration,
+    /// `post_init` / `pre_run` (cp.toml `[hooks]`).
+    pub hooks: Hooks,
+    /// `keep_on_init_failure`: a failed step leaves the container running
+    /// (without its command) instead of ending it.
+    pub keep_on_failure: bool,
 }
 
 impl Default for InitConfig {
@@ -179,6 +76,8 @@ impl Default for InitConfig {
             user: AgentUser::default(),
             step_grace: Duration::from_secs(10),
             agent_ready_timeout: Duration::from_secs(30),
+            hooks: Hooks::default(),
+            keep_on_failure: false,
         }
     }
 }
@@ -189,6 +88,8 @@ pub struct StepFailure {
     pub reason: InitFailureReason,
     pub detail: String,
     pub exit_code: i32,
+    /// The step's stderr (bounded, trimmed); empty when it never ran.
+    pub output: String,
 }
 
 impl StepFailure {
@@ -197,6 +98,7 @@ impl StepFailure {
             reason: InitFailureReason::TransportError,
             detail: detail.into(),
             exit_code: -1,
+            output: String::new(),
         }
     }
 }
@@ -226,6 +128,7 @@ impl From<RunError> for StepFailure {
             reason,
             detail: e.to_string(),
             exit_code: -1,
+            output: String::new(),
         }
     }
 }
@@ -263,7 +166,10 @@ pub async fn run_step(
             } else {
                 cfg.user.run_as()
             };
-            let shell = run::shell(script, &who, *timeout_seconds, stdin.as_bytes());
+            let mut shell = run::shell(script, &who, *timeout_seconds, stdin.as_bytes());
+            // clawkerd ends the container with a failed step's code, after
+            // the Done is on the wire (a v0.8.0 clawkerd ignores the flag).
+            shell.exit_on_non_zero = !cfg.keep_on_failure;
             let bound = Duration::from_secs(u64::from(*timeout_seconds)) + cfg.step_grace;
             let done = run::run_to_completion(mux, id, shell, bound, MAX_CAPTURE)
                 .await
@@ -289,29 +195,62 @@ pub async fn run_step(
                     reason: InitFailureReason::ExitCode,
                     detail: exit_detail(done.exit_code, &done.stderr),
                     exit_code: done.exit_code,
+                    output: done.stderr.text(),
                 })
             }
         }
-        StepKind::AgentReady => agent_ready(mux, id, step, cfg.agent_ready_timeout).await,
+        StepKind::AgentReady => {
+            control_step(
+                mux,
+                id,
+                step,
+                command::Payload::AgentReady(pb::AgentReady {}),
+                cfg.agent_ready_timeout,
+            )
+            .await
+        }
+        StepKind::AgentInitialized => {
+            let r = control_step(
+                mux,
+                id,
+                step,
+                command::Payload::AgentInitialized(pb::AgentInitialized {}),
+                cfg.agent_ready_timeout,
+            )
+            .await;
+            match r {
+                // A clawkerd without the marker (v0.8.0) answers every new
+                // command INVALID_REQUEST. Ending its container for that
+                // (the reference does) would kill every old agent; it just
+                // runs init again on its next start, as it always did.
+                Err(f) if f.reason == InitFailureReason::ProtocolError => {
+                    tracing::warn!(
+                        event = "agent_initialized_unsupported",
+                        command_id = id,
+                        detail = %f.detail,
+                        "clawkerd has no init marker (older release); init will run again on its next start"
+                    );
+                    Ok(())
+                }
+                other => other,
+            }
+        }
     }
 }
 
-/// AgentReady has no clawkerd-side timeout: the CP bounds it.
-async fn agent_ready(
+/// A step that is one command without a clawkerd-side timeout: the CP
+/// bounds it.
+async fn control_step(
     mux: &SessionMux,
     id: &str,
     step: &Step,
+    payload: command::Payload,
     bound: Duration,
 ) -> Result<(), StepFailure> {
-    let mut replies = mux
-        .call(cmd(id, command::Payload::AgentReady(pb::AgentReady {})))
-        .await
-        .map_err(|e| match e {
-            MuxError::Closed => {
-                StepFailure::transport(format!("send {}: session closed", step.name))
-            }
-            other => StepFailure::from(RunError::Route(other)),
-        })?;
+    let mut replies = mux.call(cmd(id, payload)).await.map_err(|e| match e {
+        MuxError::Closed => StepFailure::transport(format!("send {}: session closed", step.name)),
+        other => StepFailure::from(RunError::Route(other)),
+    })?;
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         let resp = match tokio::time::timeout_at(deadline, replies.next()).await {
@@ -326,6 +265,7 @@ async fn agent_ready(
                     reason: InitFailureReason::ExitCode,
                     detail: format!("exit_code={}", done.final_exit_code),
                     exit_code: done.final_exit_code,
+                    output: String::new(),
                 });
             }
             Some(response::Payload::Error(e)) => {
@@ -340,41 +280,54 @@ async fn agent_ready(
     }
 }
 
-/// The outcome of a whole plan run.
+/// The outcome of a whole start sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InitOutcome {
     Completed,
-    Failed { step: String, failure: StepFailure },
+    Failed {
+        plan: Plan,
+        step: String,
+        failure: StepFailure,
+    },
 }
 
-/// Runs the plan, publishing the §12.6 event sequence. A panic inside a
-/// step is contained and reported as reason `unknown`.
+/// Runs `steps` (from [`plan::compose`]), publishing the §12.6 event
+/// sequence with each step's plan. A panic inside a step is contained and
+/// reported as reason `unknown`. The first failure ends the sequence: no
+/// boot step runs after a failed init step.
 pub async fn run<P: Publish>(
     mux: &SessionMux,
     target: &AgentRef,
     sink: &P,
     cfg: InitConfig,
+    steps: Vec<Step>,
 ) -> InitOutcome {
-    let steps = plan();
     let count = steps.len() as u32;
+    let plans = plan::plans_of(&steps);
     let started = Instant::now();
     let t = target.clone();
     sink.publish(events::InitStarted {
         agent: t.clone(),
+        plans: plans.clone(),
         step_count: count,
         at: events::now(),
     });
-    tracing::info!(event = "agent_init_started", container_id = %t.container_id, "init started");
+    let plan_names: Vec<&str> = plans.iter().map(|p| p.as_str()).collect();
+    tracing::info!(event = "agent_init_started", container_id = %t.container_id, plans = ?plan_names, "start sequence started");
+    let mut in_plan: HashMap<Plan, usize> = HashMap::new();
     for (i, step) in steps.iter().enumerate() {
         let step_started = Instant::now();
         sink.publish(events::InitStepStarted {
             agent: t.clone(),
+            plan: step.plan,
             step: step.name.into(),
             step_index: i as u32,
             step_count: count,
             at: events::now(),
         });
-        let id = command_id(&t.container_id, step.name, i);
+        let idx = in_plan.entry(step.plan).or_default();
+        let id = plan::command_id(step.plan, &t.container_id, step.name, *idx);
+        *idx += 1;
         // Contain a panic in the step: it becomes an `unknown` failure.
         let result = {
             let mux = mux.clone();
@@ -387,6 +340,7 @@ pub async fn run<P: Publish>(
                         reason: InitFailureReason::Unknown,
                         detail: format!("Executor.Run panicked: {join}"),
                         exit_code: -1,
+                        output: String::new(),
                     })
                 })
         };
@@ -395,6 +349,7 @@ pub async fn run<P: Publish>(
             Ok(()) => {
                 sink.publish(events::InitStepCompleted {
                     agent: t.clone(),
+                    plan: step.plan,
                     step: step.name.into(),
                     step_index: i as u32,
                     duration,
@@ -405,31 +360,37 @@ pub async fn run<P: Publish>(
             Err(f) => {
                 sink.publish(events::InitStepFailed {
                     agent: t.clone(),
+                    plan: step.plan,
                     step: step.name.into(),
                     step_index: i as u32,
                     duration,
                     exit_code: f.exit_code,
                     reason: f.reason,
                     detail: f.detail.clone(),
+                    output: f.output.clone(),
                     at: events::now(),
                 });
                 sink.publish(events::InitFailed {
                     agent: t.clone(),
+                    plan: step.plan,
                     failed_step: step.name.into(),
                     reason: f.reason,
                     detail: f.detail.clone(),
+                    exit_code: f.exit_code,
                     duration: started.elapsed(),
                     at: events::now(),
                 });
                 tracing::error!(
                     event = "agent_init_failed",
                     container_id = %t.container_id,
+                    plan = step.plan.as_str(),
                     step = step.name,
                     reason = f.reason.as_str(),
                     detail = %f.detail,
-                    "init failed"
+                    "start sequence failed"
                 );
                 return InitOutcome::Failed {
+                    plan: step.plan,
                     step: step.name.into(),
                     failure: f,
                 };
@@ -438,6 +399,7 @@ pub async fn run<P: Publish>(
     }
     sink.publish(events::InitCompleted {
         agent: t.clone(),
+        plans,
         duration: started.elapsed(),
         at: events::now(),
     });
@@ -447,46 +409,18 @@ pub async fn run<P: Publish>(
 #[cfg(test)]
 mod tests {
     use super::super::mux::testing::*;
+    use super::super::plan::{Decision, compose};
     use super::*;
     use crate::events::RecordingSink;
 
-    #[test]
-    fn plan_shape_matches_the_reference() {
-        let p = plan();
-        let names: Vec<&str> = p.iter().map(|s| s.name).collect();
-        assert_eq!(
-            names,
-            [
-                "docker-socket",
-                "config",
-                "git",
-                "git-credentials",
-                "ssh",
-                "post-init",
-                "agent-ready"
-            ]
-        );
-        let roots: Vec<&str> = p
-            .iter()
-            .filter(|s| matches!(s.kind, StepKind::Shell { root: true, .. }))
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(roots, ["docker-socket"]);
-        assert!(matches!(p[6].kind, StepKind::AgentReady));
-        assert!(matches!(
-            p[5].kind,
-            StepKind::Shell {
-                timeout_seconds: 600,
-                ..
-            }
-        ));
-        assert_eq!(KNOWN_HOSTS.lines().count(), 9);
-        assert!(KNOWN_HOSTS.ends_with('\n'));
-        assert_eq!(
-            command_id("c-happy-1234567890ab", "docker-socket", 0),
-            "init-c-happy-1234-docker-socket-0"
-        );
-        assert_eq!(command_id("abc", "git", 2), "init-abc-git-2");
+    const FRESH: Decision = Decision {
+        init: true,
+        boot: true,
+        init_bypassed: false,
+    };
+
+    fn fresh() -> Vec<Step> {
+        compose(FRESH, &Hooks::default())
     }
 
     #[test]
@@ -548,7 +482,7 @@ mod tests {
         let (mux, peer) = pair();
         tokio::spawn(scripted_peer(peer, None));
         let sink = RecordingSink::default();
-        let out = run(&mux, &target(), &sink, InitConfig::default()).await;
+        let out = run(&mux, &target(), &sink, InitConfig::default(), fresh()).await;
         assert_eq!(out, InitOutcome::Completed);
         let names = sink.names();
         assert_eq!(names.first(), Some(&"agent.init.started"));
@@ -558,9 +492,26 @@ mod tests {
                 .iter()
                 .filter(|n| **n == "agent.init.step.completed")
                 .count(),
-            7
+            9
         );
-        assert_eq!(names.len(), 16);
+        assert_eq!(names.len(), 20);
+        assert_eq!(
+            sink.of("agent.init.started")[0]["plans"],
+            serde_json::json!(["init", "boot"])
+        );
+        let plans: Vec<String> = sink
+            .of("agent.init.step.started")
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    e["plan"].as_str().unwrap(),
+                    e["step"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(plans[6], "init:agent-initialized");
+        assert_eq!(plans[7], "boot:pre-run");
     }
 
     #[tokio::test]
@@ -577,6 +528,10 @@ mod tests {
                     data: b"  boom\n".to_vec().into(),
                 });
                 let _ = peer.responses.send(resp(&id, stderr));
+                assert!(
+                    matches!(&c.payload, Some(command::Payload::Shell(s)) if s.exit_on_non_zero),
+                    "every shell step asks clawkerd to end the container on failure"
+                );
                 let done = if id.contains("-git-2") { 7 } else { 0 };
                 let _ = peer.responses.send(resp(
                     &id,
@@ -587,18 +542,27 @@ mod tests {
             }
         });
         let sink = RecordingSink::default();
-        let out = run(&mux, &target(), &sink, InitConfig::default()).await;
-        let InitOutcome::Failed { step, failure } = out else {
+        let out = run(&mux, &target(), &sink, InitConfig::default(), fresh()).await;
+        let InitOutcome::Failed {
+            plan,
+            step,
+            failure,
+        } = out
+        else {
             panic!("expected failure")
         };
-        assert_eq!(step, "git");
+        assert_eq!((plan, step.as_str()), (Plan::Init, "git"));
         assert_eq!(failure.reason, InitFailureReason::ExitCode);
         assert_eq!(failure.detail, "exit_code=7; stderr: boom");
         assert_eq!(failure.exit_code, 7);
+        assert_eq!(failure.output, "boom");
         let failed = sink.of("agent.init.failed");
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0]["failed_step"], "git");
         assert_eq!(failed[0]["reason"], "exit_code");
+        assert_eq!(failed[0]["plan"], "init");
+        assert_eq!(failed[0]["exit_code"], 7);
+        assert_eq!(sink.of("agent.init.step.failed")[0]["output"], "boom");
         assert!(sink.of("agent.init.completed").is_empty());
         assert_eq!(
             sink.of("agent.init.step.started").len(),
@@ -618,7 +582,7 @@ mod tests {
         tokio::spawn(scripted_peer(peer, Some((0, err))));
         let sink = RecordingSink::default();
         let InitOutcome::Failed { failure, .. } =
-            run(&mux, &target(), &sink, InitConfig::default()).await
+            run(&mux, &target(), &sink, InitConfig::default(), fresh()).await
         else {
             panic!()
         };
@@ -638,6 +602,7 @@ mod tests {
             ..InitConfig::default()
         };
         let step = Step {
+            plan: Plan::Boot,
             name: "agent-ready",
             kind: StepKind::AgentReady,
         };
@@ -652,12 +617,57 @@ mod tests {
         let (mux, peer) = pair();
         drop(peer);
         let sink = RecordingSink::default();
-        let InitOutcome::Failed { failure, step } =
-            run(&mux, &target(), &sink, InitConfig::default()).await
+        let InitOutcome::Failed { failure, step, .. } =
+            run(&mux, &target(), &sink, InitConfig::default(), fresh()).await
         else {
             panic!()
         };
         assert_eq!(step, "docker-socket");
         assert_eq!(failure.reason, InitFailureReason::TransportError);
+    }
+
+    #[tokio::test]
+    async fn an_old_clawkerd_without_the_marker_still_boots() {
+        let (mux, peer) = pair();
+        // A v0.8.0 clawkerd answers AgentInitialized (step 7) INVALID_REQUEST.
+        let err = response::Payload::Error(pb::Error {
+            code: ErrorCode::InvalidRequest as i32,
+            message: "unknown payload type".into(),
+            os_errno: 0,
+        });
+        tokio::spawn(scripted_peer(peer, Some((6, err))));
+        let sink = RecordingSink::default();
+        let out = run(&mux, &target(), &sink, InitConfig::default(), fresh()).await;
+        assert_eq!(out, InitOutcome::Completed);
+        assert_eq!(sink.of("agent.init.completed").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn keep_on_failure_does_not_ask_clawkerd_to_exit() {
+        let (mux, mut peer) = pair();
+        let seen = tokio::spawn(async move {
+            let c = peer.commands.recv().await.unwrap();
+            let Some(command::Payload::Shell(s)) = c.payload else {
+                panic!()
+            };
+            s.exit_on_non_zero
+        });
+        let cfg = InitConfig {
+            keep_on_failure: true,
+            step_grace: Duration::from_millis(10),
+            ..InitConfig::default()
+        };
+        let step = Step {
+            plan: Plan::Boot,
+            name: "pre-run",
+            kind: StepKind::Shell {
+                root: false,
+                script: "true".into(),
+                timeout_seconds: 0,
+                stdin: "",
+            },
+        };
+        let _ = run_step(&mux, "x", &step, &cfg).await;
+        assert!(!seen.await.unwrap());
     }
 }

@@ -1,6 +1,9 @@
-//! The life of one agent's session (reference `cp-session.md` §5–9):
-//! resolve → dial (with retries) → Hello → classify → maybe Register →
-//! init → hold → on break, reconnect.
+//! The life of one agent's session (reference `cp-session.md` §5–9,
+//! `head-lifecycle.md` §1): resolve → dial (with retries) → Hello →
+//! classify → maybe Register → the plans the `HelloAck` calls for (init
+//! once per container, boot on every start, nothing on a reconnect) →
+//! hold → on break, reconnect. A failed step ends the container
+//! ([`super::terminate`]) unless configured otherwise.
 //!
 //! This is plain async code; the session actor runs it as a task and owns
 //! its lifetime (aborting it is how a session is stopped, which is why a
@@ -14,14 +17,19 @@ use tokio::sync::watch;
 
 use clawker_actors::Backoff;
 
-use crate::events::{self, AgentRef, Publish, UntrustedReason, failed_reason};
-use crate::runtime::{Inspect, RuntimeError};
+use crate::events::{
+    self, AgentRef, Publish, RotationReason, UntrustedReason, failed_reason, plan_skipped,
+};
+use crate::runtime::{Inspect, RuntimeError, Terminate};
 
 use super::classify::{self, Classification, RegistryLookup};
 use super::dial::{self, DialConfig};
-use super::init::{self, InitConfig};
+use super::init::{self, InitConfig, InitOutcome};
 use super::mux::SessionMux;
+use super::plan;
 use super::register;
+use super::rotation::{self, CertRotation, Expiry, Rotator};
+use super::terminate::{self, Termination};
 
 /// What the session needs to know about its container, re-read on every
 /// attempt of the slow phase.
@@ -121,8 +129,17 @@ pub struct SessionPolicy {
     pub establish: EstablishConfig,
     pub init: InitConfig,
     pub register_timeout: Duration,
-    /// Register rounds per session actor (the reference retried forever).
+    /// Register rounds per session, i.e. per established stream (the
+    /// reference retried forever). A later session (container restart,
+    /// the next reconnect) starts again from zero, so a transient fault
+    /// never bricks an agent.
     pub max_register_attempts: u32,
+    /// Pause before the second round of a session; doubles per round.
+    /// Only retryable failures get another round.
+    pub register_retry_backoff: Duration,
+    /// How long clawkerd gets to end its container by itself after a
+    /// failed step, before the CP kills it.
+    pub terminate_grace: Duration,
     /// Run init for agents that are not trusted (default off: the
     /// reference ran it for everyone, releasing an untrusted user command).
     pub init_untrusted: bool,
@@ -138,6 +155,8 @@ impl Default for SessionPolicy {
             init: InitConfig::default(),
             register_timeout: register::REGISTER_REQUIRED_TIMEOUT,
             max_register_attempts: 3,
+            register_retry_backoff: Duration::from_secs(1),
+            terminate_grace: terminate::DEFAULT_GRACE,
             init_untrusted: false,
             break_grace: Duration::from_millis(150),
         }
@@ -148,9 +167,15 @@ impl Default for SessionPolicy {
 pub struct SessionDeps<P: Publish> {
     pub resolver: Arc<dyn ContainerResolver>,
     pub registry: Arc<dyn RegistryLookup>,
+    /// Kills a container whose start step failed and that did not exit.
+    pub terminate: Arc<dyn Terminate>,
     pub dial: DialConfig,
     pub sink: P,
     pub policy: SessionPolicy,
+    /// Leaf rotation (the CA and the registry's leaf writes); `None`
+    /// disables it: CSRs are refused and expired leaves stay
+    /// `cert_invalid`.
+    pub certs: Option<Arc<CertRotation>>,
 }
 
 impl<P: Publish> Clone for SessionDeps<P> {
@@ -158,9 +183,11 @@ impl<P: Publish> Clone for SessionDeps<P> {
         Self {
             resolver: self.resolver.clone(),
             registry: self.registry.clone(),
+            terminate: self.terminate.clone(),
             dial: self.dial.clone(),
             sink: self.sink.clone(),
             policy: self.policy.clone(),
+            certs: self.certs.clone(),
         }
     }
 }
@@ -335,7 +362,6 @@ pub async fn run<P: Publish>(
     live: watch::Sender<Option<LiveSession>>,
     moved: Arc<tokio::sync::Notify>,
 ) -> String {
-    let mut register_rounds = 0u32;
     let mut cycle = 0u32;
     loop {
         cycle += 1;
@@ -375,36 +401,52 @@ pub async fn run<P: Publish>(
             peer_cn: conn.peer.cn.clone(),
             peer_thumbprint: conn.peer.thumbprint,
             chain_verified: conn.peer.chain_verified,
+            leaf_not_after: conn
+                .peer
+                .not_after
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
             at: events::now(),
         });
         tracing::info!(event = "agentdial_session_connected", container_id = %container_id, cycle, attempts, peer_cn = %conn.peer.cn, "session connected");
 
-        let trusted = verdict(&who, &conn, &deps, &mut register_rounds).await;
+        let Verdict { trusted, rotate } = verdict(&who, &target, &conn, &deps).await;
 
         let _ = live.send(Some(LiveSession {
             mux: conn.mux.clone(),
             agent: who.clone(),
             trusted,
         }));
-        if trusted || deps.policy.init_untrusted {
-            init::run(&conn.mux, &who, &deps.sink, deps.policy.init.clone()).await;
-        } else {
-            tracing::warn!(event = "agent_init_withheld", container_id = %container_id, "init withheld from an untrusted agent (the user command stays unreleased)");
-        }
+        let init = start_sequence(&who, &conn, trusted, &deps);
 
-        // Hold: the mux drains unsolicited responses until the stream ends
-        // or the container's address moves.
-        let end = loop {
-            tokio::select! {
-                end = conn.mux.closed() => break Some(end),
-                _ = moved.notified() => {
-                    match deps.resolver.resolve(&container_id).await {
-                        Ok(t) if t.running && t.addr == Some(addr) => continue,
-                        // Moved, or cannot tell: re-establish (which re-checks).
-                        _ => break None,
-                    }
+        // Hold, from the verdict on (concurrently with init, so an expired
+        // leaf is rotated at once): serve leaf rotations until the stream
+        // ends, or until the container's address moves (containment's
+        // quarantine and release), which ends this connection at once.
+        let rotator = Rotator::new(
+            deps.certs.clone(),
+            deps.registry.clone(),
+            deps.sink.clone(),
+            who.clone(),
+            trusted,
+            &conn.peer,
+        );
+        let held = async {
+            let ((), end) = tokio::join!(init, rotation::hold(rotator, &conn.mux, rotate));
+            end
+        };
+        let address_moved = async {
+            loop {
+                moved.notified().await;
+                match deps.resolver.resolve(&container_id).await {
+                    Ok(t) if t.running && t.addr == Some(addr) => continue,
+                    // Moved, or cannot tell: re-establish (which re-checks).
+                    _ => break,
                 }
             }
+        };
+        let end = tokio::select! {
+            end = held => Some(end),
+            () = address_moved => None,
         };
         let _ = live.send(None);
         drop(conn);
@@ -449,13 +491,111 @@ pub async fn run<P: Publish>(
     }
 }
 
+/// The outcome of [`verdict`]: trust, and whether to rotate at once.
+struct Verdict {
+    trusted: bool,
+    rotate: Option<RotationReason>,
+}
+
+/// Decides from the `HelloAck` (and trust) what runs on this session, runs
+/// it, and ends the container if a step failed.
+async fn start_sequence<P: Publish>(
+    who: &AgentRef,
+    conn: &dial::Connection,
+    trusted: bool,
+    deps: &SessionDeps<P>,
+) {
+    let container_id = who.container_id.as_str();
+    let ack = &conn.hello;
+    let decision = plan::decide(ack);
+    let allowed = trusted || deps.policy.init_untrusted;
+    let steps = if allowed {
+        plan::compose(decision, &deps.policy.init.hooks)
+    } else {
+        Vec::new()
+    };
+    let skipped = if decision.init_bypassed {
+        plan_skipped::INIT_BYPASSED
+    } else if !decision.boot {
+        plan_skipped::CMD_RUNNING
+    } else if !allowed {
+        plan_skipped::UNTRUSTED
+    } else {
+        ""
+    };
+    let plans = plan::plans_of(&steps);
+    let plan_names: Vec<&str> = plans.iter().map(|p| p.as_str()).collect();
+    tracing::info!(
+        event = "agent_plan_decided",
+        container_id,
+        initialized = ack.initialized,
+        cmd_running = ack.cmd_running,
+        plans = ?plan_names,
+        skipped,
+        "start plans decided"
+    );
+    match skipped {
+        plan_skipped::INIT_BYPASSED => tracing::warn!(
+            event = "agent_init_bypassed",
+            container_id,
+            "the user command runs but the init marker is missing; nothing runs"
+        ),
+        plan_skipped::UNTRUSTED => tracing::warn!(
+            event = "agent_init_withheld",
+            container_id,
+            "init withheld from an untrusted agent (the user command stays unreleased)"
+        ),
+        _ => {}
+    }
+    deps.sink.publish(events::PlanDecided {
+        agent: who.clone(),
+        initialized: ack.initialized,
+        cmd_running: ack.cmd_running,
+        plans,
+        skipped: skipped.to_owned(),
+        at: events::now(),
+    });
+    if steps.is_empty() {
+        return;
+    }
+    let outcome = init::run(&conn.mux, who, &deps.sink, deps.policy.init.clone(), steps).await;
+    let InitOutcome::Failed {
+        plan,
+        step,
+        failure,
+    } = outcome
+    else {
+        return;
+    };
+    // A broken transport is the session's problem (it reconnects), not the
+    // step's; `keep_on_init_failure` keeps the container for inspection.
+    if deps.policy.init.keep_on_failure
+        || failure.reason == events::InitFailureReason::TransportError
+    {
+        return;
+    }
+    // Its own task: the container's `die` aborts this session's task.
+    tokio::spawn(terminate::end_container(
+        Termination {
+            agent: who.clone(),
+            plan,
+            step,
+            failure,
+        },
+        deps.resolver.clone(),
+        deps.terminate.clone(),
+        deps.sink.clone(),
+        deps.policy.terminate_grace,
+    ));
+}
+
 /// Decides trust for this session and publishes the agent-axis events.
 async fn verdict<P: Publish>(
     who: &AgentRef,
+    target: &ResolvedTarget,
     conn: &dial::Connection,
     deps: &SessionDeps<P>,
-    register_rounds: &mut u32,
-) -> bool {
+) -> Verdict {
     let container_id = who.container_id.as_str();
     let untrusted = |reason: UntrustedReason, detail: String| {
         tracing::warn!(event = "agent_untrusted", container_id, reason = reason.as_str(), detail = %detail, "agent untrusted");
@@ -465,50 +605,71 @@ async fn verdict<P: Publish>(
             detail,
             at: events::now(),
         });
-        false
+        Verdict {
+            trusted: false,
+            rotate: None,
+        }
     };
-    let trusted = || {
+    let trusted = |rotate: Option<RotationReason>| {
         deps.sink.publish(events::AgentTrusted {
             agent: who.clone(),
+            rotations: deps.registry.leaf_state(container_id).rotations,
             at: events::now(),
         });
-        true
+        Verdict {
+            trusted: true,
+            rotate,
+        }
     };
-    if !conn.peer.chain_verified {
-        let detail = format!(
+    let chain_detail = || {
+        format!(
             "chain verify: {}",
             conn.peer.chain_error.as_deref().unwrap_or("unknown")
-        );
-        return untrusted(UntrustedReason::CertInvalid, detail);
+        )
+    };
+    // An expired leaf of our CA is judged against its row (DESIGN §13);
+    // anything else that fails the chain is cert_invalid, as always.
+    let certs = deps.certs.as_ref();
+    let expired = !conn.peer.chain_verified && conn.peer.expired_only && certs.is_some();
+    if !conn.peer.chain_verified && !expired {
+        return untrusted(UntrustedReason::CertInvalid, chain_detail());
     }
-    match classify::classify(
+    let also_expired = |d: &str| {
+        if expired {
+            format!(
+                "{d}{}{}",
+                if d.is_empty() { "" } else { "; " },
+                chain_detail()
+            )
+        } else {
+            d.to_owned()
+        }
+    };
+    let entry = match classify::classify(
         deps.registry.as_ref(),
         container_id,
         &conn.peer.cn,
         &conn.peer.thumbprint,
     ) {
-        Classification::Match(_) => trusted(),
-        Classification::ThumbprintMismatch => {
-            untrusted(UntrustedReason::CertThumbprintMismatch, String::new())
+        Classification::Match(entry) => entry,
+        Classification::PendingMatch(entry, pending) => {
+            promote_pending(who, deps, &pending).await.unwrap_or(entry)
         }
-        Classification::CnMismatch => untrusted(UntrustedReason::CertCnMismatch, String::new()),
-        Classification::NotQueried(d) => untrusted(UntrustedReason::CertInvalid, d),
+        Classification::ThumbprintMismatch => {
+            return untrusted(UntrustedReason::CertThumbprintMismatch, also_expired(""));
+        }
+        Classification::CnMismatch => {
+            return untrusted(UntrustedReason::CertCnMismatch, also_expired(""));
+        }
+        Classification::NotQueried(d) => return untrusted(UntrustedReason::CertInvalid, d),
+        Classification::Miss if expired => {
+            return untrusted(
+                UntrustedReason::CertInvalid,
+                also_expired("no registry row, and an expired leaf cannot Register"),
+            );
+        }
         Classification::Miss => {
-            let result = if *register_rounds >= deps.policy.max_register_attempts {
-                Err(register::RegisterFailure::Exhausted(
-                    deps.policy.max_register_attempts,
-                ))
-            } else {
-                *register_rounds += 1;
-                register::drive(
-                    &conn.mux,
-                    deps.registry.as_ref(),
-                    container_id,
-                    deps.policy.register_timeout,
-                )
-                .await
-            };
-            match result {
+            return match register_rounds(container_id, conn, deps).await {
                 Ok(()) => {
                     tracing::info!(event = "agent_registered", container_id, "agent registered");
                     deps.sink.publish(events::AgentRegistered {
@@ -517,7 +678,7 @@ async fn verdict<P: Publish>(
                         reason: String::new(),
                         at: events::now(),
                     });
-                    trusted()
+                    trusted(None)
                 }
                 Err(failure) => {
                     let reason = failure.to_string();
@@ -530,7 +691,140 @@ async fn verdict<P: Publish>(
                     });
                     untrusted(UntrustedReason::RegisterFailed, reason)
                 }
-            }
+            };
         }
+    };
+    if !expired {
+        return trusted(None);
+    }
+    // An expired leaf of ours, matching its row: within the staleness bound,
+    // and when the runtime's facts agree with the row, trust it and rotate
+    // at once. (The address agrees by construction: we dialed the one the
+    // runtime reports for this container.)
+    let Some(certs) = certs else {
+        return untrusted(UntrustedReason::CertInvalid, chain_detail());
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let not_after = conn.peer.not_after.unwrap_or(i64::MIN);
+    match rotation::assess_expiry(now, not_after, certs.config.stale_after) {
+        Expiry::Stale { expired_for } => untrusted(
+            UntrustedReason::CertExpired,
+            format!(
+                "leaf expired {}s ago, past the {}s staleness bound",
+                expired_for.as_secs(),
+                certs.config.stale_after.as_secs()
+            ),
+        ),
+        Expiry::Valid | Expiry::Renewable { .. } => {
+            let leaf_container = classify::leaf_container_id(&conn.peer.leaf_der);
+            if leaf_container.as_deref() != Some(container_id) {
+                return untrusted(
+                    UntrustedReason::CertInvalid,
+                    also_expired("expired leaf: its SAN names another container"),
+                );
+            }
+            if target.agent != entry.agent_name || target.project != entry.project {
+                return untrusted(
+                    UntrustedReason::CertInvalid,
+                    also_expired(
+                        "expired leaf: the container's labels disagree with its registry row",
+                    ),
+                );
+            }
+            tracing::info!(
+                event = "agent_expired_leaf_trusted",
+                container_id,
+                not_after,
+                "expired leaf matches its row; trusting it and rotating at once"
+            );
+            trusted(Some(RotationReason::Expired))
+        }
+    }
+}
+
+/// Promotes a staged leaf the agent turned out to be using (its rotation's
+/// `Done` never reached us). Returns the row as promoted.
+async fn promote_pending<P: Publish>(
+    who: &AgentRef,
+    deps: &SessionDeps<P>,
+    pending: &crate::registry::PendingLeaf,
+) -> Option<crate::registry::Entry> {
+    let certs = deps.certs.as_ref()?;
+    let reason = RotationReason::parse(&pending.reason).unwrap_or(RotationReason::HalfLife);
+    let now = time::OffsetDateTime::now_utc();
+    match certs
+        .rows
+        .promote(&who.container_id, pending.thumbprint, now.unix_timestamp())
+        .await
+    {
+        Ok(p) => {
+            tracing::info!(event = "agent_cert_promoted_on_reconnect", container_id = %who.container_id, "agent presented its staged leaf; promoted");
+            deps.sink.publish(events::CertRotated {
+                agent: who.clone(),
+                old: p.old,
+                new: pending.thumbprint,
+                not_after: time::OffsetDateTime::from_unix_timestamp(pending.not_after_unix)
+                    .unwrap_or(now),
+                reason,
+                rotations: p.state.rotations,
+                duration: Duration::ZERO,
+                at: events::now(),
+            });
+            Some(p.entry)
+        }
+        Err(e) => {
+            // The leaf is ours and names this row: trust stays; the next
+            // session promotes it.
+            tracing::warn!(event = "agent_cert_promote_failed", container_id = %who.container_id, error = %e, "promoting the staged leaf failed");
+            deps.sink.publish(events::CertRotationFailed {
+                agent: who.clone(),
+                reason,
+                detail: e.to_string(),
+                at: events::now(),
+            });
+            None
+        }
+    }
+}
+
+/// Up to `max_register_attempts` Register rounds on this session, with a
+/// doubling pause, as long as the failure is retryable.
+async fn register_rounds<P: Publish>(
+    container_id: &str,
+    conn: &dial::Connection,
+    deps: &SessionDeps<P>,
+) -> Result<(), register::RegisterFailure> {
+    let max = deps.policy.max_register_attempts;
+    if max == 0 {
+        return Err(register::RegisterFailure::Exhausted(0));
+    }
+    let mut pause = deps.policy.register_retry_backoff;
+    let mut round = 1;
+    loop {
+        let result = register::drive(
+            &conn.mux,
+            deps.registry.as_ref(),
+            container_id,
+            deps.policy.register_timeout,
+        )
+        .await;
+        let failure = match result {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
+        if round >= max || !failure.retryable() {
+            return Err(failure);
+        }
+        tracing::info!(
+            event = "agent_register_retry",
+            container_id,
+            round,
+            retry_in_ms = pause.as_millis() as u64,
+            reason = %failure,
+            "register failed transiently; retrying on this session"
+        );
+        tokio::time::sleep(pause).await;
+        pause = pause.saturating_mul(2);
+        round += 1;
     }
 }

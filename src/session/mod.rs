@@ -10,7 +10,11 @@
 //!   verdict, "the container moved");
 //! - [`classify`]: registry verdict on a connected peer;
 //! - [`register`]: drives RegisterRequired → RegisterDone → re-lookup;
-//! - [`init`]: the 7-step init plan and its executor;
+//! - [`plan`]: the decision table (`HelloAck` → init / boot / nothing)
+//!   and the steps of each plan, with the user's hooks;
+//! - [`init`]: the executor of a start sequence and its events;
+//! - [`terminate`]: ending a container whose start step failed;
+//! - [`rotation`]: leaf rotation over the open session (the hold phase);
 //! - [`lifecycle`]: the whole life of one session, reconnects included;
 //! - [`actor`]: `SessionActor` per container, the `sessions` supervisor
 //!   and [`Sessions`], the front door (dial, stop, live session).
@@ -23,7 +27,10 @@ pub mod dial;
 pub mod init;
 pub mod lifecycle;
 pub mod mux;
+pub mod plan;
 pub mod register;
+pub mod rotation;
 pub mod stream;
+pub mod terminate;
 
 pub use actor::Sessions;

@@ -5,7 +5,9 @@
 //! whoever issued that command id (Register, an init step, a containment
 //! command), so there are never two receivers on one stream — the invariant
 //! the reference had to guard by hand. Responses nobody waits for are
-//! drained and logged, which is the "hold" phase of a session.
+//! drained and logged, which is the "hold" phase of a session — except a
+//! certificate signing request clawkerd sends on its own (a `renew-…` id),
+//! which goes to whoever took [`SessionMux::take_unsolicited`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,32 @@ impl StreamEnd {
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Response>>>>;
 
+/// clawkerd's own renewal CSRs waiting for the session to take them. One at
+/// a time is normal; a peer flooding them loses the excess (it retries).
+const UNSOLICITED_QUEUE: usize = 4;
+/// Longest command id accepted on an unsolicited response.
+pub const MAX_UNSOLICITED_ID: usize = 64;
+
+/// Whether an unrouted response is one the session handles: a CSR on a
+/// bounded `renew-…` id (clawkerd's own renewals; see `session::rotation`).
+fn is_unsolicited_csr(r: &Response) -> bool {
+    matches!(r.payload, Some(response::Payload::Csr(_)))
+        && r.command_id.starts_with("renew-")
+        && r.command_id.len() <= MAX_UNSOLICITED_ID
+}
+
+/// At most `max` bytes of a peer string, cut on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Errors issuing a command on the session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MuxError {
@@ -51,6 +79,7 @@ pub struct SessionMux {
     tx: mpsc::Sender<Command>,
     routes: Routes,
     ended: watch::Receiver<Option<StreamEnd>>,
+    unsolicited: Arc<Mutex<Option<mpsc::Receiver<Response>>>>,
 }
 
 impl std::fmt::Debug for SessionMux {
@@ -98,8 +127,25 @@ impl SessionMux {
     {
         let routes: Routes = Arc::default();
         let (ended_tx, ended) = watch::channel(None);
-        tokio::spawn(read_loop(responses, routes.clone(), ended_tx));
-        Self { tx, routes, ended }
+        let (unsolicited_tx, unsolicited) = mpsc::channel(UNSOLICITED_QUEUE);
+        tokio::spawn(read_loop(
+            responses,
+            routes.clone(),
+            ended_tx,
+            unsolicited_tx,
+        ));
+        Self {
+            tx,
+            routes,
+            ended,
+            unsolicited: Arc::new(Mutex::new(Some(unsolicited))),
+        }
+    }
+
+    /// The queue of clawkerd's unsolicited renewal CSRs; the first caller
+    /// gets it (the session's rotation driver), later callers `None`.
+    pub fn take_unsolicited(&self) -> Option<mpsc::Receiver<Response>> {
+        self.unsolicited.lock().ok().and_then(|mut u| u.take())
     }
 
     /// Registers a route for `id` and sends `cmd` (whose id must be `id`).
@@ -151,8 +197,12 @@ impl SessionMux {
     }
 }
 
-async fn read_loop<S>(mut responses: S, routes: Routes, ended: watch::Sender<Option<StreamEnd>>)
-where
+async fn read_loop<S>(
+    mut responses: S,
+    routes: Routes,
+    ended: watch::Sender<Option<StreamEnd>>,
+    unsolicited: mpsc::Sender<Response>,
+) where
     S: Stream<Item = Result<Response, tonic::Status>> + Unpin,
 {
     let end = loop {
@@ -168,9 +218,19 @@ where
                     Some(tx) => {
                         let _ = tx.send(resp);
                     }
+                    None if is_unsolicited_csr(&resp) => {
+                        if let Err(e) = unsolicited.try_send(resp) {
+                            let resp = e.into_inner();
+                            tracing::warn!(
+                                event = "agentdial_unsolicited_dropped",
+                                command_id = %clip(&resp.command_id, MAX_UNSOLICITED_ID),
+                                "renewal CSR dropped (queue full or nobody holding the session)"
+                            );
+                        }
+                    }
                     None => tracing::debug!(
                         event = "agentdial_unexpected_response",
-                        command_id = %resp.command_id,
+                        command_id = %clip(&resp.command_id, MAX_UNSOLICITED_ID),
                         payload = payload_name(&resp),
                         "discarding unsolicited response"
                     ),
@@ -277,6 +337,35 @@ mod tests {
         );
         drop(b);
         assert!(mux.route("b").is_ok(), "dropping replies frees the id");
+    }
+
+    #[tokio::test]
+    async fn unsolicited_renewal_csrs_reach_the_taker_and_nothing_else_does() {
+        let (mux, peer) = pair();
+        let mut rx = mux.take_unsolicited().unwrap();
+        assert!(mux.take_unsolicited().is_none(), "one taker");
+        let csr = |id: &str| {
+            resp(
+                id,
+                response::Payload::Csr(pb::CertSigningRequest {
+                    csr_der: vec![1, 2].into(),
+                    reason: "half_life".into(),
+                }),
+            )
+        };
+        peer.responses.send(csr("init-1")).unwrap(); // not a renewal id
+        peer.responses
+            .send(csr(&format!("renew-{}", "x".repeat(80))))
+            .unwrap(); // too long
+        peer.responses
+            .send(resp("renew-9", response::Payload::Started(pb::Started {})))
+            .unwrap(); // not a CSR
+        peer.responses.send(csr("renew-1")).unwrap();
+        let got = rx.recv().await.unwrap();
+        assert_eq!(got.command_id, "renew-1");
+        assert!(rx.try_recv().is_err(), "only the renewal CSR was queued");
+        assert_eq!(clip("héllo", 2), "h");
+        assert_eq!(clip("abc", 10), "abc");
     }
 
     #[tokio::test]

@@ -44,6 +44,53 @@ pub enum RegisterFailure {
     Exhausted(u32),
 }
 
+impl RegisterFailure {
+    /// Whether another round in the same session may succeed: the CP or
+    /// the container runtime was briefly unavailable, clawkerd did not
+    /// answer in time, or the registry could not be read. Identity
+    /// failures (PermissionDenied, a refused assertion) and a broken
+    /// session are not retried: the former would fail the same way, the
+    /// latter has no session to retry on.
+    ///
+    /// clawkerd reports its failure as text (`RegisterDone.error`, whose
+    /// formats the reference fixes, `clawkerd.md` §9.3), so the gRPC code
+    /// and the token endpoint's outcome are read from it; both clawkerd
+    /// generations write the same `rpc error: code = <Code> desc = …`.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Timeout | Self::Lookup(_) => true,
+            Self::Reported(text) => reported_is_transient(text),
+            Self::Send(_)
+            | Self::StreamEnded
+            | Self::Rejected { .. }
+            | Self::ReportedWithoutReason
+            | Self::RowMissing
+            | Self::Exhausted(_) => false,
+        }
+    }
+}
+
+/// Transient outcomes in clawkerd's `RegisterDone.error` text.
+fn reported_is_transient(text: &str) -> bool {
+    const TRANSIENT_CODES: [&str; 4] = [
+        "code = Unavailable ",
+        "code = DeadlineExceeded ",
+        "code = ResourceExhausted ",
+        "code = Aborted ",
+    ];
+    if let Some(rest) = text.strip_prefix("AgentService.Register: rpc error: ") {
+        return TRANSIENT_CODES.iter().any(|c| rest.starts_with(c));
+    }
+    if let Some(rest) = text.strip_prefix("hydra token exchange: ") {
+        // No HTTP answer at all, a body that did not arrive, or a 5xx: the
+        // CP's token endpoint was not there or failed before spending.
+        return rest.starts_with("post to ")
+            || rest.starts_with("read response: ")
+            || rest.starts_with("hydra returned 5");
+    }
+    text.starts_with("dial CP agent listener: ")
+}
+
 /// Runs one Register round.
 pub async fn drive(
     mux: &SessionMux,
@@ -222,6 +269,36 @@ mod tests {
             assert_eq!(got.map_err(|e| e.to_string()), Err(want.to_owned()));
             drop(h);
         }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_identity_failures_are_not() {
+        let reported = |t: &str| RegisterFailure::Reported(t.into());
+        for t in [
+            "AgentService.Register: rpc error: code = Unavailable desc = register: container runtime unavailable",
+            "AgentService.Register: rpc error: code = DeadlineExceeded desc = context deadline exceeded",
+            "hydra token exchange: post to https://10.0.0.1:7444/oauth2/token: connection refused",
+            "hydra token exchange: hydra returned 500 Internal Server Error: {}",
+            "hydra token exchange: read response: timeout",
+            "dial CP agent listener: timeout",
+        ] {
+            assert!(reported(t).retryable(), "{t}");
+        }
+        for t in [
+            "AgentService.Register: rpc error: code = PermissionDenied desc = register: identity check failed",
+            "AgentService.Register: rpc error: code = Unauthenticated desc = token inactive or invalid",
+            "hydra token exchange: hydra returned 400 Bad Request: {\"error\":\"invalid_grant\"}",
+            "hydra token exchange: hydra returned 401 Unauthorized: {}",
+            "CLAWKER_CP_TOKEN_URL unset; cannot exchange assertion",
+            "something else code = Unavailable desc = x",
+        ] {
+            assert!(!reported(t).retryable(), "{t}");
+        }
+        assert!(RegisterFailure::Timeout.retryable());
+        assert!(RegisterFailure::Lookup("io".into()).retryable());
+        assert!(!RegisterFailure::StreamEnded.retryable());
+        assert!(!RegisterFailure::RowMissing.retryable());
+        assert!(!RegisterFailure::Exhausted(3).retryable());
     }
 
     #[tokio::test]

@@ -84,6 +84,17 @@ impl TestPki {
         }
     }
 
+    /// clawkerd's state dir for this test (`CLAWKERD_STATE_DIR`): the init
+    /// marker lives here, so a respawned clawkerd is a restarted container.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The init marker clawkerd writes on `AgentInitialized`.
+    pub fn init_marker(&self) -> PathBuf {
+        self.state_dir().join("agent-initialized")
+    }
+
     /// A leaf signed by this CA from an arbitrary spec (bad-peer tests).
     pub fn issue(&self, spec: &LeafSpec) -> CertifiedKey {
         self.ca.issue(spec).expect("issue")
@@ -185,6 +196,9 @@ impl Clawkerd {
             .env("CLAWKER_PASSWD_FILE", &pki.passwd)
             .env("CLAWKER_GROUP_FILE", &pki.group)
             .env("CLAWKER_READY_FILE", pki.scratch.join("ready"))
+            // Never the host's /var/lib/clawker: the init marker (and
+            // whatever else clawkerd keeps) stays in this test's tempdir.
+            .env("CLAWKERD_STATE_DIR", pki.state_dir())
             .env("CLAWKER_LOG_FILE", "-")
             .env_remove("CLAWKER_USER")
             .env_remove("CLAWKER_CP_TOKEN_URL")

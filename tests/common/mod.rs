@@ -6,6 +6,8 @@
 //!   loopback, the PKI and bootstrap dir it boots with, its captured logs.
 //! - [`cp_client`]: the CP side of a clawkerd connection (real mTLS,
 //!   `Session` streams) and the command builders.
+//! - [`swarm`]: a private Docker Swarm (scripts/swarm-cluster) and the CP
+//!   deployed on it as a service, observed through its audit log.
 //! - [`agent_api`]: the CP's agent listener (Register + token endpoint) on
 //!   loopback with a real redb file, and clients for it.
 //! - [`pty`]: a real pseudo-terminal to drive the CLI as a person would.
@@ -23,6 +25,7 @@ pub mod clawkerd;
 pub mod cp_client;
 pub mod docker_env;
 pub mod pty;
+pub mod swarm;
 
 // A binary that uses none of a submodule's items would call its glob unused.
 #[allow(unused_imports)]

@@ -409,6 +409,7 @@ mod tests {
             UntrustedReason::CertInvalid,
             UntrustedReason::CertCnMismatch,
             UntrustedReason::RegisterFailed,
+            UntrustedReason::CertExpired,
         ] {
             assert_eq!(c.ladder(Trigger::Untrusted(r)), vec![A::Alert, A::Isolate]);
         }
