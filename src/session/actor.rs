@@ -32,7 +32,8 @@ pub const SESSIONS_SUPERVISOR: &str = "sessions";
 /// The bus as one session sees it: once the session has ended (a
 /// terminal `SessionFailed`, published by the lifecycle task or by the
 /// actor when Docker says the container is gone), nothing more from this
-/// session reaches the bus. The lock is held while publishing, so exactly
+/// session reaches the bus (but the `AgentTerminated` of a teardown the
+/// session started). The lock is held while publishing, so exactly
 /// one terminal event is published, and nothing after it.
 #[derive(Clone)]
 pub struct SessionSink {
@@ -67,7 +68,11 @@ impl Publish for SessionSink {
         let Ok(mut ended) = self.ended.lock() else {
             return false;
         };
-        if *ended {
+        // `AgentTerminated` reports the teardown a failed start step began
+        // (session::terminate, on its own task): the container's `die`
+        // ends the session first, and the teardown's outcome must still
+        // be told.
+        if *ended && E::NAME != events::AgentTerminated::NAME {
             return false;
         }
         if E::NAME == events::SessionFailed::NAME {
