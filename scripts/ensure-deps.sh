@@ -11,9 +11,11 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-# The Swarm-mode tests start private dockerds in network namespaces.
+# Private dockerds in network namespaces (the Swarm-mode tests, the fault
+# suite's scripts/private-engine.sh): ip netns, nsenter/unshare, mount (tmpfs).
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if ((${#need[@]})); then
   echo "ensure-deps: installing ${need[*]}" >&2
   apt-get update -qq

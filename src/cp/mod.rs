@@ -112,6 +112,24 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         })?
         .ca;
 
+    // Health endpoints first: while the CP waits for its engine, /healthz
+    // answers and /readyz says 503 (docker not ready).
+    let shutdown = CancellationToken::new();
+    let readiness = crate::policy::health::Readiness::new();
+    let metrics = crate::policy::metrics::Metrics::new();
+    if let Err(e) = metrics.install_global() {
+        // A second CP in one process (tests): keep the first recorder.
+        tracing::debug!(error = %e, "metrics recorder already installed");
+    }
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
+        cfg.metrics_addr,
+        metrics.handle(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+
     let backend = runtime::connect(cfg).await?;
     let docker = backend.docker.clone();
 
@@ -120,15 +138,8 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         RegistryStore::open(&cfg.registry_path())
             .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
     )?;
-    let shutdown = CancellationToken::new();
-    let readiness = crate::policy::health::Readiness::new();
     readiness.set_bus(true);
     readiness.set_registry(true);
-    let metrics = crate::policy::metrics::Metrics::new();
-    if let Err(e) = metrics.install_global() {
-        // A second CP in one process (tests): keep the first recorder.
-        tracing::debug!(error = %e, "metrics recorder already installed");
-    }
 
     // Listener caps must leave most descriptors to what the CP opens
     // itself (sessions, Docker, redb), so a flood cannot starve them.
@@ -225,14 +236,6 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
-    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics(
-        cfg.metrics_addr,
-        metrics.handle(),
-        readiness.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
     // The CP's own certificates: warn 30 days before they expire.
     tokio::spawn(certs::watch(paths.clone(), bus.clone(), shutdown.clone()));
     // Readiness follows the Docker events stream.
@@ -451,7 +454,14 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
         if let Err(error) = crate::listen::fd::raise_nofile() {
             tracing::warn!(%error, "could not raise the descriptor limit");
         }
-        let cp = start(&cfg).await?;
+        // Startup may wait for the Docker engine; a signal meanwhile ends it.
+        let cp = tokio::select! {
+            cp = start(&cfg) => cp?,
+            _ = wait_for_signal() => {
+                tracing::info!("shutting down before startup completed");
+                return Ok(());
+            }
+        };
         tracing::info!(
             agent_api = %cp.agent_api_addr,
             admin_api = %cfg.admin_addr,

@@ -324,7 +324,9 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7080)),
-            refresh_ms: 2000,
+            // Sub-second: `clawker_sessions` must say what is true within
+            // a second of a session ending (issue 15).
+            refresh_ms: 500,
         }
     }
 }
