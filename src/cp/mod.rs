@@ -103,14 +103,16 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     // The CA key signs agents' renewal CSRs (leaf rotation). It is read
     // into this process's memory only and never leaves it: no API returns
     // it and no container receives it (DESIGN §13, ARCHITECTURE "pki").
-    let ca = crate::pki::AuthMaterial::load(&cfg.state_dir)
-        .with_context(|| {
-            format!(
-                "loading the CA from {} (run `clawker ca init` first)",
-                cfg.state_dir.display()
-            )
-        })?
-        .ca;
+    // Only the CA: in Swarm mode the CP's volume has no CLI keys.
+    let ca = {
+        let cert = read(paths.ca_cert())?;
+        let key = read(paths.ca_key())?;
+        crate::pki::Ca::load(
+            &String::from_utf8_lossy(&cert),
+            &String::from_utf8_lossy(&key),
+        )
+        .with_context(|| format!("loading the CA from {}", paths.ca_cert().display()))?
+    };
 
     // Health endpoints first: while the CP waits for its engine, /healthz
     // answers and /readyz says 503 (docker not ready).
