@@ -390,7 +390,7 @@ fn clawkerd_log_bytes(id: &str) -> u64 {
             id,
             "sh",
             "-c",
-            "cat /var/lib/clawker/clawkerd.log* | wc -c",
+            "cat /var/lib/clawker/log/clawkerd.log* | wc -c",
         ],
     );
     out.trim().parse().unwrap_or(0)
@@ -399,7 +399,7 @@ fn clawkerd_log_bytes(id: &str) -> u64 {
 fn clawkerd_log(id: &str) -> Vec<serde_json::Value> {
     let (_, out) = sh(
         "docker",
-        &["exec", id, "cat", "/var/lib/clawker/clawkerd.log"],
+        &["exec", id, "cat", "/var/lib/clawker/log/clawkerd.log"],
     );
     out.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
