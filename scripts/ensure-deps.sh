@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs and starts what the build and the tests need on a fresh Debian
 # machine (as root): Docker engine + iptables, a static busybox for the agent
-# image, openssl for chain checks, iproute2 and util-linux (nsenter,
-# unshare) for the private swarms of the Swarm-mode tests. Idempotent;
-# quiet when all is present.
+# image, openssl for chain checks, nftables (the CP's `lock`, agent-port
+# guard and quarantine host guard run `nft`), iproute2 and util-linux
+# (nsenter, unshare) for the private engines of the Swarm-mode and fault
+# tests. Idempotent; quiet when all is present.
 set -euo pipefail
 
 need=()
@@ -11,9 +12,13 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-# The Swarm-mode tests start private dockerds in network namespaces.
+# Containment installs nftables rules with the `nft` binary (src/netns/nft.rs).
+[ -x /usr/sbin/nft ] || command -v nft >/dev/null 2>&1 || need+=(nftables)
+# Private dockerds in network namespaces (the Swarm-mode tests, the fault
+# suite's scripts/private-engine.sh): ip netns, nsenter/unshare, mount (tmpfs).
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if ((${#need[@]})); then
   echo "ensure-deps: installing ${need[*]}" >&2
   apt-get update -qq

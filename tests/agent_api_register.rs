@@ -170,7 +170,7 @@ async fn a_docker_api_error_and_a_registry_fault_are_unavailable() {
     assert_status(
         h.register(Some(&leaf), Some(&token), "web", "dev").await,
         Code::Unavailable,
-        "register: persist failed",
+        "register: the registry cannot persist right now (storage); retry later",
     );
     assert!(h.registry.snapshot().is_empty());
     h.register(Some(&leaf), Some(&token), "web", "dev")

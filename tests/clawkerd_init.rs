@@ -211,6 +211,7 @@ fn exit_code_is_the_childs_or_128_plus_signal() {
         let mut d = Clawkerd::spawn_with(&pki, opts(&args));
         rt.block_on(agent_ready_ok(&d, &pki, "ar"));
         if let Some(sig) = signal {
+            d.wait_user_command(Duration::from_secs(10));
             d.signal(sig);
         }
         assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(want), "{args:?}");

@@ -390,7 +390,7 @@ fn clawkerd_log_bytes(id: &str) -> u64 {
             id,
             "sh",
             "-c",
-            "cat /var/log/clawker/clawkerd.log* | wc -c",
+            "cat /var/lib/clawker/log/clawkerd.log* | wc -c",
         ],
     );
     out.trim().parse().unwrap_or(0)
@@ -399,7 +399,7 @@ fn clawkerd_log_bytes(id: &str) -> u64 {
 fn clawkerd_log(id: &str) -> Vec<serde_json::Value> {
     let (_, out) = sh(
         "docker",
-        &["exec", id, "cat", "/var/log/clawker/clawkerd.log"],
+        &["exec", id, "cat", "/var/lib/clawker/log/clawkerd.log"],
     );
     out.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -831,9 +831,14 @@ async fn a_flooding_agent_is_refused_and_the_cp_keeps_serving() {
         rejection_lines <= 2 * per_sec_budget,
         "{rejection_lines} rejection lines"
     );
+    // The CP guards clawkerd's port in each agent's namespace (only the
+    // CP's addresses), so the storm is normally dropped before the victim's
+    // clawkerd sees a byte and it logs nothing; where the guard is missing,
+    // clawkerd's own rate limit must have suppressed the rejections. The
+    // log-rate bound below holds either way.
     assert!(
-        suppressed > 0,
-        "nothing was suppressed: the storm did not reach the victim"
+        suppressed > 0 || rejection_lines == 0,
+        "{rejection_lines} rejection lines and nothing suppressed"
     );
     assert!(
         log_rate < 2048.0,

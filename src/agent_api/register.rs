@@ -324,6 +324,22 @@ impl RegisterService {
                 );
                 return Err(Status::unavailable("register: persist failed"));
             }
+            Err(error) if error.is_retryable() => {
+                // A full disk or an I/O error: nothing was written and the
+                // registry reopens its file before the next write, so the
+                // agent's retry can succeed — say so (UNAVAILABLE is the
+                // retryable gRPC code), rather than a final INTERNAL.
+                tracing::error!(
+                    event = "agent_register_add_failed",
+                    %error,
+                    container_id = %container_id,
+                    retryable = true,
+                    "registry add failed"
+                );
+                return Err(Status::unavailable(
+                    "register: the registry cannot persist right now (storage); retry later",
+                ));
+            }
             Err(error) => {
                 tracing::error!(
                     event = "agent_register_add_failed",

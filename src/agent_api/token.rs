@@ -203,11 +203,13 @@ impl OAuthError {
     }
 
     /// 401 for a failed client authentication, 500 for our own failure,
+    /// 503 for a transient one (retry later: the assertion was not spent),
     /// 400 otherwise.
     pub fn status(&self) -> u16 {
         match self.error {
             "invalid_client" => 401,
             "server_error" => 500,
+            "temporarily_unavailable" => 503,
             _ => 400,
         }
     }
@@ -416,6 +418,15 @@ impl TokenIssuer {
                 return Err(OAuthError::new(
                     "invalid_grant",
                     "client_assertion has already been used (jti replay)",
+                ));
+            }
+            Err(e) if e.is_retryable() => {
+                // Storage trouble (a full disk): nothing was spent, so the
+                // same assertion may be presented again once it clears.
+                tracing::error!(error = %e, "oauth2: recording spent jti failed (storage); retryable");
+                return Err(OAuthError::new(
+                    "temporarily_unavailable",
+                    "the registry cannot record the assertion right now; retry later",
                 ));
             }
             Err(e) => {

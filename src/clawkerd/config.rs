@@ -36,7 +36,9 @@ pub mod env {
     /// Ready marker override; default `/var/run/clawker/ready`.
     pub const READY_FILE: &str = "CLAWKER_READY_FILE";
     /// Log destination: a file path, or `-` for stderr. Default
-    /// `/var/log/clawker/clawkerd.log` (kept off the user's terminal).
+    /// `/var/lib/clawker/log/clawkerd.log` (what `agent run` sets too,
+    /// `defaults::agent_paths::LOG_FILE`): the state volume, writable under the
+    /// hardened read-only root (and kept off the user's terminal).
     pub const LOG_FILE: &str = "CLAWKER_LOG_FILE";
     /// Size of the log file before it rotates to `<file>.1` (bytes);
     /// default 8 MiB, so at most 16 MiB of log is ever on disk.
@@ -57,7 +59,7 @@ pub mod env {
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:7700";
 pub const DEFAULT_USER: &str = "claude";
 pub const DEFAULT_READY_FILE: &str = "/var/run/clawker/ready";
-pub const DEFAULT_LOG_FILE: &str = "/var/log/clawker/clawkerd.log";
+pub const DEFAULT_LOG_FILE: &str = "/var/lib/clawker/log/clawkerd.log";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/clawker";
 /// The init marker's file name inside the state dir (reference
 /// `head-lifecycle.md` §1.2: `/var/lib/clawker/agent-initialized`).

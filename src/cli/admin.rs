@@ -260,8 +260,11 @@ fn worldview_table(view: &Value) -> String {
     let rows: Vec<Vec<String>> = agents
         .values()
         .map(|a| {
-            let trust = if a["trust"]["trusted"].as_bool().unwrap_or(true) {
+            let trust = if a["trust"]["trusted"].as_bool().unwrap_or(false) {
                 "trusted".to_owned()
+            } else if a["trust"]["at"].is_null() && a["trust"]["reason"].is_null() {
+                // No decision yet in this session (connecting, or never connected).
+                "pending".to_owned()
             } else {
                 format!("untrusted:{}", or_dash(str_at(a, &["trust", "reason"])))
             };
@@ -419,6 +422,10 @@ mod tests {
                        "session_status": "failed", "registered": false,
                        "trust": {"trusted": false, "reason": "cert_invalid"},
                        "init": {"status": "unknown"}},
+                "c3": {"container_id": "c3", "agent": "y", "project": "web",
+                       "session_status": "connecting", "registered": false,
+                       "trust": {"trusted": false, "reason": null, "at": null},
+                       "init": {"status": "unknown"}},
             }
         });
         let t = worldview_table(&view);
@@ -426,8 +433,12 @@ mod tests {
         assert!(t.contains("LEAF EXPIRES"), "{t}");
         assert!(t.contains("2030-01-01T00:00:10Z  12"), "{t}");
         assert!(t.contains("untrusted:cert_invalid"), "{t}");
-        assert!(t.ends_with("2 agent(s), 0 container(s) known\n"), "{t}");
-        assert_eq!(session_counts(&view), "connected=1 failed=1");
+        assert!(
+            t.contains("pending"),
+            "undecided trust is shown as pending: {t}"
+        );
+        assert!(t.ends_with("3 agent(s), 0 container(s) known\n"), "{t}");
+        assert_eq!(session_counts(&view), "connected=1 connecting=1 failed=1");
         assert_eq!(session_counts(&json!({})), "none");
     }
 

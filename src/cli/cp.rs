@@ -451,19 +451,28 @@ async fn run(state_dir: &Path, admin_addr: &str, args: RunArgs) -> anyhow::Resul
         )
     })?;
     // Subscribe before the container exists so no event can be missed.
+    // Waiting mode promises to confirm the agent ready: a CP that cannot be
+    // reached is an error before anything is started (exit non-zero), not
+    // a warning followed by success.
     let mut events = if args.no_wait {
         None
     } else {
         let addr = admin_addr
             .parse()
             .with_context(|| format!("--admin-addr {admin_addr:?}"))?;
-        match crate::admin_api::client::AdminClient::connect(state_dir, addr).await {
-            Ok(c) => Some((c.watch_events(vec!["agent.".into()]).await?, c)),
-            Err(e) => {
-                eprintln!("warning: {e}; not waiting for init");
-                None
-            }
-        }
+        let client = crate::admin_api::client::AdminClient::connect(state_dir, addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the control plane at {addr} to wait for init; nothing started \
+                     (start `clawker cp serve`, or pass --no-wait to start without waiting)"
+                )
+            })?;
+        let stream = client
+            .watch_events(vec!["agent.".into()])
+            .await
+            .context("subscribing to the control plane's events; nothing started")?;
+        Some((stream, client))
     };
     let kind = runtime_kind(state_dir, &args.runtime)?;
     let network = args

@@ -1,8 +1,15 @@
 //! Docker events → session actions (reference `cp-session.md` §10.3–10.4):
 //! dial agents on `start|restart|unpause` (and guard their agent port: a
-//! started container has a fresh network namespace), stop their session at once on
-//! `die|stop|kill|oom|destroy` (no broken/reconnect churn for a container
-//! that is gone), evict the identity row on `destroy` only.
+//! started container has a fresh network namespace), end their session at
+//! once on `die|stop|destroy` with `SessionFailed{container_not_running}`
+//! (no broken/reconnect churn for a container that is gone, and no silent
+//! stop either), evict the identity row on `destroy` only. `kill` and
+//! `oom` are not an end: a `docker kill --signal=HUP` or a child process
+//! killed by the OOM killer leaves the container running (a fatal one is
+//! followed by `die`). A managed network `connect`/`disconnect` of a
+//! container wakes its session, which re-checks its address: a session
+//! whose clawker-net endpoint went away breaks at once (instead of when the
+//! keepalive notices) and reconnects the moment the endpoint is back.
 //!
 //! A supervised actor that consumes a bus subscription, so a panic while
 //! handling one event is a supervised restart, not a hand-rolled loop.
@@ -13,7 +20,7 @@ use actix::prelude::*;
 use clawker_actors::{ChildLink, ChildSpec};
 
 use crate::defaults::labels;
-use crate::events::{Bus, DockerAction, DockerEvent, DockerEventOccurred};
+use crate::events::{Bus, DockerAction, DockerEvent, DockerEventOccurred, DockerObject};
 use crate::registry::Registry;
 use crate::runtime::AgentPortGuard;
 use crate::session::Sessions;
@@ -90,11 +97,21 @@ pub enum Action {
     Dial(String),
     Stop(String),
     StopAndEvict(String),
+    /// A managed network connect/disconnect of this container.
+    Renetworked(String),
     Nothing,
 }
 
 /// Pure decision, unit-tested.
 pub fn decide(ev: &DockerEvent) -> Action {
+    if ev.typ == DockerObject::Network {
+        return match (&ev.action, ev.attr("container").filter(|c| !c.is_empty())) {
+            (DockerAction::Connect | DockerAction::Disconnect, Some(c)) => {
+                Action::Renetworked(c.to_owned())
+            }
+            _ => Action::Nothing,
+        };
+    }
     let Some(id) = ev.container_id().filter(|id| !id.is_empty()) else {
         return Action::Nothing;
     };
@@ -125,9 +142,12 @@ impl StreamHandler<Arc<DockerEventOccurred>> for DockerDispatch {
                     }
                     sessions.dial(&id).await;
                 }
-                Action::Stop(id) => sessions.stop(&id).await,
+                Action::Stop(id) => {
+                    sessions.container_gone(&id).await;
+                }
+                Action::Renetworked(id) => sessions.network_moved(&id).await,
                 Action::StopAndEvict(id) => {
-                    sessions.stop(&id).await;
+                    sessions.container_gone(&id).await;
                     if let Err(e) = registry.evict_by_container_id(&id).await {
                         tracing::warn!(container_id = %id, error = %e, "dispatch: evict failed");
                     }
@@ -179,11 +199,30 @@ mod tests {
             "no listener yet"
         );
         assert_eq!(decide(&ev("die", None)), Action::Stop("c1".into()));
-        assert_eq!(decide(&ev("oom", None)), Action::Stop("c1".into()));
+        assert_eq!(decide(&ev("stop", None)), Action::Stop("c1".into()));
         assert_eq!(
             decide(&ev("destroy", None)),
             Action::StopAndEvict("c1".into())
         );
+        // A signal is not an end: `docker kill --signal=HUP` leaves the
+        // container running (a fatal signal is followed by `die`); so does
+        // the OOM killer taking a child process.
+        assert_eq!(decide(&ev("kill", Some("agent"))), Action::Nothing);
+        assert_eq!(decide(&ev("oom", Some("agent"))), Action::Nothing);
+        let net = |action: &str| DockerEvent {
+            typ: DockerObject::Network,
+            action: DockerAction::parse(action),
+            actor_id: "n1".into(),
+            attributes: [("container".to_owned(), "c1".to_owned())]
+                .into_iter()
+                .collect(),
+            scope: "local".into(),
+            time_nanos: 0,
+            synthetic: false,
+        };
+        assert_eq!(decide(&net("disconnect")), Action::Renetworked("c1".into()));
+        assert_eq!(decide(&net("connect")), Action::Renetworked("c1".into()));
+        assert_eq!(decide(&net("create")), Action::Nothing);
         let mut empty = ev("start", Some("agent"));
         empty.actor_id.clear();
         assert_eq!(decide(&empty), Action::Nothing, "empty ids are ignored");

@@ -103,32 +103,62 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     // The CA key signs agents' renewal CSRs (leaf rotation). It is read
     // into this process's memory only and never leaves it: no API returns
     // it and no container receives it (DESIGN §13, ARCHITECTURE "pki").
-    let ca = crate::pki::AuthMaterial::load(&cfg.state_dir)
-        .with_context(|| {
-            format!(
-                "loading the CA from {} (run `clawker ca init` first)",
-                cfg.state_dir.display()
-            )
-        })?
-        .ca;
+    // Only the CA: in Swarm mode the CP's volume has no CLI keys.
+    let ca = {
+        let cert = read(paths.ca_cert())?;
+        let key = read(paths.ca_key())?;
+        crate::pki::Ca::load(
+            &String::from_utf8_lossy(&cert),
+            &String::from_utf8_lossy(&key),
+        )
+        .with_context(|| format!("loading the CA from {}", paths.ca_cert().display()))?
+    };
 
-    let backend = runtime::connect(cfg).await?;
-    let docker = backend.docker.clone();
-
-    let bus = events::start_bus();
-    let registry = Registry::start(
-        RegistryStore::open(&cfg.registry_path())
-            .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
-    )?;
+    // Health endpoints first: while the CP waits for its engine, /healthz
+    // answers and /readyz says 503 (docker not ready).
     let shutdown = CancellationToken::new();
     let readiness = crate::policy::health::Readiness::new();
-    readiness.set_bus(true);
-    readiness.set_registry(true);
     let metrics = crate::policy::metrics::Metrics::new();
     if let Err(e) = metrics.install_global() {
         // A second CP in one process (tests): keep the first recorder.
         tracing::debug!(error = %e, "metrics recorder already installed");
     }
+    // Gauges are refreshed at every scrape (no timer: an idle CP wakes for
+    // nothing); the bus they read starts after the engine answers, so the
+    // refresh is a no-op until then.
+    let bus_for_scrape: Arc<std::sync::OnceLock<events::Bus>> = Arc::default();
+    let refresh: crate::policy::health::Refresh = {
+        let (bus, metrics) = (bus_for_scrape.clone(), metrics.clone());
+        Arc::new(move || {
+            let (bus, metrics) = (bus.get().cloned(), metrics.clone());
+            Box::pin(async move {
+                if let Some(bus) = bus {
+                    crate::policy::metrics::refresh_gauges(metrics, bus).await;
+                }
+            })
+        })
+    };
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics_refreshing(
+        cfg.metrics_addr,
+        metrics.handle(),
+        readiness.clone(),
+        Some(refresh),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
+
+    let backend = runtime::connect(cfg).await?;
+    let docker = backend.docker.clone();
+
+    let bus = events::start_bus();
+    let _ = bus_for_scrape.set(bus.clone());
+    let registry = Registry::start(
+        RegistryStore::open(&cfg.registry_path())
+            .with_context(|| format!("opening {}", cfg.registry_path().display()))?,
+    )?;
+    readiness.set_bus(true);
+    readiness.set_registry(true);
 
     // Listener caps must leave most descriptors to what the CP opens
     // itself (sessions, Docker, redb), so a flood cannot starve them.
@@ -227,24 +257,6 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     .with_containment(containment.clone());
     let (admin_api_addr, _admin_task) =
         crate::admin_api::server::serve_admin_api(admin_cfg, admin, shutdown.clone()).await?;
-    let refresh: crate::policy::health::Refresh = {
-        let (bus, metrics) = (bus.clone(), metrics.clone());
-        Arc::new(move || {
-            Box::pin(crate::policy::metrics::refresh_gauges(
-                metrics.clone(),
-                bus.clone(),
-            ))
-        })
-    };
-    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics_refreshing(
-        cfg.metrics_addr,
-        metrics.handle(),
-        readiness.clone(),
-        Some(refresh),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("metrics endpoint {}", cfg.metrics_addr))?;
     // The CP's own certificates: warn 30 days before they expire.
     tokio::spawn(certs::watch(paths.clone(), bus.clone(), shutdown.clone()));
 
@@ -453,7 +465,14 @@ pub fn serve(cfg: CpConfig) -> anyhow::Result<()> {
         if let Err(error) = crate::listen::fd::raise_nofile() {
             tracing::warn!(%error, "could not raise the descriptor limit");
         }
-        let cp = start(&cfg).await?;
+        // Startup may wait for the Docker engine; a signal meanwhile ends it.
+        let cp = tokio::select! {
+            cp = start(&cfg) => cp?,
+            _ = wait_for_signal() => {
+                tracing::info!("shutting down before startup completed");
+                return Ok(());
+            }
+        };
         tracing::info!(
             agent_api = %cp.agent_api_addr,
             admin_api = %cfg.admin_addr,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use clawker_actors::Backoff;
 
 use super::config::{CpConfig, RuntimeKind};
 use crate::defaults;
@@ -48,7 +49,7 @@ pub async fn connect(cfg: &CpConfig) -> anyhow::Result<Backend> {
 }
 
 async fn engine(cfg: &CpConfig) -> anyhow::Result<Backend> {
-    let docker = docker::connect().await?;
+    let docker = wait_for_engine().await;
     let net = docker::network::ensure(&docker, &cfg.network, &cfg.subnet)
         .await
         .with_context(|| format!("ensuring network {}", cfg.network))?;
@@ -92,6 +93,41 @@ async fn engine(cfg: &CpConfig) -> anyhow::Result<Backend> {
         admin_beyond_loopback: false,
         docker,
     })
+}
+
+/// Retry pace while the CP waits for its engine at startup.
+const ENGINE_WAIT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(1));
+
+/// Connects to the Docker engine, waiting as long as it takes: a CP started
+/// before its engine (socket absent, daemon down) logs a clear error and
+/// keeps trying at most [`ENGINE_WAIT`]'s cap apart, then carries on with
+/// its startup the moment the engine answers — no restart needed. (The
+/// caller races this against SIGTERM.)
+async fn wait_for_engine() -> Docker {
+    let mut retry = ENGINE_WAIT.retry();
+    let mut since: Option<std::time::Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        match docker::connect().await {
+            Ok(d) => {
+                if let Some(t) = since {
+                    tracing::info!(
+                        waited_ms = t.elapsed().as_millis() as u64,
+                        "Docker engine reachable; control plane starting"
+                    );
+                }
+                return d;
+            }
+            Err(e) => {
+                since.get_or_insert_with(std::time::Instant::now);
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(60) {
+                    tracing::error!(error = %e, failures, "cannot reach the Docker engine; the control plane waits for it (retrying every second)");
+                }
+                tokio::time::sleep(retry.next_delay()).await;
+            }
+        }
+    }
 }
 
 async fn swarm(cfg: &CpConfig) -> anyhow::Result<Backend> {

@@ -341,6 +341,42 @@ async fn list_for_reconcile(docker: &Docker) -> Result<(Vec<AgentContainer>, Vec
     }
 }
 
+/// How often the feeder asks a silent engine whether it answers again
+/// while it waits to reconnect (and how long one ping may take).
+pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Waits up to `delay` before the next attempt, cut short as soon as
+/// `ping` says the engine answers (asked every `interval`). The doubling
+/// backoff only paces attempts against an engine that is down; it never
+/// delays noticing that it came back: once pings succeed, retries are at
+/// most `interval` apart. Returns false if `shutdown` fired.
+pub async fn wait_to_retry<F, Fut>(
+    delay: Duration,
+    interval: Duration,
+    mut ping: F,
+    shutdown: &CancellationToken,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        let step = interval.min(deadline - now);
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(step) => {}
+        }
+        if tokio::time::timeout(interval, ping()).await == Ok(true) {
+            return true;
+        }
+    }
+}
+
 /// Runs the feeder until `shutdown` fires. `publish` returns whether the bus
 /// accepted the event (a refusal is logged, never retried: the next
 /// reconcile repairs any gap).
@@ -360,6 +396,9 @@ pub async fn run(
             tracing::warn!(event = %name, ctx_id = %id, "dockerevents: publish dropped");
         }
     };
+    // Since when the engine has been unreachable (None while connected).
+    let mut down_since: Option<Instant> = None;
+    let mut failures = 0u32;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -370,11 +409,28 @@ pub async fn run(
         let delay = match list_for_reconcile(&docker).await {
             Err(e) => {
                 on_connected(false);
-                tracing::error!(error = %e, "dockerevents: reconcile failed");
-                Some(backoff.after_failure())
+                down_since.get_or_insert_with(Instant::now);
+                failures += 1;
+                let delay = backoff.after_failure();
+                // Loud on the first failure, then once in a while: an
+                // engine that stays down must not flood the log.
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::error!(error = %e, failures, retry_max_ms = delay.as_millis() as u64, "dockerevents: Docker engine unreachable; retrying (at once when it answers pings again)");
+                } else {
+                    tracing::debug!(error = %e, failures, "dockerevents: reconcile failed");
+                }
+                Some(delay)
             }
             Ok((containers, networks)) => {
                 on_connected(true);
+                if let Some(t) = down_since.take() {
+                    tracing::info!(
+                        down_ms = t.elapsed().as_millis() as u64,
+                        failures,
+                        "dockerevents: Docker engine reachable again; events stream resumed"
+                    );
+                }
+                failures = 0;
                 for ev in state.reconcile(&containers, &networks) {
                     emit(ev);
                 }
@@ -384,6 +440,7 @@ pub async fn run(
                     return;
                 }
                 on_connected(false);
+                down_since = Some(Instant::now());
                 let lived = started.elapsed();
                 match result {
                     Ok(()) => {
@@ -401,9 +458,9 @@ pub async fn run(
             }
         };
         if let Some(d) = delay {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(d) => {}
+            let ping = || async { docker.ping().await.is_ok() };
+            if !wait_to_retry(d, PING_INTERVAL, ping, &shutdown).await {
+                return;
             }
         }
     }
@@ -452,6 +509,41 @@ async fn stream_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn retry_wait_ends_at_the_first_ping_the_engine_answers() {
+        let start = tokio::time::Instant::now();
+        let back_at = Duration::from_millis(300);
+        let ping = || async move { start.elapsed() >= back_at };
+        let stop = CancellationToken::new();
+        // The backoff had grown to 30 s while the engine was down; the
+        // retry must not wait for it once the engine answers.
+        let interval = Duration::from_millis(50);
+        assert!(wait_to_retry(Duration::from_secs(30), interval, ping, &stop).await);
+        let waited = start.elapsed();
+        assert!(
+            waited >= back_at && waited < Duration::from_secs(10),
+            "retried {waited:?} after the start; the engine answered at {back_at:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_wait_runs_its_course_against_a_silent_engine_and_stops_on_shutdown() {
+        let interval = Duration::from_millis(20);
+        let start = tokio::time::Instant::now();
+        let stop = CancellationToken::new();
+        let delay = Duration::from_millis(200);
+        assert!(wait_to_retry(delay, interval, || async { false }, &stop).await);
+        assert!(start.elapsed() >= delay);
+        // A ping that hangs is cut at one interval, not waited for.
+        let start = tokio::time::Instant::now();
+        let hang = || std::future::pending::<bool>();
+        assert!(wait_to_retry(delay, interval, hang, &stop).await);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        stop.cancel();
+        let long = Duration::from_secs(60);
+        assert!(!wait_to_retry(long, interval, || async { true }, &stop).await);
+    }
 
     struct Probe(Result<bool, ()>);
     impl NetworkProbe for Probe {

@@ -105,9 +105,11 @@ impl DockerAction {
         matches!(self, Self::Start | Self::Restart | Self::Unpause)
     }
 
-    /// A container went (or is going) down.
+    /// A container went down. Not `kill` (a signal such as SIGHUP need not end anything; a fatal
+    /// one is followed by `die`) nor `oom` (the OOM killer may take a child
+    /// and leave the container running).
     pub fn takes_container_down(&self) -> bool {
-        matches!(self, Self::Die | Self::Stop | Self::Kill | Self::Oom)
+        matches!(self, Self::Die | Self::Stop)
     }
 }
 

@@ -6,7 +6,10 @@
 //! - `registered` becomes true on a Match (via [`AgentTrusted`]), not only
 //!   after a fresh Register, so it survives CP restarts;
 //! - trust is re-evaluated on every session: the latest verdict is current,
-//!   earlier ones stay in `trust_history`;
+//!   earlier ones stay in `trust_history`; a new session (connecting or
+//!   connected) starts *pending* — not trusted until this session's own
+//!   trust decision (`AgentTrusted`) — so an agent is never shown trusted
+//!   on the strength of an earlier session, or of none;
 //! - an agent leaves the worldview when its container is destroyed;
 //! - a failure event never blanks identity fields it does not know.
 
@@ -60,7 +63,8 @@ pub enum SessionStatus {
     Broken,
 }
 
-/// One trust verdict. The zero value is "trusted" (nothing bad seen yet).
+/// One trust verdict. `at: None` means no decision yet in the current
+/// session (pending: not trusted).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Trust {
     pub trusted: bool,
@@ -69,6 +73,26 @@ pub struct Trust {
     #[serde(with = "time::serde::rfc3339::option")]
     pub at: Option<OffsetDateTime>,
 }
+
+impl Trust {
+    /// No trust decision yet in the current session: not trusted.
+    pub fn pending() -> Self {
+        Self {
+            trusted: false,
+            reason: None,
+            detail: PENDING_DETAIL.to_owned(),
+            at: None,
+        }
+    }
+
+    /// True while the current session has not decided yet.
+    pub fn is_pending(&self) -> bool {
+        !self.trusted && self.at.is_none()
+    }
+}
+
+/// `Trust.detail` of a session that has not decided yet.
+pub const PENDING_DETAIL: &str = "no trust decision in the current session yet";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -204,10 +228,7 @@ impl AgentView {
             address: String::new(),
             session_status: SessionStatus::Unknown,
             registered: false,
-            trust: Trust {
-                trusted: true,
-                ..Trust::default()
-            },
+            trust: Trust::pending(),
             trust_history: Vec::new(),
             thumbprint: String::new(),
             chain_verified: false,
@@ -234,6 +255,14 @@ impl AgentView {
         }
         if let Some(a) = address.filter(|a| !a.is_empty()) {
             self.address = a.to_owned();
+        }
+    }
+
+    /// A new session begins: its trust is undecided until this session's
+    /// own verdict arrives (the previous verdict moves to the history).
+    fn begin_session(&mut self) {
+        if self.trust.at.is_some() {
+            self.set_trust(Trust::pending());
         }
     }
 
@@ -278,6 +307,7 @@ impl Project for SessionConnecting {
     fn project(&self, v: &mut Worldview) {
         let a = v.agent(&self.agent.container_id);
         a.set_identity(&self.agent, Some(&self.address));
+        a.begin_session();
         a.session_status = SessionStatus::Connecting;
         a.last_error.clear();
         a.updated_at = Some(self.at);
@@ -288,6 +318,7 @@ impl Project for SessionConnected {
     fn project(&self, v: &mut Worldview) {
         let a = v.agent(&self.agent.container_id);
         a.set_identity(&self.agent, Some(&self.address));
+        a.begin_session();
         a.session_status = SessionStatus::Connected;
         a.attempts = self.attempts;
         a.thumbprint = self.peer_thumbprint.to_hex();
@@ -646,6 +677,68 @@ mod tests {
             a.trust_history[0].reason,
             Some(UntrustedReason::CertThumbprintMismatch)
         );
+    }
+
+    #[test]
+    fn an_agent_that_never_connected_is_not_trusted() {
+        let mut v = Worldview::default();
+        // Only a failure seen: no session, no verdict.
+        v.apply_event(&SessionFailed {
+            agent: AgentRef::container("c1"),
+            address: String::new(),
+            reason: failed_reason::ENDPOINT_MISSING.into(),
+            attempts: 1,
+            at: t(0),
+        });
+        let a = &v.agents["c1"];
+        assert!(!a.trust.trusted, "no trust decision was ever made");
+        assert!(a.trust.is_pending());
+        assert!(!a.registered);
+    }
+
+    #[test]
+    fn a_new_session_is_pending_until_its_own_trust_decision() {
+        let mut v = Worldview::default();
+        v.apply_event(&connected("c1", 0));
+        assert!(v.agents["c1"].trust.is_pending(), "connected, not decided");
+        v.apply_event(&AgentTrusted {
+            agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
+            at: t(1),
+        });
+        assert!(v.agents["c1"].trust.trusted);
+        // The session breaks; the next one reconnects: the old verdict is
+        // history, the new session is not trusted until it decides.
+        v.apply_event(&SessionBroken {
+            agent: AgentRef::new("c1", "dev", "web"),
+            address: String::new(),
+            reason: "stream reset".into(),
+            at: t(2),
+        });
+        v.apply_event(&SessionConnecting {
+            agent: AgentRef::new("c1", "dev", "web"),
+            address: "10.0.0.2:7700".into(),
+            at: t(3),
+        });
+        let a = &v.agents["c1"];
+        assert!(
+            !a.trust.trusted,
+            "an earlier session's verdict must not carry over"
+        );
+        assert_eq!(a.trust_history.len(), 1);
+        assert!(a.trust_history[0].trusted);
+        v.apply_event(&connected("c1", 4));
+        assert_eq!(
+            v.agents["c1"].trust_history.len(),
+            1,
+            "pending is not history"
+        );
+        v.apply_event(&AgentTrusted {
+            agent: AgentRef::new("c1", "dev", "web"),
+            rotations: 0,
+            at: t(5),
+        });
+        assert!(v.agents["c1"].trust.trusted);
     }
 
     #[test]

@@ -219,6 +219,15 @@ pub struct Shutdown;
 /// The actor. Start it with [`Registry::start`].
 pub struct RegistryActor {
     store: Option<RegistryStore>,
+    /// The file, for reopening it after a storage error.
+    path: std::path::PathBuf,
+    /// A write failed in storage (full disk, I/O error). redb then refuses
+    /// every later write (`PreviousIo`) until the file is reopened, so the
+    /// next write reopens it first — and reloads the index from what is
+    /// really on disk — instead of failing for the life of the process.
+    poisoned: bool,
+    /// [`Shutdown`] was handled: writes are refused.
+    closed: bool,
     index: Arc<ArcSwap<Index>>,
     /// Set when [`Registry::start`] had to create an actix system on a
     /// dedicated thread for us; that system is stopped with the actor.
@@ -249,25 +258,67 @@ impl RegistryActor {
         Op: FnOnce(&RegistryStore) -> Result<T, RegistryError> + Send + 'static,
         Pub: FnOnce(&mut RegistryActor, &T) + 'static,
     {
-        let Some(store) = self.store.clone() else {
+        if self.closed {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
                 RegistryError::Unavailable("registry is shut down".into()),
             ))));
-        };
+        }
+        // After a storage error our handle is dropped here, before the
+        // reopen: writes are serialized, so it is the last one and redb's
+        // file lock is free.
+        if self.poisoned {
+            self.store = None;
+        }
+        let current = self.store.clone();
+        let path = self.path.clone();
         let fut = async move {
-            match tokio::task::spawn_blocking(move || op(&store)).await {
-                Ok(res) => res,
-                Err(e) => Err(RegistryError::Unavailable(format!(
-                    "registry write task failed: {e}"
-                ))),
+            let blocking = tokio::task::spawn_blocking(move || {
+                let (store, reopened) = match current {
+                    Some(s) => (s, None),
+                    None => match RegistryStore::open(&path).and_then(|s| {
+                        let rows = s.snapshot()?;
+                        let leaf = leaf::all_states(s.database())?;
+                        Ok((s, (rows, leaf)))
+                    }) {
+                        Ok((s, rows)) => (s.clone(), Some((s, rows))),
+                        Err(e) => return (None, Err(e)),
+                    },
+                };
+                (reopened, op(&store))
+            });
+            match blocking.await {
+                Ok(v) => v,
+                Err(e) => (
+                    None,
+                    Err(RegistryError::Unavailable(format!(
+                        "registry write task failed: {e}"
+                    ))),
+                ),
             }
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, _ctx| {
-            if let Ok(v) = &res {
-                publish(act, v);
-            }
-            res
-        })))
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |(reopened, res), act, _ctx| {
+                if let Some((store, (rows, leaf))) = reopened {
+                    tracing::info!(
+                        db_path = %act.path.display(),
+                        rows = rows.len(),
+                        "agentregistry: reopened after a storage error; writes resume"
+                    );
+                    act.store = Some(store);
+                    act.poisoned = false;
+                    act.index.store(Arc::new(Index::from_entries(rows, leaf)));
+                }
+                match &res {
+                    Ok(v) => publish(act, v),
+                    Err(e) if e.is_retryable() => {
+                        tracing::error!(error = %e, "agentregistry: write failed in storage; the file is reopened before the next write");
+                        act.poisoned = true;
+                    }
+                    Err(_) => {}
+                }
+                res
+            },
+        )))
     }
 
     /// Single writer of the `ArcSwap`, so load-modify-store cannot lose an
@@ -392,6 +443,7 @@ impl Handler<Shutdown> for RegistryActor {
         // No write is in flight (they are atomic), so this drops the last
         // handle on the redb file.
         self.store = None;
+        self.closed = true;
         ctx.stop();
     }
 }
@@ -433,7 +485,10 @@ impl Registry {
         };
         let addr = if Arbiter::try_current().is_some() {
             RegistryActor {
+                path: store.path().to_owned(),
                 store: Some(store),
+                poisoned: false,
+                closed: false,
                 index,
                 owns_system: false,
             }
@@ -446,7 +501,10 @@ impl Registry {
                     let sys = System::new();
                     sys.block_on(async move {
                         let addr = RegistryActor {
+                            path: store.path().to_owned(),
                             store: Some(store),
+                            poisoned: false,
+                            closed: false,
                             index,
                             owns_system: true,
                         }

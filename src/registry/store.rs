@@ -114,6 +114,15 @@ pub enum RegistryError {
     NoPendingLeaf(String),
 }
 
+impl RegistryError {
+    /// The operation may succeed if retried later (storage trouble — a
+    /// full disk, an I/O error — or the actor unavailable), as opposed to
+    /// a verdict about the input (unknown agent, duplicate, bad name).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::Unavailable(_))
+    }
+}
+
 macro_rules! storage_from {
     ($($t:ty),*) => {$(
         impl From<$t> for RegistryError {

@@ -10,7 +10,7 @@
 //!   the session actors (and so the dedup set of dials);
 //! - [`Sessions`]: the front door — dial, stop, borrow a live session.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use actix::fut::wrap_future;
@@ -21,7 +21,7 @@ use clawker_actors::{
 };
 use tokio::sync::watch;
 
-use crate::events::{self, AgentRef, Bus, failed_reason};
+use crate::events::{self, AgentRef, Bus, DomainEvent, Publish, failed_reason};
 
 use super::classify::RegistryLookup;
 use super::lifecycle::{self, LiveSession, SessionDeps};
@@ -29,9 +29,63 @@ use super::lifecycle::{self, LiveSession, SessionDeps};
 /// Name of the supervisor whose children are the session actors.
 pub const SESSIONS_SUPERVISOR: &str = "sessions";
 
+/// The bus as one session sees it: once the session has ended (a
+/// terminal `SessionFailed`, published by the lifecycle task or by the
+/// actor when Docker says the container is gone), nothing more from this
+/// session reaches the bus (but the `AgentTerminated` of a teardown the
+/// session started). The lock is held while publishing, so exactly
+/// one terminal event is published, and nothing after it.
+#[derive(Clone)]
+pub struct SessionSink {
+    bus: Bus,
+    ended: Arc<Mutex<bool>>,
+}
+
+impl SessionSink {
+    fn new(bus: Bus) -> Self {
+        Self {
+            bus,
+            ended: Arc::default(),
+        }
+    }
+
+    /// Publishes `event` as this session's end unless it has ended
+    /// already; returns whether it was published.
+    fn end_with(&self, event: events::SessionFailed) -> bool {
+        let Ok(mut ended) = self.ended.lock() else {
+            return false;
+        };
+        if *ended {
+            return false;
+        }
+        *ended = true;
+        self.bus.publish(event)
+    }
+}
+
+impl Publish for SessionSink {
+    fn publish<E: DomainEvent>(&self, event: E) -> bool {
+        let Ok(mut ended) = self.ended.lock() else {
+            return false;
+        };
+        // `AgentTerminated` reports the teardown a failed start step began
+        // (session::terminate, on its own task): the container's `die`
+        // ends the session first, and the teardown's outcome must still
+        // be told.
+        if *ended && E::NAME != events::AgentTerminated::NAME {
+            return false;
+        }
+        if E::NAME == events::SessionFailed::NAME {
+            *ended = true;
+        }
+        Publish::publish(&self.bus, event)
+    }
+}
+
 pub struct SessionActor {
     container_id: String,
     deps: SessionDeps<Bus>,
+    sink: SessionSink,
     task: Option<tokio::task::AbortHandle>,
     live: watch::Receiver<Option<LiveSession>>,
     /// Rung by [`NetworkMoved`]; the lifecycle task listens while holding.
@@ -48,9 +102,11 @@ impl SessionActor {
             Ok(SessionActor::create(move |ctx| {
                 link.attach(ctx);
                 let (_, live) = watch::channel(None);
+                let sink = SessionSink::new(deps.sink.clone());
                 SessionActor {
                     container_id: id,
                     deps,
+                    sink,
                     task: None,
                     live,
                     moved: Arc::default(),
@@ -68,9 +124,18 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (tx, rx) = watch::channel(None);
         self.live = rx;
+        let deps = SessionDeps {
+            resolver: self.deps.resolver.clone(),
+            registry: self.deps.registry.clone(),
+            terminate: self.deps.terminate.clone(),
+            dial: self.deps.dial.clone(),
+            sink: self.sink.clone(),
+            policy: self.deps.policy.clone(),
+            certs: self.deps.certs.clone(),
+        };
         let handle = tokio::spawn(lifecycle::run(
             self.container_id.clone(),
-            self.deps.clone(),
+            deps,
             tx,
             self.moved.clone(),
         ));
@@ -112,6 +177,48 @@ impl Handler<GetLive> for SessionActor {
     type Result = Option<LiveSession>;
     fn handle(&mut self, _: GetLive, _: &mut Context<Self>) -> Self::Result {
         self.live.borrow().clone()
+    }
+}
+
+/// Docker says the container is down (`die`/`stop`): the session ends at
+/// once with `SessionFailed{container_not_running}` — unless the lifecycle
+/// task already ended it — and the task is aborted, so no
+/// `SessionBroken` or reconnect follows. The supervisor then stops the
+/// actor (see [`Sessions::container_gone`]).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ContainerGone;
+
+impl Handler<ContainerGone> for SessionActor {
+    type Result = bool;
+    fn handle(&mut self, _: ContainerGone, _: &mut Context<Self>) -> bool {
+        let who = self
+            .live
+            .borrow()
+            .as_ref()
+            .map(|l| l.agent.clone())
+            .or_else(|| {
+                self.deps
+                    .registry
+                    .lookup_by_container_id(&self.container_id)
+                    .ok()
+                    .map(|e| AgentRef::new(self.container_id.as_str(), e.agent_name, e.project))
+            })
+            .unwrap_or_else(|| AgentRef::container(self.container_id.as_str()));
+        let published = self.sink.end_with(events::SessionFailed {
+            agent: who,
+            address: String::new(),
+            reason: failed_reason::CONTAINER_NOT_RUNNING.to_owned(),
+            attempts: 0,
+            at: events::now(),
+        });
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if published {
+            tracing::info!(event = "agentdial_session_container_gone", container_id = %self.container_id, "container down (docker event); session ended");
+        }
+        published
     }
 }
 
@@ -261,6 +368,23 @@ impl Sessions {
             .child::<SessionActor>(container_id)
             .await?;
         addr.send(GetLive).await.ok().flatten()
+    }
+
+    /// The container went down (Docker `die`/`stop`): ends its session
+    /// with `SessionFailed{container_not_running}` (exactly one terminal
+    /// event, whoever sees the end first) and removes the session actor,
+    /// so the worldview, status and metrics stop saying "connected" at
+    /// once. Returns whether this call published the terminal event.
+    pub async fn container_gone(&self, container_id: &str) -> bool {
+        let Some(sup) = self.supervisor().await else {
+            return false;
+        };
+        let published = match sup.child::<SessionActor>(container_id).await {
+            Some(addr) => addr.send(ContainerGone).await.unwrap_or(false),
+            None => false,
+        };
+        sup.stop_child(container_id).await;
+        published
     }
 
     /// Tells a container's session that the container moved between

@@ -216,11 +216,26 @@ enum Established {
     },
 }
 
+/// How often a session whose container lost its clawker-net endpoint
+/// re-checks on its own (a network `connect` event wakes it at once).
+pub const ENDPOINT_RECHECK: Duration = Duration::from_secs(5);
+
 /// One connect cycle: inspect, dial with fast retries then the jittered
 /// ladder, until connected or the cycle's budget is spent.
-async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Established {
+///
+/// `endpoint_back`: set when re-establishing a session that was connected.
+/// A container that is running but has no clawker-net endpoint (someone ran
+/// `docker network disconnect`) is then waited for — woken by the network
+/// `connect` event, re-checked every [`ENDPOINT_RECHECK`], ended by its
+/// `die` — instead of failing the session for good; a session that never
+/// had an endpoint still fails `clawker_net_endpoint_missing` at once.
+async fn establish<P: Publish>(
+    container_id: &str,
+    deps: &SessionDeps<P>,
+    endpoint_back: Option<&tokio::sync::Notify>,
+) -> Established {
     let cfg = deps.policy.establish;
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut ladder = Backoff::new(cfg.initial_backoff, cfg.max_backoff)
         .full_jitter()
         .retry();
@@ -261,6 +276,20 @@ async fn establish<P: Publish>(container_id: &str, deps: &SessionDeps<P>) -> Est
                     continue;
                 }
                 Ok(t) => match t.addr {
+                    None if endpoint_back.is_some() => {
+                        tracing::info!(
+                            event = "agentdial_endpoint_wait",
+                            container_id,
+                            "container has no clawker-net endpoint; waiting for it to be connected again"
+                        );
+                        if let Some(back) = endpoint_back {
+                            let _ = tokio::time::timeout(ENDPOINT_RECHECK, back.notified()).await;
+                        }
+                        // The wait is not dialing time: the budget (and
+                        // the fast phase) start again when it ends.
+                        started = Instant::now();
+                        continue;
+                    }
                     None => {
                         tracing::error!(
                             event = "agentdial_attempt_addr_extract_failed",
@@ -339,29 +368,33 @@ pub async fn run<P: Publish>(
     // in the small hold state (5.5 KB per idle session unboxed).
     loop {
         cycle += 1;
-        let (conn, target, addr, attempts) = match Box::pin(establish(&container_id, &deps)).await {
-            Established::Ok {
-                conn,
-                target,
-                addr,
-                attempts,
-            } => (conn, target, addr, attempts),
-            Established::Failed {
-                reason,
-                who,
-                address,
-                attempts,
-            } => {
-                deps.sink.publish(events::SessionFailed {
-                    agent: who,
-                    address,
-                    reason: reason.clone(),
+        // A session that was connected waits for a lost endpoint to come
+        // back (network disconnect/connect) rather than failing for good.
+        let endpoint_back = (cycle > 1).then_some(moved.as_ref());
+        let (conn, target, addr, attempts) =
+            match Box::pin(establish(&container_id, &deps, endpoint_back)).await {
+                Established::Ok {
+                    conn,
+                    target,
+                    addr,
                     attempts,
-                    at: events::now(),
-                });
-                return reason;
-            }
-        };
+                } => (conn, target, addr, attempts),
+                Established::Failed {
+                    reason,
+                    who,
+                    address,
+                    attempts,
+                } => {
+                    deps.sink.publish(events::SessionFailed {
+                        agent: who,
+                        address,
+                        reason: reason.clone(),
+                        attempts,
+                        at: events::now(),
+                    });
+                    return reason;
+                }
+            };
         let who = target.who(&container_id);
         let address = addr.to_string();
         deps.sink.publish(events::SessionConnected {

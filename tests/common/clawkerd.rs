@@ -253,6 +253,28 @@ impl Clawkerd {
         me
     }
 
+    /// Waits until clawkerd has spawned a child (the user command): a stop
+    /// signal before that ends clawkerd with 1 by design.
+    pub fn wait_user_command(&self, timeout: Duration) {
+        let pid = self.child.id();
+        let deadline = std::time::Instant::now() + timeout;
+        let has_child = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|t| {
+                    std::fs::read_to_string(t.path().join("children"))
+                        .map(|c| !c.trim().is_empty())
+                        .unwrap_or(false)
+                })
+        };
+        while !has_child() {
+            assert!(std::time::Instant::now() < deadline, "no user command");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill with plain integers.
         unsafe { libc::kill(self.child.id() as i32, sig) };
