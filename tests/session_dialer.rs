@@ -46,7 +46,7 @@ fn running(addr: SocketAddr) -> Result<ResolvedTarget, ResolveError> {
 }
 
 /// Collects event names from the bus (all events, in order).
-fn record(bus: &Bus) -> Arc<Mutex<Vec<(String, serde_json::Value)>>> {
+fn record(bus: &Bus) -> Seen {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut sub = bus.subscribe_all().unwrap();
     let s = seen.clone();
@@ -58,7 +58,7 @@ fn record(bus: &Bus) -> Arc<Mutex<Vec<(String, serde_json::Value)>>> {
     seen
 }
 
-fn count(seen: &Arc<Mutex<Vec<(String, serde_json::Value)>>>, name: &str) -> usize {
+fn count(seen: &Seen, name: &str) -> usize {
     seen.lock()
         .unwrap()
         .iter()
@@ -66,10 +66,25 @@ fn count(seen: &Arc<Mutex<Vec<(String, serde_json::Value)>>>, name: &str) -> usi
         .count()
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+type Seen = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// Polls `f` for up to 20 s; on timeout the failure lists every event seen
+/// so far, so a CI failure says what happened instead of only what did not.
+async fn wait_until(what: &str, seen: &Seen, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let events: Vec<String> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, j)| format!("{n} {j}"))
+                .collect();
+            panic!(
+                "timed out waiting for {what}; events so far:\n{}",
+                events.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -138,7 +153,7 @@ fn concurrent_dials_for_one_container_start_one_session() {
         );
         let (front, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
         futures::future::join_all((0..10).map(|_| front.dial(&s.pki.container_id))).await;
-        wait_until("first SessionFailed", || {
+        wait_until("first SessionFailed", &seen, || {
             count(&seen, "agent.session.failed") == 1
         })
         .await;
@@ -155,7 +170,7 @@ fn concurrent_dials_for_one_container_start_one_session() {
         }
         assert!(cleared);
         front.dial(&s.pki.container_id).await;
-        wait_until("second SessionFailed", || {
+        wait_until("second SessionFailed", &seen, || {
             count(&seen, "agent.session.failed") == 2
         })
         .await;
@@ -194,13 +209,16 @@ fn a_panicking_session_is_contained_published_and_restarted() {
             .insert(s.pki.container_id.clone(), running(clawkerd.addr));
         let (front, sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
         front.dial(&s.pki.container_id).await;
-        wait_until("connected", || count(&seen, "agent.session.connected") == 1).await;
+        wait_until("connected", &seen, || {
+            count(&seen, "agent.session.connected") == 1
+        })
+        .await;
         let child = sessions
             .child::<SessionActor>(&s.pki.container_id)
             .await
             .expect("child");
         child.do_send(Crash);
-        wait_until("panic published", || {
+        wait_until("panic published", &seen, || {
             seen.lock().unwrap().iter().any(|(n, j)| {
                 n == "agent.session.failed"
                     && j["reason"]
@@ -211,7 +229,7 @@ fn a_panicking_session_is_contained_published_and_restarted() {
         })
         .await;
         // Transient child: restarted, re-dials, and the dedup entry stays.
-        wait_until("reconnected", || {
+        wait_until("reconnected", &seen, || {
             count(&seen, "agent.session.connected") == 2
         })
         .await;
@@ -243,7 +261,7 @@ fn stopping_a_session_publishes_no_broken_event_and_worldview_follows() {
             .insert(s.pki.container_id.clone(), running(clawkerd.addr));
         let (front, _sessions) = actor::start_standalone(s.deps.clone(), bus.clone());
         front.dial(&s.pki.container_id).await;
-        wait_until("trusted", || count(&seen, "agent.trusted") == 1).await;
+        wait_until("trusted", &seen, || count(&seen, "agent.trusted") == 1).await;
         let view = bus.snapshot().await.unwrap();
         let a = &view.agents[&s.pki.container_id];
         assert_eq!(a.session_status, SessionStatus::Connected);
