@@ -189,10 +189,18 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
         // volume, so the new task presents it — the bundle's first leaf is
         // retired — and Matches on the same service id with no second
         // Register; the init marker is there too, so only boot runs.
-        cp.wait("alpha rotated", 60, |r| {
-            count_for(r, &id, "agent.cert.rotated") >= 1
-        })
-        .await;
+        let recs = cp
+            .wait("alpha rotated", 60, |r| {
+                count_for(r, &id, "agent.cert.rotated") >= 1
+            })
+            .await;
+        // The first rotation comes right after Register (Swarm mode retires
+        // the bootstrap leaf, whose copy stays in the bundle secret): the
+        // leaf the first session presented no longer matches.
+        let rotated = record_of(&recs, "agent.cert.rotated", &id);
+        assert_eq!(rotated["reason"], "registered", "{rotated}");
+        assert_eq!(rotated["old"], connected["peer_thumbprint"], "{rotated}");
+        let retired = rotated["old"].clone();
         let new_task = force_update(swarm, &id).await;
         assert_ne!(new_task, task.id);
         let recs = cp
@@ -209,6 +217,15 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
             .nth(1)
             .unwrap();
         assert_eq!(boot.1["plans"], serde_json::json!(["boot"]), "{}", boot.1);
+        let reconnected = recs
+            .iter()
+            .filter(|(n, j)| n == "agent.session.connected" && j["container_id"] == id)
+            .nth(1)
+            .unwrap();
+        assert_ne!(
+            reconnected.1["peer_thumbprint"], retired,
+            "new task presents a rotated leaf"
+        );
 
         // --- Containment, with the agent started by the CLI (`agent run`
         // waits on the CP's events and fails with the reason): a leaf bound

@@ -18,7 +18,11 @@
 //! files engine mode leaves in the container's filesystem for the
 //! container's life. What is single-use in the bundle is the assertion, and
 //! Register spends its `jti` durably before any token exists, so the copy
-//! that stays behind cannot be replayed. Secret data never leaves the
+//! that stays behind cannot be replayed; the leaf is rotated right after
+//! Register (`retire_bootstrap_leaf`, on in Swarm mode) and its thumbprint
+//! retired, so the secret's key matches no row either, and a replaced task
+//! boots with the rotated leaf from its named state volume
+//! ([`name_state_volumes`]). Secret data never leaves the
 //! manager's encrypted raft store through the API (it cannot be read
 //! back); it reaches only the node that runs the task, on a tmpfs.
 
