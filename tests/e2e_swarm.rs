@@ -125,15 +125,19 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
     }
     let cluster = Cluster::up(1);
     actix::System::new().block_on(async {
-        let cp = SwarmCp::deploy(&cluster).await;
+        // Short leaves, so the agent rotates before its task is replaced:
+        // a day-two agent, whose first leaf the registry already retired.
+        let cp = SwarmCp::deploy_with(&cluster, Some("agent_cert_ttl = 20\n")).await;
         let swarm = &cp.swarm;
         let material = cp.material();
 
         // --- Register and init: the service id is the agent's identity.
         let t0 = Instant::now();
-        let id = cp::agent::run(swarm, &material, &spec("alpha"))
-            .await
-            .unwrap();
+        let alpha = RunSpec {
+            cert_ttl: std::time::Duration::from_secs(20),
+            ..spec("alpha")
+        };
+        let id = cp::agent::run(swarm, &material, &alpha).await.unwrap();
         let recs = cp
             .wait("alpha init", 90, |r| {
                 count_for(r, &id, "agent.init.completed") == 1
@@ -180,8 +184,23 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
         let status = cli(&cp, &cluster, &["status"]).await;
         assert!(status.status.success(), "{}", text(&status));
 
-        // --- Restart (a new task: new container, new address): re-dialled,
-        // Match on the same service id, no second Register.
+        // --- Rotation, then restart (a new task: new container, new
+        // address): the rotated leaf lives on the service's named state
+        // volume, so the new task presents it — the bundle's first leaf is
+        // retired — and Matches on the same service id with no second
+        // Register; the init marker is there too, so only boot runs.
+        let recs = cp
+            .wait("alpha rotated", 60, |r| {
+                count_for(r, &id, "agent.cert.rotated") >= 1
+            })
+            .await;
+        // The first rotation comes right after Register (Swarm mode retires
+        // the bootstrap leaf, whose copy stays in the bundle secret): the
+        // leaf the first session presented no longer matches.
+        let rotated = record_of(&recs, "agent.cert.rotated", &id);
+        assert_eq!(rotated["reason"], "registered", "{rotated}");
+        assert_eq!(rotated["old"], connected["peer_thumbprint"], "{rotated}");
+        let retired = rotated["old"].clone();
         let new_task = force_update(swarm, &id).await;
         assert_ne!(new_task, task.id);
         let recs = cp
@@ -192,6 +211,21 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
         assert_eq!(count_for(&recs, &id, "agent.registered"), 1);
         assert!(count_for(&recs, &id, "agent.trusted") >= 2);
         assert_eq!(count_for(&recs, &id, "agent.untrusted"), 0);
+        let boot = recs
+            .iter()
+            .filter(|(n, j)| n == "agent.init.completed" && j["container_id"] == id)
+            .nth(1)
+            .unwrap();
+        assert_eq!(boot.1["plans"], serde_json::json!(["boot"]), "{}", boot.1);
+        let reconnected = recs
+            .iter()
+            .filter(|(n, j)| n == "agent.session.connected" && j["container_id"] == id)
+            .nth(1)
+            .unwrap();
+        assert_ne!(
+            reconnected.1["peer_thumbprint"], retired,
+            "new task presents a rotated leaf"
+        );
 
         // --- Containment, with the agent started by the CLI (`agent run`
         // waits on the CP's events and fails with the reason): a leaf bound
@@ -329,7 +363,8 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
         })
         .await;
 
-        // --- rm (the CLI): service and secrets gone, the row evicted.
+        // --- rm (the CLI): service, secrets and state volume gone, the row
+        // evicted.
         let rm = cli(&cp, &cluster, &["agent", "rm", "alpha", "--project", "e2e"]).await;
         assert!(rm.status.success(), "{}", text(&rm));
         let admin = clawker::admin_api::AdminClient::connect(
@@ -360,6 +395,19 @@ fn swarm_single_node_register_init_restart_quarantine_cp_restart_and_cli() {
             .await
             .unwrap();
         assert!(secrets.is_empty(), "bundle secrets left: {secrets:?}");
+        let volumes = swarm
+            .docker()
+            .list_volumes(None::<bollard::query_parameters::ListVolumesOptions>)
+            .await
+            .unwrap()
+            .volumes
+            .unwrap_or_default();
+        assert!(
+            !volumes
+                .iter()
+                .any(|v| v.name == format!("clawker-state-{id}")),
+            "state volume left"
+        );
         cp::agent::remove(swarm, &mid).await.unwrap();
     });
 }

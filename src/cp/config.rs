@@ -192,6 +192,10 @@ pub struct FileConfig {
     /// How long after its expiry a leaf that matches its row is still
     /// renewed on reconnect. Default 30 days.
     pub agent_cert_stale_after: Option<DurationValue>,
+    /// Rotate every agent's leaf right after its Register, retiring the
+    /// bootstrap leaf. Default: on in Swarm mode (the bundle lives on in a
+    /// swarm secret), off in engine mode.
+    pub retire_bootstrap_leaf: Option<bool>,
 }
 
 /// `[agent_listener]` / `[admin_listener]`: every key optional, defaults in
@@ -462,6 +466,8 @@ pub struct CpConfig {
     pub sessions: SessionsConfig,
     pub agent_cert_ttl: Duration,
     pub agent_cert_stale_after: Duration,
+    /// See [`FileConfig::retire_bootstrap_leaf`].
+    pub retire_bootstrap_leaf: bool,
     /// Swarm mode: the overlay must be (and may only be) encrypted.
     pub swarm_encrypted: bool,
 }
@@ -561,6 +567,9 @@ pub fn resolve(
         init_untrusted: o.init_untrusted.or(file.init_untrusted).unwrap_or(false),
         agent_cert_ttl,
         agent_cert_stale_after,
+        retire_bootstrap_leaf: file
+            .retire_bootstrap_leaf
+            .unwrap_or(runtime == RuntimeKind::Swarm),
         keep_on_init_failure: o
             .keep_on_init_failure
             .or(file.keep_on_init_failure)

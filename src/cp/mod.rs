@@ -193,6 +193,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         config: RotationConfig {
             agent_cert_ttl: cfg.agent_cert_ttl,
             stale_after: cfg.agent_cert_stale_after,
+            retire_bootstrap_leaf: cfg.retire_bootstrap_leaf,
             ..RotationConfig::default()
         },
     };

@@ -309,6 +309,10 @@ pub enum RotationReason {
     /// The session's leaf had expired (trusted because it otherwise matched
     /// its row, then rotated at once).
     Expired,
+    /// Right after Register, so the bootstrap leaf — whose copy outlives
+    /// the container in a Swarm secret — is retired at once
+    /// (`retire_bootstrap_leaf`).
+    Registered,
 }
 
 impl RotationReason {
@@ -317,13 +321,19 @@ impl RotationReason {
             Self::HalfLife => "half_life",
             Self::Requested => "requested",
             Self::Expired => "expired",
+            Self::Registered => "registered",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::HalfLife, Self::Requested, Self::Expired]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            Self::HalfLife,
+            Self::Requested,
+            Self::Expired,
+            Self::Registered,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 }
 

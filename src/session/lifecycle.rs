@@ -681,7 +681,8 @@ async fn verdict<P: Publish>(
                         reason: String::new(),
                         at: events::now(),
                     });
-                    trusted(None)
+                    let retire = certs.is_some_and(|c| c.config.retire_bootstrap_leaf);
+                    trusted(retire.then_some(RotationReason::Registered))
                 }
                 Err(failure) => {
                     let reason = failure.to_string();

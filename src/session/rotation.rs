@@ -63,6 +63,11 @@ pub struct RotationConfig {
     pub answer_timeout: Duration,
     /// Retries of rotations the CP asked for (e.g. for an expired leaf).
     pub retry: Backoff,
+    /// Rotate right after a successful Register, so the leaf the bundle
+    /// carried stops matching its row at once (`cp.toml`
+    /// `retire_bootstrap_leaf`; on by default in Swarm mode, where the
+    /// bundle stays in a swarm secret for the service's life).
+    pub retire_bootstrap_leaf: bool,
 }
 
 impl Default for RotationConfig {
@@ -72,6 +77,7 @@ impl Default for RotationConfig {
             stale_after: Duration::from_secs(30 * 86_400),
             answer_timeout: Duration::from_secs(30),
             retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)).full_jitter(),
+            retire_bootstrap_leaf: false,
         }
     }
 }

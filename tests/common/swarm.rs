@@ -137,6 +137,11 @@ pub struct SwarmCp {
 impl SwarmCp {
     /// `clawker ca init` into a fresh state dir, then `clawker cp deploy`.
     pub async fn deploy(cluster: &Cluster) -> Self {
+        Self::deploy_with(cluster, None).await
+    }
+
+    /// [`SwarmCp::deploy`] with a `cp.toml` for the CP service.
+    pub async fn deploy_with(cluster: &Cluster, config_toml: Option<&str>) -> Self {
         let state = tempfile::tempdir().unwrap();
         clawker::pki::AuthMaterial::ensure(state.path()).unwrap();
         let swarm = cluster.manager().await;
@@ -150,7 +155,7 @@ impl SwarmCp {
             agent_port: clawker::defaults::AGENT_PORT,
             admin_port: ADMIN_PORT,
             engine_socket: cluster.manager_sock(),
-            config_toml: None,
+            config_toml: config_toml.map(str::to_owned),
             log_filter: "info,clawker=debug".into(),
         };
         let t = Instant::now();

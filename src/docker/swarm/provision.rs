@@ -18,7 +18,11 @@
 //! files engine mode leaves in the container's filesystem for the
 //! container's life. What is single-use in the bundle is the assertion, and
 //! Register spends its `jti` durably before any token exists, so the copy
-//! that stays behind cannot be replayed. Secret data never leaves the
+//! that stays behind cannot be replayed; the leaf is rotated right after
+//! Register (`retire_bootstrap_leaf`, on in Swarm mode) and its thumbprint
+//! retired, so the secret's key matches no row either, and a replaced task
+//! boots with the rotated leaf from its named state volume
+//! ([`name_state_volumes`]). Secret data never leaves the
 //! manager's encrypted raft store through the API (it cannot be read
 //! back); it reaches only the node that runs the task, on a tmpfs.
 
@@ -231,6 +235,40 @@ pub fn secret_name(service_id: &str, file: &str) -> String {
     format!("clawker.{service_id}.{file}")
 }
 
+/// The named volume that holds a service's clawkerd state (`/var/lib/clawker`).
+pub fn state_volume_name(service_id: &str) -> String {
+    format!("clawker-state-{service_id}")
+}
+
+/// Names the service's volumes after it (the first after the service id
+/// alone, any further ones with an index), instead of anonymous ones.
+///
+/// Why: every task swarm starts is a fresh container. With an anonymous
+/// volume a replaced task lost clawkerd's state — the rotated leaf and the
+/// init marker — and booted with the bundle's original leaf, whose
+/// thumbprint the registry retired at the first rotation: after 12 h
+/// (half the default leaf lifetime) any restart of a Swarm agent made it
+/// untrusted. A named local volume survives the task on its node; a task
+/// rescheduled to another node starts with an empty one (the README's
+/// cluster section says what that means).
+pub fn name_state_volumes(spec: &mut ServiceSpec, service_id: &str) {
+    let Some(mounts) = spec
+        .task_template
+        .as_mut()
+        .and_then(|t| t.container_spec.as_mut())
+        .and_then(|c| c.mounts.as_mut())
+    else {
+        return;
+    };
+    let anonymous = mounts
+        .iter_mut()
+        .filter(|m| m.typ == Some(MountType::VOLUME) && m.source.is_none());
+    for (i, m) in anonymous.enumerate() {
+        let base = state_volume_name(service_id);
+        m.source = Some(if i == 0 { base } else { format!("{base}-{i}") });
+    }
+}
+
 /// Mounts `secrets` (root-owned, 0400) and sets one replica.
 pub fn attach_bundle(spec: &mut ServiceSpec, secrets: &[MountedSecret]) {
     let refs = secrets
@@ -336,6 +374,52 @@ impl Swarm {
         errors
     }
 
+    /// Removes the service's named state volumes from the manager's engine,
+    /// retrying while the last task's container still holds them. A volume
+    /// on another node stays there (the manager's API cannot reach a
+    /// worker's volumes); it holds only that agent's retired state.
+    async fn remove_state_volumes(&self, service_id: &str) -> Vec<String> {
+        let base = state_volume_name(service_id);
+        let list = match self
+            .docker()
+            .list_volumes(None::<bollard::query_parameters::ListVolumesOptions>)
+            .await
+        {
+            Ok(l) => l.volumes.unwrap_or_default(),
+            Err(e) => return vec![format!("listing volumes: {e}")],
+        };
+        let mut errors = Vec::new();
+        let ours = list
+            .into_iter()
+            .map(|v| v.name)
+            .filter(|n| n == &base || n.starts_with(&format!("{base}-")));
+        for name in ours {
+            let started = Instant::now();
+            loop {
+                match self
+                    .docker()
+                    .remove_volume(
+                        &name,
+                        None::<bollard::query_parameters::RemoveVolumeOptions>,
+                    )
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) if is_status(&e, 404) => break,
+                    Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                        tracing::debug!(volume = %name, error = %e, "state volume still in use; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        errors.push(format!("volume {name}: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        errors
+    }
+
     /// Removes the service and its secrets (cleanup after a failed run, and
     /// `agent rm`).
     async fn remove_agent(&self, id: &str) -> Result<(), ProvisionError> {
@@ -344,7 +428,8 @@ impl Swarm {
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(api_error(e)),
         }
-        let errors = self.remove_bundle_secrets(id).await;
+        let mut errors = self.remove_bundle_secrets(id).await;
+        errors.extend(self.remove_state_volumes(id).await);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -475,6 +560,7 @@ impl Provision for Swarm {
                 let secrets = self.create_bundle_secrets(&id, &bundle).await?;
                 self.update_spec(&id, |s| {
                     attach_bundle(s, &secrets);
+                    name_state_volumes(s, &id);
                     true
                 })
                 .await
@@ -595,6 +681,35 @@ mod tests {
                 binds: vec![("/srv/w".into(), "/workspace".into())],
             },
         }
+    }
+
+    #[test]
+    fn state_volumes_are_named_after_the_service() {
+        let mut s = agent_service_spec(&spec(), 0);
+        name_state_volumes(&mut s, "svc1");
+        let mounts = s
+            .task_template
+            .unwrap()
+            .container_spec
+            .unwrap()
+            .mounts
+            .unwrap();
+        let state = mounts
+            .iter()
+            .find(|m| m.target.as_deref() == Some("/var/lib/clawker"))
+            .unwrap();
+        assert_eq!(state.source.as_deref(), Some("clawker-state-svc1"));
+        // Binds and tmpfs keep what they had.
+        let bind = mounts
+            .iter()
+            .find(|m| m.typ == Some(MountType::BIND))
+            .unwrap();
+        assert_eq!(bind.source.as_deref(), Some("/srv/w"));
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.typ == Some(MountType::TMPFS) && m.source.is_none())
+        );
     }
 
     #[test]
