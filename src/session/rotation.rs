@@ -599,8 +599,9 @@ pub async fn hold<P: Publish>(
                 let received = Instant::now();
                 let Some(response::Payload::Csr(c)) = resp.payload else { continue };
                 let reason = rotator.unsolicited_reason();
-                let ok = rotator
-                    .on_csr(mux, &resp.command_id, &c.csr_der, None, reason, received)
+                // Boxed: a rotation is rare, and its future (signing, the
+                // registry write) would otherwise size every idle session.
+                let ok = Box::pin(rotator.on_csr(mux, &resp.command_id, &c.csr_der, None, reason, received))
                     .await
                     .is_ok();
                 if ok && outstanding.is_none() {
@@ -612,7 +613,7 @@ pub async fn hold<P: Publish>(
             first = first_reply(&mut outstanding) => {
                 let Some((replies, reason, _)) = outstanding.take() else { continue };
                 let result = match first {
-                    Some(first) => rotator.on_request_reply(mux, replies, first, reason).await,
+                    Some(first) => Box::pin(rotator.on_request_reply(mux, replies, first, reason)).await,
                     None => {
                         let wait = rotator.answer_timeout();
                         Err(rotator.failed(reason, RotationError::Timeout(wait)))
@@ -635,7 +636,7 @@ pub async fn hold<P: Publish>(
             }
             _ = sleep_until(next_request.map(|(_, at)| at)), if outstanding.is_none() => {
                 let Some((reason, _)) = next_request.take() else { continue };
-                match rotator.send_request(mux, reason).await {
+                match Box::pin(rotator.send_request(mux, reason)).await {
                     Ok(replies) => {
                         let deadline = tokio::time::Instant::now() + rotator.answer_timeout();
                         outstanding = Some((replies, reason, deadline));
