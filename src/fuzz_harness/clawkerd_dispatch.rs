@@ -106,6 +106,14 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
+        // clawkerd runs with SIGPIPE ignored (Rust's runtime sets SIG_IGN
+        // before `main`), so writing stdin to a child that exited is EPIPE.
+        // libFuzzer's C `main` leaves the default, which kills the whole
+        // fuzzer on the first such write (found by the first long run).
+        // SAFETY: setting a signal disposition to SIG_IGN.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         // The user command (`AgentReady`) takes the terminal's foreground
         // when clawkerd's stdin is one; a fuzz run or a test must not steal
         // its caller's terminal, so stdin is /dev/null here.
