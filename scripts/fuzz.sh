@@ -5,6 +5,8 @@
 #   scripts/fuzz.sh --list
 # FUZZ_DEV=1: unoptimised build (~3.5x faster to build, ~4-6x fewer exec/s);
 # worth it for short CI smoke runs from a cold target dir.
+# RUNS=N: also stop after N executions (libFuzzer -runs), whichever of
+# SECONDS and N comes first (the long offline runs: RUNS=10000000).
 # Exit 0: ran SECONDS with no crash. Non-zero: crash (77), timeout (70),
 # OOM (71), build failure, ... The failing input is left in
 # fuzz/artifacts/TARGET/ and the reproduce command is printed.
@@ -42,8 +44,10 @@ before=$(ls "$artifacts")
 cargo fuzz build "${flags[@]}" "$target"
 set +e
 # First corpus dir is where new inputs are written; seeds are only read.
+limits=(-max_total_time="$secs")
+[[ -n ${RUNS:-} ]] && limits+=(-runs="$RUNS")
 cargo fuzz run "${flags[@]}" "$target" "$corpus" "$seeds" -- \
-    -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+    "${limits[@]}" -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 </dev/null
 rc=$?
 set -e

@@ -92,10 +92,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "fuzz_harness",
         &[
             "agent_api",
+            "clawkerd",
             "cp",
             "defaults",
             "docker",
             "events",
+            "identity",
+            "peer_text",
             "pki",
             "proto",
             "registry",

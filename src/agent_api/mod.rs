@@ -4,6 +4,8 @@
 //! - [`server`]: the listener, TLS config and wiring ([`serve_agent_api`]).
 //! - [`token`]: `POST /oauth2/token` (client_credentials + ES256
 //!   private_key_jwt, single-use JTIs spent durably in redb).
+//! - [`token_auth`]: the pure half of a token request (form, assertion,
+//!   claims, scope → the authenticated client or an OAuth error).
 //! - [`assertion`]: minting and verifying the client-assertion JWTs.
 //! - [`auth`]: AuthInterceptor (bearer token, per-method scope, client pin).
 //! - [`identity_interceptor`]: IdentityInterceptor (registry lookup of the
@@ -21,5 +23,6 @@ pub mod register;
 pub mod scopes;
 pub mod server;
 pub mod token;
+pub mod token_auth;
 
 pub use server::{AgentApi, AgentApiConfig, AgentApiError, serve_agent_api};

@@ -21,9 +21,12 @@
 //! strictly single-use.
 //!
 //! Every refusal is an RFC 6749 §5.2 JSON error; nothing is written for a
-//! request that fails any check before the JTI is spent.
+//! request that fails any check before the JTI is spent. The checks are
+//! [`super::token_auth`]'s (pure: form, assertion, claims, scope); this
+//! module is the spend (token minted, JTI and token recorded durably) and
+//! the HTTP adapter.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,12 +36,13 @@ use rand::TryRng;
 use rand::rngs::SysRng;
 use sha2::{Digest, Sha256};
 
-use super::assertion::{self, Claims, JwtError};
 use super::auth::{IntrospectError, Introspection, TokenIntrospector};
 use super::scopes::{CLIENT_ID_AGENT, CLIENT_ID_CLI, SCOPE_ADMIN, SCOPE_AGENT_SELF_REGISTER};
 use crate::pki::Jwk;
 use crate::registry::Registry;
 use crate::registry::grants::{IssueOutcome, IssueRequest};
+
+pub use super::token_auth::{Authenticated, ClientAuthenticator, OAuthError};
 
 /// Path of the token endpoint on the agent listener.
 pub const TOKEN_PATH: &str = "/oauth2/token";
@@ -179,42 +183,6 @@ impl TokenIntrospector for TokenStore {
     }
 }
 
-/// An RFC 6749 §5.2 error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OAuthError {
-    pub error: &'static str,
-    pub description: String,
-}
-
-impl OAuthError {
-    /// Descriptions may echo request input (a grant type, a client id, a
-    /// parser's complaint): bounded here, once, for the reply and the log.
-    fn new(error: &'static str, description: impl Into<String>) -> Self {
-        Self {
-            error,
-            description: crate::peer_text::bound(description),
-        }
-    }
-    fn invalid_request(d: impl Into<String>) -> Self {
-        Self::new("invalid_request", d)
-    }
-    fn invalid_client(d: impl Into<String>) -> Self {
-        Self::new("invalid_client", d)
-    }
-
-    /// 401 for a failed client authentication, 500 for our own failure,
-    /// 503 for a transient one (retry later: the assertion was not spent),
-    /// 400 otherwise.
-    pub fn status(&self) -> u16 {
-        match self.error {
-            "invalid_client" => 401,
-            "server_error" => 500,
-            "temporarily_unavailable" => 503,
-            _ => 400,
-        }
-    }
-}
-
 /// A finished response: status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenReply {
@@ -241,8 +209,7 @@ pub enum TokenSetupError {
 
 /// The token endpoint's logic, independent of HTTP framing.
 pub struct TokenIssuer {
-    config: TokenConfig,
-    public_point: Vec<u8>,
+    auth: ClientAuthenticator,
     registry: Registry,
     tokens: Arc<TokenStore>,
     /// Serialises "durable grant write + in-memory token update", so two
@@ -255,7 +222,7 @@ pub struct TokenIssuer {
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenIssuer")
-            .field("config", &self.config)
+            .field("config", self.auth.config())
             .finish()
     }
 }
@@ -265,13 +232,6 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn is_scope_token(s: &str) -> bool {
-    // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 impl TokenIssuer {
@@ -286,8 +246,7 @@ impl TokenIssuer {
             return Err(TokenSetupError::NoAudience);
         }
         Ok(Self {
-            public_point: jwk.public_point()?,
-            config,
+            auth: ClientAuthenticator::new(config, jwk)?,
             registry,
             tokens: Arc::new(TokenStore::new()),
             issuing: tokio::sync::Mutex::new(()),
@@ -340,56 +299,41 @@ impl TokenIssuer {
         }
     }
 
+    /// Authenticates the request ([`ClientAuthenticator::authenticate`]),
+    /// then spends it ([`Self::spend`]).
     async fn issue(
         &self,
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<TokenReply, OAuthError> {
         let now = now_unix();
-        let form = parse_form(content_type, body)?;
-        let param = |k: &str| form.get(k).map(String::as_str);
+        let authenticated = self.auth.authenticate(content_type, body, now)?;
+        self.spend(authenticated, now).await
+    }
 
-        match param("grant_type") {
-            None => return Err(OAuthError::invalid_request("missing grant_type")),
-            Some("client_credentials") => {}
-            Some(other) => {
-                return Err(OAuthError::new(
-                    "unsupported_grant_type",
-                    format!("grant_type {other:?} is not supported; use client_credentials"),
-                ));
-            }
-        }
-        let (Some(assertion_type), Some(jwt)) =
-            (param("client_assertion_type"), param("client_assertion"))
-        else {
-            return Err(OAuthError::invalid_client(
-                "client authentication required: client_assertion_type and client_assertion (private_key_jwt)",
-            ));
-        };
-        if assertion_type != JWT_BEARER {
-            return Err(OAuthError::invalid_client(format!(
-                "unsupported client_assertion_type {assertion_type:?}"
-            )));
-        }
-        // RFC 7523 §3.2 / RFC 7521 §4.2.1: any defect of the assertion
-        // (shape, alg, signature) is a failed client authentication.
-        let (_, claims) = assertion::verify_es256(jwt, &self.public_point)
-            .map_err(|e: JwtError| OAuthError::invalid_client(format!("client_assertion: {e}")))?;
-        let (client_id, exp, jti) = self.check_claims(&claims, param("client_id"), now)?;
-        let scope = self.grant_scope(client_id, param("scope"))?;
-
+    /// The spend: mints the token, then spends the JTI and records the
+    /// token in one durable write; only that commit lets the token exist.
+    async fn spend(&self, a: Authenticated, now: i64) -> Result<TokenReply, OAuthError> {
+        let Authenticated {
+            client_id,
+            jti,
+            exp,
+            scope,
+        } = a;
+        let (client_id, jti) = (client_id.as_str(), jti.as_str());
         let mut raw = [0u8; 32];
         SysRng
             .try_fill_bytes(&mut raw)
             .map_err(|_| OAuthError::new("server_error", "random source failed"))?;
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let hash = token_hash(&token);
-        let ttl = self.config.token_ttl.as_secs() as i64;
+        let config = self.auth.config();
+        let ttl = config.token_ttl.as_secs() as i64;
 
         // Everything checked: spend the JTI and record the token in one
         // durable write. Only that commit lets the token exist; a replay
         // finds the row even after a restart.
-        let keep_until = exp.saturating_add(self.config.clock_skew.as_secs() as i64);
+        let keep_until = exp.saturating_add(config.clock_skew.as_secs() as i64);
         let _issuing = self.issuing.lock().await;
         let outcome = self
             .registry
@@ -458,156 +402,6 @@ impl TokenIssuer {
             }),
         })
     }
-
-    /// Issuer, audience, times and jti. Returns (client_id, exp, jti).
-    fn check_claims<'c>(
-        &self,
-        c: &'c Claims,
-        client_id_param: Option<&str>,
-        now: i64,
-    ) -> Result<(&'c str, i64, &'c str), OAuthError> {
-        let skew = self.config.clock_skew.as_secs() as i64;
-        let max_life = self.config.max_assertion_lifetime.as_secs() as i64 + skew;
-        let (Some(iss), Some(sub)) = (c.iss.as_deref(), c.sub.as_deref()) else {
-            return Err(OAuthError::invalid_client(
-                "assertion must carry iss and sub",
-            ));
-        };
-        if iss != sub {
-            return Err(OAuthError::invalid_client(
-                "assertion iss and sub must both be the client id",
-            ));
-        }
-        if let Some(p) = client_id_param
-            && p != iss
-        {
-            return Err(OAuthError::invalid_client(
-                "client_id does not match the assertion issuer",
-            ));
-        }
-        if !self.config.clients.contains_key(iss) {
-            return Err(OAuthError::invalid_client(format!(
-                "unknown client {iss:?}"
-            )));
-        }
-        let Some(aud) = &c.aud else {
-            return Err(OAuthError::invalid_client("assertion must carry aud"));
-        };
-        if !self.config.audiences.iter().any(|a| aud.contains(a)) {
-            return Err(OAuthError::invalid_client(
-                "assertion aud does not name this token endpoint",
-            ));
-        }
-        let Some(exp) = c.exp else {
-            return Err(OAuthError::invalid_client("assertion must carry exp"));
-        };
-        if exp.saturating_add(skew) <= now {
-            return Err(OAuthError::invalid_client("assertion has expired"));
-        }
-        // Cap the lifetime both ways, so omitting iat does not lift the cap.
-        if exp.saturating_sub(now) > max_life {
-            return Err(OAuthError::invalid_client(
-                "assertion lifetime exceeds the maximum (24h)",
-            ));
-        }
-        if let Some(iat) = c.iat {
-            if iat > now.saturating_add(skew) {
-                return Err(OAuthError::invalid_client("assertion iat is in the future"));
-            }
-            if exp.saturating_sub(iat) > max_life {
-                return Err(OAuthError::invalid_client(
-                    "assertion lifetime exceeds the maximum (24h)",
-                ));
-            }
-        }
-        if let Some(nbf) = c.nbf
-            && nbf > now.saturating_add(skew)
-        {
-            return Err(OAuthError::invalid_client(
-                "assertion is not yet valid (nbf)",
-            ));
-        }
-        let jti = c.jti.as_deref().unwrap_or("");
-        if jti.is_empty() {
-            return Err(OAuthError::invalid_client("assertion must carry jti"));
-        }
-        if jti.len() > MAX_JTI_LEN {
-            return Err(OAuthError::invalid_client("assertion jti is too long"));
-        }
-        Ok((iss, exp, jti))
-    }
-
-    /// RFC 6749 §3.3. An absent or empty `scope` gets the client's full
-    /// allowed set (our documented default). Otherwise the grant is
-    /// requested ∩ allowed, returned in the response; an empty intersection
-    /// is `invalid_scope`.
-    fn grant_scope(&self, client_id: &str, requested: Option<&str>) -> Result<String, OAuthError> {
-        let allowed: BTreeSet<&str> = self
-            .config
-            .clients
-            .get(client_id)
-            .map(|v| v.iter().map(String::as_str).collect())
-            .unwrap_or_default();
-        let requested = requested.unwrap_or("");
-        if requested.is_empty() {
-            return Ok(allowed.into_iter().collect::<Vec<_>>().join(" "));
-        }
-        let mut granted = BTreeSet::new();
-        for s in requested.split(' ') {
-            if !is_scope_token(s) {
-                return Err(OAuthError::new(
-                    "invalid_scope",
-                    "malformed scope parameter",
-                ));
-            }
-            if allowed.contains(s) {
-                granted.insert(s);
-            }
-        }
-        if granted.is_empty() {
-            return Err(OAuthError::new(
-                "invalid_scope",
-                format!("requested scope is not allowed for client {client_id:?}"),
-            ));
-        }
-        Ok(granted.into_iter().collect::<Vec<_>>().join(" "))
-    }
-}
-
-/// Content type, UTF-8, `application/x-www-form-urlencoded`, no repeated
-/// parameter (RFC 6749 §3.2). Unknown parameters are ignored.
-fn parse_form(
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Result<HashMap<String, String>, OAuthError> {
-    let media = content_type
-        .and_then(|ct| ct.split(';').next())
-        .map(|m| m.trim().to_ascii_lowercase());
-    if media.as_deref() != Some("application/x-www-form-urlencoded") {
-        return Err(OAuthError::invalid_request(
-            "content type must be application/x-www-form-urlencoded",
-        ));
-    }
-    if body.len() > MAX_BODY_BYTES {
-        return Err(OAuthError::invalid_request("request body too large"));
-    }
-    if std::str::from_utf8(body).is_err() {
-        return Err(OAuthError::invalid_request("request body is not UTF-8"));
-    }
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-        .map_err(|e| OAuthError::invalid_request(format!("malformed form body: {e}")))?;
-    let mut form = HashMap::new();
-    for (k, v) in pairs {
-        if k.is_empty() {
-            continue;
-        }
-        if form.insert(k.clone(), v).is_some() {
-            return Err(OAuthError::invalid_request(format!(
-                "parameter {k:?} repeated"
-            )));
-        }
-    }
-    Ok(form)
 }
 
 /// The axum adapter: caps the body at [`MAX_BODY_BYTES`] and its read at
@@ -682,55 +476,6 @@ fn json_response(reply: TokenReply) -> axum::response::Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
-
-    #[test]
-    fn form_parsing_refuses_bad_input() {
-        assert_eq!(
-            parse_form(Some("application/json"), b"a=b")
-                .unwrap_err()
-                .error,
-            "invalid_request"
-        );
-        assert_eq!(
-            parse_form(None, b"a=b").unwrap_err().error,
-            "invalid_request"
-        );
-        assert!(
-            parse_form(
-                Some("Application/X-WWW-Form-Urlencoded; charset=UTF-8"),
-                b"a=b"
-            )
-            .is_ok()
-        );
-        assert_eq!(
-            parse_form(FORM, b"a=1&a=2").unwrap_err().error,
-            "invalid_request"
-        );
-        assert_eq!(
-            parse_form(FORM, &[0xff, 0xfe]).unwrap_err().error,
-            "invalid_request"
-        );
-        assert_eq!(
-            parse_form(FORM, &vec![b'a'; MAX_BODY_BYTES + 1])
-                .unwrap_err()
-                .description,
-            "request body too large"
-        );
-        let f = parse_form(FORM, b"scope=a%20b&x=%3D").unwrap();
-        assert_eq!(f["scope"], "a b");
-        assert_eq!(f["x"], "=");
-    }
-
-    #[test]
-    fn scope_tokens_follow_rfc6749() {
-        assert!(is_scope_token("agent:self:register"));
-        assert!(!is_scope_token(""));
-        assert!(!is_scope_token("a\"b"));
-        assert!(!is_scope_token("a\\b"));
-        assert!(!is_scope_token("ä"));
-    }
 
     #[test]
     fn token_store_keeps_hashes_and_expires() {

@@ -1,9 +1,12 @@
 //! One `Session` stream: the receive loop, command dispatch, the response
 //! queue, teardown (reference §5).
 //!
-//! Shape: tonic calls [`ClawkerdSvc::session`], which spawns the receive
-//! loop as its own task and returns the receiving half of a bounded
-//! response queue as the response stream. Every producer (the loop, each
+//! Shape: tonic calls [`ClawkerdSvc::session`], which hands the inbound
+//! stream to [`start`]: it spawns the receive loop as its own task and
+//! returns the receiving half of a bounded response queue as the response
+//! stream. [`start`] takes any stream of commands, not only tonic's, so the
+//! dispatcher can be driven without a TLS connection (the
+//! `clawkerd_dispatch` fuzz target does). Every producer (the loop, each
 //! command worker, the register task) holds a clone of the sending half; the
 //! bounded queue is the backpressure from a slow CP down to the children's
 //! pipes.
@@ -189,34 +192,60 @@ impl ClawkerdService for ClawkerdSvc {
             peer_thumbprint = %peer_thumbprint,
             "session started"
         );
-        let started = Instant::now();
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let session = Session {
-            shared: self.shared.clone(),
-            out: tx.clone(),
-            commands: Arc::new(Mutex::new(HashMap::new())),
-            grants: Mutex::new(HashMap::new()),
-            _renewal: self.shared.renewer.get().map(|r| r.attach(&tx)),
-        };
-        let inbound = request.into_inner();
-        let driver = tokio::spawn(session.run(inbound));
-        tokio::spawn(async move {
-            if let Err(e) = driver.await
-                && e.is_panic()
-            {
-                let panic = panic_text(e.into_panic());
-                tracing::error!(event = "task_panic", task = "session", panic = %panic);
-                eprintln!("clawkerd: task_panic task=session panic={panic}");
-                let _ = tx.try_send(Err(Status::internal("clawkerd: session panicked")));
-            }
-            tracing::info!(
-                event = "session_ended",
-                peer_cn = %peer_cn,
-                duration = started.elapsed().as_secs_f64() * 1000.0,
-                "session ended"
-            );
-        });
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        // The handle is not needed here: tonic ends the call when the
+        // response stream ends.
+        let started = start(self.shared.clone(), request.into_inner(), peer_cn);
+        Ok(tonic::Response::new(started.responses))
+    }
+}
+
+/// A started session.
+pub struct Started {
+    /// Every response of the session, in order. It ends once the session
+    /// and every worker, register or renewal task holding a sender are done.
+    pub responses: ReceiverStream<Result<Response, Status>>,
+    /// Completes when the receive loop has ended and torn down (its
+    /// commands killed and, within the teardown grace, reaped), or
+    /// panicked (then an `INTERNAL` status was queued).
+    pub ended: tokio::task::JoinHandle<()>,
+}
+
+/// Runs one session over `inbound`: dispatches each command until the
+/// stream ends, fails, or clawkerd shuts down; then tears down. Must be
+/// called on a tokio runtime.
+pub fn start<S>(shared: Arc<Shared>, inbound: S, peer_cn: String) -> Started
+where
+    S: futures::Stream<Item = Result<Command, Status>> + Send + 'static,
+{
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let session = Session {
+        out: tx.clone(),
+        commands: Arc::new(Mutex::new(HashMap::new())),
+        grants: Mutex::new(HashMap::new()),
+        _renewal: shared.renewer.get().map(|r| r.attach(&tx)),
+        shared,
+    };
+    let driver = tokio::spawn(session.run(Box::pin(inbound)));
+    let ended = tokio::spawn(async move {
+        if let Err(e) = driver.await
+            && e.is_panic()
+        {
+            let panic = panic_text(e.into_panic());
+            tracing::error!(event = "task_panic", task = "session", panic = %panic);
+            eprintln!("clawkerd: task_panic task=session panic={panic}");
+            let _ = tx.try_send(Err(Status::internal("clawkerd: session panicked")));
+        }
+        tracing::info!(
+            event = "session_ended",
+            peer_cn = %peer_cn,
+            duration = started.elapsed().as_secs_f64() * 1000.0,
+            "session ended"
+        );
+    });
+    Started {
+        responses: ReceiverStream::new(rx),
+        ended,
     }
 }
 
@@ -253,10 +282,14 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn run(self, mut inbound: Streaming<Command>) {
+    async fn run<S>(self, mut inbound: std::pin::Pin<Box<S>>)
+    where
+        S: futures::Stream<Item = Result<Command, Status>> + Send,
+    {
+        use futures::StreamExt;
         loop {
             let msg = tokio::select! {
-                m = inbound.message() => m,
+                m = inbound.next() => m.transpose(),
                 _ = self.shared.shutdown.cancelled() => {
                     tracing::info!(event = "session_recv_teardown", reason = "shutdown");
                     break;

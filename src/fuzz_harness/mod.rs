@@ -7,6 +7,13 @@
 //!
 //! Only built with the `fuzzing` feature (tests and the fuzz crate turn it
 //! on); nothing here ships in a binary.
+//!
+//! The larger targets have a module each: [`token_body`] (the token
+//! endpoint's authentication step) and [`clawkerd_dispatch`] (clawkerd's
+//! session dispatcher fed arbitrary `Command` sequences).
+
+pub mod clawkerd_dispatch;
+pub mod token_body;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -34,6 +41,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("jwt_verify", jwt_verify),
     ("docker_event", docker_event),
     ("session_mux", session_mux),
+    ("token_body", token_body::token_body),
+    ("clawkerd_dispatch", clawkerd_dispatch::clawkerd_dispatch),
 ];
 
 fn roundtrip<M: Message + Default + PartialEq + std::fmt::Debug>(data: &[u8]) {
