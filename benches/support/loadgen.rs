@@ -18,6 +18,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 
 use clawker::identity::{AgentName, ProjectSlug};
+use clawker::listen::ListenerLimits;
 use clawker::proto::clawkerd::v1::{self as pb, command, response};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -184,8 +185,8 @@ async fn serve(dir: PathBuf, range: std::ops::Range<usize>) {
     // The same HTTP/2 settings as clawkerd's listener (its keepalive pings
     // reach the CP too).
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(ListenerLimits::CLAWKERD.keepalive_interval))
+        .http2_keepalive_timeout(Some(ListenerLimits::CLAWKERD.keepalive_timeout))
         .max_frame_size(Some(1 << 20))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))

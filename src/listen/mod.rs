@@ -95,7 +95,11 @@ impl ListenerLimits {
         max_connections_per_source: 16,
         handshake_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
-        keepalive_interval: Duration::from_secs(30),
+        // Only the CP's session lives past the handshake, and the CP pings
+        // it (every 45 s); clawkerd's own pings only have to end a session
+        // whose CP vanished without a FIN, so they are rare — each one
+        // costs the CP a wakeup per agent.
+        keepalive_interval: Duration::from_secs(120),
         keepalive_timeout: Duration::from_secs(10),
         max_concurrent_streams: 64,
     };

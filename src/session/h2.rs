@@ -39,7 +39,12 @@ impl Default for H2Settings {
             stream_window: 8 << 20,
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,
-            keep_alive_interval: Duration::from_secs(30),
+            // The CP is the side that must notice a silent peer (a
+            // container's death arrives as a runtime event in well under a
+            // second; this is for partitions): 45 s + 10 s worst case. Each
+            // ping costs the CP a wakeup per session, the bulk of an idle
+            // CP's CPU at 10,000 sessions (BENCHMARKS.md).
+            keep_alive_interval: Duration::from_secs(45),
             keep_alive_timeout: Duration::from_secs(10),
         }
     }
