@@ -9,11 +9,12 @@
 //!   → InitCompleted over 50 container starts.
 //! - `sessions`: N real clawkerd processes on loopback (N = 100, 1000):
 //!   dial → SessionConnected latency and the CP's RSS with N idle sessions.
-//! - `fleet`: 10,000 sessions on one CP (`CLAWKER_FLEET_N` to change N).
+//! - `fleet`: 10,000 sessions on one CP (`CLAWKER_FLEET_N` to change N,
+//!   `CLAWKER_FLEET_IDLE_SECS` the idle-CPU window, default 240 s).
 //!   The agents are a load generator (`support/loadgen.rs`: one child
 //!   process playing clawkerd for all N over real mTLS, one listener and
 //!   one leaf per agent); the CP side is the real session machinery.
-//!   Time to connect all N, CP RSS, idle CP CPU over 30 s (/proc/self/stat),
+//!   Time to connect all N, CP RSS, idle CP CPU over the window (/proc/self/stat),
 //!   ShellCommand `true` round trips to random sessions.
 //! - `throughput`: on a real engine, one agent: the producer alone in the
 //!   container (`dd bs=1M` vs busybox `head -c`, to /dev/null and into a
@@ -1547,7 +1548,15 @@ async fn fleet_section(n: usize) {
         "  after malloc_trim(0)",
         (trimmed - rss_before) * 1024.0 / n as f64
     );
-    let window = Duration::from_secs(30);
+    // Long enough to hold whole keepalive periods of both sides (the CP
+    // pings every 60 s, clawkerd every 120 s): a shorter window can fall
+    // between pings and measure nothing.
+    let window = Duration::from_secs(
+        std::env::var("CLAWKER_FLEET_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(240),
+    );
     let (t0, c0) = (Instant::now(), fleet::cpu_ticks());
     tokio::time::sleep(window).await;
     let (secs, ticks) = (t0.elapsed().as_secs_f64(), fleet::cpu_ticks() - c0);

@@ -96,7 +96,7 @@ impl ListenerLimits {
         handshake_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
         // Only the CP's session lives past the handshake, and the CP pings
-        // it (every 45 s); clawkerd's own pings only have to end a session
+        // it (every 60 s); clawkerd's own pings only have to end a session
         // whose CP vanished without a FIN, so they are rare — each one
         // costs the CP a wakeup per agent.
         keepalive_interval: Duration::from_secs(120),

@@ -652,9 +652,9 @@ pub async fn hold<P: Publish>(
     }
 }
 
-async fn recv(rx: &mut Option<mpsc::Receiver<pb::Response>>) -> Option<pb::Response> {
+async fn recv(rx: &mut Option<mpsc::Receiver<Box<pb::Response>>>) -> Option<pb::Response> {
     match rx {
-        Some(rx) => rx.recv().await,
+        Some(rx) => rx.recv().await.map(|r| *r),
         None => std::future::pending().await,
     }
 }
