@@ -296,6 +296,29 @@ pub fn attach_bundle(spec: &mut ServiceSpec, secrets: &[MountedSecret]) {
     });
 }
 
+/// Runs `delete` until it succeeds, finds nothing (404), or `patience` runs
+/// out: Docker refuses to delete a secret or volume while a task that is
+/// going away still holds it, which ends within moments of the service's
+/// removal.
+async fn delete_while_in_use<F, Fut>(patience: Duration, mut delete: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), bollard::errors::Error>>,
+{
+    let started = Instant::now();
+    loop {
+        match delete().await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) if started.elapsed() < patience => {
+                tracing::debug!(error = %e, "still in use; retrying");
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 impl Swarm {
     /// Creates one secret per bundle file; on failure removes those it made.
     async fn create_bundle_secrets(
@@ -355,20 +378,11 @@ impl Swarm {
         let mut errors = Vec::new();
         for s in list {
             let Some(id) = s.id else { continue };
-            let started = Instant::now();
-            loop {
-                match self.docker().delete_secret(&id).await {
-                    Ok(()) => break,
-                    Err(e) if is_status(&e, 404) => break,
-                    Err(e) if started.elapsed() < Duration::from_secs(5) => {
-                        tracing::debug!(secret = %id, error = %e, "secret still in use; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => {
-                        errors.push(format!("secret {id}: {e}"));
-                        break;
-                    }
-                }
+            let deleted =
+                delete_while_in_use(Duration::from_secs(5), || self.docker().delete_secret(&id))
+                    .await;
+            if let Err(e) = deleted {
+                errors.push(format!("secret {id}: {e}"));
             }
         }
         errors
@@ -394,27 +408,15 @@ impl Swarm {
             .map(|v| v.name)
             .filter(|n| n == &base || n.starts_with(&format!("{base}-")));
         for name in ours {
-            let started = Instant::now();
-            loop {
-                match self
-                    .docker()
-                    .remove_volume(
-                        &name,
-                        None::<bollard::query_parameters::RemoveVolumeOptions>,
-                    )
-                    .await
-                {
-                    Ok(()) => break,
-                    Err(e) if is_status(&e, 404) => break,
-                    Err(e) if started.elapsed() < Duration::from_secs(10) => {
-                        tracing::debug!(volume = %name, error = %e, "state volume still in use; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Err(e) => {
-                        errors.push(format!("volume {name}: {e}"));
-                        break;
-                    }
-                }
+            let removed = delete_while_in_use(Duration::from_secs(10), || {
+                self.docker().remove_volume(
+                    &name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+            })
+            .await;
+            if let Err(e) = removed {
+                errors.push(format!("volume {name}: {e}"));
             }
         }
         errors
