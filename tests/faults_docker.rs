@@ -8,24 +8,20 @@
 //! Run under `flock /tmp/clawker-docker.lock` with
 //! `CLAWKER_TEST_IMAGE=clawker-agent:<branch>`.
 
-use std::collections::HashMap;
+use clawker::cp;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clawker::cp::{self, CpConfig, agent::RunSpec};
-use clawker::identity::{AgentName, ProjectSlug};
-use clawker::pki::AuthMaterial;
+mod common;
+
+use common::docker_env::{DockerEnv, test_image};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn image() -> String {
-    std::env::var("CLAWKER_TEST_IMAGE").unwrap_or_else(|_| "clawker-agent:latest".into())
 }
 
 fn docker_cli(args: &[&str]) -> Option<String> {
@@ -38,115 +34,16 @@ fn docker_cli(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// One test's Docker world, removed on drop (even on failure).
-struct Env {
-    label: String,
-    networks: Vec<String>,
-    state: tempfile::TempDir,
-    cfg: CpConfig,
-}
-
-impl Env {
-    fn new(n: u8) -> Self {
-        let state = tempfile::tempdir().unwrap();
-        let net = format!("clawker-fx-{n}");
-        let quarantine = format!("clawker-fx-{n}-q");
-        let overrides = cp::config::Overrides {
-            network: Some(net.clone()),
-            subnet: Some(format!("10.225.{n}.0/24")),
-            quarantine_network: Some(quarantine.clone()),
-            quarantine_subnet: Some(format!("10.225.{}.0/24", 100 + n)),
-            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        };
-        let cfg = cp::config::resolve(
-            state.path().to_owned(),
-            cp::config::FileConfig::default(),
-            overrides,
-        )
-        .unwrap();
-        AuthMaterial::ensure(state.path()).unwrap();
-        let env = Self {
-            label: format!("fx-{n}-{}", std::process::id()),
-            networks: vec![net, quarantine],
-            state,
-            cfg,
-        };
-        env.cleanup();
-        env
-    }
-
-    fn cleanup(&self) {
-        if let Some(ids) = docker_cli(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=dev.clawker.test={}", self.label),
-        ]) {
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
-                let mut args = vec!["rm", "-f", "-v"];
-                args.extend(ids);
-                let _ = docker_cli(&args);
-            }
-        }
-        if let Some(id) = docker_cli(&[
-            "network",
-            "inspect",
-            "-f",
-            "{{.Id}}",
-            &self.cfg.quarantine_network,
-        ]) {
-            let bridge = format!("br-{}", &id[..12.min(id.len())]);
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
-                let _ = rt.block_on(clawker::netns::unguard_bridge(
-                    &bridge,
-                    Duration::from_secs(10),
-                ));
-            }
-        }
-        for n in &self.networks {
-            let _ = docker_cli(&["network", "rm", n]);
-        }
-    }
-
-    fn spec(&self, name: &str) -> RunSpec {
-        RunSpec {
-            agent: AgentName::new(name).unwrap(),
-            project: ProjectSlug::new("fx").unwrap(),
-            image: image(),
-            network: self.cfg.network.clone(),
-            agent_port: self.cfg.agent_port,
-            command: vec![],
-            env: vec![],
-            hardening: Default::default(),
-            extra_labels: HashMap::from([("dev.clawker.test".to_owned(), self.label.clone())]),
-            extra_networks: vec![],
-            mint_for_container: None,
-            cert_ttl: self.cfg.agent_cert_ttl,
-            placement: vec![],
-        }
-    }
-
-    fn material(&self) -> AuthMaterial {
-        AuthMaterial::load(self.state.path()).unwrap()
-    }
-
-    fn cli(&self) -> std::process::Command {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_clawker"));
-        c.arg("--state-dir")
-            .arg(self.state.path())
-            .env_remove("CLAWKER_STATE_DIR")
-            .env_remove("CLAWKER_ADMIN_ADDR");
-        c
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
+/// One test's Docker world (`clawker-fx-<n>` on 10.225.<n>.0/24, its
+/// quarantine network on 10.225.<100+n>.0/24), removed on drop.
+fn fault_env(n: u8) -> DockerEnv {
+    DockerEnv::with_quarantine(
+        "clawker-fx",
+        n,
+        &format!("10.225.{n}.0/24"),
+        &format!("10.225.{}.0/24", 100 + n),
+        "127.0.0.1:0".parse().unwrap(),
+    )
 }
 
 type Seen = Arc<Mutex<Vec<(Instant, String, serde_json::Value)>>>;
@@ -283,7 +180,7 @@ async fn session_status(cp: &cp::RunningCp, id: &str) -> String {
 #[test]
 fn docker_kill_ends_the_session_at_once_and_a_hup_does_not() {
     let _g = serial();
-    let env = Env::new(1);
+    let env = fault_env(1);
     actix::System::new().block_on(async {
         let docker = docker_or_fail().await;
         let cp1 = cp::start(&env.cfg).await.unwrap();
@@ -291,7 +188,7 @@ fn docker_kill_ends_the_session_at_once_and_a_hup_does_not() {
         // A user command that survives SIGHUP (clawkerd forwards it to the
         // command's process group; a command that dies of it ends the
         // container, and that is a real `die`).
-        let mut spec = env.spec("kilo");
+        let mut spec = env.spec("kilo", "fx");
         spec.command = ["sh", "-c", "trap 'echo hup' HUP; while true; do sleep 1; done"]
             .map(String::from)
             .to_vec();
@@ -350,12 +247,12 @@ fn docker_kill_ends_the_session_at_once_and_a_hup_does_not() {
 #[test]
 fn clawkerd_killed_inside_ends_the_session_without_reconnect_churn() {
     let _g = serial();
-    let env = Env::new(2);
+    let env = fault_env(2);
     actix::System::new().block_on(async {
         let docker = docker_or_fail().await;
         let cp1 = cp::start(&env.cfg).await.unwrap();
         let seen = record(&cp1.bus);
-        let id = cp::agent::run(&docker, &env.material(), &env.spec("pid1"))
+        let id = cp::agent::run(&docker, &env.material(), &env.spec("pid1", "fx"))
             .await
             .unwrap();
         wait_for(&seen, &id, "agent.init.completed", 1, 60).await;
@@ -384,12 +281,12 @@ fn clawkerd_killed_inside_ends_the_session_without_reconnect_churn() {
 #[test]
 fn network_disconnect_breaks_the_session_and_connect_brings_it_back() {
     let _g = serial();
-    let env = Env::new(3);
+    let env = fault_env(3);
     actix::System::new().block_on(async {
         let docker = docker_or_fail().await;
         let cp1 = cp::start(&env.cfg).await.unwrap();
         let seen = record(&cp1.bus);
-        let id = cp::agent::run(&docker, &env.material(), &env.spec("netty"))
+        let id = cp::agent::run(&docker, &env.material(), &env.spec("netty", "fx"))
             .await
             .unwrap();
         wait_for(&seen, &id, "agent.init.completed", 1, 60).await;
@@ -435,7 +332,7 @@ fn network_disconnect_breaks_the_session_and_connect_brings_it_back() {
 #[test]
 fn agent_run_exits_non_zero_and_starts_nothing_when_the_cp_is_unreachable() {
     let _g = serial();
-    let env = Env::new(4);
+    let env = fault_env(4);
     // A port nobody listens on.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -451,8 +348,7 @@ fn agent_run_exits_non_zero_and_starts_nothing_when_the_cp_is_unreachable() {
     ])
     .expect("network create");
     let out = env
-        .cli()
-        .args(["--admin-addr", &dead.to_string()])
+        .cli(dead)
         .args([
             "agent",
             "run",
@@ -460,7 +356,7 @@ fn agent_run_exits_non_zero_and_starts_nothing_when_the_cp_is_unreachable() {
             "--project",
             "fx",
             "--image",
-            &image(),
+            &test_image(),
         ])
         .args(["--network", &env.cfg.network, "--timeout-secs", "5"])
         .output()
@@ -621,7 +517,7 @@ impl Drop for Child {
 #[test]
 fn cp_waits_for_a_missing_docker_socket_and_recovers_from_losing_it() {
     let _g = serial();
-    let env = Env::new(5);
+    let env = fault_env(5);
     let sock_dir = tempfile::tempdir().unwrap();
     let sock = sock_dir.path().join("docker.sock");
     let metrics: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -632,8 +528,8 @@ fn cp_waits_for_a_missing_docker_socket_and_recovers_from_losing_it() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut cmd = env.cli();
-    cmd.args(["--admin-addr", &admin.to_string(), "cp", "serve"])
+    let mut cmd = env.cli(admin);
+    cmd.args(["cp", "serve"])
         .args(["--network", &env.cfg.network, "--subnet", "10.225.5.0/24"])
         .args(["--quarantine-network", &env.cfg.quarantine_network])
         .args(["--quarantine-subnet", "10.225.105.0/24"])

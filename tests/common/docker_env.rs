@@ -32,11 +32,37 @@ pub struct DockerEnv {
 impl DockerEnv {
     /// `prefix`-`n` network on `subnet`; the admin API on `admin`.
     pub fn new(prefix: &str, n: u8, subnet: &str, admin: SocketAddr) -> Self {
+        Self::build(prefix, n, subnet, None, admin)
+    }
+
+    /// [`DockerEnv::new`] plus this world's own quarantine network,
+    /// `prefix`-`n`-q on `quarantine_subnet` (its host guard is removed on
+    /// drop too).
+    pub fn with_quarantine(
+        prefix: &str,
+        n: u8,
+        subnet: &str,
+        quarantine_subnet: &str,
+        admin: SocketAddr,
+    ) -> Self {
+        Self::build(prefix, n, subnet, Some(quarantine_subnet), admin)
+    }
+
+    fn build(
+        prefix: &str,
+        n: u8,
+        subnet: &str,
+        quarantine_subnet: Option<&str>,
+        admin: SocketAddr,
+    ) -> Self {
         let state = tempfile::tempdir().unwrap();
         let net = format!("{prefix}-{n}");
+        let quarantine = quarantine_subnet.map(|s| (format!("{prefix}-{n}-q"), s.to_owned()));
         let overrides = cp::config::Overrides {
             network: Some(net.clone()),
             subnet: Some(subnet.to_owned()),
+            quarantine_network: quarantine.as_ref().map(|(q, _)| q.clone()),
+            quarantine_subnet: quarantine.as_ref().map(|(_, s)| s.clone()),
             admin_addr: Some(admin),
             metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
@@ -50,7 +76,9 @@ impl DockerEnv {
         AuthMaterial::ensure(state.path()).unwrap();
         let env = Self {
             label: format!("{prefix}-{n}-{}", std::process::id()),
-            networks: vec![net],
+            networks: std::iter::once(net)
+                .chain(quarantine.map(|(q, _)| q))
+                .collect(),
             state,
             cfg,
         };
@@ -74,10 +102,34 @@ impl DockerEnv {
                 .collect();
             if !ids.is_empty() {
                 let _ = std::process::Command::new("docker")
-                    .arg("rm")
-                    .arg("-f")
+                    .args(["rm", "-f", "-v"])
                     .args(&ids)
                     .output();
+            }
+        }
+        // A quarantine network of this world carries a host nft guard on
+        // its bridge: remove it with the network.
+        if self.networks.contains(&self.cfg.quarantine_network) {
+            let id = std::process::Command::new("docker")
+                .args([
+                    "network",
+                    "inspect",
+                    "-f",
+                    "{{.Id}}",
+                    &self.cfg.quarantine_network,
+                ])
+                .output();
+            if let Ok(out) = id
+                && out.status.success()
+            {
+                let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                let bridge = format!("br-{}", &id[..12.min(id.len())]);
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+                    let _ = rt.block_on(clawker::netns::unguard_bridge(
+                        &bridge,
+                        Duration::from_secs(10),
+                    ));
+                }
             }
         }
         for n in &self.networks {
