@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts what the build and the tests need on a fresh Debian
 # machine (as root): Docker engine + iptables, a static busybox for the agent
-# image, openssl for chain checks, nftables (the CP's `lock`, agent-port
+# image, openssl for chain checks, g++ for libFuzzer, nftables (the CP's `lock`, agent-port
 # guard and quarantine host guard run `nft`), iproute2 and util-linux
 # (nsenter, unshare) for the private engines of the Swarm-mode and fault
 # tests. Idempotent; quiet when all is present.
@@ -11,6 +11,9 @@ need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# A C++ compiler: the fuzz targets' libfuzzer-sys builds libFuzzer from C++
+# (ring and the rest need only the C compiler the Rust toolchain links with).
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 # Containment installs nftables rules with the `nft` binary (src/netns/nft.rs).
 [ -x /usr/sbin/nft ] || command -v nft >/dev/null 2>&1 || need+=(nftables)
