@@ -424,6 +424,43 @@ async fn expired_leaf_that_matches_its_row_is_trusted_and_rotated_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_never_rotated_has_its_bootstrap_leaf_retired_on_its_next_session() {
+    // The CP died between Register and the retiring rotation: the row still
+    // names the bootstrap leaf. With retire_bootstrap_leaf the next trusted
+    // session rotates it away at once; a second session does not again.
+    let mut h = Harness::new();
+    h.rotation.retire_bootstrap_leaf = true;
+    let (p, a) = ident();
+    let bootstrap = h.ca.mint_agent(&p, &a, &h.pki.container_id).unwrap();
+    h.bootstrap_with(&bootstrap);
+    h.register_row(bootstrap.thumbprint());
+    let clawkerd = agent(&h.pki, None);
+    h.resolver.set(&h.pki.container_id, running(clawkerd.addr));
+    let (task, _live) = h.start();
+    wait_for(&h.sink, "agent.cert.rotated", 1, 30).await;
+    let r = &h.sink.of("agent.cert.rotated")[0];
+    assert_eq!(r["reason"], "registered");
+    assert_eq!(r["old"], bootstrap.thumbprint().to_hex());
+    assert_eq!(
+        h.classify(&bootstrap.thumbprint()),
+        Classification::ThumbprintMismatch
+    );
+    task.abort();
+    let _ = task.await;
+
+    let sink = RecordingSink::default();
+    let (again, _live) = h.start_with(&sink, &h.pki.cp_client);
+    wait_for(&sink, "agent.init.completed", 1, 30).await;
+    assert!(
+        sink.of("agent.cert.rotated").is_empty(),
+        "{:?}",
+        sink.names()
+    );
+    assert!(sink.of("agent.untrusted").is_empty(), "{:?}", sink.names());
+    again.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaf_expired_past_the_staleness_bound_is_cert_expired() {
     let mut h = Harness::new();
     h.rotation.stale_after = Duration::from_secs(3600);

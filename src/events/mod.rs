@@ -309,8 +309,9 @@ pub enum RotationReason {
     /// The session's leaf had expired (trusted because it otherwise matched
     /// its row, then rotated at once).
     Expired,
-    /// Right after Register, so the bootstrap leaf — whose copy outlives
-    /// the container in a Swarm secret — is retired at once
+    /// Right after Register (or on the first trusted session of a row that
+    /// never rotated), so the bootstrap leaf — whose copy outlives the
+    /// container in a Swarm secret — is retired at once
     /// (`retire_bootstrap_leaf`).
     Registered,
 }

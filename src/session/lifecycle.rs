@@ -634,6 +634,7 @@ async fn verdict<P: Publish>(
     // anything else that fails the chain is cert_invalid, as always.
     let certs = deps.certs.as_ref();
     let expired = !conn.peer.chain_verified && conn.peer.expired_only && certs.is_some();
+    let retire_bootstrap = certs.is_some_and(|c| c.config.retire_bootstrap_leaf);
     if !conn.peer.chain_verified && !expired {
         return untrusted(UntrustedReason::CertInvalid, chain_detail());
     }
@@ -681,8 +682,7 @@ async fn verdict<P: Publish>(
                         reason: String::new(),
                         at: events::now(),
                     });
-                    let retire = certs.is_some_and(|c| c.config.retire_bootstrap_leaf);
-                    trusted(retire.then_some(RotationReason::Registered))
+                    trusted(retire_bootstrap.then_some(RotationReason::Registered))
                 }
                 Err(failure) => {
                     let reason = failure.to_string();
@@ -699,7 +699,11 @@ async fn verdict<P: Publish>(
         }
     };
     if !expired {
-        return trusted(None);
+        // A row that never rotated still trusts the bootstrap leaf: a CP that
+        // died between Register and the retiring rotation (or had the
+        // setting off back then) retires it on this session instead.
+        let never_rotated = deps.registry.leaf_state(container_id).rotations == 0;
+        return trusted((retire_bootstrap && never_rotated).then_some(RotationReason::Registered));
     }
     // An expired leaf of ours, matching its row: within the staleness bound,
     // and when the runtime's facts agree with the row, trust it and rotate
