@@ -18,7 +18,6 @@ use clawker::registry::RegistryStore;
 use clawker::registry::store::NewEntry;
 use clawker::session::classify::{self, Classification};
 use clawker::session::dial::DialConfig;
-use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{
     self, ContainerResolver, LiveSession, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
 };
@@ -97,15 +96,8 @@ impl Harness {
     fn new() -> Self {
         let pki = TestPki::new();
         let registry = RegistryStore::open(&pki.dir.path().join("cp.redb")).unwrap();
-        let home = pki.dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::chown(&home, Some(1001), Some(1001)).unwrap();
         let mut policy = SessionPolicy::default();
-        policy.init.user = AgentUser {
-            home: home.display().to_string(),
-            ..AgentUser::default()
-        };
+        policy.init.user = pki.agent_user();
         policy.register_timeout = Duration::from_secs(3);
         policy.max_register_attempts = 0;
         let ca = Arc::new(pki.ca.try_clone().unwrap());

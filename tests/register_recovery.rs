@@ -13,7 +13,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,6 @@ use clawker::registry::{Registry, RegistryError, RegistryStore};
 use clawker::runtime::memory::{MemoryOps, StaticInspector};
 use clawker::runtime::{ContainerFacts, RuntimeError};
 use clawker::session::dial::DialConfig;
-use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{
     self, ContainerResolver, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
 };
@@ -61,7 +59,6 @@ struct Cp {
     inspector: Arc<StaticInspector>,
     registry: Registry,
     api: Option<(AgentApi, tokio::sync::oneshot::Sender<()>)>,
-    home: PathBuf,
 }
 
 impl Cp {
@@ -84,10 +81,6 @@ impl Cp {
                 "127.0.0.1".parse().unwrap(),
             ),
         );
-        let home = pki.dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::chown(&home, Some(1001), Some(1001)).unwrap();
         let registry = Registry::start(RegistryStore::open(&db).unwrap()).unwrap();
         let mut cp = Self {
             pki,
@@ -99,7 +92,6 @@ impl Cp {
             inspector,
             registry,
             api: None,
-            home,
         };
         cp.serve().await;
         // The CLI's single-use assertion in the bootstrap bundle.
@@ -164,10 +156,7 @@ impl Cp {
 
     fn policy(&self) -> SessionPolicy {
         let mut policy = SessionPolicy::default();
-        policy.init.user = AgentUser {
-            home: self.home.display().to_string(),
-            ..AgentUser::default()
-        };
+        policy.init.user = self.pki.agent_user();
         policy.register_retry_backoff = Duration::from_millis(20);
         policy.register_timeout = Duration::from_secs(20);
         policy

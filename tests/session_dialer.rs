@@ -111,11 +111,11 @@ fn setup(bus: &Bus, register: bool) -> Setup {
             .unwrap();
     }
     let resolver = StaticResolver::default();
-    // Init is not under test here; untrusted agents keep it from running.
-    let policy = SessionPolicy {
-        init_untrusted: false,
-        ..SessionPolicy::default()
-    };
+    // A trusted agent runs the init plan; its steps run on this host, so
+    // the agent user's home is a tempdir (a failing step would end
+    // clawkerd, and with it every later session of the test).
+    let mut policy = SessionPolicy::default();
+    policy.init.user = pki.agent_user();
     let deps = SessionDeps {
         resolver: Arc::new(resolver.clone()),
         registry: Arc::new(registry),
@@ -234,6 +234,20 @@ fn a_panicking_session_is_contained_published_and_restarted() {
         })
         .await;
         assert_eq!(front.active().await, vec![s.pki.container_id.clone()]);
+        // The panicked actor's session went with it: clawkerd saw the first
+        // stream end, and only the restarted actor's session is open (a
+        // detached lifecycle task would hold the old one, and run its init
+        // plan beside the new session's).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while clawkerd.logs.events("session_ended").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(clawkerd.logs.events("session_started").len(), 2);
+        assert_eq!(
+            clawkerd.logs.events("session_ended").len(),
+            1,
+            "the first session ends when its actor panics"
+        );
         let tree = sessions.tree().await.unwrap();
         let rendered = tree.render();
         assert!(rendered.contains("session"), "{rendered}");

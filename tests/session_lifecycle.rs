@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,6 @@ use clawker::registry::RegistryStore;
 use clawker::registry::store::NewEntry;
 use clawker::runtime::memory::MemoryOps;
 use clawker::session::dial::DialConfig;
-use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{
     self, ContainerResolver, LiveSession, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
 };
@@ -86,17 +84,8 @@ impl Harness {
     fn new() -> Self {
         let pki = TestPki::new();
         let registry = RegistryStore::open(&pki.dir.path().join("cp.redb")).unwrap();
-        // The agent user's home must exist and belong to it (the image has
-        // /home/claude; on the test host we use a tempdir).
-        let home = pki.dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::chown(&home, Some(1001), Some(1001)).unwrap();
         let mut policy = SessionPolicy::default();
-        policy.init.user = AgentUser {
-            home: home.display().to_string(),
-            ..AgentUser::default()
-        };
+        policy.init.user = pki.agent_user();
         policy.register_timeout = Duration::from_secs(3);
         let runtime = MemoryOps::default();
         runtime.add(&pki.container_id, &["clawker-net"]);

@@ -9,7 +9,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,6 @@ use clawker::registry::{Registry, RegistryStore};
 use clawker::runtime::ContainerFacts;
 use clawker::runtime::memory::StaticInspector;
 use clawker::session::dial::DialConfig;
-use clawker::session::init::AgentUser;
 use clawker::session::lifecycle::{
     self, ContainerResolver, ResolveError, ResolvedTarget, SessionDeps, SessionPolicy,
 };
@@ -60,10 +58,6 @@ async fn wait_for(sink: &RecordingSink, name: &str, n: usize) {
 fn fresh_container_registers_through_the_real_coordinator_then_matches_after_restart() {
     let pki = TestPki::new();
     let signing = SigningKey::generate().unwrap();
-    let home = pki.dir.path().join("home");
-    std::fs::create_dir(&home).unwrap();
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::chown(&home, Some(1001), Some(1001)).unwrap();
     let db = pki.dir.path().join("cp.redb");
 
     actix::System::new().block_on(async {
@@ -115,10 +109,7 @@ fn fresh_container_registers_through_the_real_coordinator_then_matches_after_res
 
         let sink = RecordingSink::default();
         let mut policy = SessionPolicy::default();
-        policy.init.user = AgentUser {
-            home: home.display().to_string(),
-            ..AgentUser::default()
-        };
+        policy.init.user = pki.agent_user();
         let deps = SessionDeps {
             resolver: Arc::new(OneContainer(clawkerd.addr)),
             registry: Arc::new(registry.clone()),

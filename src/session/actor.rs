@@ -82,11 +82,24 @@ impl Publish for SessionSink {
     }
 }
 
+/// The session's lifecycle task, aborted when dropped. Why a guard and
+/// not only `stopped()`: the task is a plain tokio task, which outlives
+/// its spawner; whichever way the actor goes (stop, panic, its context
+/// dropped at shutdown) the session's connection and init plan must go
+/// with it, or a restarted actor's session would run beside the old one.
+struct LifecycleTask(tokio::task::AbortHandle);
+
+impl Drop for LifecycleTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub struct SessionActor {
     container_id: String,
     deps: SessionDeps<Bus>,
     sink: SessionSink,
-    task: Option<tokio::task::AbortHandle>,
+    task: Option<LifecycleTask>,
     live: watch::Receiver<Option<LiveSession>>,
     /// Rung by [`NetworkMoved`]; the lifecycle task listens while holding.
     moved: Arc<tokio::sync::Notify>,
@@ -139,7 +152,7 @@ impl Actor for SessionActor {
             tx,
             self.moved.clone(),
         ));
-        self.task = Some(handle.abort_handle());
+        self.task = Some(LifecycleTask(handle.abort_handle()));
         ctx.spawn(
             wrap_future::<_, Self>(handle).map(|res, _act, ctx: &mut Context<Self>| {
                 match res {
@@ -162,9 +175,7 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+        self.task = None;
     }
 }
 
@@ -212,9 +223,7 @@ impl Handler<ContainerGone> for SessionActor {
             attempts: 0,
             at: events::now(),
         });
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+        self.task = None;
         if published {
             tracing::info!(event = "agentdial_session_container_gone", container_id = %self.container_id, "container down (docker event); session ended");
         }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use clawker::identity::{AgentName, ProjectSlug};
 use clawker::pki::{self, Ca, CertifiedKey, LeafSpec};
+use clawker::session::init::AgentUser;
 use serde_json::Value;
 
 pub const AGENT: &str = "dev";
@@ -93,6 +94,29 @@ impl TestPki {
     /// The init marker clawkerd writes on `AgentInitialized`.
     pub fn init_marker(&self) -> PathBuf {
         self.state_dir().join("agent-initialized")
+    }
+
+    /// The agent user's home for init plans run on this host: the image
+    /// has /home/claude, the test host has not (and must not be written
+    /// to), so the plan's steps get a tempdir owned by `claude`. Created on
+    /// first use.
+    pub fn agent_home(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let home = self.dir.path().join("home");
+        if !home.exists() {
+            std::fs::create_dir(&home).unwrap();
+            std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&home, Some(CLAUDE_UID), Some(CLAUDE_UID)).unwrap();
+        }
+        home
+    }
+
+    /// The agent user of the CP's init plan, with [`Self::agent_home`].
+    pub fn agent_user(&self) -> AgentUser {
+        AgentUser {
+            home: self.agent_home().display().to_string(),
+            ..AgentUser::default()
+        }
     }
 
     /// A leaf signed by this CA from an arbitrary spec (bad-peer tests).
