@@ -24,8 +24,9 @@
 //!   CLI) in the same run, and the loopback floor (`support/floor.rs`: the
 //!   same bytes over a plain TLS socket with the session's rustls configs,
 //!   and over plain TCP). Docker networks 10.226.0–1.0/24.
-//! - `loopback`: the session rows of `throughput` against one real
-//!   clawkerd process on loopback (no container, no bridge), and the floor.
+//! - `loopback`: the `true` round trip and the session rows of
+//!   `throughput` against one real clawkerd process on loopback (no
+//!   container, no bridge), and the floor.
 //! - `load100`: on a real engine, 100 agents started at once through the
 //!   library call `clawker agent run --no-wait` makes, against one CP:
 //!   start event → InitCompleted p50/p99, failures, CP RSS and CPU.
@@ -1183,9 +1184,15 @@ async fn loopback_section() {
     clawker::pki::write_bootstrap(&boot, &leaf, ca.cert_pem()).unwrap();
     std::fs::write(boot.join("assertion.jwt"), "x").unwrap();
     let passwd = lg_dir.path().join("passwd");
-    std::fs::write(&passwd, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    // clawkerd resolves its agent user (`claude`) at boot and exits
+    // without it.
+    std::fs::write(
+        &passwd,
+        "root:x:0:0::/root:/bin/sh\nclaude:x:1001:1001::/tmp:/bin/sh\n",
+    )
+    .unwrap();
     let group = lg_dir.path().join("group");
-    std::fs::write(&group, "root:x:0:\n").unwrap();
+    std::fs::write(&group, "root:x:0:\nclaude:x:1001:\n").unwrap();
     let addr: SocketAddr = "127.78.0.1:7700".parse().unwrap();
     let mut child = Process::new(env!("CARGO_BIN_EXE_clawkerd"))
         .args(["sleep", "600"])
@@ -1197,6 +1204,9 @@ async fn loopback_section() {
         .env("CLAWKER_GROUP_FILE", &group)
         .env("CLAWKER_READY_FILE", boot.join("ready"))
         .env("CLAWKER_LOG_FILE", boot.join("log"))
+        // Its state (the init marker) stays in the tempdir, never the
+        // host's /var/lib/clawker.
+        .env("CLAWKERD_STATE_DIR", lg_dir.path().join("state"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1204,7 +1214,11 @@ async fn loopback_section() {
         .expect("spawn clawkerd");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "clawkerd not listening");
+        let log = || std::fs::read_to_string(boot.join("log")).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("clawkerd exited ({status}) before listening:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "clawkerd not listening:\n{}", log());
         std::thread::sleep(Duration::from_millis(5));
     }
     let dial = clawker::session::dial::DialConfig::new(
@@ -1219,8 +1233,19 @@ async fn loopback_section() {
     let mux = conn.mux.clone();
     let n = TP_BYTES.to_string();
     let count = format!("count={}", TP_BYTES >> 20);
+    println!("\n== loopback: one real clawkerd process ==");
+    for i in 0..20 {
+        shell(&mux, &format!("lw{i}"), &["true"]).await;
+    }
+    let mut rtt = Vec::new();
+    for i in 0..300 {
+        let t = Instant::now();
+        shell(&mux, &format!("lt{i}"), &["true"]).await;
+        rtt.push(t.elapsed());
+    }
+    report("ShellCommand `true` round trip", &mut rtt);
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    println!("\n== loopback: one real clawkerd process, 500 MB (best of 3) ==");
+    println!("500 MB each, best of 3:");
     for (producer, argv) in [
         (
             "dd bs=1M",
