@@ -1218,7 +1218,11 @@ async fn loopback_section() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("clawkerd exited ({status}) before listening:\n{}", log());
         }
-        assert!(Instant::now() < deadline, "clawkerd not listening:\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "clawkerd not listening:\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let dial = clawker::session::dial::DialConfig::new(
