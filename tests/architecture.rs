@@ -84,7 +84,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "policy",
         &[
-            "defaults", "events", "identity", "proto", "registry", "runtime", "session",
+            "defaults", "events", "identity", "listen", "proto", "registry", "runtime", "session",
         ],
     ),
     // The fuzz targets' bodies (feature `fuzzing`, never shipped).

@@ -229,3 +229,150 @@ async fn a_grpc_message_over_4_mib_is_refused_unread() {
         .await
         .unwrap();
 }
+
+/// One HTTP/1.1 GET on `s` (keep-alive); returns the status line and body.
+async fn http_get(s: &mut TcpStream, path: &str) -> std::io::Result<(String, String)> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: cp\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                let status = head.lines().next().unwrap_or_default().to_owned();
+                return Ok((status, body));
+            }
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The CP's loopback `/metrics` + health endpoint is plain HTTP/1.1, but
+/// it runs the same accept loop: connection caps (refused with an RST),
+/// and hyper's header-read timeout as its idle and slowloris bound; a
+/// keep-alive client that keeps asking is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_caps_connections_and_closes_idle_and_slow_ones() {
+    use clawker::listen::ListenerLimits;
+    use clawker::policy::health::{Readiness, serve_bounded};
+    let idle = Duration::from_millis(1500);
+    let metrics = clawker::policy::metrics::Metrics::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (addr, server) = serve_bounded(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.handle(),
+        Readiness::new(),
+        None,
+        ListenerLimits {
+            max_connections: 3,
+            max_connections_per_source: 3,
+            idle_timeout: idle,
+            ..ListenerLimits::METRICS
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+
+    // Keep-alive: one connection, several requests, past the idle bound
+    // (each request head resets it).
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..4 {
+        let (status, body) = http_get(&mut client, "/healthz").await.unwrap();
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(body, "ok\n");
+        tokio::time::sleep(idle / 2).await;
+    }
+
+    // Caps: with three open, a fourth is reset at once; the three still work.
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let third = TcpStream::connect(addr).await.unwrap();
+    let t0 = Instant::now();
+    let refused = match TcpStream::connect(addr).await {
+        Err(_) => true,
+        Ok(fourth) => closed_after(fourth, idle).await.is_some(),
+    };
+    assert!(refused, "a fourth connection got past a cap of 3");
+    assert!(
+        t0.elapsed() < idle,
+        "refused at accept, not by the idle bound"
+    );
+    assert!(http_get(&mut second, "/healthz").await.is_ok());
+    assert!(http_get(&mut client, "/metrics").await.is_ok());
+
+    // Idle: a connection that never sends a request is closed at the bound.
+    let t = closed_after(third, idle * 4)
+        .await
+        .expect("an idle connection was never closed");
+    assert!(t >= idle / 2 && t < idle * 3, "idle close after {t:?}");
+
+    // Slowloris: a request head trickled a byte at a time is closed at the
+    // bound, however steadily the bytes come.
+    drop((client, second));
+    let mut slow = None;
+    for _ in 0..50 {
+        // The freed slots come back as the server notices the closes.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        if s.write_all(b"GET /metrics HTTP/1.1\r\n").await.is_ok()
+            && closed_after(&mut s, Duration::from_millis(100))
+                .await
+                .is_none()
+        {
+            slow = Some(s);
+            break;
+        }
+    }
+    let mut slow = slow.expect("no slot came free after the clients left");
+    let t0 = Instant::now();
+    let mut cut = false;
+    while t0.elapsed() < idle * 4 {
+        if slow.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        cut,
+        "a trickled request head held its connection for {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < idle * 3,
+        "slowloris cut after {:?}",
+        t0.elapsed()
+    );
+
+    // Shutdown: the server task ends and nothing is served any more.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("metrics server ended")
+        .unwrap();
+    let refused = match TcpStream::connect(addr).await {
+        Err(_) => true,
+        Ok(mut s) => http_get(&mut s, "/healthz").await.is_err(),
+    };
+    assert!(refused, "served after shutdown");
+}

@@ -1,7 +1,8 @@
 //! The accept loop every listener of ours runs (clawkerd, agent API, admin
-//! API): TCP accept → cap check → TLS handshake with a deadline, each
-//! handshake on its own task, so handshakes run concurrently and a silent
-//! peer cannot hold the loop.
+//! API, and the CP's plain-HTTP metrics endpoint): TCP accept → cap check →
+//! handshake with a deadline (TLS, or [`Plain`] for none), each handshake
+//! on its own task, so handshakes run concurrently and a silent peer cannot
+//! hold the loop.
 //!
 //! What a hostile peer can cause here, and what it costs us:
 //! - a connection over a cap: refused at once with an RST (zero linger, so
@@ -22,6 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -53,27 +55,57 @@ pub struct AcceptConfig {
     pub reserved: Option<IpAddr>,
 }
 
-/// A connection that completed its TLS handshake, with its cap slot.
-pub struct Accepted {
-    pub stream: TlsStream<TcpStream>,
+/// What a connection goes through after the cap check and before it is
+/// handed to the server: the TLS handshake, or nothing ([`Plain`]).
+pub trait Handshake: Clone + Send + Sync + 'static {
+    type Stream: Send + 'static;
+    fn handshake(&self, sock: TcpStream) -> BoxFuture<'static, std::io::Result<Self::Stream>>;
+}
+
+impl Handshake for TlsAcceptor {
+    type Stream = TlsStream<TcpStream>;
+    fn handshake(&self, sock: TcpStream) -> BoxFuture<'static, std::io::Result<Self::Stream>> {
+        Box::pin(self.accept(sock))
+    }
+}
+
+/// No handshake: a plain TCP listener (the CP's loopback metrics endpoint)
+/// still gets the caps and the refusal accounting.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Stream = TcpStream;
+    fn handshake(&self, sock: TcpStream) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+        Box::pin(std::future::ready(Ok(sock)))
+    }
+}
+
+/// A connection that completed its handshake, with its cap slot.
+pub struct Accepted<S = TlsStream<TcpStream>> {
+    pub stream: S,
     pub peer: SocketAddr,
     permit: Permit,
     idle_timeout: Duration,
 }
 
-impl Accepted {
+impl<S> Accepted<S> {
     /// The stream, guarded: holds the slot and closes when idle.
-    pub fn into_conn(self) -> GuardedConn<TlsStream<TcpStream>> {
+    pub fn into_conn(self) -> GuardedConn<S> {
         GuardedConn::new(self.stream, self.permit, self.idle_timeout)
     }
 
     /// Like [`Accepted::into_conn`], over `f(stream, peer)` (clawkerd wraps
     /// the stream to expose the CP's verified identity).
-    pub fn map<IO>(
-        self,
-        f: impl FnOnce(TlsStream<TcpStream>, SocketAddr) -> IO,
-    ) -> GuardedConn<IO> {
+    pub fn map<IO>(self, f: impl FnOnce(S, SocketAddr) -> IO) -> GuardedConn<IO> {
         GuardedConn::new(f(self.stream, self.peer), self.permit, self.idle_timeout)
+    }
+
+    /// The stream and its slot, for a server that bounds idle time itself
+    /// (hyper's HTTP/1 header-read timeout, see [`super::http1`]). The
+    /// slot is freed when the permit drops.
+    pub fn into_parts(self) -> (S, Permit) {
+        (self.stream, self.permit)
     }
 }
 
@@ -83,13 +115,13 @@ pub type Table = Arc<ConnLimiter>;
 /// Runs the loop until `shutdown` fires or the receiver is dropped.
 /// Returns the receiver of accepted connections and the listener's
 /// connection table.
-pub fn accept_loop(
+pub fn accept_loop<H: Handshake>(
     tcp: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: H,
     cfg: AcceptConfig,
     shutdown: CancellationToken,
-) -> (tokio::sync::mpsc::Receiver<Accepted>, Table) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(64);
+) -> (tokio::sync::mpsc::Receiver<Accepted<H::Stream>>, Table) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Accepted<H::Stream>>(64);
     let limits = cfg.limits;
     let table = ConnLimiter::new(
         limits.max_connections,
@@ -145,7 +177,7 @@ pub fn accept_loop(
                             %peer,
                             reason = refusal.as_str(),
                             error = %refusal,
-                            "connection refused before the TLS handshake"
+                            "connection refused before the handshake"
                         );
                     }
                     // RST, not FIN: the refused peer gets an immediate
@@ -161,7 +193,7 @@ pub fn accept_loop(
             let (listener, reject_event) = (cfg.listener, cfg.reject_event);
             tokio::spawn(async move {
                 let error =
-                    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(sock))
+                    match tokio::time::timeout(limits.handshake_timeout, acceptor.handshake(sock))
                         .await
                     {
                         Ok(Ok(stream)) => {

@@ -6,7 +6,9 @@
 //! token endpoint needs that), clawkerd's :7700 (reachable by every
 //! neighbour on the network) and the admin API (loopback, but still a
 //! socket). Before these bounds, one agent held 5,000 idle TLS connections
-//! for a minute and, at 20,000, filled the CP's file-descriptor table.
+//! for a minute and, at 20,000, filled the CP's file-descriptor table. The
+//! CP's plain-HTTP metrics endpoint (loopback) gets the same caps and an
+//! idle/header timeout through [`http1`].
 //!
 //! Each listener runs [`accept::accept_loop`] with its [`ListenerLimits`]:
 //!
@@ -29,6 +31,7 @@
 pub mod accept;
 pub mod conn;
 pub mod fd;
+pub mod http1;
 pub mod in_flight;
 pub mod limiter;
 
@@ -83,6 +86,23 @@ impl ListenerLimits {
         keepalive_interval: Duration::from_secs(30),
         keepalive_timeout: Duration::from_secs(10),
         max_concurrent_streams: 64,
+    };
+
+    /// The CP's `/metrics` and health endpoint: loopback only (one source,
+    /// so the per-source cap equals the global one), plain HTTP/1.1, a
+    /// Prometheus scraper or two and the odd `curl`. `idle_timeout` is
+    /// hyper's header-read timeout there: a request head must arrive
+    /// complete within it, on a fresh connection and between keep-alive
+    /// requests. The HTTP/2 and handshake fields are unused (no TLS, no
+    /// HTTP/2).
+    pub const METRICS: Self = Self {
+        max_connections: 64,
+        max_connections_per_source: 64,
+        handshake_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+        max_concurrent_streams: 1,
     };
 
     /// clawkerd's :7700: only the CP ever completes a handshake (it is

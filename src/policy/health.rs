@@ -20,6 +20,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::listen::{self, AcceptConfig, ListenerLimits};
+
 /// Flags the daemon sets as its parts come up (and clears if they go
 /// down). Ready = all set.
 #[derive(Debug, Default)]
@@ -146,20 +148,45 @@ pub async fn serve_metrics_refreshing(
     refresh: Option<Refresh>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_bounded(
+        addr,
+        handle,
+        readiness,
+        refresh,
+        ListenerLimits::METRICS,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_metrics_refreshing`] with explicit listener bounds (tests use
+/// small ones).
+pub async fn serve_bounded(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Arc<Readiness>,
+    refresh: Option<Refresh>,
+    limits: ListenerLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     if !addr.ip().is_loopback() {
         tracing::warn!(event = "metrics_not_loopback", %addr, "metrics endpoint bound to a non-loopback address");
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(handle, readiness, refresh);
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(event = "metrics_server_failed", error = %e);
-        }
-    });
+    let (task, _connections) = listen::http1::serve(
+        listener,
+        app,
+        AcceptConfig {
+            listener: "metrics",
+            reject_event: "metrics_handshake_failed",
+            refused_event: "metrics_connection_refused",
+            limits,
+            reserved: None,
+        },
+        shutdown,
+    );
     tracing::info!(event = "metrics_listening", addr = %bound);
     Ok((bound, task))
 }
