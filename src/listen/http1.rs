@@ -19,7 +19,11 @@
 //! - on shutdown no new connections are taken, and each open one finishes
 //!   its request in flight and closes (hyper's graceful shutdown).
 //!
-//! Request bodies are not read: every route is a `GET`.
+//! Request bodies are not read: every route is a `GET`. Not bounded by
+//! time: a client that stops reading a response it asked for holds its
+//! slot until it goes away (the responses are small, so the kernel's
+//! socket buffer usually takes all of it); the cap bounds how many such
+//! clients there can be.
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
