@@ -114,6 +114,10 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
         .with_context(|| format!("loading the CA from {}", paths.ca_cert().display()))?
     };
 
+    // Listener caps must leave most descriptors to what the CP opens
+    // itself (sessions, Docker, redb), so a flood cannot starve them.
+    let caps = fit_listener_caps(cfg);
+
     // Health endpoints first: while the CP waits for its engine, /healthz
     // answers and /readyz says 503 (docker not ready).
     let shutdown = CancellationToken::new();
@@ -138,11 +142,12 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
             })
         })
     };
-    let (metrics_addr, _metrics_task) = crate::policy::health::serve_metrics_refreshing(
+    let (metrics_addr, _metrics_task) = crate::policy::health::serve_bounded(
         cfg.metrics_addr,
         metrics.handle(),
         readiness.clone(),
         Some(refresh),
+        caps.metrics,
         shutdown.clone(),
     )
     .await
@@ -160,17 +165,13 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     readiness.set_bus(true);
     readiness.set_registry(true);
 
-    // Listener caps must leave most descriptors to what the CP opens
-    // itself (sessions, Docker, redb), so a flood cannot starve them.
-    let (agent_limits, admin_limits) = fit_listener_caps(cfg);
-
     // Agent API on the agent network: containers reach the CP there, and
     // their source address is their own address on it (Register's peer-IP
     // check).
     let agent_listen = SocketAddr::new(backend.agent_ip, cfg.agent_port);
     let mut api_cfg =
         crate::agent_api::server::AgentApiConfig::from_state_dir(&cfg.state_dir, agent_listen)?;
-    api_cfg.limits = agent_limits;
+    api_cfg.limits = caps.agent_api;
     api_cfg.request_timeout = cfg.agent_listener.request_timeout;
     api_cfg.body_read_timeout = cfg.agent_listener.body_read_timeout;
     let stop = shutdown.clone();
@@ -247,7 +248,7 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     let _ = root_slot.set(root.clone());
 
     let mut admin_cfg = crate::admin_api::AdminConfig::load(&cfg.state_dir, cfg.admin_addr)?;
-    admin_cfg.limits = admin_limits;
+    admin_cfg.limits = caps.admin_api;
     admin_cfg.allow_non_loopback = backend.admin_beyond_loopback;
     let admin = crate::admin_api::service::AdminApi::new(
         Arc::new(registry.reader().clone()),
@@ -281,36 +282,56 @@ pub async fn start(cfg: &CpConfig) -> anyhow::Result<RunningCp> {
     })
 }
 
-/// The configured listener limits with their global caps fitted into
+/// The limits of the CP's three listeners after [`fit_listener_caps`].
+struct ListenerCaps {
+    agent_api: crate::listen::ListenerLimits,
+    admin_api: crate::listen::ListenerLimits,
+    metrics: crate::listen::ListenerLimits,
+}
+
+/// The configured listener limits (the metrics endpoint's are fixed) with
+/// their global caps fitted together into
 /// [`crate::listen::fd::LISTENER_SHARE`] of the descriptor limit (and each
 /// per-source cap no larger than its global one).
-fn fit_listener_caps(
-    cfg: &CpConfig,
-) -> (crate::listen::ListenerLimits, crate::listen::ListenerLimits) {
+fn fit_listener_caps(cfg: &CpConfig) -> ListenerCaps {
     use crate::listen::fd;
-    let (mut agent, mut admin) = (cfg.agent_listener.limits, cfg.admin_listener);
+    let mut caps = ListenerCaps {
+        agent_api: cfg.agent_listener.limits,
+        admin_api: cfg.admin_listener,
+        metrics: crate::listen::ListenerLimits::METRICS,
+    };
     let soft = match fd::nofile() {
         Ok(l) => l.soft,
         Err(error) => {
             tracing::warn!(%error, "cannot read the descriptor limit; listener caps unchanged");
-            return (agent, admin);
+            return caps;
         }
     };
-    let fitted = fd::fit_caps(&[agent.max_connections, admin.max_connections], soft);
-    if fitted != [agent.max_connections, admin.max_connections] {
+    let wanted = [
+        caps.agent_api.max_connections,
+        caps.admin_api.max_connections,
+        caps.metrics.max_connections,
+    ];
+    let fitted = fd::fit_caps(&wanted, soft);
+    if fitted != wanted {
         tracing::warn!(
             event = "listener_caps_reduced",
             nofile = soft,
             agent_api = fitted[0],
             admin_api = fitted[1],
+            metrics = fitted[2],
             "listener connection caps reduced to fit the descriptor limit (raise `ulimit -n`)"
         );
     }
-    agent.max_connections = fitted[0];
-    admin.max_connections = fitted[1];
-    agent.max_connections_per_source = agent.max_connections_per_source.min(agent.max_connections);
-    admin.max_connections_per_source = admin.max_connections_per_source.min(admin.max_connections);
-    (agent, admin)
+    for (limits, max) in [
+        (&mut caps.agent_api, fitted[0]),
+        (&mut caps.admin_api, fitted[1]),
+        (&mut caps.metrics, fitted[2]),
+    ] {
+        limits.max_connections = max;
+        limits.max_connections_per_source = limits.max_connections_per_source.min(max);
+    }
+    caps
 }
 
 /// The `policy` supervisor: containment, audit, metrics subscribers.

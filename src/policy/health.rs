@@ -128,39 +128,30 @@ pub fn router(
 }
 
 /// Binds `addr` (use loopback; port 0 picks one) and serves until
-/// `shutdown` is cancelled. Returns the bound address and the server task
-/// (it ends after a graceful shutdown).
+/// `shutdown` is cancelled, with the default bounds
+/// ([`ListenerLimits::METRICS`]) and no gauge refresh. Returns the bound
+/// address and the server task.
 pub async fn serve_metrics(
     addr: SocketAddr,
     handle: PrometheusHandle,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    serve_metrics_refreshing(addr, handle, readiness, None, shutdown).await
-}
-
-/// [`serve_metrics`], with gauges brought up to date by `refresh` at every
-/// scrape.
-pub async fn serve_metrics_refreshing(
-    addr: SocketAddr,
-    handle: PrometheusHandle,
-    readiness: Arc<Readiness>,
-    refresh: Option<Refresh>,
-    shutdown: CancellationToken,
-) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     serve_bounded(
         addr,
         handle,
         readiness,
-        refresh,
+        None,
         ListenerLimits::METRICS,
         shutdown,
     )
     .await
 }
 
-/// [`serve_metrics_refreshing`] with explicit listener bounds (tests use
-/// small ones).
+/// [`serve_metrics`] with gauges brought up to date by `refresh` at every
+/// scrape, under `limits` (the CP's fitted to its descriptor table; tests
+/// use small ones). The server task ends once no new connections are
+/// taken; open ones finish their request and close.
 pub async fn serve_bounded(
     addr: SocketAddr,
     handle: PrometheusHandle,

@@ -702,8 +702,8 @@ async fn verdict<P: Publish>(
         // A row that never rotated still trusts the bootstrap leaf: a CP that
         // died between Register and the retiring rotation (or had the
         // setting off back then) retires it on this session instead.
-        let never_rotated = deps.registry.leaf_state(container_id).rotations == 0;
-        return trusted((retire_bootstrap && never_rotated).then_some(RotationReason::Registered));
+        let retire = retire_bootstrap && deps.registry.leaf_state(container_id).rotations == 0;
+        return trusted(retire.then_some(RotationReason::Registered));
     }
     // An expired leaf of ours, matching its row: within the staleness bound,
     // and when the runtime's facts agree with the row, trust it and rotate
